@@ -1,0 +1,232 @@
+"""The training loop: setup -> epochs (train, validate, checkpoint) -> test once at the best validation epoch.
+
+Explicit and framework-free. Model selection (early stopping and the checkpoint kept) uses the validation target
+only; the test target is evaluated once, for the chosen checkpoint, at the end.
+
+Reproducibility: the data order of epoch e comes from ``numpy.random.default_rng([seed, e])`` and the torch RNG
+(dropout, negative sampling) is re-seeded from ``(seed, e)`` at the start of every epoch. A run resumed from the
+checkpoint of epoch e therefore replays epochs e+1.. exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from genrec import __version__
+from genrec.config import RunConfig, save_config
+from genrec.data.batches import training_batch
+from genrec.data.dataset import PreparedData, prepare_data
+from genrec.data.sequences import leave_one_out, save_id_maps
+from genrec.eval.evaluate import evaluate, model_score_fn
+from genrec.eval.protocol import EvalProtocol
+from genrec.models import build_model
+from genrec.train.checkpoint import load_state, load_weights, save_state, save_weights, write_json
+from genrec.train.loss import sampled_softmax_loss
+
+log = logging.getLogger("genrec.train")
+
+
+def protocol_from_config(config: RunConfig, target: str) -> EvalProtocol:
+    e = config.eval
+    return EvalProtocol(
+        target=target,
+        candidates=e.candidates,
+        num_negatives=e.num_negatives,
+        exclude_seen=e.exclude_seen,
+        max_history=config.data.max_len,
+        hr_ks=tuple(e.hr_ks),
+        ndcg_ks=tuple(e.ndcg_ks),
+        seed=e.seed,
+    )
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs finished
+    best_epoch: int = 0
+    best_metric: float = float("-inf")
+    bad_epochs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, bucket_batches: int) -> list[np.ndarray]:
+    """Row indices of every batch of one epoch, in training order.
+
+    ``bucket_batches == 0``: a plain shuffle. ``bucket_batches = m > 0``: shuffle, cut into chunks of
+    ``m * batch_size`` rows, sort each chunk by length, cut batches, shuffle the batch order. Rows of similar length
+    then share a batch, so a padded batch of width N wastes little of its B·N² attention work (on ML-1M, sorted
+    batches do ~0.42x the attention work of random ones). Every row is still seen exactly once per epoch.
+    """
+    order = rng.permutation(len(lengths))
+    if bucket_batches > 0:
+        chunk = bucket_batches * batch_size
+        parts = [order[i : i + chunk] for i in range(0, len(order), chunk)]
+        order = np.concatenate([p[np.argsort(lengths[p], kind="stable")] for p in parts])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if bucket_batches > 0:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919) % (2**63 - 1)
+
+
+def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None = None, progress: bool = True) -> dict:
+    """Train ``config`` into ``config.output_dir`` and return the results dict (also written to results.json)."""
+    tc = config.train
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tc.num_threads > 0:
+        torch.set_num_threads(tc.num_threads)
+        log.info("torch.set_num_threads(%d)", tc.num_threads)
+    device = torch.device(tc.device)
+
+    data = data or prepare_data(config.data)
+    seqs = data.sequences
+    log.info("data: %s", seqs.summary())
+    for note in seqs.notes:
+        log.info("data note: %s", note)
+
+    save_config(config, out / "config.yaml")
+    save_id_maps(seqs, out)
+    if data.titles:
+        write_json(out / "titles.json", data.titles)
+
+    torch.manual_seed(tc.seed)
+    model = build_model(config.model, seqs.num_items, config.data.max_len).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    state = TrainState()
+    ckpt_path = out / "checkpoint.pt"
+    if resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        saved = load_state(ckpt_path)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = TrainState(**saved["train_state"])
+        log.info("resumed from %s after epoch %d", ckpt_path, state.epoch)
+
+    if tc.autocast not in ("none", "bfloat16"):
+        raise ValueError(f"train.autocast must be 'none' or 'bfloat16', got {tc.autocast!r}")
+    use_bf16 = tc.autocast == "bfloat16"
+    valid_protocol = protocol_from_config(config, "valid")
+    log.info("validation protocol: %s — %s", valid_protocol.name, valid_protocol.describe())
+    train_split = leave_one_out(seqs, "train")
+    train_lengths = np.minimum(train_split.ends - train_split.starts - 1, config.data.max_len)
+    time_notes = _time_notes(config, seqs)
+
+    while state.epoch < tc.epochs and state.bad_epochs < tc.patience:
+        epoch = state.epoch + 1
+        torch.manual_seed(_epoch_seed(tc.seed, epoch))
+        batches = epoch_batches(train_lengths, tc.batch_size, np.random.default_rng([tc.seed, epoch]), tc.length_buckets)
+        if tc.max_steps_per_epoch > 0:
+            batches = batches[: tc.max_steps_per_epoch]
+        model.train()
+        t0 = time.perf_counter()
+        total, tokens = 0.0, 0
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
+        for rows in bar:
+            batch = training_batch(seqs, train_split, rows, config.data.max_len).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                user = model.encode(batch)
+            user = user.float()
+            loss = sampled_softmax_loss(
+                user, batch.targets, model.item_vectors, seqs.num_items, tc.num_negatives, tc.temperature, tc.negatives
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_value = loss.item()
+            total += loss_value * len(rows)
+            tokens += int(batch.lengths.sum())
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+        train_seconds = time.perf_counter() - t0
+
+        model.eval()
+        t1 = time.perf_counter()
+        valid = evaluate(model_score_fn(model, config.data.max_len, device), seqs, valid_protocol, tc.eval_batch_size)
+        eval_seconds = time.perf_counter() - t1
+        metric = valid[tc.select_metric]
+        improved = metric > state.best_metric
+        if improved:
+            state.best_metric, state.best_epoch, state.bad_epochs = metric, epoch, 0
+            save_weights(out / "best.safetensors", model)
+            write_json(out / "best.json", {"epoch": epoch, "protocol": valid_protocol.to_dict(), "metrics": valid})
+        else:
+            state.bad_epochs += 1
+        row = {
+            "epoch": epoch,
+            "loss": total / max(1, sum(len(b) for b in batches)),
+            "train_seconds": train_seconds,
+            "eval_seconds": eval_seconds,
+            "tokens_per_second": tokens / max(train_seconds, 1e-9),
+            "valid": valid,
+        }
+        state.history.append(row)
+        state.epoch = epoch
+        with open(out / "log.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        log.info(
+            "epoch %d loss %.4f valid %s %.4f (best %.4f @ %d) %.1fs train %.1fs eval",
+            epoch, row["loss"], tc.select_metric, metric, state.best_metric, state.best_epoch, train_seconds, eval_seconds,
+        )  # fmt: skip
+        save_state(
+            ckpt_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "train_state": state.__dict__,
+                "genrec_version": __version__,
+            },
+        )
+
+    # Test once, at the best validation epoch.
+    load_weights(out / "best.safetensors", model)
+    model.eval()
+    test_protocol = protocol_from_config(config, "test")
+    test = evaluate(model_score_fn(model, config.data.max_len, device), seqs, test_protocol, tc.eval_batch_size)
+    log.info("test protocol: %s — %s", test_protocol.name, test_protocol.describe())
+    log.info("test @ best epoch %d: %s", state.best_epoch, _fmt(test))
+    epochs_done = state.history
+    results = {
+        "dataset": config.data.dataset,
+        "model": config.model.name,
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch,
+        "stopped_early": state.bad_epochs >= tc.patience,
+        "seconds_per_epoch": float(np.median([h["train_seconds"] for h in epochs_done])) if epochs_done else None,
+        "valid": {"protocol": valid_protocol.to_dict(), "metrics": state.history[state.best_epoch - 1]["valid"]}
+        if epochs_done
+        else None,
+        "test": {"protocol": test_protocol.to_dict(), "metrics": test},
+        "data": {"summary": seqs.summary(), "notes": seqs.notes + time_notes, "files": data.files},
+        "config": config.to_dict(),
+        "genrec_version": __version__,
+    }
+    write_json(out / "results.json", results)
+    return results
+
+
+def _time_notes(config: RunConfig, seqs) -> list[str]:
+    if config.model.name != "hstu" or not config.model.use_time_bias:
+        return ["the model uses no timestamps"]
+    n_time = int(seqs.has_time.sum())
+    if n_time == seqs.num_users:
+        return ["time bias on for every user"]
+    return [f"time bias on for {n_time:,} of {seqs.num_users:,} users; off (no timestamps) for the rest"]
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "count")

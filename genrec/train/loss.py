@@ -1,0 +1,49 @@
+"""Sampled softmax over L2-normalised vectors (the HSTU reference's ``SampledSoftmaxLoss``).
+
+For each real position with user vector u and positive item p, with K negatives n_1..n_K drawn uniformly from the
+catalogue (with replacement, no logQ correction, since sampling is uniform):
+
+    loss = -log( exp(u·p/τ) / (exp(u·p/τ) + Σ_k exp(u·n_k/τ)) )
+
+averaged over real positions. A negative that happens to equal the positive gets logit -5e4 (as in the reference).
+
+``negatives="per_position"`` draws K fresh negatives for every position (the reference, B·N·K embedding rows per
+step); ``negatives="shared"`` draws K negatives once per batch and scores every position against them with one
+matrix product, which is ~10x cheaper on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sampled_softmax_loss(
+    user: torch.Tensor,
+    targets: torch.Tensor,
+    item_vectors,
+    num_items: int,
+    num_negatives: int,
+    temperature: float,
+    mode: str,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """user [B, N, d] (normalised), targets [B, N] long (0 = padding), item_vectors(ids) -> normalised [..., d]."""
+    valid = targets > 0  # [B, N]
+    u = user[valid]  # [M, d]
+    pos_ids = targets[valid]  # [M]
+    pos = item_vectors(pos_ids)  # [M, d]
+    pos_logit = (u * pos).sum(-1, keepdim=True)  # [M, 1]
+    if mode == "shared":
+        neg_ids = torch.randint(1, num_items + 1, (num_negatives,), generator=generator, device=user.device)  # [K]
+        neg_logit = u @ item_vectors(neg_ids).T  # [M, K]
+        hit = pos_ids.unsqueeze(1) == neg_ids.unsqueeze(0)
+    elif mode == "per_position":
+        neg_ids = torch.randint(1, num_items + 1, (u.shape[0], num_negatives), generator=generator, device=user.device)
+        neg_logit = torch.einsum("md,mkd->mk", u, item_vectors(neg_ids))  # [M, K]
+        hit = pos_ids.unsqueeze(1) == neg_ids
+    else:
+        raise ValueError(f"negatives must be 'shared' or 'per_position', got {mode!r}")
+    logits = torch.cat([pos_logit, neg_logit], dim=1) / temperature
+    logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(hit, -5e4)], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(u), dtype=torch.long, device=user.device))

@@ -1,0 +1,322 @@
+"""Tests for genrec.data.registry: layouts, loading, not-found messages, fetching (no network)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from genrec.data.registry import (
+    DATASETS,
+    DatasetDownloadError,
+    DatasetNotFoundError,
+    DatasetSpec,
+    LoadedDataset,
+    RemoteFile,
+    fetch_dataset,
+    load_dataset,
+    resolve_data_dir,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+
+
+def shared_or_skip(folder: str) -> Path:
+    path = SHARED / folder
+    if not path.is_dir():
+        pytest.skip(f"shared dataset folder not found at {path.resolve()}")
+    return SHARED
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    """No real cache or $GENREC_DATA_DIR leaks into the tests."""
+    monkeypatch.delenv("GENREC_DATA_DIR", raising=False)
+    monkeypatch.setenv("GENREC_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable (test)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+# ----------------------------------------------------------------------------- catalogue
+
+
+def test_catalogue():
+    for name in ("ml-1m", "ml-100k", "ml-20m", "ml-latest-small", "amazon-beauty"):
+        spec = DATASETS[name]
+        assert isinstance(spec, DatasetSpec) and spec.name == name
+        assert spec.remote and spec.local_layouts and spec.licence and spec.description
+        for remote in spec.remote:
+            assert remote.url.startswith("https://")
+            assert remote.sha256 is None or len(remote.sha256) == 64
+    assert DATASETS["ml-1m"].remote[0].url == "https://files.grouplens.org/datasets/movielens/ml-1m.zip"
+    beauty = {r.filename: r.sha256 for r in DATASETS["amazon-beauty"].remote}
+    assert beauty["Beauty.txt"] == "226cce9c3105299ca0db9615d7d3fb32b3175e90da43100ae352599f0f0107b8"
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown dataset 'nope'"):
+        load_dataset("nope")
+
+
+def test_resolve_data_dir_order(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("GENREC_DATA_DIR", os.pathsep.join([str(tmp_path / "e1"), str(tmp_path / "e2")]))
+    dirs = resolve_data_dir(tmp_path / "explicit")
+    assert dirs == [tmp_path / "explicit", tmp_path / "e1", tmp_path / "e2", tmp_path / "cache"]
+    assert resolve_data_dir() == [tmp_path / "e1", tmp_path / "e2", tmp_path / "cache"]
+    monkeypatch.delenv("GENREC_CACHE_DIR")
+    monkeypatch.delenv("GENREC_DATA_DIR")
+    assert resolve_data_dir() == [Path.home() / ".cache" / "genrec"]
+
+
+# ----------------------------------------------------------------------------- not found
+
+
+def test_not_found_message_lists_files_and_directories(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENREC_DATA_DIR", str(tmp_path / "envdir"))
+    data = tmp_path / "data"
+    (data / "movielens-1m").mkdir(parents=True)
+    (data / "movielens-1m" / "ml-1m_user_sequences_by_time.txt.gz").write_bytes(gzip.compress(b"1 2\n"))
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("ml-1m", data_dir=data)
+    msg = str(info.value)
+    for directory in (data, tmp_path / "envdir", tmp_path / "cache"):
+        assert str(directory / "ml-1m" / "ratings.dat") in msg
+        assert str(directory / "movielens-1m" / "ratings_users_1-2999.dat.gz") in msg
+    assert "does not exist" in msg  # envdir and cache are missing
+    assert "found movielens-1m/ml-1m_user_sequences_by_time.txt.gz but not movielens-1m/ratings_users_1-2999.dat.gz" in msg
+    assert "genrec data fetch ml-1m" in msg and "--data-dir" in msg and "GENREC_DATA_DIR" in msg
+    assert isinstance(info.value, FileNotFoundError)
+    assert str(data / "ml-1m" / "ratings.dat") in info.value.looked_for
+
+
+# ----------------------------------------------------------------------------- synthetic layouts
+
+RATINGS_DAT = "1::10::5::300\n1::11::3::100\n2::10::4::200\n"
+MOVIES_DAT = "10::Ten (1990)::Drama\n11::Eleven (1991)::Comedy\n"
+
+
+def test_official_ml1m_layout(tmp_path):
+    folder = tmp_path / "d" / "ml-1m"
+    folder.mkdir(parents=True)
+    (folder / "ratings.dat").write_text(RATINGS_DAT)
+    (folder / "movies.dat").write_bytes(MOVIES_DAT.encode("latin-1"))
+    with pytest.warns(UserWarning, match="differs from the published totals"):
+        ds = load_dataset("ml-1m", data_dir=tmp_path / "d")
+    assert isinstance(ds, LoadedDataset) and ds.name == "ml-1m"
+    df = ds.interactions
+    assert df["user"].tolist() == ["1", "1", "2"] and df["timestamp"].tolist() == [300, 100, 200]
+    assert ds.titles == {"10": "Ten (1990)", "11": "Eleven (1991)"}
+    assert ds.files == [str(folder / "ratings.dat"), str(folder / "movies.dat")]
+    assert any("not time order" in n for n in ds.notes)
+    # the dataset folder itself may be given as data_dir
+    with pytest.warns(UserWarning):
+        again = load_dataset("ml-1m", data_dir=folder)
+    pd.testing.assert_frame_equal(again.interactions, df)
+
+
+def test_official_layout_bad_rows(tmp_path):
+    folder = tmp_path / "ml-1m"
+    folder.mkdir()
+    (folder / "ratings.dat").write_text(RATINGS_DAT + "2::x::4::1\n")
+    from genrec.data.readers import BadRowError
+
+    with pytest.raises(BadRowError, match=r"ratings\.dat:4: movie id 'x'"):
+        load_dataset("ml-1m", data_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = load_dataset("ml-1m", data_dir=tmp_path, on_bad_rows="skip")
+    assert len(ds.interactions) == 3 and ds.titles is None
+    assert any("skipped 1 malformed" in n for n in ds.notes)
+    assert any("titles=None" in n for n in ds.notes)
+
+
+def make_dev_layout(root: Path, seq: str, ratings: str) -> Path:
+    folder = root / "movielens-1m"
+    folder.mkdir(parents=True)
+    (folder / "ml-1m_user_sequences_by_time.txt.gz").write_bytes(gzip.compress(seq.encode()))
+    (folder / "ratings_users_1-2999.dat.gz").write_bytes(gzip.compress(ratings.encode()))
+    (folder / "movies.dat").write_text(MOVIES_DAT)
+    return folder
+
+
+def test_dev_ml1m_layout_joins_timestamps_and_ratings(tmp_path):
+    seq = "1 11 10 12\n2 10 12\n3 12\n"
+    ratings = "1::10::5::200\n1::12::2::300\n1::11::3::100\n2::12::1::60\n2::10::4::50\n"
+    make_dev_layout(tmp_path, seq, ratings)
+    with pytest.warns(UserWarning, match="published totals"):
+        ds = load_dataset("ml-1m", data_dir=tmp_path)
+    df = ds.interactions
+    assert list(df.columns) == ["user", "item", "timestamp", "rating"]
+    assert df["user"].tolist() == ["1", "1", "1", "2", "2", "3"]  # sequence-file order
+    assert df["item"].tolist() == ["11", "10", "12", "10", "12", "12"]
+    assert df["timestamp"].tolist()[:5] == [100, 200, 300, 50, 60]
+    assert df["timestamp"].isna().tolist() == [False] * 5 + [True]
+    assert df["rating"].tolist()[:5] == [3.0, 5.0, 2.0, 4.0, 1.0] and pd.isna(df["rating"].iloc[5])
+    assert df["timestamp"].dtype == "Int64"
+    notes = "\n".join(ds.notes)
+    assert "timestamps and ratings only for users 1..2 (5 of 6 interactions)" in notes
+    assert "the other 1 interactions (users 3..3) have <NA> timestamp and rating" in notes
+    assert len(ds.files) == 3 and ds.titles["10"] == "Ten (1990)"
+
+
+def test_dev_ml1m_layout_rejects_inconsistent_files(tmp_path):
+    make_dev_layout(tmp_path / "a", "1 10 11\n", "1::10::5::200\n1::11::3::100\n")  # order contradicts time
+    with pytest.raises(ValueError, match="contradicts the timestamps"):
+        load_dataset("ml-1m", data_dir=tmp_path / "a")
+    make_dev_layout(tmp_path / "b", "1 10\n", "1::10::5::200\n1::99::3::100\n")  # pair not in sequences
+    with pytest.raises(ValueError, match="not in ml-1m_user_sequences_by_time"):
+        load_dataset("ml-1m", data_dir=tmp_path / "b")
+
+
+def test_beauty_layout_with_and_without_timestamps(tmp_path):
+    folder = tmp_path / "amazon-beauty"
+    folder.mkdir()
+    (folder / "Beauty.txt").write_text("1 1 2\n2 3\n")
+    with pytest.warns(UserWarning, match="published totals"):
+        ds = load_dataset("amazon-beauty", data_dir=tmp_path)
+    assert list(ds.interactions.columns) == ["user", "item"] and ds.titles is None
+    (folder / "Beauty_time_org_rank.txt").write_text("1 5 6\n2 7\n")
+    with pytest.warns(UserWarning, match="published totals"):
+        ds = load_dataset("amazon-beauty", data_dir=tmp_path)
+    assert ds.interactions["timestamp"].tolist() == [5, 6, 7]
+    assert ds.files[-1].endswith("Beauty_time_org_rank.txt")
+
+
+def test_search_order_prefers_explicit_dir(tmp_path, monkeypatch):
+    for sub, ts in (("explicit", 1), ("env", 2)):
+        folder = tmp_path / sub / "ml-latest-small"
+        folder.mkdir(parents=True)
+        (folder / "ratings.csv").write_text(f"userId,movieId,rating,timestamp\n1,1,4.0,{ts}\n")
+    monkeypatch.setenv("GENREC_DATA_DIR", str(tmp_path / "env"))
+    assert load_dataset("ml-latest-small", tmp_path / "explicit").interactions["timestamp"].tolist() == [1]
+    assert load_dataset("ml-latest-small").interactions["timestamp"].tolist() == [2]
+
+
+# ----------------------------------------------------------------------------- fetching
+
+
+def test_fetch_offline_error_names_url_and_local_options(tmp_path, monkeypatch):
+    no_network(monkeypatch)
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetDownloadError) as info:
+        fetch_dataset("ml-1m")
+    msg = str(info.value)
+    assert "https://files.grouplens.org/datasets/movielens/ml-1m.zip" in msg
+    assert "network is unreachable" in msg
+    assert "ml-1m/ratings.dat" in msg and "movielens-1m/ratings_users_1-2999.dat.gz" in msg
+    assert str(cache) in msg
+    assert not any(cache.iterdir())  # the temporary download directory is gone
+
+
+def toy_spec(name: str, remote: tuple[RemoteFile, ...], layouts) -> DatasetSpec:
+    return DatasetSpec(name=name, description="toy", licence="none", remote=remote, local_layouts=layouts)
+
+
+def test_fetch_verifies_sha256_with_file_url(tmp_path, monkeypatch):
+    src = tmp_path / "src" / "Beauty.txt"
+    src.parent.mkdir()
+    src.write_text("1 1 2\n2 2 3\n")
+    good = hashlib.sha256(src.read_bytes()).hexdigest()
+    cache = tmp_path / "mycache"
+
+    bad_spec = toy_spec("toy", (RemoteFile("Beauty.txt", src.as_uri(), "0" * 64),), (("toy/Beauty.txt",),))
+    monkeypatch.setitem(DATASETS, "toy", bad_spec)
+    with pytest.raises(DatasetDownloadError, match=f"sha256 mismatch for {src.as_uri()}.*got {good}"):
+        fetch_dataset("toy", cache)
+    assert not (cache / "toy").exists() and not any(cache.iterdir())
+
+    monkeypatch.setitem(
+        DATASETS, "toy", toy_spec("toy", (RemoteFile("Beauty.txt", src.as_uri(), good),), (("toy/Beauty.txt",),))
+    )
+    folder = fetch_dataset("toy", cache)
+    assert folder == cache / "toy" and (folder / "Beauty.txt").read_bytes() == src.read_bytes()
+    ds = load_dataset("toy", data_dir=cache)
+    assert ds.interactions["item"].tolist() == ["1", "2", "2", "3"]
+
+    # already there: no download unless force=True
+    no_network(monkeypatch)
+    assert fetch_dataset("toy", cache) == folder
+    with pytest.raises(DatasetDownloadError):
+        fetch_dataset("toy", cache, force=True)
+    assert (folder / "Beauty.txt").is_file()  # a failed forced fetch keeps the old copy
+
+
+def test_fetch_unpacks_zip(tmp_path, monkeypatch):
+    archive = tmp_path / "ml-1m.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("ml-1m/ratings.dat", RATINGS_DAT)
+        zf.writestr("ml-1m/movies.dat", MOVIES_DAT)
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    spec = toy_spec("ml-1m", (RemoteFile("ml-1m.zip", archive.as_uri(), sha),), DATASETS["ml-1m"].local_layouts)
+    monkeypatch.setitem(DATASETS, "ml-1m", spec)
+    folder = fetch_dataset("ml-1m")  # default cache = $GENREC_CACHE_DIR
+    assert folder == tmp_path / "cache" / "ml-1m"
+    assert sorted(p.name for p in folder.iterdir()) == ["movies.dat", "ratings.dat"]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["ml-1m"]
+    with pytest.warns(UserWarning, match="published totals"):
+        ds = load_dataset("ml-1m")  # found in the cache
+    assert len(ds.interactions) == 3 and ds.titles["11"] == "Eleven (1991)"
+
+
+def test_fetch_rejects_unsafe_zip(tmp_path, monkeypatch):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../escape.txt", "x")
+    spec = toy_spec("evil", (RemoteFile("evil.zip", archive.as_uri(), None),), (("evil/a.txt",),))
+    monkeypatch.setitem(DATASETS, "evil", spec)
+    with pytest.warns(UserWarning, match="not verified"), pytest.raises(DatasetDownloadError, match="unsafe"):
+        fetch_dataset("evil", tmp_path / "c")
+    assert not (tmp_path / "escape.txt").exists()
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def test_real_ml1m():
+    data = shared_or_skip("movielens-1m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # counts match the published totals: no warning
+        ds = load_dataset("ml-1m", data_dir=data)
+    df = ds.interactions
+    assert len(df) == 1_000_209
+    assert df["user"].nunique() == 6_040 and df["item"].nunique() == 3_706
+    assert int(df["timestamp"].notna().sum()) == 487_650
+    assert int(df["rating"].notna().sum()) == 487_650
+    timed_users = df.loc[df["timestamp"].notna(), "user"].astype(int)
+    assert timed_users.min() == 1 and timed_users.max() == 2999 and timed_users.nunique() == 2999
+    assert len(ds.titles) == 3_883 and ds.titles["1"] == "Toy Story (1995)"
+    assert any("users 1..2999 (487,650 of 1,000,209 interactions)" in n for n in ds.notes)
+    assert df["user"].iloc[0] == "1" and df["item"].iloc[0] == "3186"  # sequence-file order
+
+
+def test_real_amazon_beauty():
+    data = shared_or_skip("amazon-beauty-s3rec")
+    ds = load_dataset("amazon-beauty", data_dir=data)
+    df = ds.interactions
+    assert len(df) == 198_502 and df["user"].nunique() == 22_363 and df["item"].nunique() == 12_101
+    assert df["timestamp"].notna().all() and df["timestamp"].dtype == "Int64"
+    assert ds.titles is None
+
+
+def test_real_ml100k_and_latest_small():
+    data = shared_or_skip("movielens-100k")
+    ds = load_dataset("ml-100k", data_dir=data)
+    assert len(ds.interactions) == 100_000 and len(ds.titles) == 1_682
+    assert ds.interactions["timestamp"].notna().all()
+    if (SHARED / "movielens-latest-small").is_dir():
+        ds = load_dataset("ml-latest-small", data_dir=data)
+        assert len(ds.interactions) == 100_836 and len(ds.titles) == 9_742

@@ -1,0 +1,69 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from genrec.data.batches import history_batch, split_histories, training_batch
+from genrec.data.sequences import build_sequences, leave_one_out
+
+
+def _frame(rows, with_time=True):
+    f = pd.DataFrame(rows, columns=["user", "item", "timestamp"])
+    f["timestamp"] = f["timestamp"].astype("Int64")
+    return f if with_time else f.drop(columns="timestamp")
+
+
+def test_stable_sort_keeps_file_order_for_ties():
+    f = _frame([("a", "x", 5), ("a", "y", 3), ("a", "z", 3), ("a", "w", 1), ("b", "x", 1), ("b", "y", 1), ("b", "z", 1)])
+    d = build_sequences(f)
+    assert d.item_map.to_external(d.sequence(0)) == ["w", "y", "z", "x"]  # y before z: file order within the tie
+    assert d.item_map.to_external(d.sequence(1)) == ["x", "y", "z"]
+    assert d.has_time.tolist() == [True, True]
+
+
+def test_missing_timestamps_keep_file_order_and_flag_user():
+    f = _frame([("a", "x", 5), ("a", "y", None), ("a", "z", 1), ("b", "x", 3), ("b", "y", 2), ("b", "z", 1)])
+    d = build_sequences(f)
+    assert d.item_map.to_external(d.sequence(0)) == ["x", "y", "z"]
+    assert d.item_map.to_external(d.sequence(1)) == ["z", "y", "x"]
+    assert d.has_time.tolist() == [False, True]
+
+
+def test_short_users_dropped_and_noted():
+    f = _frame([("a", "x", 1), ("a", "y", 2), ("b", "x", 1), ("b", "y", 2), ("b", "z", 3)])
+    d = build_sequences(f)
+    assert d.num_users == 1 and "dropped 1 users" in d.notes[0]
+    assert len(d.item_map) == 3
+
+
+def test_leave_one_out_and_no_target_leak_into_training():
+    rng = np.random.default_rng(0)
+    rows = [(f"u{u}", f"i{rng.integers(50)}", t) for u in range(20) for t in range(int(rng.integers(3, 30)))]
+    d = build_sequences(_frame(rows))
+    train, valid, test = (leave_one_out(d, s) for s in ("train", "valid", "test"))
+    all_rows = np.arange(d.num_users)
+    b = training_batch(d, train, all_rows, max_len=8)
+    for r in all_rows:
+        seq = d.sequence(r)
+        n = int(b.lengths[r])
+        seen = np.concatenate([b.item_ids[r, :n].numpy(), b.targets[r, :n].numpy()])
+        # training inputs and targets are exactly the most recent window of seq[:-2]
+        window = seq[:-2][-(n + 1):]
+        assert np.array_equal(b.item_ids[r, :n].numpy(), window[:-1])
+        assert np.array_equal(b.targets[r, :n].numpy(), window[1:])
+        assert len(seen) == 2 * n
+    hist, _, _, _, tv = split_histories(d, valid, all_rows, max_len=8)
+    hist_t, _, _, _, tt = split_histories(d, test, all_rows, max_len=8)
+    for r in all_rows:
+        seq = d.sequence(r)
+        assert tv[r] == seq[-2] and tt[r] == seq[-1]
+        assert np.array_equal(hist[r], seq[:-2][-8:]) and np.array_equal(hist_t[r], seq[:-1][-8:])
+
+
+def test_history_batch_truncates_and_sets_query_time():
+    b = history_batch([np.arange(1, 13)], [np.arange(100, 112)], [500], [True], max_len=5)
+    assert b.item_ids.tolist() == [[8, 9, 10, 11, 12]]
+    assert b.query_times.tolist() == [[108, 109, 110, 111, 500]]
+    with pytest.raises(ValueError):
+        history_batch([np.array([], dtype=np.int64)], None, None, None, 5)
+    assert torch.equal(b.lengths, torch.tensor([5]))

@@ -1,0 +1,132 @@
+"""EvalProtocol: names, validation, JSON round trip, sequence splitting."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from genrec.eval.protocol import EvalProtocol
+
+
+def test_default_is_hstu_reference_protocol() -> None:
+    p = EvalProtocol()
+    assert p.name == "loo-test/full/exclude-seen/hist200"
+    assert (p.split, p.target, p.candidates, p.exclude_seen, p.max_history) == (
+        "leave-one-out", "test", "full", True, 200,
+    )
+    assert p.hr_ks == (1, 10, 50, 200) and p.ndcg_ks == (10, 50, 200)
+    assert p.ties == "pessimistic"
+
+
+def test_names() -> None:
+    assert EvalProtocol(target="valid", candidates="sampled").name == (
+        "loo-valid/sampled100/exclude-seen/hist200"
+    )
+    keep = EvalProtocol(exclude_seen=False, max_history=50)
+    assert keep.name == "loo-test/full/keep-seen/hist50"
+    sampled = EvalProtocol(candidates="sampled", num_negatives=99)
+    assert sampled.name.startswith("loo-test/sampled99/")
+
+
+def test_describe_mentions_the_essentials() -> None:
+    text = EvalProtocol().describe()
+    for needle in ("loo-test/full/exclude-seen/hist200", "last item", "full item catalogue",
+                   "removed", "200", "pessimistic"):
+        assert needle in text
+    sampled = EvalProtocol(target="valid", candidates="sampled", seed=3).describe()
+    assert "second-to-last" in sampled and "100 negatives" in sampled and "seed 3" in sampled
+
+
+def test_json_round_trip() -> None:
+    p = EvalProtocol(target="valid", candidates="sampled", num_negatives=50, hr_ks=(5, 10),
+                     ndcg_ks=(10,), seed=4, max_history=50, exclude_seen=False)
+    d = p.to_dict()
+    assert d["name"] == p.name and d["hr_ks"] == [5, 10]
+    restored = EvalProtocol.from_dict(json.loads(json.dumps(d)))
+    assert restored == p and isinstance(restored.hr_ks, tuple)
+    assert hash(restored) == hash(p)
+
+
+def test_from_dict_checks_name_and_fields() -> None:
+    d = EvalProtocol().to_dict()
+    with pytest.raises(ValueError, match="name"):
+        EvalProtocol.from_dict({**d, "name": "loo-valid/full/exclude-seen/hist200"})
+    with pytest.raises(ValueError, match="unknown"):
+        EvalProtocol.from_dict({**d, "bogus": 1})
+    assert EvalProtocol.from_dict({"target": "valid"}) == EvalProtocol(target="valid")
+
+
+def test_lists_are_normalised_to_tuples() -> None:
+    assert EvalProtocol(hr_ks=[1, 10]) == EvalProtocol(hr_ks=(1, 10))  # type: ignore[arg-type]
+
+
+def test_with_target() -> None:
+    p = EvalProtocol(candidates="sampled", seed=2)
+    v = p.with_target("valid")
+    assert v.target == "valid" and v.candidates == "sampled" and v.seed == 2
+    assert p.target == "test"
+    with pytest.raises(ValueError):
+        p.with_target("train")
+
+
+def test_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        EvalProtocol().target = "valid"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"split": "random"},
+        {"target": "train"},
+        {"candidates": "popular"},
+        {"ties": "optimistic"},
+        {"num_negatives": 0},
+        {"max_history": 0},
+        {"seed": -1},
+        {"hr_ks": ()},
+        {"hr_ks": (0, 10)},
+        {"ndcg_ks": (10, 10)},
+        {"ndcg_ks": (2.5,)},
+        {"hr_ks": "10"},
+        {"exclude_seen": "yes"},
+        {"num_negatives": True},
+    ],
+)
+def test_validation(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        EvalProtocol(**kwargs)
+
+
+def test_split_sequence_test_and_valid() -> None:
+    seq = np.array([5, 6, 7, 8, 9])
+    hist, target = EvalProtocol().split_sequence(seq)
+    assert hist.tolist() == [5, 6, 7, 8] and target == 9
+    hist, target = EvalProtocol(target="valid").split_sequence(seq)
+    assert hist.tolist() == [5, 6, 7] and target == 8
+
+
+def test_split_sequence_truncates_history() -> None:
+    seq = np.arange(1, 11)
+    hist, target = EvalProtocol(max_history=3).split_sequence(seq)
+    assert hist.tolist() == [7, 8, 9] and target == 10
+    hist, target = EvalProtocol(max_history=3, target="valid").split_sequence(seq)
+    assert hist.tolist() == [6, 7, 8] and target == 9
+
+
+def test_split_sequence_too_short() -> None:
+    with pytest.raises(ValueError):  # the history must hold at least one item
+        EvalProtocol().split_sequence(np.array([1]))
+    with pytest.raises(ValueError):
+        EvalProtocol(target="valid").split_sequence(np.array([1, 2]))
+    hist, target = EvalProtocol().split_sequence(np.array([1, 2]))
+    assert hist.tolist() == [1] and target == 2
+
+
+def test_rng_is_seeded() -> None:
+    a = EvalProtocol(seed=5).rng().integers(0, 1000, 5)
+    b = EvalProtocol(seed=5).rng().integers(0, 1000, 5)
+    assert a.tolist() == b.tolist()
