@@ -71,7 +71,7 @@ def test_epoch_batches_cover_every_row_once():
     assert spread < 0.5 * np.mean([np.ptp(lengths[b]) for b in epoch_batches(lengths, 32, np.random.default_rng(1), 0)])
 
 
-@pytest.mark.parametrize("mode", ["shared", "per_position"])
+@pytest.mark.parametrize("mode", ["shared", "per_sequence", "per_position"])
 def test_sampled_softmax_matches_manual(mode):
     torch.manual_seed(0)
     table = torch.nn.functional.normalize(torch.randn(11, 4), dim=-1)
@@ -81,11 +81,13 @@ def test_sampled_softmax_matches_manual(mode):
     loss = sampled_softmax_loss(user, targets, lambda ids: table[ids], 10, 6, 0.05, mode, generator=g)
     g = torch.Generator().manual_seed(5)
     m = int((targets > 0).sum())
-    neg = torch.randint(1, 11, (6,) if mode == "shared" else (m, 6), generator=g)
+    shape = {"shared": (6,), "per_sequence": (2, 6), "per_position": (m, 6)}[mode]
+    neg = torch.randint(1, 11, shape, generator=g)
     u, t = user[targets > 0], targets[targets > 0]
+    row_of = torch.arange(2).unsqueeze(1).expand(2, 3)[targets > 0]
     manual = []
     for i in range(m):
-        n = neg if mode == "shared" else neg[i]
+        n = neg if mode == "shared" else neg[row_of[i]] if mode == "per_sequence" else neg[i]
         logits = torch.cat([(u[i] @ table[t[i]]).view(1), table[n] @ u[i]]) / 0.05
         logits[1:][n == t[i]] = -5e4
         manual.append(-torch.log_softmax(logits, 0)[0])

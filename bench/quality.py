@@ -1,0 +1,202 @@
+"""Retrieval quality on ML-1M and Amazon Beauty: baselines, SASRec, HSTU, HSTU-large (a benchmark, not a test).
+
+Every row is one model on one dataset, evaluated under a named protocol (leave-one-out, full catalogue, items of the
+history excluded). Neural models are selected on the validation item (early stopping); their test row is measured
+once, at the chosen epoch. Rows go to ``results/quality.json`` and the README table is regenerated from it.
+
+    python bench/quality.py run --dataset ml-1m --model hstu --threads 2   # one row pair (valid + test)
+    python bench/quality.py baselines                                      # popularity + transition chain
+    python bench/quality.py table                                          # rewrite the README table
+    python bench/quality.py all                                            # everything, sequentially (hours)
+
+Run directories go under ``runs/quality/<dataset>/<model>``; data comes from --data-dir (default ../shared/data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" / "quality.json"
+README = ROOT / "README.md"
+DATASETS = {"ml-1m": "ml-1m", "amazon-beauty": "amazon-beauty"}
+MODELS = ("sasrec", "hstu", "hstu-large")
+
+# Published numbers under the same kind of protocol (full catalogue, history items excluded, leave-one-out).
+# ML-1M: generative-recommenders README (= paper Table 4), last item as target, no validation split.
+# Beauty: eSASRec paper (Tikhonovich et al., RecSys 2025) on the same S3-Rec Beauty file, max length 50.
+PUBLISHED = [
+    {"dataset": "ml-1m", "model": "SASRec (published)", "source": "HSTU paper / reference README",
+     "metrics": {"HR@10": 0.2853, "NDCG@10": 0.1603, "HR@50": 0.5474, "NDCG@50": 0.2185, "HR@200": 0.7528, "NDCG@200": 0.2498}},
+    {"dataset": "ml-1m", "model": "HSTU (published)", "source": "HSTU paper / reference README",
+     "metrics": {"HR@10": 0.3097, "NDCG@10": 0.1720, "HR@50": 0.5754, "NDCG@50": 0.2307, "HR@200": 0.7716, "NDCG@200": 0.2606}},
+    {"dataset": "ml-1m", "model": "HSTU-large (published)", "source": "HSTU paper / reference README",
+     "metrics": {"HR@10": 0.3294, "NDCG@10": 0.1893, "HR@50": 0.5935, "NDCG@50": 0.2481, "HR@200": 0.7839, "NDCG@200": 0.2771}},
+    {"dataset": "amazon-beauty", "model": "SASRec, 256 negatives (published)", "source": "eSASRec paper",
+     "metrics": {"HR@10": 0.0921, "NDCG@10": 0.0531}},
+    {"dataset": "amazon-beauty", "model": "eSASRec (published)", "source": "eSASRec paper",
+     "metrics": {"HR@10": 0.0928, "NDCG@10": 0.0523}},
+]  # fmt: skip
+
+log = logging.getLogger("bench.quality")
+
+
+def _load_rows() -> list[dict]:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+
+
+def _save_rows(new_rows: list[dict]) -> None:
+    """Replace rows with the same (dataset, model, split) and keep the others (under a lock: runs go in parallel)."""
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _merge_rows(new_rows)
+
+
+def _merge_rows(new_rows: list[dict]) -> None:
+    key = lambda r: (r["dataset"], r["model"], r["split"])  # noqa: E731
+    rows = {key(r): r for r in _load_rows()}
+    for r in new_rows:
+        rows[key(r)] = r
+    order = {d: i for i, d in enumerate(DATASETS)}
+    model_order = {m: i for i, m in enumerate(("popularity", "transition-chain") + MODELS)}
+    out = sorted(rows.values(), key=lambda r: (order.get(r["dataset"], 9), model_order.get(r["model"], 9), r["split"]))
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.replace(RESULTS)
+
+
+def run_model(dataset: str, model: str, data_dir: str, threads: int, extra: list[str]) -> list[dict]:
+    import torch
+
+    from genrec.config import load_config
+    from genrec.train.loop import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    config_path = ROOT / "configs" / dataset / f"{model}.yaml"
+    overrides = [f"data.data_dir={data_dir}", f"output_dir={ROOT / 'runs' / 'quality' / dataset / model}", *extra]
+    cfg = load_config(config_path, overrides)
+    res = train(cfg, progress=False)
+    common = {
+        "dataset": dataset,
+        "model": model,
+        "config": str(config_path.relative_to(ROOT)),
+        "overrides": extra,
+        "epoch": res["best_epoch"],
+        "epochs_run": res["epochs_run"],
+        "seconds_per_epoch": res["seconds_per_epoch"],
+        "threads": threads or torch.get_num_threads(),
+        "negatives": f"{cfg.train.negatives}-{cfg.train.num_negatives}",
+        "notes": res["data"]["notes"],
+    }
+    return [
+        {**common, "split": "valid", "protocol": res["valid"]["protocol"], "metrics": res["valid"]["metrics"]},
+        {**common, "split": "test", "protocol": res["test"]["protocol"], "metrics": res["test"]["metrics"]},
+    ]
+
+
+def run_baselines(dataset: str, data_dir: str, max_len: int) -> list[dict]:
+    from genrec.config import DataConfig
+    from genrec.data.dataset import prepare_data
+    from genrec.data.sequences import leave_one_out
+    from genrec.eval.evaluate import baseline_score_fn, evaluate
+    from genrec.eval.protocol import EvalProtocol
+    from genrec.models.baselines import PopularityRecommender, TransitionChainRecommender
+
+    seqs = prepare_data(DataConfig(dataset=dataset, data_dir=data_dir, max_len=max_len)).sequences
+    train_split = leave_one_out(seqs, "train")
+    train_seqs = [seqs.items[s:e] for s, e in zip(train_split.starts, train_split.ends)]
+    rows = []
+    for rec in (PopularityRecommender(), TransitionChainRecommender()):
+        t0 = time.perf_counter()
+        rec.fit(train_seqs, seqs.num_items)
+        fit_seconds = time.perf_counter() - t0
+        for split in ("valid", "test"):
+            protocol = EvalProtocol(target=split, max_history=max_len)
+            metrics = evaluate(baseline_score_fn(rec), seqs, protocol)
+            rows.append({"dataset": dataset, "model": rec.name, "split": split, "protocol": protocol.to_dict(),
+                         "epoch": None, "seconds_per_epoch": fit_seconds, "metrics": metrics})  # fmt: skip
+            log.info("%s %s %s %s", dataset, rec.name, split, {k: round(v, 4) for k, v in metrics.items()})
+    return rows
+
+
+MAX_LEN = {"ml-1m": 200, "amazon-beauty": 50}
+TABLE_START, TABLE_END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
+
+
+def render_table(rows: list[dict]) -> str:
+    lines = []
+    for dataset in DATASETS:
+        test = [r for r in rows if r["dataset"] == dataset and r["split"] == "test"]
+        if not test:
+            continue
+        proto = test[0]["protocol"]["name"]
+        lines.append(f"**{dataset}** — test split, protocol `{proto}`; neural rows at the best-validation epoch\n")
+        lines.append("| model | HR@10 | NDCG@10 | HR@50 | NDCG@50 | HR@200 | NDCG@200 | MRR | best epoch | s/epoch |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in test:
+            m = r["metrics"]
+            sec = "fit %.1f s" % r["seconds_per_epoch"] if r["epoch"] is None else "%.1f" % r["seconds_per_epoch"]
+            cells = [f"{m[k]:.4f}" if k in m else "–" for k in ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "HR@200", "NDCG@200", "MRR")]
+            lines.append(f"| {r['model']} | " + " | ".join(cells) + f" | {r['epoch'] or '–'} | {sec} |")
+        for p in PUBLISHED:
+            if p["dataset"] != dataset:
+                continue
+            m = p["metrics"]
+            cells = [f"{m[k]:.4f}" if k in m else "–" for k in ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "HR@200", "NDCG@200")]
+            lines.append(f"| *{p['model']}* | " + " | ".join(cells) + " | – | – | – |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_table() -> None:
+    rows = _load_rows()
+    table = render_table(rows)
+    text = README.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        print(f"README.md has no {TABLE_START} ... {TABLE_END} markers; table not written", file=sys.stderr)
+        return
+    head, rest = text.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    README.write_text(head + TABLE_START + "\n" + table + "\n" + TABLE_END + tail)
+    print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--dataset", choices=list(DATASETS), required=True)
+    r.add_argument("--model", choices=MODELS, required=True)
+    r.add_argument("--set", nargs="*", default=[], help="config overrides")
+    for s in (r, sub.add_parser("baselines"), sub.add_parser("all")):
+        s.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+        s.add_argument("--threads", type=int, default=0)
+    sub.add_parser("table")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    if args.cmd == "run":
+        _save_rows(run_model(args.dataset, args.model, args.data_dir, args.threads, args.set))
+    elif args.cmd == "baselines":
+        for d in DATASETS:
+            _save_rows(run_baselines(d, args.data_dir, MAX_LEN[d]))
+    elif args.cmd == "all":
+        for d in DATASETS:
+            _save_rows(run_baselines(d, args.data_dir, MAX_LEN[d]))
+            for m in MODELS:
+                _save_rows(run_model(d, m, args.data_dir, args.threads, []))
+    if args.cmd in ("run", "baselines", "all", "table") and README.exists():
+        write_table()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
