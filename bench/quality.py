@@ -72,7 +72,7 @@ def _merge_rows(new_rows: list[dict]) -> None:
     tmp.replace(RESULTS)
 
 
-def run_model(dataset: str, model: str, data_dir: str, threads: int, extra: list[str]) -> list[dict]:
+def run_model(dataset: str, model: str, data_dir: str, threads: int, extra: list[str], resume: bool = False) -> list[dict]:
     import torch
 
     from genrec.config import load_config
@@ -83,7 +83,7 @@ def run_model(dataset: str, model: str, data_dir: str, threads: int, extra: list
     config_path = ROOT / "configs" / dataset / f"{model}.yaml"
     overrides = [f"data.data_dir={data_dir}", f"output_dir={ROOT / 'runs' / 'quality' / dataset / model}", *extra]
     cfg = load_config(config_path, overrides)
-    res = train(cfg, progress=False)
+    res = train(cfg, resume=resume, progress=False)
     common = {
         "dataset": dataset,
         "model": model,
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--dataset", choices=list(DATASETS), required=True)
     r.add_argument("--model", choices=MODELS, required=True)
     r.add_argument("--set", nargs="*", default=[], help="config overrides")
+    r.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     for s in (r, sub.add_parser("baselines"), sub.add_parser("all")):
         s.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
         s.add_argument("--threads", type=int, default=0)
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     if args.cmd == "run":
-        _save_rows(run_model(args.dataset, args.model, args.data_dir, args.threads, args.set))
+        _save_rows(run_model(args.dataset, args.model, args.data_dir, args.threads, args.set, args.resume))
     elif args.cmd == "baselines":
         for d in DATASETS:
             _save_rows(run_baselines(d, args.data_dir, MAX_LEN[d]))

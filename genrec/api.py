@@ -10,6 +10,7 @@ directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,7 +20,6 @@ import torch
 from genrec.config import RunConfig, load_config
 from genrec.data.batches import history_batch
 from genrec.data.sequences import IdMap, load_item_map
-from genrec.eval.protocol import EvalProtocol
 from genrec.models import build_model
 from genrec.train.checkpoint import load_weights
 
@@ -79,8 +79,10 @@ class Recommender:
         top = torch.topk(scores, k)
         return self.item_map.to_external(top.indices.tolist()), top.values.tolist(), unknown
 
-    def evaluate(self, target: str = "test", candidates: str | None = None, num_negatives: int | None = None):
-        """Re-run the offline protocol on the run's dataset (needs the data files)."""
+    def evaluate(
+        self, target: str = "test", candidates: str | None = None, num_negatives: int | None = None, users: str = "all"
+    ):
+        """Re-run the offline protocol on the run's dataset (needs the data files); returns (protocol, metrics)."""
         from genrec.data.dataset import prepare_data
         from genrec.eval.evaluate import evaluate, model_score_fn
         from genrec.train.loop import protocol_from_config
@@ -89,13 +91,7 @@ class Recommender:
         if data.sequences.item_map.external != self.item_map.external:
             raise ValueError("the dataset's item ids differ from the ones this model was trained on")
         protocol = protocol_from_config(self.config, target)
-        if candidates is not None or num_negatives is not None:
-            d = protocol.to_dict()
-            d.pop("name", None)
-            if candidates is not None:
-                d["candidates"] = candidates
-            if num_negatives is not None:
-                d["num_negatives"] = num_negatives
-            protocol = EvalProtocol.from_dict(d)
+        changes = {"candidates": candidates, "num_negatives": num_negatives, "users": users}
+        protocol = dataclasses.replace(protocol, **{k: v for k, v in changes.items() if v is not None})
         metrics = evaluate(model_score_fn(self.model, self.config.data.max_len), data.sequences, protocol, self.config.train.eval_batch_size)
         return protocol, metrics

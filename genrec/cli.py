@@ -45,7 +45,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from genrec.api import Recommender
 
     rec = Recommender.load(args.checkpoint, data_dir=args.data_dir)
-    protocol, metrics = rec.evaluate(target=args.target, candidates=args.candidates, num_negatives=args.num_negatives)
+    protocol, metrics = rec.evaluate(
+        target=args.target, candidates=args.candidates, num_negatives=args.num_negatives, users=args.users
+    )
     print(protocol.describe())
     print(json.dumps({"protocol": protocol.to_dict(), "metrics": metrics}, indent=2))
     return 0
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", choices=["valid", "test"], default="test")
     e.add_argument("--candidates", choices=["full", "sampled"], default=None, help="default: the run's protocol")
     e.add_argument("--num-negatives", type=int, default=None)
+    e.add_argument("--users", choices=["all", "with-timestamps", "without-timestamps"], default="all")
     e.set_defaults(func=_cmd_evaluate)
 
     r = sub.add_parser("recommend", help="top-k items for a history of raw item ids")

@@ -74,7 +74,7 @@ class TrainConfig:
     seed: int = 42
     num_threads: int = 0  # torch intra-op threads; 0 = leave PyTorch's default
     device: str = "cpu"
-    eval_batch_size: int = 512
+    eval_batch_size: int = 128
     max_steps_per_epoch: int = 0  # 0 = whole epoch; >0 only for smoke tests
     length_buckets: int = 32  # sort rows by length within chunks of this many batches (0 = plain shuffle)
     autocast: str = "none"  # "none" | "bfloat16": run the encoder under torch.autocast (loss stays float32)

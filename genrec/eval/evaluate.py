@@ -41,6 +41,11 @@ def evaluate(score_fn: ScoreFn, data: SequenceData, protocol: EvalProtocol, batc
     rng = np.random.default_rng(protocol.seed)
     # Rows go in order of history length so that each padded batch wastes little work; metrics are order-free.
     order = np.argsort(np.minimum(split.ends - split.starts, protocol.max_history), kind="stable")
+    if protocol.users != "all":
+        timed = data.has_time[split.users[order]]
+        order = order[timed if protocol.users == "with-timestamps" else ~timed]
+        if len(order) == 0:
+            raise ValueError(f"protocol {protocol.name}: no user to evaluate")
     for lo in range(0, len(order), batch_size):
         rows = order[lo : lo + batch_size]
         hist, htimes, qtimes, has_time, targets = split_histories(data, split, rows, protocol.max_history)

@@ -25,6 +25,7 @@ SPLITS: tuple[str, ...] = ("leave-one-out",)
 TARGETS: tuple[str, ...] = ("valid", "test")
 CANDIDATES: tuple[str, ...] = ("full", "sampled")
 TIES: tuple[str, ...] = ("pessimistic",)
+USERS: tuple[str, ...] = ("all", "with-timestamps", "without-timestamps")
 
 # How many items at the end of a sequence are held out for each target under leave-one-out:
 # "test" predicts seq[-1] from seq[:-1]; "valid" predicts seq[-2] from seq[:-2].
@@ -77,6 +78,9 @@ class EvalProtocol:
         seed: seed of the negative sampler (sampled protocol only).
         ties: only ``"pessimistic"``: rank = number of candidates whose score is >= the
             target's score (the target counts itself), so ties never flatter a model.
+        users: ``"all"``, or only the users whose interactions all have timestamps
+            (``"with-timestamps"``) or not (``"without-timestamps"``), for ablations on partly
+            timestamped data such as the ML-1M development copy.
     """
 
     split: str = "leave-one-out"
@@ -89,12 +93,14 @@ class EvalProtocol:
     ndcg_ks: tuple[int, ...] = (10, 50, 200)
     seed: int = 0
     ties: str = "pessimistic"
+    users: str = "all"
 
     def __post_init__(self) -> None:
         _check_choice("split", self.split, SPLITS)
         _check_choice("target", self.target, TARGETS)
         _check_choice("candidates", self.candidates, CANDIDATES)
         _check_choice("ties", self.ties, TIES)
+        _check_choice("users", self.users, USERS)
         _check_int("num_negatives", self.num_negatives, 1)
         _check_int("max_history", self.max_history, 1)
         _check_int("seed", self.seed, 0)
@@ -113,7 +119,8 @@ class EvalProtocol:
         """Short stable key, e.g. ``"loo-test/full/exclude-seen/hist200"``."""
         cands = "full" if self.candidates == "full" else f"sampled{self.num_negatives}"
         seen = "exclude-seen" if self.exclude_seen else "keep-seen"
-        return f"loo-{self.target}/{cands}/{seen}/hist{self.max_history}"
+        users = "" if self.users == "all" else f"/users-{self.users}"
+        return f"loo-{self.target}/{cands}/{seen}/hist{self.max_history}{users}"
 
     def describe(self) -> str:
         """One plain-English paragraph stating exactly what the metrics measure."""
@@ -138,8 +145,9 @@ class EvalProtocol:
             if self.exclude_seen
             else ", history items included."
         )
+        users = "" if self.users == "all" else f" Only users {self.users.replace('-', ' ')} are evaluated."
         return (
-            f"Leave-one-out evaluation [{self.name}]: the target is {which}; the history is "
+            f"Leave-one-out evaluation [{self.name}]:{users} the target is {which}; the history is "
             f"truncated to the most recent {self.max_history} items. {cands}{seen} "
             "Rank is pessimistic: 1 + the number of other candidates scoring >= the target. "
             f"HR@k = share of users with rank <= k (k in {list(self.hr_ks)}); NDCG@k = mean of "

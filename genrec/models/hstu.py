@@ -87,43 +87,56 @@ def bucket_lookup(weights: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
 
 
 class HSTURelativeBias(nn.Module):
-    """rab(i, j) = w_pos[i - j] + w_time[bucket_ij] (one scalar per query/key pair, shared across heads)."""
+    """rab(i, j) = w_pos[i - j] + w_time[bucket_ij] (one scalar per query/key pair, shared across heads).
+
+    Both terms are read with one gather from a small [max_len, num_time_buckets + 2] table of their sums, indexed by
+    ``offset · (num_time_buckets + 2) + bucket`` (see ``rab_index``); the last column has no time weight and serves
+    rows without timestamps. One gather per layer instead of two gathers, a mask and two adds over B·N² elements.
+    """
 
     def __init__(self, config: HSTUConfig) -> None:
         super().__init__()
-        self.use_time = config.use_time_bias
         self.use_position = config.use_position_bias
         self.pos_w = nn.Parameter(torch.empty(config.max_len).normal_(0, 0.02))  # [max_len], index = offset i - j
-        self.ts_w = nn.Parameter(torch.empty(config.num_time_buckets + 1).normal_(0, 0.02))
+        self.ts_w = nn.Parameter(torch.empty(config.num_time_buckets + 1).normal_(0, 0.02))  # [num_buckets + 1]
 
-    def forward(self, offsets: torch.Tensor, buckets: torch.Tensor | None, has_time: torch.Tensor) -> torch.Tensor:
-        """offsets [N, N] long (i - j clamped to >= 0); buckets [B, N, N] or None; has_time [B]
-        -> rab [B, N, N], or [1, N, N] when there is no time term (broadcast over the batch)."""
-        N = offsets.shape[0]
-        rab = self.pos_w[offsets].unsqueeze(0) if self.use_position else self.pos_w.new_zeros(1, N, N)
-        if self.use_time and buckets is not None:
-            rab = rab + bucket_lookup(self.ts_w, buckets) * has_time.to(rab.dtype).view(-1, 1, 1)
-        return rab
+    def forward(self, offsets: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """offsets [N, N] long (i - j, clamped to >= 0); index [B, N, N] from ``rab_index`` or None (no time term)
+        -> rab [B, N, N], or [1, N, N] without a time term (broadcast over the batch)."""
+        pos = self.pos_w if self.use_position else torch.zeros_like(self.pos_w)
+        if index is None:
+            return pos[offsets].unsqueeze(0)
+        table = pos.unsqueeze(1) + F.pad(self.ts_w, (0, 1)).unsqueeze(0)  # [max_len, num_buckets + 2]
+        return bucket_lookup(table.reshape(-1), index)
 
 
-def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rab: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def rab_index(offsets: torch.Tensor, buckets: torch.Tensor, has_time: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """Flat index into HSTURelativeBias's table: offsets [N, N], buckets [B, N, N], has_time [B] -> [B, N, N] long.
+    Rows without timestamps point at the table's last column, which carries no time weight."""
+    width = num_buckets + 2
+    buckets = torch.where(has_time.view(-1, 1, 1), buckets, torch.full_like(buckets, num_buckets + 1))
+    return offsets.unsqueeze(0) * width + buckets
+
+
+def hstu_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rab: torch.Tensor, causal: torch.Tensor, norm: torch.Tensor
+) -> torch.Tensor:
     """Pointwise causal HSTU attention, the plain PyTorch reference path.
 
-    q, k [B, h, N, d_qk]; v [B, h, N, d_v]; rab [B or 1, N, N];
-    scale [B or 1, 1, N, N]: causal mask divided by the normaliser (1/N where j <= i, else 0) -> out [B, h, N, d_v].
+    q, k [B, h, N, d_qk]; v [B, h, N, d_v]; rab [B or 1, N, N]; causal [N, N] float (1 where j <= i, else 0);
+    norm [B or 1] float -> out [B, h, N, d_v]:
 
-        out_i = Σ_{j <= i} SiLU(q_i·k_j + rab_ij) / N · v_j
+        out_i = (1 / norm) · Σ_{j <= i} SiLU(q_i·k_j + rab_ij) · v_j
+
+    The normaliser is applied to the [.., N, d_v] output rather than to the N×N weights (same value, less work), and
+    the adds and the mask run in place on the fresh score tensor (autograd saves q, k and the SiLU input, not the
+    tensors overwritten).
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)) + rab.unsqueeze(1)  # [B, h, N, N]
-    return torch.matmul(F.silu(scores) * scale, v)
-
-
-def causal_scale(lengths: torch.Tensor, N: int, max_len: int, norm: str) -> torch.Tensor:
-    """The causal mask times 1/normaliser: [1, 1, N, N] for norm="max_len", [B, 1, N, N] for norm="length"."""
-    causal = torch.ones(N, N, device=lengths.device).tril()
-    if norm == "max_len":
-        return (causal / max_len).view(1, 1, N, N)
-    return causal.view(1, 1, N, N) / lengths.clamp(min=1).to(causal.dtype).view(-1, 1, 1, 1)
+    scores = torch.matmul(q, k.transpose(-1, -2))  # [B, h, N, N]
+    scores.add_(rab.unsqueeze(1))
+    weights = F.silu(scores, inplace=not (torch.is_grad_enabled() and scores.requires_grad))
+    weights.mul_(causal)
+    return torch.matmul(weights, v) / norm.view(-1, 1, 1, 1)
 
 
 class HSTULayer(nn.Module):
@@ -141,7 +154,7 @@ class HSTULayer(nn.Module):
         self.dropout = nn.Dropout(config.linear_dropout)
 
     def forward(
-        self, x: torch.Tensor, offsets: torch.Tensor, buckets: torch.Tensor | None, has_time: torch.Tensor, scale: torch.Tensor
+        self, x: torch.Tensor, offsets: torch.Tensor, index: torch.Tensor | None, causal: torch.Tensor, norm: torch.Tensor
     ) -> torch.Tensor:
         B, N, _ = x.shape
         h, dqk, dv = self.h, self.dqk, self.dv
@@ -150,8 +163,8 @@ class HSTULayer(nn.Module):
         q = q.view(B, N, h, dqk).transpose(1, 2)  # [B, h, N, dqk]
         k = k.view(B, N, h, dqk).transpose(1, 2)
         v = v.view(B, N, h, dv).transpose(1, 2)  # [B, h, N, dv]
-        rab = self.rab(offsets, buckets, has_time)  # [B or 1, N, N]
-        av = hstu_attention(q, k, v, rab, scale).transpose(1, 2).reshape(B, N, h * dv)  # [B, N, h·dv]
+        rab = self.rab(offsets, index)  # [B or 1, N, N]
+        av = hstu_attention(q, k, v, rab, causal, norm).transpose(1, 2).reshape(B, N, h * dv)  # [B, N, h·dv]
         gated = u * F.layer_norm(av, av.shape[-1:], eps=1e-6)
         return x + self.out(self.dropout(gated))
 
@@ -186,12 +199,17 @@ class HSTU(nn.Module):
         x = self.input_dropout(x) * valid
         pos = torch.arange(N, device=ids.device)
         offsets = (pos.view(N, 1) - pos.view(1, N)).clamp(min=0)  # [N, N] i - j
-        buckets = None
+        index = None  # [B, N, N] into each layer's rab table, when some row has timestamps
         if self.config.use_time_bias and bool(batch.has_time.any()):
-            buckets = time_buckets(batch.query_times, batch.timestamps, self.config.num_time_buckets)
-        scale = causal_scale(batch.lengths, N, self.config.max_len, self.config.attention_norm)
+            nb = self.config.num_time_buckets
+            index = rab_index(offsets, time_buckets(batch.query_times, batch.timestamps, nb), batch.has_time, nb)
+        causal = torch.ones(N, N, device=ids.device).tril()  # [N, N]
+        if self.config.attention_norm == "max_len":
+            norm = torch.full((1,), float(self.config.max_len), device=ids.device)
+        else:
+            norm = batch.lengths.clamp(min=1).to(x.dtype)  # [B]
         for layer in self.layers:
-            x = layer(x, offsets, buckets, batch.has_time, scale) * valid
+            x = layer(x, offsets, index, causal, norm) * valid
         return F.normalize(x, dim=-1, eps=1e-6)
 
     def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -113,3 +113,18 @@ def test_time_buckets_formula():
     assert b[0, 0, 0] == 0  # gap 0 -> clamp to 1 -> log 0
     assert b[0, 1, 0] == math.floor(math.log(10) / 0.301)
     assert b[0, 2, 0] == math.floor(math.log(1000) / 0.301)
+
+
+def test_gradients_equal_naive_per_pair_loop():
+    model = _model()
+    batch = _batch(B=2, N=5, lengths=[5, 3], has_time=[True, False])
+    fast = model.encode(batch)
+    w = torch.randn_like(fast)
+    grads_fast = torch.autograd.grad((fast * w).sum(), list(model.parameters()), allow_unused=True)
+    slow = _naive_encode(model, batch)
+    grads_slow = torch.autograd.grad((slow * w).sum(), list(model.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), grads_fast, grads_slow):
+        if a is None or b is None:
+            assert a is None or torch.count_nonzero(a) == 0 or b is not None, name
+            continue
+        assert torch.allclose(a, b, atol=1e-5), name
