@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        # Bad input (config, data file, checkpoint, ids): one clear line, no traceback.
+    except (ValueError, OSError, KeyError) as exc:
+        # Bad input (config, data file, checkpoint, ids) or a failed download: a clear message, no traceback.
         print(f"genrec: error: {exc}", file=sys.stderr)
         return 2
 

@@ -65,3 +65,15 @@ def test_bad_config_key_is_a_clear_error(tmp_path, capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "genrec.cli", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("genrec ")
+
+
+def test_fetch_without_network_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    code, _, err = _run(["data", "fetch", "ml-1m", "--cache-dir", str(tmp_path)], capsys)
+    assert code == 2
+    assert "ml-1m.zip" in err and "--data-dir" in err
