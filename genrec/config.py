@@ -82,6 +82,10 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    # "valid": train on s[:-2], select the epoch on the validation item, report the test item once (genrec's protocol).
+    # "test-peeking": the HSTU reference code's protocol, for comparison with published numbers only: train on s[:-1]
+    # and select the epoch on the test item itself (there is no validation split).
+    selection: str = "valid"
     candidates: str = "full"  # "full" | "sampled"
     num_negatives: int = 100
     exclude_seen: bool = True

@@ -182,11 +182,13 @@ def leave_one_out(data: SequenceData, name: str) -> Split:
     starts = data.offsets[:-1].copy()
     if name == "train":
         return Split(name, users, starts, data.offsets[1:] - 2, None)
+    if name == "train+valid":  # the reference code's training data: everything but the test item
+        return Split(name, users, starts, data.offsets[1:] - 1, None)
     if name == "valid":
         return Split(name, users, starts, data.offsets[1:] - 2, data.offsets[1:] - 2)
     if name == "test":
         return Split(name, users, starts, data.offsets[1:] - 1, data.offsets[1:] - 1)
-    raise ValueError(f"unknown split {name!r}; expected train, valid or test")
+    raise ValueError(f"unknown split {name!r}; expected train, train+valid, valid or test")
 
 
 def save_id_maps(data: SequenceData, directory: str | Path) -> None:

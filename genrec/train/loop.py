@@ -120,9 +120,17 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
     if tc.autocast not in ("none", "bfloat16"):
         raise ValueError(f"train.autocast must be 'none' or 'bfloat16', got {tc.autocast!r}")
     use_bf16 = tc.autocast == "bfloat16"
-    valid_protocol = protocol_from_config(config, "valid")
-    log.info("validation protocol: %s — %s", valid_protocol.name, valid_protocol.describe())
-    train_split = leave_one_out(seqs, "train")
+    if config.eval.selection == "valid":
+        valid_protocol = protocol_from_config(config, "valid")
+        train_split = leave_one_out(seqs, "train")
+    elif config.eval.selection == "test-peeking":
+        # The reference protocol, for comparison only: no validation split, the epoch is chosen on the test item.
+        valid_protocol = protocol_from_config(config, "test")
+        train_split = leave_one_out(seqs, "train+valid")
+        log.warning("eval.selection=test-peeking: training on s[:-1] and selecting on the TEST item (reference protocol)")
+    else:
+        raise ValueError(f"eval.selection must be 'valid' or 'test-peeking', got {config.eval.selection!r}")
+    log.info("selection protocol: %s — %s", valid_protocol.name, valid_protocol.describe())
     train_lengths = np.minimum(train_split.ends - train_split.starts - 1, config.data.max_len)
     time_notes = _time_notes(config, seqs)
 
@@ -206,6 +214,7 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch,
         "stopped_early": state.bad_epochs >= tc.patience,
+        "selection": config.eval.selection,
         "seconds_per_epoch": float(np.median([h["train_seconds"] for h in epochs_done])) if epochs_done else None,
         "valid": {"protocol": valid_protocol.to_dict(), "metrics": state.history[state.best_epoch - 1]["valid"]}
         if epochs_done

@@ -92,3 +92,10 @@ def test_sampled_softmax_matches_manual(mode):
         logits[1:][n == t[i]] = -5e4
         manual.append(-torch.log_softmax(logits, 0)[0])
     assert torch.allclose(loss, torch.stack(manual).mean(), atol=1e-5)
+
+
+def test_reference_test_peeking_protocol_is_labelled(tmp_path):
+    res = train(_config(tmp_path, "peek", extra=["eval.selection=test-peeking"]), progress=False)
+    assert res["selection"] == "test-peeking"
+    assert res["valid"]["protocol"]["target"] == "test"  # selected on the test item, and says so
+    assert res["valid"]["metrics"] == res["test"]["metrics"]
