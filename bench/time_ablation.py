@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--patience", type=int, default=10, help="early-stopping patience of the no-time run")
     p.add_argument("--main-run", default=str(ROOT / "runs" / "quality" / "ml-1m" / "hstu"))
     p.add_argument("--out", default=str(ROOT / "results" / "time_ablation.json"))
     args = p.parse_args(argv)
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     no_time_dir = ROOT / "runs" / "quality" / "ml-1m" / "hstu-no-time-bias"
     if not (no_time_dir / "results.json").exists():
         cfg = load_config(ROOT / "configs/ml-1m/hstu.yaml",
-                          [f"data.data_dir={args.data_dir}", "model.use_time_bias=false", f"output_dir={no_time_dir}"])  # fmt: skip
+                          [f"data.data_dir={args.data_dir}", "model.use_time_bias=false",
+                           f"train.patience={args.patience}", f"output_dir={no_time_dir}"])  # fmt: skip
         train(cfg, progress=False)
     rows = []
     for name, run in (("hstu (time bias on where timestamps exist)", Path(args.main_run)), ("hstu, time bias off", no_time_dir)):
