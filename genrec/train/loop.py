@@ -132,6 +132,8 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
         raise ValueError(f"eval.selection must be 'valid' or 'test-peeking', got {config.eval.selection!r}")
     log.info("selection protocol: %s — %s", valid_protocol.name, valid_protocol.describe())
     train_lengths = np.minimum(train_split.ends - train_split.starts - 1, config.data.max_len)
+    # Every position weighs the same in every batch (see sampled_softmax_loss): sum / (B × mean positions per row).
+    loss_normalizer = float(tc.batch_size * train_lengths.mean())
     time_notes = _time_notes(config, seqs)
 
     while state.epoch < tc.epochs and state.bad_epochs < tc.patience:
@@ -150,7 +152,8 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
                 user = model.encode(batch)
             user = user.float()
             loss = sampled_softmax_loss(
-                user, batch.targets, model.item_vectors, seqs.num_items, tc.num_negatives, tc.temperature, tc.negatives
+                user, batch.targets, model.item_vectors, seqs.num_items, tc.num_negatives, tc.temperature, tc.negatives,
+                normalizer=loss_normalizer,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

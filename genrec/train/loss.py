@@ -5,7 +5,8 @@ catalogue (with replacement, no logQ correction, since sampling is uniform):
 
     loss = -log( exp(u·p/τ) / (exp(u·p/τ) + Σ_k exp(u·n_k/τ)) )
 
-averaged over real positions. A negative that happens to equal the positive gets logit -5e4 (as in the reference).
+averaged over real positions (or, with ``normalizer``, summed and divided by that constant). A negative that happens
+to equal the positive gets logit -5e4 (as in the reference).
 
 Three ways to draw the negatives (``mode``):
 
@@ -32,8 +33,15 @@ def sampled_softmax_loss(
     temperature: float,
     mode: str,
     generator: torch.Generator | None = None,
+    normalizer: float | None = None,
 ) -> torch.Tensor:
-    """user [B, N, d] (normalised), targets [B, N] long (0 = padding), item_vectors(ids) -> normalised [..., d]."""
+    """user [B, N, d] (normalised), targets [B, N] long (0 = padding), item_vectors(ids) -> normalised [..., d].
+
+    ``normalizer=None`` averages over the batch's real positions. A constant ``normalizer`` (the training loop passes
+    batch_size × the mean number of positions per row) gives every position the same weight whatever the batch it
+    lands in, which matters when batches are grouped by length: a per-batch mean would weight a position of a
+    short-sequence batch several times more than one of a long-sequence batch.
+    """
     valid = targets > 0  # [B, N]
     u = user[valid]  # [M, d]
     pos_ids = targets[valid]  # [M]
@@ -57,4 +65,7 @@ def sampled_softmax_loss(
         raise ValueError(f"negatives must be 'shared', 'per_sequence' or 'per_position', got {mode!r}")
     logits = torch.cat([pos_logit, neg_logit], dim=1) / temperature
     logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(hit, -5e4)], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(u), dtype=torch.long, device=user.device))
+    zeros = torch.zeros(len(u), dtype=torch.long, device=user.device)
+    if normalizer is None:
+        return F.cross_entropy(logits, zeros)
+    return F.cross_entropy(logits, zeros, reduction="sum") / normalizer

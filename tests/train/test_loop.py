@@ -99,3 +99,14 @@ def test_reference_test_peeking_protocol_is_labelled(tmp_path):
     assert res["selection"] == "test-peeking"
     assert res["valid"]["protocol"]["target"] == "test"  # selected on the test item, and says so
     assert res["valid"]["metrics"] == res["test"]["metrics"]
+
+
+def test_constant_normalizer_weights_every_position_equally():
+    torch.manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(11, 4), dim=-1)
+    user = torch.nn.functional.normalize(torch.randn(2, 3, 4), dim=-1)
+    targets = torch.tensor([[1, 2, 0], [3, 4, 5]])
+    args = (user, targets, lambda ids: table[ids], 10, 6, 0.05, "per_sequence")
+    mean = sampled_softmax_loss(*args, generator=torch.Generator().manual_seed(1))
+    summed = sampled_softmax_loss(*args, generator=torch.Generator().manual_seed(1), normalizer=1.0)
+    assert torch.allclose(summed, mean * 5)
