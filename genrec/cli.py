@@ -3,6 +3,8 @@
     genrec train --config configs/ml-1m/hstu.yaml [--set train.lr=0.002 ...] [--resume]
     genrec evaluate --checkpoint runs/ml-1m/hstu [--target test] [--candidates sampled]
     genrec recommend --checkpoint runs/ml-1m/hstu --history 1193,661,914 -k 10
+    genrec serve --checkpoint runs/ml-1m/hstu [--host 127.0.0.1 --port 8000]
+    genrec export --checkpoint runs/ml-1m/hstu --format torch-export --output exports/ml-1m-hstu
     genrec data fetch ml-1m [--cache-dir DIR]
     genrec data list
 """
@@ -58,13 +60,58 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
     rec = Recommender.load(args.checkpoint)
     history = [h.strip() for h in args.history.split(",") if h.strip()]
-    items, scores, unknown = rec.recommend_one(history, k=args.k, exclude_seen=not args.include_seen)
-    if unknown:
-        print(f"warning: ignored {len(unknown)} unknown item id(s): {', '.join(unknown)}", file=sys.stderr)
-    titles = rec.titles or {}
-    for rank, (item, score) in enumerate(zip(items, scores), start=1):
+    (result,) = rec.recommend_batch([history], k=args.k, exclude_seen=not args.include_seen)
+    if result.unknown:
+        shown = ", ".join(result.unknown)
+        print(f"warning: ignored {len(result.unknown)} unknown item id(s): {shown}", file=sys.stderr)
+    if result.fallback:
+        print(f"warning: no known item in the history: {result.fallback} fallback", file=sys.stderr)
+    titles = rec.titles_ or {}
+    for rank, (item, score) in enumerate(zip(result.items, result.scores), start=1):
         title = titles.get(item, "")
         print(f"{rank:>3}  {item:>8}  {score:8.4f}  {title}")
+    return 0
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from genrec.api import Recommender
+    from genrec.serve.app import create_app
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    rec = Recommender.load(args.checkpoint)
+    if args.host not in LOOPBACK_HOSTS:
+        logging.getLogger("genrec.serve").warning(
+            "binding to %s: the service is reachable from other machines and has no authentication", args.host
+        )
+    app = create_app(
+        rec,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from genrec.api import Recommender
+    from genrec.export import check_parity, export_recommender, load_exported
+
+    rec = Recommender.load(args.checkpoint)
+    out = export_recommender(rec, args.output, args.format, max_batch=args.max_batch)
+    diff = check_parity(rec, load_exported(out))
+    print(f"exported {rec.model_id_} to {out} ({args.format}); max |exported - eager| = {diff:.2e}")
+    if diff > 1e-5:
+        print(f"genrec: error: parity check failed ({diff:.2e} > 1e-5)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -114,6 +161,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-k", type=int, default=10)
     r.add_argument("--include-seen", action="store_true", help="allow items already in the history")
     r.set_defaults(func=_cmd_recommend)
+
+    s = sub.add_parser("serve", help="serve a trained model over HTTP (FastAPI + uvicorn)")
+    s.add_argument("--checkpoint", required=True, help="run directory written by genrec train (read only)")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=64, help="most requests per forward pass")
+    s.add_argument("--max-wait-ms", type=float, default=0.0, help="batch wait (0: take the queue)")
+    s.add_argument("--max-queue", type=int, default=1024, help="waiting requests beyond this get 503")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    s.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = PyTorch's default)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
+    s.set_defaults(func=_cmd_serve)
+
+    x = sub.add_parser("export", help="export the encoder and scorer (torch.export .pt2) with a parity check")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--format", default="torch-export", choices=["torch-export"])
+    x.add_argument("--output", required=True, help="new directory for encoder.pt2, scorer.pt2, manifest.json")
+    x.add_argument("--max-batch", type=int, default=4096, help="largest batch the exported programs accept")
+    x.set_defaults(func=_cmd_export)
 
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)

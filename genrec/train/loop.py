@@ -25,6 +25,7 @@ from genrec import __version__
 from genrec.config import RunConfig, save_config
 from genrec.data.batches import training_batch
 from genrec.data.dataset import PreparedData, prepare_data
+from genrec.data.popularity import write_popularity
 from genrec.data.sequences import leave_one_out, save_id_maps
 from genrec.eval.evaluate import evaluate, model_score_fn
 from genrec.eval.protocol import EvalProtocol
@@ -99,6 +100,7 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
 
     save_config(config, out / "config.yaml")
     save_id_maps(seqs, out)
+    write_popularity(seqs, out)  # the serving fallback for histories without a known item
     if data.titles:
         write_json(out / "titles.json", data.titles)
 

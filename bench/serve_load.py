@@ -1,0 +1,300 @@
+"""Load test of the HTTP service (a benchmark, not a test): latency and throughput at concurrency 1, 8 and 32.
+
+Starts ``genrec serve`` on a free loopback port in a subprocess, drives ``POST /v1/recommend`` (top-10) over real
+HTTP/1.1 from asyncio callers, one keep-alive connection each, and reports p50/p99 latency,
+throughput and errors (any non-200 or transport failure) per concurrency level. Rows go to ``results/serve.json``
+(a JSON list of ``{"concurrency", "requests", "errors", "p50_ms", "p99_ms", "rps"}``), the markdown table is printed
+and written into README.md between ``<!-- serve-table:start -->`` and ``<!-- serve-table:end -->`` when present.
+
+    python bench/serve_load.py --checkpoint runs/ml-1m/hstu                      # 2,000 requests per level
+    python bench/serve_load.py --checkpoint DIR --requests 100 --max-seconds 5   # smoke run
+
+Histories are drawn from the model's own catalogue (popularity-weighted when ``popularity.json`` is there), each
+``--history-len`` events long (default: the model's max_len, the most work per request) with increasing timestamps,
+so the time term is on. Each level is bounded by ``--requests`` and by ``--max-seconds``; the client and the server
+share this machine's cores.
+
+Client: by default a minimal HTTP/1.1 client on asyncio streams (``RawClient``: request line, headers,
+Content-Length or chunked body), because on a 2-core machine httpx's ~1 ms of CPU per request would be taken from the
+server being measured; ``--client httpx`` runs the same load through httpx to cross-check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" / "serve.json"
+README = ROOT / "README.md"
+TABLE_START, TABLE_END = "<!-- serve-table:start -->", "<!-- serve-table:end -->"
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "genrec.cli", "serve", "--checkpoint", str(args.checkpoint), "--host", "127.0.0.1",
+           "--port", str(port), "--threads", str(args.server_threads), "--max-batch", str(args.max_batch),
+           "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"genrec serve exited with code {proc.returncode}")
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=2.0)
+            if r.status_code == 200:
+                return r.json()
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"genrec serve did not become healthy within {timeout:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # uvicorn shuts down gracefully on SIGINT
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def request_bodies(checkpoint: Path, n: int, length: int, k: int, seed: int) -> list[bytes]:
+    """``n`` pre-serialised request bodies with ``length``-event timed histories from the model's catalogue."""
+    items = json.loads((checkpoint / "item_ids.json").read_text())
+    weights = np.ones(len(items))
+    pop = checkpoint / "popularity.json"
+    if pop.exists():
+        counts = json.loads(pop.read_text())["counts"]
+        weights = np.asarray([counts.get(i, 0) for i in items], dtype=np.float64) + 1.0
+    rng = np.random.default_rng(seed)
+    bodies = []
+    for _ in range(n):
+        picks = rng.choice(len(items), size=length, p=weights / weights.sum())
+        ts = 978_300_000 + np.cumsum(rng.integers(1, 3_600, size=length))
+        history = [{"item": items[i], "ts": int(t)} for i, t in zip(picks, ts)]
+        bodies.append(json.dumps({"history": history, "k": k}).encode())
+    return bodies
+
+
+class RawClient:
+    """One keep-alive HTTP/1.1 connection: ``await post(path, body) -> (status, body)``; reconnects after a
+    failure or a ``Connection: close``."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        try:
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+            self.writer.write(head + body)
+            await self.writer.drain()
+            return await self._response()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _response(self) -> tuple[int, bytes]:
+        assert self.reader is not None
+        lines = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                parts.append((await self.reader.readexactly(size + 2))[:-2])
+            await self.reader.readuntil(b"\r\n")
+            body = b"".join(parts)
+        else:
+            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, body
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer, self.reader = None, None
+
+
+def _ok(status: int, body: bytes) -> bool:
+    try:
+        return status == 200 and len(json.loads(body)["items"]) > 0
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+async def run_level(
+    url: str, bodies: list[bytes], concurrency: int, requests: int, max_seconds: float, client: str = "raw"
+) -> dict:
+    """``requests`` POSTs by ``concurrency`` callers (stopping early after ``max_seconds``) -> one result row."""
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    parsed = httpx.URL(url)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0) as shared:
+        start = time.perf_counter()
+        stop_at = start + max_seconds
+
+        async def caller() -> None:
+            nonlocal issued, errors
+            raw = RawClient(parsed.host, parsed.port or 80)
+            try:
+                while issued < requests and time.perf_counter() < stop_at:
+                    body = bodies[issued % len(bodies)]
+                    issued += 1
+                    t0 = time.perf_counter()
+                    try:
+                        if client == "raw":
+                            ok = _ok(*await asyncio.wait_for(raw.post("/v1/recommend", body), 30.0))
+                        else:
+                            r = await shared.post("/v1/recommend", content=body, headers=JSON_HEADERS)
+                            ok = _ok(r.status_code, r.content)
+                    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
+                            ValueError, IndexError, httpx.HTTPError):  # fmt: skip
+                        ok = False
+                    latencies.append(time.perf_counter() - t0)
+                    errors += not ok
+            finally:
+                await raw.close()
+
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    ms = np.asarray(latencies) * 1000.0
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": int(errors),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "rps": round(len(latencies) / wall, 1),
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (Linux /proc), 0.0 where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """(forward passes, requests answered by them) so far, from the server's /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=5.0).text
+    count = re.search(r"^genrec_batch_size_count (\S+)", text, re.M)
+    total = re.search(r"^genrec_batch_size_sum (\S+)", text, re.M)
+    return (float(count.group(1)) if count else 0.0), (float(total.group(1)) if total else 0.0)
+
+
+def markdown(rows: list[dict], mean_batch: dict[int, float], caption: str) -> str:
+    lines = [caption, "", "| concurrency | requests | errors | p50 ms | p99 ms | req/s | requests per forward pass |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        mb = mean_batch.get(r["concurrency"])
+        lines.append(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+                     f"| {r['rps']:.0f} | {'' if mb is None else f'{mb:.1f}'} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_readme(table: str) -> None:
+    if not README.exists():
+        return
+    text = README.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        print(f"README.md has no {TABLE_START} ... {TABLE_END} markers; table not written", file=sys.stderr)
+        return
+    head, rest = text.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    README.write_text(head + TABLE_START + "\n" + table + "\n" + TABLE_END + tail)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="model directory (run dir of genrec train)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
+    p.add_argument("--max-seconds", type=float, default=120.0, help="time cap per level")
+    p.add_argument("--warmup", type=int, default=50, help="requests before measuring (not counted)")
+    p.add_argument("--history-len", type=int, default=0, help="events per history (0 = the model's max_len)")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--server-threads", type=int, default=1, help="server torch threads (the client needs a core)")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-wait-ms", type=float, default=0.0)
+    p.add_argument("--client", choices=["raw", "httpx"], default="raw", help="HTTP client (see the docstring)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--no-readme", action="store_true", help="do not write the README table")
+    args = p.parse_args()
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(args, port)
+    try:
+        health = wait_healthy(url, proc)
+        length = args.history_len or int(health["max_len"])
+        bodies = request_bodies(args.checkpoint, 256, length, args.k, args.seed)
+        asyncio.run(run_level(url, bodies, 4, args.warmup, args.max_seconds, args.client))
+        rows, mean_batch = [], {}
+        for c in args.concurrency:
+            passes0, answered0 = batch_stats(url)
+            server0, client0 = cpu_seconds(proc.pid), time.process_time()
+            row = asyncio.run(run_level(url, bodies, c, args.requests, args.max_seconds, args.client))
+            server1, client1 = cpu_seconds(proc.pid), time.process_time()
+            passes1, answered1 = batch_stats(url)
+            mean_batch[c] = (answered1 - answered0) / max(passes1 - passes0, 1.0)
+            rows.append(row)
+            n = max(row["requests"], 1)
+            print(json.dumps(row), f"cpu ms/request: server {1000 * (server1 - server0) / n:.2f}, "
+                  f"client {1000 * (client1 - client0) / n:.2f}", flush=True)  # fmt: skip
+    finally:
+        stop_server(proc)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    caption = (
+        f"`genrec serve` on {health['model_id']} ({health['num_items']:,} items), POST /v1/recommend top-{args.k}, "
+        f"{length}-event timed histories, {args.client} HTTP/1.1 client, {os.cpu_count()} CPU cores shared by "
+        f"client and server (server: {args.server_threads} torch thread(s), max_batch {args.max_batch}, "
+        f"max_wait_ms {args.max_wait_ms})."
+    )
+    table = markdown(rows, mean_batch, caption)
+    print("\n" + table)
+    if not args.no_readme:
+        write_readme(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

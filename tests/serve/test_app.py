@@ -1,0 +1,328 @@
+"""The HTTP service, through a real uvicorn server on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import re
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from genrec.api import Recommender
+from genrec.cli import build_parser, main
+from genrec.serve.app import MAX_HISTORY, MicroBatcher, Overloaded, create_app
+
+from ..conftest import synthetic_interactions
+
+TINY = {
+    "data": {"max_len": 12},
+    "model": {"embedding_dim": 8, "num_blocks": 1, "num_heads": 2, "attention_dim": 4, "linear_dim": 4},
+    "train": {"epochs": 3, "batch_size": 8, "num_negatives": 16, "eval_batch_size": 16, "lr": 0.01, "num_threads": 1},
+}
+KNOWN = [f"i{j}" for j in range(30)]
+
+
+@contextmanager
+def running(app):
+    """Serve ``app`` with uvicorn in a thread on a free loopback port; yields the base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    rec = Recommender(**TINY).fit(synthetic_interactions())
+    return rec.save(tmp_path_factory.mktemp("serve") / "model")
+
+
+@pytest.fixture(scope="module")
+def rec(model_dir) -> Recommender:
+    return Recommender.load(model_dir)
+
+
+@pytest.fixture(scope="module")
+def client(rec):
+    with running(create_app(rec)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        yield c
+
+
+def _items(body: dict) -> tuple[list[str], list[float]]:
+    return [x["item"] for x in body["items"]], [x["score"] for x in body["items"]]
+
+
+HISTORIES = [
+    ["i3", "i4", "i5"],
+    [{"item": "i3", "ts": 1_000_000}, {"item": "i4", "ts": 1_000_900}, {"item": "i9", "ts": 1_004_000}],
+    ["i1", "unknown-item", 7],
+    [f"i{j % 30}" for j in range(40)],
+]
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_recommend_equals_the_python_api(client, rec, history):
+    r = client.post("/v1/recommend", json={"history": history, "k": 7})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    events = [(e["item"], e["ts"]) if isinstance(e, dict) else e for e in history]
+    (expected,) = rec.recommend_batch([events], k=7)
+    items, scores = _items(body)
+    assert items == expected.items and scores == pytest.approx(expected.scores, abs=1e-5)
+    assert body["unknown_items"] == expected.unknown and body["warnings"] == expected.warnings
+    assert body["fallback"] is None and body["model_id"] == rec.model_id_
+
+
+def test_recommend_options_match_the_python_api(client, rec):
+    body = client.post("/v1/recommend", json={"history": ["i3"], "k": 4, "exclude_seen": False, "exclude": ["i4"],
+                                              "query_ts": 5}).json()  # fmt: skip
+    (expected,) = rec.recommend_batch([["i3"]], k=4, exclude_seen=False, exclude=["i4"], query_time=5)
+    assert _items(body)[0] == expected.items and "i4" not in expected.items
+
+
+def test_rank_equals_the_python_api(client, rec):
+    history = [{"item": "i3", "ts": 1_000_000}, {"item": "i4", "ts": 1_000_900}]
+    r = client.post("/v1/rank", json={"history": history, "candidates": ["i5", "nope", "i6", "i5"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = rec.rank([("i3", 1_000_000), ("i4", 1_000_900)], ["i5", "i6"])
+    got = [s["score"] for s in body["scores"]]
+    assert [s["item"] for s in body["scores"]] == ["i5", "nope", "i6", "i5"]
+    assert got[1] is None and body["unknown_candidates"] == ["nope"] and body["task"] == "next_item"
+    assert [got[0], got[2], got[3]] == pytest.approx([expected[0], expected[1], expected[0]], abs=1e-5)
+
+
+def test_new_user_and_unknown_history_get_the_marked_popularity_fallback(client, rec):
+    expected_items, expected_scores = rec.recommend([], k=5)
+    for body in ({"k": 5}, {"history": [], "k": 5}):
+        got = client.post("/v1/recommend", json=body).json()
+        assert got["fallback"] == "popularity" and _items(got) == (expected_items, pytest.approx(expected_scores))
+    got = client.post("/v1/recommend", json={"history": ["nope", {"item": "zz", "ts": 3}], "k": 5}).json()
+    assert got["fallback"] == "popularity" and got["unknown_items"] == ["nope", "zz"]
+    assert _items(got)[0] == expected_items and got["warnings"]
+    ranked = client.post("/v1/rank", json={"history": [], "candidates": expected_items[:2]}).json()
+    assert ranked["fallback"] == "popularity"
+    assert [s["score"] for s in ranked["scores"]] == pytest.approx(expected_scores[:2])
+
+
+def test_long_history_keeps_recent_items(client, rec):
+    long = [f"i{j % 30}" for j in range(MAX_HISTORY)]
+    got = client.post("/v1/recommend", json={"history": long, "k": 3, "exclude_seen": False}).json()
+    assert _items(got)[0] == rec.recommend(long[-12:], k=3, exclude_seen=False)[0]
+    assert any("most recent 12" in w for w in got["warnings"])
+
+
+@pytest.mark.parametrize(
+    "body, where",
+    [
+        ({"history": ["i1"], "k": 1001}, "k"),
+        ({"history": ["i1"], "k": 0}, "k"),
+        ({"history": ["i1"], "k": "10"}, "k"),
+        ({"history": ["i1"], "k": 2.5}, "k"),
+        ({"history": ["i1"] * (MAX_HISTORY + 1)}, "history"),
+        ({"history": [1.5]}, "history"),
+        ({"history": [{"item": "i1", "ts": "yesterday"}]}, "history"),
+        ({"history": [{"item": "i1", "ts": 2**60}]}, "history"),
+        ({"history": [{"item": "x" * 300}]}, "history"),
+        ({"history": "i1"}, "history"),
+        ({"histroy": ["i1"]}, "histroy"),
+        ({"history": ["i1"], "exclude": ["i2"] * 10_001}, "exclude"),
+        ({"history": ["i1"], "exclude_seen": "yes"}, "exclude_seen"),
+        ([1, 2], "body"),
+    ],
+)
+def test_bad_requests_get_422_with_the_reason(client, body, where):
+    r = client.post("/v1/recommend", json=body)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail and all(d["msg"] for d in detail)
+    assert any(where in [str(x) for x in d["loc"]] for d in detail), detail
+
+
+def test_rank_bounds_and_malformed_json(client):
+    r = client.post("/v1/rank", json={"history": [], "candidates": ["i1"] * 10_001})
+    assert r.status_code == 422 and "candidates" in r.text
+    assert client.post("/v1/rank", json={"history": []}).status_code == 422  # candidates are required
+    r = client.post("/v1/recommend", content=b'{"history": [', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.text
+    assert client.post("/v1/recommend", content=b"\xff\xfe\x00").status_code == 422
+    assert client.get("/v1/recommend").status_code == 405
+
+
+def test_oversized_bodies_get_413(client):
+    big = json.dumps({"history": ["i1"] * 300_000}).encode()  # ~1.8 MB > 1 MiB
+    r = client.post("/v1/recommend", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+    def chunks():  # no content-length: the limit is enforced on the bytes received
+        yield b'{"history": ['
+        for _ in range(40):
+            yield b'"i1",' * 10_000
+        yield b'"i1"]}'
+
+    r = client.post("/v1/recommend", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert client.get("/healthz").status_code == 200  # and the server is fine
+
+
+def test_healthz_docs_and_metrics(client, rec):
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["model_id"] == rec.model_id_ and health["popularity_fallback"]
+    assert client.get("/docs").status_code == 200
+    assert "/v1/recommend" in client.get("/openapi.json").json()["paths"]
+    client.post("/v1/recommend", json={"history": ["i1"]})
+    client.post("/v1/recommend", json={"k": 0})
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert f'genrec_model_info{{model_id="{rec.model_id_}",model="hstu",num_items="30"}} 1' in text
+    assert re.search(r'genrec_requests_total\{path="/v1/recommend",status="200"\} \d+', text)
+    assert re.search(r'genrec_requests_total\{path="/v1/recommend",status="422"\} \d+', text)
+    assert 'genrec_request_duration_seconds_bucket{path="/v1/recommend",le="+Inf"}' in text
+    assert "# TYPE genrec_batch_size histogram" in text
+    for line in text.splitlines():  # every sample line is `name{labels} value`
+        assert line.startswith("#") or re.fullmatch(r'[a-z_]+(\{[^}]*\})? [0-9.e+-]+', line), line
+
+
+# Property-based fuzzing: no request body may produce a 5xx.
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20))  # fmt: skip
+_json = st.recursive(
+    _scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12
+)
+_ids = st.one_of(st.sampled_from(KNOWN), st.text(max_size=300), st.integers(min_value=-(2**70), max_value=2**70))
+_ts = st.one_of(st.none(), st.integers(min_value=-(2**60), max_value=2**60), _json)
+_events = st.one_of(_ids, _json, st.fixed_dictionaries({"item": _ids}, optional={"ts": _ts}))
+_bodies = st.one_of(
+    _json,
+    st.fixed_dictionaries({}, optional={
+        "history": st.one_of(st.lists(_events, max_size=20), _json),
+        "k": st.one_of(st.integers(min_value=-3, max_value=1100), _json),
+        "exclude_seen": st.one_of(st.booleans(), _json),
+        "exclude": st.one_of(st.lists(_ids, max_size=4), _json),
+        "candidates": st.one_of(st.lists(_ids, max_size=8), _json),
+        "query_ts": _ts,
+    }),
+)  # fmt: skip
+
+
+FUZZ = settings(
+    deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+
+
+@settings(FUZZ, max_examples=150)
+@given(body=_bodies, path=st.sampled_from(["/v1/recommend", "/v1/rank"]))
+def test_fuzzed_json_bodies_never_get_a_5xx(client, body, path):
+    r = client.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    assert r.status_code < 500, (r.status_code, r.text)
+    if r.status_code == 200:
+        assert r.json()["model_id"]
+
+
+@settings(FUZZ, max_examples=50)
+@given(raw=st.binary(max_size=200), path=st.sampled_from(["/v1/recommend", "/v1/rank", "/healthz", "/nope"]))
+def test_fuzzed_raw_bytes_never_get_a_5xx(client, raw, path):
+    assert client.post(path, content=raw, headers={"content-type": "application/json"}).status_code < 500
+
+
+def test_concurrent_requests_share_forward_passes_and_match_the_api(rec):
+    histories = [[KNOWN[(s + j) % 30] for j in range(1 + s % 9)] for s in range(32)]
+    expected = [r.items for r in rec.recommend_batch(histories, k=5)]
+
+    async def fire(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as ac:
+            return await asyncio.gather(*(ac.post("/v1/recommend", json={"history": h, "k": 5}) for h in histories))
+
+    with running(create_app(rec, max_wait_ms=20)) as url:
+        responses = asyncio.run(fire(url))
+        metrics = httpx.get(f"{url}/metrics").text
+    assert [_items(r.json())[0] for r in responses] == expected
+    passes = int(re.search(r"^genrec_batch_size_count (\d+)", metrics, re.M).group(1))
+    assert passes < len(histories)  # several requests per forward pass
+
+
+def test_micro_batcher_batches_and_bounds_its_queue():
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def run(queries: list[int]) -> list[int]:
+        gate.wait(5)
+        calls.append(len(queries))
+        return [2 * q for q in queries]
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(run, max_batch=8, max_wait_s=0.05, max_queue=10)
+        await batcher.start()
+        gate.set()
+        assert await asyncio.gather(*(batcher.submit(q) for q in range(10))) == [2 * q for q in range(10)]
+        assert calls == [8, 2]
+        gate.clear()
+        first = asyncio.ensure_future(batcher.submit(0))  # taken by the worker, which then blocks
+        await asyncio.sleep(0.1)
+        waiting = [asyncio.ensure_future(batcher.submit(q)) for q in range(10)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await batcher.submit(99)
+        gate.set()
+        assert await first == 0 and len(await asyncio.gather(*waiting)) == 10
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_an_internal_error_is_a_logged_500_and_the_service_survives(rec, caplog):
+    broken = copy.copy(rec)
+
+    def fail(queries):
+        raise RuntimeError("boom")
+
+    broken.execute = fail
+    with caplog.at_level(logging.ERROR, logger="genrec.serve"), running(create_app(broken)) as url:
+        with httpx.Client(base_url=url) as c:
+            for _ in range(2):
+                r = c.post("/v1/recommend", json={"history": ["i1"]})
+                assert r.status_code == 500 and r.json() == {"detail": "internal error"}
+            assert c.get("/healthz").status_code == 200
+            assert 'status="500"} 2' in c.get("/metrics").text
+    assert any("boom" in (r.exc_text or "") or "boom" in str(r.exc_info) for r in caplog.records)
+
+
+def test_the_server_never_writes_to_the_model_directory(model_dir):
+    def snapshot() -> dict:
+        return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(model_dir.iterdir())}
+
+    before, dir_mtime = snapshot(), model_dir.stat().st_mtime_ns
+    with running(create_app(Recommender.load(model_dir))) as url, httpx.Client(base_url=url) as c:
+        assert c.post("/v1/recommend", json={"history": ["i1"]}).status_code == 200
+        assert c.post("/v1/rank", json={"history": [], "candidates": ["i1"]}).status_code == 200
+        assert c.get("/metrics").status_code == 200
+    assert snapshot() == before and model_dir.stat().st_mtime_ns == dir_mtime
+
+
+def test_genrec_serve_binds_loopback_by_default(model_dir, monkeypatch):
+    assert build_parser().parse_args(["serve", "--checkpoint", "x"]).host == "127.0.0.1"
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
+    assert main(["serve", "--checkpoint", str(model_dir), "--port", "8123"]) == 0
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123 and seen["app"].title == "genrec"
