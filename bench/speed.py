@@ -1,0 +1,392 @@
+"""HSTU speed, side by side (not a test): fast paths of genrec.ops against the plain path and against PyTorch's fused
+SDPA Transformer pieces. Paper §5 claims (HSTU faster than FlashAttention-2 Transformers; ragged attention 2-5x;
+M-FALCON) measured on this machine's CPU.
+
+Every ratio row is measured in one run, the two sides interleaved round by round (so load drifts hit both), and
+each time is the median of ``--reps`` rounds after one warm-up. Ratios are "x" = time(baseline) / time(fast): > 1
+means the fast side is faster. Forward+backward means one forward and one ``backward()`` of a sum.
+
+    python bench/speed.py                       # full run, writes results/speed.json (minutes)
+    python bench/speed.py --quick --out /tmp/speed.json   # seconds-long smoke run with small shapes
+
+Rows (``name``, ``value``, ``unit``, ``detail``):
+- ``attention/...``: HSTU attention (4 heads × 64, relative bias with position and time terms) plain and blocked vs
+  ``scaled_dot_product_attention(is_causal=True)``, fp32 and bf16, lengths 256 / 1024 / 4096, one sequence.
+- ``layer/...``: one HSTU layer (d = 256, 4 × 64) plain and blocked vs a pre-norm Transformer layer of the same
+  width (LayerNorm, QKV, causal SDPA, output projection, LayerNorm, FFN 4d with GELU), same lengths.
+- ``jagged/...``: whole-encoder forward+backward, jagged vs padded plain, on ML-1M training lengths (cap 200,
+  128 random rows, HSTU-large ML-1M config) and on a synthetic long tail (cap 4096, 8 rows of which one at the
+  cap, see ``long_tail_lengths``). Full mode: the padded side of this row needs ~5 GB (B·N² int64 buckets/index).
+- ``mfalcon/...``: rank 1024 candidates for a 512-item history (d = 256, 4 layers, 4 × 64, max_len 1024): M-FALCON
+  (cache build + cached microbatches of 64) vs per-candidate ``HSTU.encode`` vs one pass per microbatch without
+  cache. Per-candidate time is measured on ``--per-candidate`` candidates and scaled linearly to 1024 (its cost
+  is exactly linear: independent batches of 32 rows); the detail says so.
+- ``train/...``: one training step (encode + per-sequence sampled softmax with 128 negatives + backward + AdamW) on
+  ML-1M lengths, HSTU-large ML-1M config, padded plain vs jagged, fp32 and bf16 autocast: tokens/s, achieved
+  GFLOP/s (model FLOPs: real tokens and causal pairs only, backward counted as 2x forward) and its fraction of this
+  machine's measured matmul peak (square ``torch.mm``, same dtype and threads).
+- ``stochastic_length/...``: expected sparsity (fraction of tokens dropped) for α ∈ {1.6, 1.8, 2.0}.
+
+Not here: ML-1M epoch times (HSTU vs SASRec) need full training runs (``genrec train``), and quality (NDCG) of bf16
+and Stochastic Length needs training too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from genrec.data.batches import Batch  # noqa: E402
+from genrec.data.stochastic_length import expected_sparsity  # noqa: E402
+from genrec.models.hstu import HSTU, HSTUConfig, HSTULayer, hstu_attention, rab_index, time_buckets  # noqa: E402
+from genrec.ops.hstu_attention import blocked_hstu_attention  # noqa: E402
+from genrec.ops.jagged import jagged_context, jagged_encode_batch, jagged_hstu_layer, lengths_to_offsets  # noqa: E402
+from genrec.ops.mfalcon import (  # noqa: E402
+    build_history_cache,
+    score_candidates,
+    score_candidates_one_by_one,
+    score_candidates_uncached,
+)
+from genrec.train.loss import sampled_softmax_loss  # noqa: E402
+
+ML1M_SEQUENCES = ROOT.parent / "shared" / "data" / "movielens-1m" / "ml-1m_user_sequences_by_time.txt.gz"
+ROWS: list[dict] = []
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+
+def timed(fns: dict, reps: int) -> dict[str, float]:
+    """Median seconds of each callable; one warm-up each, then ``reps`` rounds running them side by side."""
+    for f in fns.values():
+        f()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def row(name: str, value: float, unit: str, detail: str) -> None:
+    ROWS.append({"name": name, "value": round(float(value), 4), "unit": unit, "detail": detail})
+    print(f"{name:58s} {value:10.3f} {unit:8s} {detail}", flush=True)
+
+
+def ratio_rows(prefix: str, t: dict[str, float], pairs: list[tuple[str, str, str]], context: str) -> None:
+    """pairs: (row suffix, fast name, baseline name) -> value = t[baseline] / t[fast]."""
+    for suffix, fast, base in pairs:
+        times = f"{fast} {t[fast] * 1e3:.1f} ms vs {base} {t[base] * 1e3:.1f} ms"
+        row(f"{prefix}/{suffix}", t[base] / t[fast], "x", f"{times}; {context}")
+
+
+def fwd_bwd(fn, *inputs):
+    """A callable running fn(*inputs).sum().backward() (gradients are reset so that they do not accumulate)."""
+
+    def run():
+        for x in inputs:
+            x.grad = None
+        fn().float().sum().backward()
+
+    return run
+
+
+def ml1m_training_lengths(cap: int = 200) -> tuple[np.ndarray, str]:
+    """Input length of every ML-1M user's training row: min(n - 3, cap) (leave-one-out: valid and test items are
+    held out, and the last training item is only a target). Synthetic stand-in if the file is missing."""
+    if ML1M_SEQUENCES.exists():
+        with gzip.open(ML1M_SEQUENCES, "rt") as fh:
+            n = np.array([len(line.split()) - 1 for line in fh if line.strip()])
+        return np.minimum(n - 3, cap), f"ML-1M real lengths ({len(n)} users)"
+    rng = np.random.default_rng(0)  # ML-1M-like: >= 20 ratings, long tail (median ~96, ~37% of users over cap)
+    n = np.minimum(20 + np.ceil(rng.lognormal(4.3, 1.1, size=6040)), 2314).astype(int)
+    return np.minimum(n - 3, cap), "synthetic ML-1M-like lengths (file not found): 20 + lognormal(4.3, 1.1)"
+
+
+def long_tail_lengths(count: int, cap: int, seed: int = 0, with_cap_row: bool = True) -> np.ndarray:
+    """Synthetic long tail: ceil(lognormal(mean 5, sigma 1.5)) clipped to [1, cap] (median ~150, ~1.4% of rows at
+    cap 4096). For a batch (``with_cap_row``), the last of ``count`` rows is set to the cap: a batch that holds one
+    capped row, which is what sets a padded batch's width."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.ceil(rng.lognormal(5.0, 1.5, size=count)), 1, cap).astype(int)
+    if with_cap_row:
+        lengths[-1] = cap
+    return lengths
+
+
+def make_batch(lengths, num_items: int, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.long)
+    B, N = len(lengths), int(lengths.max())
+    valid = torch.arange(N).unsqueeze(0) < lengths.unsqueeze(1)
+    ids = torch.randint(1, num_items + 1, (B, N), generator=g) * valid
+    ts = torch.cumsum(torch.randint(0, 100_000, (B, N + 1), generator=g), 1)
+    targets = torch.randint(1, num_items + 1, (B, N), generator=g) * valid
+    return Batch(ids, ts[:, :-1] * valid, ts[:, 1:] * valid, lengths, torch.ones(B, dtype=torch.bool), targets)
+
+
+def hstu(num_items: int, max_len: int, d: int, blocks: int, heads: int, dim: int) -> HSTU:
+    torch.manual_seed(0)
+    cfg = HSTUConfig(num_items=num_items, max_len=max_len, embedding_dim=d, num_blocks=blocks, num_heads=heads,
+                     attention_dim=dim, linear_dim=dim, dropout=0.0, linear_dropout=0.0)
+    return HSTU(cfg)
+
+
+def encoder_flops(cfg: HSTUConfig, lengths) -> float:
+    """Forward model FLOPs of the encoder: per layer 2·d·2h(dv+dqk) + 2·h·dv·d per token, 2·h·(dqk+dv) per causal
+    pair (QKᵀ and AV)."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    h, dqk, dv, d = cfg.num_heads, cfg.attention_dim, cfg.linear_dim, cfg.embedding_dim
+    per_token = 2 * d * 2 * h * (dv + dqk) + 2 * h * dv * d
+    pairs = float((lengths * (lengths + 1) / 2).sum())
+    return cfg.num_blocks * (per_token * lengths.sum() + pairs * 2 * h * (dqk + dv))
+
+
+# ------------------------------------------------------------------------------------------------------ sections
+
+
+def bench_attention(lengths: list[int], reps: int, dtypes: list[torch.dtype], plain_max: int) -> None:
+    h, dim = 4, 64
+    for dtype in dtypes:
+        tag = "fp32" if dtype == torch.float32 else "bf16"
+        for N in lengths:
+            g = torch.Generator().manual_seed(N)
+            q, k, v = ((torch.randn(1, h, N, dim, generator=g) * 0.3).to(dtype).requires_grad_() for _ in range(3))
+            ts = torch.cumsum(torch.randint(0, 100_000, (1, N + 1), generator=g), 1)
+            t, qt = ts[:, :-1], ts[:, 1:]
+            has_time = torch.ones(1, dtype=torch.bool)
+            layer = HSTULayer(HSTUConfig(num_items=1, max_len=N, num_heads=h, attention_dim=dim, linear_dim=dim))
+            pos_w, ts_w = layer.rab.pos_w, layer.rab.ts_w
+            norm = torch.tensor([float(N)])
+            pos = torch.arange(N)
+            offsets = (pos.view(N, 1) - pos.view(1, N)).clamp(min=0)
+            causal = torch.ones(N, N, dtype=dtype).tril()
+
+            def plain():
+                rab = layer.rab(offsets, rab_index(offsets, time_buckets(qt, t, 128), has_time, 128)).to(dtype)
+                return hstu_attention(q, k, v, rab, causal, norm)
+
+            fns = {
+                "sdpa": fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v),
+                "blocked": fwd_bwd(lambda: blocked_hstu_attention(q, k, v, pos_w, ts_w, t, qt, has_time, 128, norm),
+                                   q, k, v, pos_w, ts_w),
+                "blocked_pos_only": fwd_bwd(
+                    lambda: blocked_hstu_attention(q, k, v, pos_w, None, t, qt, has_time, 128, norm), q, k, v, pos_w),
+            }
+            pairs = [("blocked_vs_sdpa", "blocked", "sdpa"), ("blocked_pos_only_vs_sdpa", "blocked_pos_only", "sdpa")]
+            if N <= plain_max:
+                fns["plain"] = fwd_bwd(plain, q, k, v, pos_w, ts_w)
+                pairs += [("plain_vs_sdpa", "plain", "sdpa"), ("blocked_vs_plain", "blocked", "plain")]
+            t_ = timed(fns, reps)
+            ratio_rows(f"attention/{tag}/N={N}", t_, pairs,
+                       f"fwd+bwd, 1 sequence, 4 heads x 64, {tag}, rab = position + time (pos_only: position)")
+
+
+class PreNormTransformerLayer(nn.Module):
+    """The baseline: x + Wo·SDPA_causal(LN(x)); then + FFN(LN(·)) with FFN = Linear(d, 4d), GELU, Linear(4d, d)."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.h = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, N, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, N, d)
+        x = x + self.proj(a)
+        return x + self.ffn(self.ln2(x))
+
+
+def bench_layer(lengths: list[int], reps: int, plain_max: int) -> None:
+    d, h = 256, 4
+    for N in lengths:
+        torch.manual_seed(0)
+        model = hstu(10, N, d, 1, h, d // h)
+        layer = model.layers[0]
+        tfm = PreNormTransformerLayer(d, h)
+        x = torch.randn(1, N, d, requires_grad=True)
+        g = torch.Generator().manual_seed(1)
+        ts = torch.cumsum(torch.randint(0, 100_000, (1, N + 1), generator=g), 1)
+        lengths_t = torch.tensor([N])
+        ctx = jagged_context(model, lengths_to_offsets(lengths_t), ts[0, :-1], ts[0, 1:], torch.tensor([True]))
+        pos = torch.arange(N)
+        offsets = (pos.view(N, 1) - pos.view(1, N)).clamp(min=0)
+        causal = torch.ones(N, N).tril()
+        norm = torch.tensor([float(N)])
+
+        def plain():
+            index = rab_index(offsets, time_buckets(ts[:, 1:], ts[:, :-1], 128), torch.tensor([True]), 128)
+            return layer(x, offsets, index, causal, norm)
+
+        fns = {
+            "transformer": fwd_bwd(lambda: tfm(x), x),
+            "hstu_blocked": fwd_bwd(lambda: jagged_hstu_layer(layer, x[0], ctx), x),
+        }
+        pairs = [("hstu_blocked_vs_transformer", "hstu_blocked", "transformer")]
+        if N <= plain_max:
+            fns["hstu_plain"] = fwd_bwd(plain, x)
+            pairs.append(("hstu_plain_vs_transformer", "hstu_plain", "transformer"))
+        t_ = timed(fns, reps)
+        ratio_rows(f"layer/N={N}", t_, pairs, "fwd+bwd, d=256, 4 heads x 64, fp32; HSTU with position+time rab")
+
+
+def bench_jagged(ml_rows: int, tail_rows: int, tail_cap: int, reps: int) -> None:
+    lengths, source = ml1m_training_lengths()
+    rng = np.random.default_rng(0)
+    cases = [
+        ("ml-1m", lengths[rng.choice(len(lengths), ml_rows, replace=False)], 200, (50, 8, 2, 25), source),
+        ("long-tail", long_tail_lengths(tail_rows, tail_cap), tail_cap, (64, 2, 1, 64),
+         f"synthetic lognormal(5, 1.5) lengths, cap {tail_cap}, one row at the cap"),
+    ]
+    for name, lens, cap, (d, blocks, heads, dim), what in cases:
+        model = hstu(1000, cap, d, blocks, heads, dim)
+        batch = make_batch(lens, 1000)
+        t_ = timed({
+            "padded_plain": fwd_bwd(lambda: model.encode(batch)),
+            "jagged": fwd_bwd(lambda: jagged_encode_batch(model, batch)),
+        }, reps)
+        waste = len(lens) * int(lens.max()) ** 2 / float((lens.astype(float) ** 2).sum())
+        ratio_rows(f"jagged/{name}", t_, [("jagged_vs_padded", "jagged", "padded_plain")],
+                   f"encoder fwd+bwd, {len(lens)} rows (mean {lens.mean():.0f}, max {lens.max()}), {what}; "
+                   f"d={d}, {blocks} layers, {heads}x{dim}; B·max²/Σn² = {waste:.1f}")
+
+
+def bench_mfalcon(history: int, candidates: int, per_candidate: int, reps: int, microbatch: int = 64) -> None:
+    model = hstu(5000, max(1024, history + 1), 256, 4, 4, 64).eval()
+    g = torch.Generator().manual_seed(0)
+    hist = torch.randint(1, 5001, (history,), generator=g)
+    times = torch.cumsum(torch.randint(0, 100_000, (history,), generator=g), 0)
+    req = int(times[-1]) + 1000
+    cands = torch.randint(1, 5001, (candidates,), generator=g)
+    sub = cands[:per_candidate]
+    cache = build_history_cache(model, hist, times, req)
+    with torch.no_grad():
+        t_ = timed({
+            "mfalcon": lambda: score_candidates(model, build_history_cache(model, hist, times, req), cands, microbatch),
+            "mfalcon_cache_reused": lambda: score_candidates(model, cache, cands, microbatch),
+            "uncached": lambda: score_candidates_uncached(model, hist, times, req, cands, microbatch),
+            "per_candidate_subset": lambda: score_candidates_one_by_one(model, hist, times, req, sub, batch_size=32),
+        }, reps)
+    t_["per_candidate"] = t_["per_candidate_subset"] * candidates / len(sub)
+    ctx = (f"history {history}, {candidates} candidates, b_m={microbatch}, d=256, 4 layers, 4x64, inference fp32; "
+           f"per-candidate measured on {len(sub)} candidates and scaled x{candidates / len(sub):.0f}")
+    ratio_rows("mfalcon", t_, [
+        ("mfalcon_vs_per_candidate", "mfalcon", "per_candidate"),
+        ("mfalcon_vs_uncached", "mfalcon", "uncached"),
+        ("mfalcon_cache_reused_vs_per_candidate", "mfalcon_cache_reused", "per_candidate"),
+    ], ctx)
+
+
+def matmul_peak(dtype: torch.dtype, n: int, reps: int) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    t = timed({"mm": lambda: a @ b}, reps)["mm"]
+    return 2 * n**3 / t / 1e9
+
+
+def bench_training(rows: int, reps: int, peak_n: int) -> None:
+    lengths, source = ml1m_training_lengths()
+    lens = lengths[np.random.default_rng(1).choice(len(lengths), rows, replace=False)]
+    batch = make_batch(lens, 3952)
+    model = hstu(3952, 200, 50, 8, 2, 25)  # HSTU-large ML-1M
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
+    tokens = int(lens.sum())
+    valid = int(lens.sum())
+    K, d = 128, 50
+    flops = 3 * (encoder_flops(model.config, lens) + 2 * valid * (K + 1) * d)
+
+    def step(jagged: bool, bf16: bool):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                user = jagged_encode_batch(model, batch) if jagged else model.encode(batch)
+            loss = sampled_softmax_loss(user.float(), batch.targets, model.item_vectors, 3952, K, 0.05, "per_sequence")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return run
+
+    t_ = timed({
+        "plain_fp32": step(False, False), "jagged_fp32": step(True, False),
+        "plain_bf16": step(False, True), "jagged_bf16": step(True, True),
+    }, reps)
+    peaks = {"fp32": matmul_peak(torch.float32, peak_n, reps), "bf16": matmul_peak(torch.bfloat16, peak_n, reps)}
+    for dt, p in peaks.items():
+        row(f"train/matmul_peak/{dt}", p, "GFLOP/s", f"torch.mm {peak_n}x{peak_n}, {torch.get_num_threads()} threads")
+    what = f"one step, {rows} rows, {tokens} tokens, HSTU-large ML-1M (d=50, 8 layers, 2x25), {source}"
+    for name, t in t_.items():
+        dt = name.split("_")[1]
+        row(f"train/tokens_per_s/{name}", tokens / t, "tokens/s", f"{t * 1e3:.0f} ms per step; {what}")
+        row(f"train/gflops/{name}", flops / t / 1e9, "GFLOP/s", f"model FLOPs {flops / 1e9:.2f} GFLOP per step")
+        row(f"train/peak_fraction/{name}", flops / t / 1e9 / peaks[dt], "fraction", f"of the {dt} matmul peak")
+    ratio_rows("train", t_, [
+        ("jagged_vs_plain_fp32", "jagged_fp32", "plain_fp32"), ("jagged_vs_plain_bf16", "jagged_bf16", "plain_bf16"),
+        ("bf16_vs_fp32_jagged", "jagged_bf16", "jagged_fp32"),
+    ], what)
+
+
+def bench_stochastic_length() -> None:
+    lengths, source = ml1m_training_lengths()
+    tail = long_tail_lengths(20000, 4096, with_cap_row=False)
+    for alpha in (1.6, 1.8, 2.0):
+        row(f"stochastic_length/ml-1m/alpha={alpha}", expected_sparsity(lengths, 200, alpha), "fraction",
+            f"expected fraction of tokens dropped, N=200, {source}")
+        row(f"stochastic_length/long-tail/alpha={alpha}", expected_sparsity(tail, 4096, alpha), "fraction",
+            "expected fraction of tokens dropped, N=4096, synthetic lognormal(5, 1.5) lengths")
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="seconds-long smoke run with small shapes")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=None, help="rounds per measurement (default 5, quick 2)")
+    p.add_argument("--out", default=str(ROOT / "results" / "speed.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    reps = args.reps or (2 if args.quick else 5)
+    if args.quick:
+        bench_attention([256], reps, [torch.float32, torch.bfloat16], plain_max=256)
+        bench_layer([256], reps, plain_max=256)
+        bench_jagged(ml_rows=32, tail_rows=4, tail_cap=512, reps=reps)
+        bench_mfalcon(history=128, candidates=128, per_candidate=16, reps=reps)
+        bench_training(rows=16, reps=reps, peak_n=512)
+    else:
+        bench_attention([256, 1024, 4096], reps, [torch.float32, torch.bfloat16], plain_max=4096)
+        bench_layer([256, 1024, 4096], reps, plain_max=4096)
+        bench_jagged(ml_rows=128, tail_rows=8, tail_cap=4096, reps=reps)
+        bench_mfalcon(history=512, candidates=1024, per_candidate=128, reps=reps)
+        bench_training(rows=128, reps=reps, peak_n=2048)
+    bench_stochastic_length()
+    meta = f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}"
+    for r in ROWS:
+        r["detail"] += f" [{meta}{', quick' if args.quick else ''}]"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(ROWS, indent=1) + "\n")
+    print(f"wrote {len(ROWS)} rows to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,392 @@
+"""Blocked ("fused") HSTU attention for CPU: forward and backward tile by tile, FlashAttention-style.
+
+Paper: Zhai et al., ICML 2024, §3.1 (pointwise aggregated attention) and §5 (fused ragged attention kernels; the
+reference ships them in Triton/CUDA, ``ops/triton/triton_hstu_attention.py``). This is a pure-PyTorch CPU version of
+the same idea. The math is that of the plain reference ``genrec.models.hstu.hstu_attention`` with the bias of
+``HSTURelativeBias``::
+
+    out_i  = (1 / norm) · Σ_{j <= i} SiLU(q_i·k_j + rab_ij) · v_j
+    rab_ij = pos_w[i - j] + ts_w[bucket(query_time_i - t_j)]      (time term only in rows that have timestamps)
+
+How it cuts the work of the plain path (which builds B·h·N² scores, adds an N² bias and masks half of it):
+
+- Sequences are cut into blocks of ``block`` positions. A (query block, key block) pair of one sequence is a tile.
+  Only tiles with key block <= query block exist (the causal upper half is skipped), and only diagonal tiles are
+  masked. Tiles run in chunks of about ``tile_elems`` scores (1 MiB, this CPU's L2), so a head's N×N score tensor
+  is never built: at most ``C·h·block²`` scores exist at a time.
+- Tiles are grouped by block distance δ = query block - key block. All tiles at one δ share the position offsets
+  ``δ·block + (r - c)``, so the position term is one [block, block] tile per δ and its gradient one running sum.
+- The time term is evaluated per tile from per-position timestamps. Its bucket ids do not depend on any weight, so
+  ``TileBuckets`` computes them once per batch (8 bytes per causal pair up to 8M pairs, then 1 byte; shared by
+  heads, layers, forward and backward) instead of once per layer and pass.
+- Backward recomputes each tile's scores (only q, k, v are saved) and uses ATen's fused ``silu_backward``.
+- One tile list serves padded batches (tiles past a row's length are skipped) and jagged batches, where the blocks
+  of all sequences are packed back to back (``genrec.ops.jagged``).
+
+Deviations from the plain path (none in the math):
+- Summation order differs (per tile), so fp32 results agree to ~1e-6, not bitwise.
+- In a padded batch, query positions past a row's length give 0 instead of the plain path's values there (which
+  the encoder multiplies by 0 anyway); ``lengths=None`` computes every row of the padded width.
+- Low precision (bf16): scores, SiLU and the tile matmuls run in the input dtype; outputs and all gradients are
+  accumulated in fp32 across tiles and cast back at the end (FlashAttention's choice).
+- Memory: besides O(N) tensors, ``TileBuckets`` keeps one bucket id per causal pair of the batch (int64 while that
+  is at most 64 MB, uint8 beyond): O(N²) bytes but shared by all heads and layers, where the plain path builds
+  B·N² int64 bucket and index tensors plus h·B·N² scores.
+
+Why an eager autograd Function and not ``torch.compile``: compile works on this machine (g++ is present; one chunk
+body compiles in ~7-25 s), but compiled chunk bodies (Inductor fusing the elementwise chain around the extern bmm
+calls) measured no faster than this engine (backward at N = 1024: 64-67 ms compiled vs 52-59 ms eager, under load).
+At fp32 the engine is matmul-bound (~60% of its time in bmm at N = 1024-4096); the rest is the elementwise passes
+(bias add, SiLU, SiLU backward, head sum) that a hand-written kernel would fuse.
+
+Scope: CPU tensors (the layout's index tensors live on the CPU); on GPU use the plain path.
+
+Public: ``blocked_hstu_attention`` (padded [B, h, N, d] in and out: the plain path's contract, with the bias given
+by its weights and timestamps), and the engine used by ``genrec.ops.jagged`` and ``bench/speed.py``:
+``choose_block``, ``BlockLayout`` / ``block_layout`` (tile list), ``TileBuckets`` (time buckets per tile),
+``blocked_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Scores (C·h·block²) per chunk of tiles: 256K fp32 = 1 MiB, this CPU's L2 (measured best of 256K / 1M here).
+DEFAULT_TILE_ELEMS = 1 << 18
+LONG_BUCKET_PAIRS = 1 << 23
+
+
+# Rough costs on this CPU (1 thread, fp32; measured, used only to pick a block size). Per chunk: Python and launch
+# overhead of ~30 ops (forward + backward). Per tile: 7 small GEMM calls per head, and gathering / scattering ~8
+# [block, h·dim] row blocks. Per (query, key) pair and head: 7 matmul passes of 2·dim FLOPs at ~60 GFLOP/s, plus
+# ~6 ns of elementwise passes.
+CHUNK_COST_S = 0.4e-3
+GEMM_CALL_S = 1e-6
+COPY_S = 0.5e-9
+PAIR_COST_S = 6e-9
+FLOP_COST_S = 1 / 60e9
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def choose_block(lengths, heads: int, head_dim: int, tile_elems: int = DEFAULT_TILE_ELEMS) -> int:
+    """The block size (of ``BLOCK_SIZES``) with the lowest estimated forward+backward cost for sequences of
+    ``lengths``, from the constants above: work over all tiles (including the masked halves of diagonal tiles and
+    the padding of each sequence's last block), per-tile GEMM calls and row copies, and per-chunk overhead. Small
+    blocks waste little on short rows; large ones cut per-tile costs on long rows (it picks 32 for ML-1M batches with
+    2 heads x 25, and 128-256 for one row of 256-4096 with 4 heads x 64)."""
+    lengths = torch.as_tensor(lengths, dtype=torch.long).reshape(-1)
+    best, best_cost = BLOCK_SIZES[0], float("inf")
+    for block in BLOCK_SIZES:
+        m = (lengths + block - 1) // block  # blocks per sequence
+        tiles = int((m * (m + 1) // 2).sum())
+        per_chunk = max(1, tile_elems // (heads * block * block))
+        chunks = sum(-(-int((m - d).clamp(min=0).sum()) // per_chunk) for d in range(int(m.max()) if len(m) else 0))
+        per_tile = heads * (7 * GEMM_CALL_S + 8 * block * head_dim * COPY_S
+                            + block * block * (PAIR_COST_S + 14 * head_dim * FLOP_COST_S))
+        cost = tiles * per_tile + chunks * CHUNK_COST_S
+        if cost < best_cost:
+            best, best_cost = block, cost
+    return best
+
+
+@dataclass(frozen=True)
+class TileChunk:
+    """Tiles at block distance ``delta``: query blocks ``qi`` [C], key blocks ``ki = qi - delta`` [C].
+    ``q_span`` / ``k_span`` = (start, stop) when the ids are one contiguous range (then rows are sliced, not
+    gathered)."""
+
+    delta: int
+    qi: torch.Tensor
+    ki: torch.Tensor
+    q_span: tuple[int, int] | None
+    k_span: tuple[int, int] | None
+
+
+def _span(ids: torch.Tensor) -> tuple[int, int] | None:
+    n = len(ids)
+    if n == 0:
+        return None
+    a, b = int(ids[0]), int(ids[-1])
+    return (a, b + 1) if b - a == n - 1 and bool((ids[1:] - ids[:-1] == 1).all()) else None
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Which tiles exist. Sequence s occupies blocks ``block_start[s] .. block_start[s] + ceil(n_s / block) - 1``;
+    slot r of block b holds position ``block_pos[b] · block + r`` of sequence ``block_seq[b]``."""
+
+    block: int
+    num_blocks: int  # blocks in the tensors, including blocks no tile touches (the padding of a padded batch)
+    num_deltas: int  # largest number of blocks of one sequence
+    block_pos: torch.Tensor  # [num_blocks] long (0 for untouched blocks)
+    block_seq: torch.Tensor  # [num_blocks] long (0 for untouched blocks)
+    chunks: tuple[TileChunk, ...]  # ordered by delta
+
+    @property
+    def num_tiles(self) -> int:
+        return sum(len(c.qi) for c in self.chunks)
+
+
+def block_layout(
+    lengths: torch.Tensor,
+    block: int,
+    heads: int,
+    block_start: torch.Tensor | None = None,
+    num_blocks: int | None = None,
+    tile_elems: int = DEFAULT_TILE_ELEMS,
+) -> BlockLayout:
+    """Tile list for sequences of ``lengths`` [B] (>= 0), ``heads`` heads.
+
+    ``block_start`` [B]: first block of each sequence; the default packs sequences back to back (jagged). A padded
+    batch of width N (a multiple of ``block``) passes ``arange(B) · N / block`` and ``num_blocks = B · N / block``.
+    """
+    lengths = lengths.to(torch.long).cpu()
+    nblk = (lengths + block - 1) // block  # [B] blocks used by each sequence
+    first = torch.cumsum(nblk, 0) - nblk
+    block_start = first if block_start is None else block_start.to(torch.long).cpu()
+    total = int(nblk.sum()) if num_blocks is None else num_blocks
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), nblk)  # [M] sequence of every used block
+    pos = torch.arange(len(seq)) - first[seq]  # [M] block index within its sequence
+    ids = block_start[seq] + pos  # [M] block id in the tensors
+    block_pos = torch.zeros(total, dtype=torch.long)
+    block_seq = torch.zeros(total, dtype=torch.long)
+    block_pos[ids], block_seq[ids] = pos, seq
+    per_chunk = max(1, tile_elems // (heads * block * block))
+    num_deltas = int(nblk.max()) if len(nblk) else 0
+    chunks = []
+    for delta in range(num_deltas):
+        qi_all = ids[pos >= delta]
+        for c in range(0, len(qi_all), per_chunk):
+            qi = qi_all[c : c + per_chunk]
+            ki = qi - delta
+            chunks.append(TileChunk(delta, qi, ki, _span(qi), _span(ki)))
+    return BlockLayout(block, total, num_deltas, block_pos, block_seq, tuple(chunks))
+
+
+class TileBuckets:
+    """Time-bucket id of every causal pair, tile by tile: one [C, block, block] tensor per chunk of ``layout``
+    (int64 up to ``LONG_BUCKET_PAIRS`` pairs in the batch, else uint8).
+
+    slot_t, slot_qt [num_blocks, block] long: key timestamp / query time of every slot; block_time [num_blocks]
+    bool: whether the block's row has timestamps (rows without get id ``num_buckets + 1``, which carries no weight).
+    The ids equal ``genrec.models.hstu.time_buckets`` (same fp32 operations in the same order).
+    """
+
+    def __init__(self, layout: BlockLayout, slot_t, slot_qt, block_time, num_buckets: int) -> None:
+        self.num_buckets = num_buckets
+        pairs = layout.num_tiles * layout.block**2
+        # int64 ids are gathered directly; past 8M pairs (64 MB) keep 1 byte per pair and widen per chunk instead
+        dtype = torch.long if pairs <= LONG_BUCKET_PAIRS or num_buckets + 1 > 255 else torch.uint8
+        self.chunks = []
+        for c in layout.chunks:
+            qt = slot_qt.index_select(0, c.qi).unsqueeze(2)  # [C, Bs, 1]
+            t = slot_t.index_select(0, c.ki).unsqueeze(1)  # [C, 1, Bs]
+            gap = (qt - t).abs_().clamp_(min=1).to(torch.float32)  # [C, Bs, Bs]
+            b = gap.log_().div_(0.301).floor_().clamp_(0, num_buckets).to(dtype)
+            no_time = ~block_time.index_select(0, c.qi)  # [C]
+            if bool(no_time.any()):
+                b.masked_fill_(no_time.view(-1, 1, 1), num_buckets + 1)
+            self.chunks.append(b)
+
+    @staticmethod
+    def build(layout, slot_t, slot_qt, block_time, num_buckets) -> "TileBuckets | None":
+        """None when no row has timestamps (then the time term is 0 everywhere)."""
+        if block_time is None or not bool(block_time.any()):
+            return None
+        return TileBuckets(layout, slot_t, slot_qt, block_time, num_buckets)
+
+
+def _rows(x: torch.Tensor, ids: torch.Tensor, span) -> torch.Tensor:
+    return x[span[0] : span[1]] if span is not None else x.index_select(0, ids)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, ta: bool = False, tb: bool = False) -> torch.Tensor:
+    """Batched a @ b over [C, h, ., .] (optionally transposed) as one bmm on 3-D views, so that no operand is
+    copied (torch.matmul on 4-D transposed views copies them)."""
+    a3 = a.reshape(-1, *a.shape[-2:])
+    b3 = b.reshape(-1, *b.shape[-2:])
+    out = torch.bmm(a3.transpose(1, 2) if ta else a3, b3.transpose(1, 2) if tb else b3)
+    return out.view(*a.shape[:-2], out.shape[-2], out.shape[-1])
+
+
+def _add_rows(acc: torch.Tensor, ids: torch.Tensor, span, val: torch.Tensor) -> None:
+    if span is not None:
+        acc[span[0] : span[1]].add_(val)
+    else:
+        acc.index_add_(0, ids, val.to(acc.dtype))
+
+
+class _Tiles:
+    """Per-call state shared by forward and backward: the layout, the bias tiles and the triangular mask."""
+
+    def __init__(self, layout: BlockLayout, pos_w, ts_w, buckets: TileBuckets | None, dtype) -> None:
+        self.layout, self.buckets = layout, buckets
+        Bs = layout.block
+        self.tril = torch.ones(Bs, Bs, dtype=dtype).tril_()
+        self.pos_tiles = self.offsets = None
+        if pos_w is not None:
+            rc = torch.arange(Bs).view(Bs, 1) - torch.arange(Bs).view(1, Bs)  # [Bs, Bs] r - c
+            deltas = torch.arange(layout.num_deltas).view(-1, 1, 1) * Bs
+            # [nδ, Bs, Bs] offset i - j of every tile at distance δ; the clamp only touches masked / padded slots
+            self.offsets = (deltas + rc).clamp_(0, pos_w.shape[0] - 1)
+            self.pos_tiles = pos_w.detach()[self.offsets]
+        self.ts_pad = F.pad(ts_w.detach(), (0, 1)) if (ts_w is not None and buckets is not None) else None
+
+    def scores(self, n: int, c: TileChunk, q, k):  # q, k must be contiguous
+        """S = q kᵀ + rab for chunk n: [C, h, Bs, Bs] in q's dtype, plus the gathered q and k rows."""
+        qb = _rows(q, c.qi, c.q_span)  # [C, h, Bs, dqk]
+        kb = _rows(k, c.ki, c.k_span)
+        s = _mm(qb, kb, tb=True)  # [C, h, Bs, Bs]
+        rab = None
+        if self.ts_pad is not None:
+            rab = self.ts_pad.take(self.buckets.chunks[n].long())  # [C, Bs, Bs] (.long() is free for int64 ids)
+            if self.pos_tiles is not None:
+                rab.add_(self.pos_tiles[c.delta])
+        elif self.pos_tiles is not None:
+            rab = self.pos_tiles[c.delta].unsqueeze(0)  # [1, Bs, Bs]
+        if rab is not None:
+            s.add_(rab.unsqueeze(1))
+        return s, qb, kb
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """Forward and backward over the tile list; saves q, k, v and the normaliser for backward, nothing N².
+    pos_w / ts_w are the bias weights (empty placeholders when a term is off) so that autograd routes their
+    gradients; their values are read through ``tiles``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pos_w, ts_w, norm, tiles: _Tiles):
+        # q, k [nblk, h, Bs, dqk]; v [nblk, h, Bs, dv]; norm [nblk] fp32 -> out [nblk, h, Bs, dv]
+        out = torch.zeros(v.shape, dtype=torch.float32)
+        for n, c in enumerate(tiles.layout.chunks):
+            s, _, _ = tiles.scores(n, c, q, k)
+            w = F.silu(s, inplace=True)
+            if c.delta == 0:
+                w.mul_(tiles.tril)
+            _add_rows(out, c.qi, c.q_span, _mm(w, _rows(v, c.ki, c.k_span)))
+        out.div_(norm.view(-1, 1, 1, 1))
+        ctx.tiles = tiles
+        ctx.pos_len, ctx.pos_dtype, ctx.ts_dtype = pos_w.shape[0], pos_w.dtype, ts_w.dtype
+        ctx.save_for_backward(q, k, v, norm)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, norm = ctx.saved_tensors
+        tiles: _Tiles = ctx.tiles
+        layout = tiles.layout
+        go = (grad_out.float() / norm.view(-1, 1, 1, 1)).to(q.dtype)  # [nblk, h, Bs, dv]
+        dq = torch.zeros(q.shape, dtype=torch.float32)
+        dk = torch.zeros(k.shape, dtype=torch.float32)
+        dv = torch.zeros(v.shape, dtype=torch.float32)
+        want_pos = tiles.pos_tiles is not None and ctx.needs_input_grad[3]
+        want_ts = tiles.ts_pad is not None and ctx.needs_input_grad[4]
+        dpos_tiles = torch.zeros(layout.num_deltas, layout.block, layout.block) if want_pos else None
+        dts = torch.zeros(tiles.ts_pad.shape[0]) if want_ts else None
+        for n, c in enumerate(layout.chunks):
+            s, qb, kb = tiles.scores(n, c, q, k)  # recomputed
+            gob = _rows(go, c.qi, c.q_span)  # [C, h, Bs, dv]
+            w = F.silu(s)
+            if c.delta == 0:
+                w.mul_(tiles.tril)
+            _add_rows(dv, c.ki, c.k_span, _mm(w, gob, ta=True))
+            dw = _mm(gob, _rows(v, c.ki, c.k_span), tb=True)  # [C, h, Bs, Bs]
+            ds = torch.ops.aten.silu_backward.default(dw, s)
+            if c.delta == 0:
+                ds.mul_(tiles.tril)
+            _add_rows(dq, c.qi, c.q_span, _mm(ds, kb))
+            _add_rows(dk, c.ki, c.k_span, _mm(ds, qb, ta=True))
+            if want_pos or want_ts:
+                drab = ds.sum(1, dtype=torch.float32)  # [C, Bs, Bs]: the bias is shared by the heads
+                if want_pos:
+                    dpos_tiles[c.delta].add_(drab.sum(0))
+                if want_ts:
+                    dts += torch.bincount(tiles.buckets.chunks[n].view(-1), weights=drab.view(-1), minlength=len(dts))
+        dpos = dts_out = None
+        if want_pos:
+            dpos = torch.zeros(ctx.pos_len).index_add_(0, tiles.offsets.view(-1), dpos_tiles.view(-1))
+            dpos = dpos.to(ctx.pos_dtype)
+        if want_ts:
+            dts_out = dts[:-1].to(ctx.ts_dtype)  # the last entry is the no-time slot, not a weight
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpos, dts_out, None, None
+
+
+def blocked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    norm: torch.Tensor,
+    pos_w: torch.Tensor | None = None,
+    ts_w: torch.Tensor | None = None,
+    buckets: TileBuckets | None = None,
+) -> torch.Tensor:
+    """The engine. q, k [nblk, h, Bs, dqk], v [nblk, h, Bs, dv] laid out as ``layout``; norm [nblk] (normaliser of
+    each block's sequence); pos_w [P] (None: no position term); ts_w [num_buckets + 1] with ``buckets`` (None: no
+    time term) -> out [nblk, h, Bs, dv]. Slots that no tile reads as a query (padding blocks) give 0."""
+    if q.device.type != "cpu":
+        raise NotImplementedError("blocked_attention runs on CPU tensors; use the plain path on other devices")
+    q, k, v = q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
+    tiles = _Tiles(layout, pos_w, ts_w, buckets, q.dtype)
+    pos_in = pos_w if pos_w is not None else torch.zeros(0)
+    ts_in = ts_w if (ts_w is not None and buckets is not None) else torch.zeros(0)
+    with torch.autocast("cpu", enabled=False):  # compute in the inputs' dtype, under autocast too
+        return _BlockedAttention.apply(q, k, v, pos_in, ts_in, norm.to(torch.float32), tiles)
+
+
+def blocked_hstu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos_w: torch.Tensor | None,
+    ts_w: torch.Tensor | None,
+    timestamps: torch.Tensor | None,
+    query_times: torch.Tensor | None,
+    has_time: torch.Tensor | None,
+    num_buckets: int,
+    norm: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    block: int | None = None,
+    tile_elems: int = DEFAULT_TILE_ELEMS,
+) -> torch.Tensor:
+    """Padded-batch entry point with the plain path's result::
+
+        hstu_attention(q, k, v, rab, causal, norm)   with   rab = HSTURelativeBias(offsets, rab_index(...))
+
+    q, k [B, h, N, dqk]; v [B, h, N, dv]; pos_w [P >= N] (``HSTURelativeBias.pos_w``; None = no position term);
+    ts_w [num_buckets + 1] (``.ts_w``; None = no time term); timestamps, query_times [B, N] long; has_time [B] bool;
+    norm [B or 1]; lengths [B] (None = every row is N long); block (None: ``choose_block``) -> out [B, h, N, dv].
+    """
+    B, h, N, _ = q.shape
+    if lengths is not None:
+        lengths = lengths.to(torch.long).cpu()
+    if block is None:
+        block = choose_block(lengths if lengths is not None else [N] * B, h, q.shape[-1], tile_elems)
+    dv = v.shape[-1]
+    Np = math.ceil(N / block) * block
+    nbr = Np // block  # blocks per row
+    given_lengths = lengths is not None
+    if lengths is None:
+        lengths = torch.full((B,), N, dtype=torch.long)
+    layout = block_layout(lengths, block, h, torch.arange(B) * nbr, B * nbr, tile_elems)
+
+    def blocks(x):  # [B, h, N, d] -> [B·nbr, h, Bs, d]
+        x = F.pad(x, (0, 0, 0, Np - N)) if Np > N else x
+        x = x.reshape(B, h, nbr, block, x.shape[-1]).transpose(1, 2)
+        return x.contiguous().view(B * nbr, h, block, x.shape[-1])
+
+    buckets = None
+    if ts_w is not None and has_time is not None:
+        slot_t = F.pad(timestamps, (0, Np - N)).reshape(B * nbr, block)
+        slot_qt = F.pad(query_times, (0, Np - N)).reshape(B * nbr, block)
+        buckets = TileBuckets.build(layout, slot_t, slot_qt, has_time.repeat_interleave(nbr), num_buckets)
+    norm_blk = norm.to(torch.float32).expand(B).repeat_interleave(nbr)  # [B·nbr]
+    out = blocked_attention(blocks(q), blocks(k), blocks(v), layout, norm_blk, pos_w, ts_w, buckets)
+    out = out.reshape(B, nbr, h, block, dv).transpose(1, 2).reshape(B, h, Np, dv)[:, :, :N]
+    if given_lengths:  # rows past a length inside a computed block: 0, like the blocks no tile touches
+        out = out * (torch.arange(N).view(1, 1, N, 1) < lengths.view(B, 1, 1, 1))
+    return out

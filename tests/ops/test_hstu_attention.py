@@ -1,0 +1,126 @@
+"""Blocked HSTU attention (genrec.ops.hstu_attention) against the plain reference path: values and gradients."""
+
+import pytest
+import torch
+
+from genrec.models.hstu import HSTUConfig, HSTURelativeBias, hstu_attention, rab_index, time_buckets
+from genrec.ops.hstu_attention import BLOCK_SIZES, block_layout, blocked_hstu_attention, choose_block
+from tests.ops import max_diff
+
+NB = 128  # time buckets
+
+
+def _inputs(B, h, N, dqk=8, dv=6, seed=0, max_len=None, lengths=None, has_time=None, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, h, N, dqk, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    v = torch.randn(B, h, N, dv, generator=g).to(dtype).requires_grad_()
+    ts = torch.cumsum(torch.randint(0, 100_000, (B, N + 1), generator=g), dim=1)
+    torch.manual_seed(seed)
+    bias = HSTURelativeBias(HSTUConfig(num_items=1, max_len=max_len or N, num_time_buckets=NB))
+    with torch.no_grad():
+        bias.pos_w.normal_(0, 0.5)
+        bias.ts_w.normal_(0, 0.5)
+    has_time = torch.ones(B, dtype=torch.bool) if has_time is None else torch.tensor(has_time)
+    lengths = None if lengths is None else torch.tensor(lengths)
+    return q, k, v, bias, ts[:, :-1], ts[:, 1:], has_time, lengths
+
+
+def _plain(q, k, v, bias, t, qt, has_time, norm, use_pos=True, use_time=True):
+    N = q.shape[2]
+    pos = torch.arange(N)
+    offsets = (pos.view(N, 1) - pos.view(1, N)).clamp(min=0)
+    bias.use_position = use_pos
+    index = rab_index(offsets, time_buckets(qt, t, NB), has_time, NB) if use_time else None
+    return hstu_attention(q, k, v, bias(offsets, index), torch.ones(N, N).tril(), norm)
+
+
+def _blocked(q, k, v, bias, t, qt, has_time, norm, use_pos=True, use_time=True, **kw):
+    return blocked_hstu_attention(q, k, v, bias.pos_w if use_pos else None, bias.ts_w if use_time else None,
+                                  t, qt, has_time, NB, norm, **kw)
+
+
+def _grads(out, weight, tensors):
+    return torch.autograd.grad((out * weight).sum(), tensors, allow_unused=True)
+
+
+@pytest.mark.parametrize(
+    "B, h, N, block, has_time, use_pos, use_time",
+    [
+        (2, 2, 37, 8, [True, False], True, True),  # N not a multiple of the block, a row without timestamps
+        (1, 3, 64, 16, [True], True, True),  # exact multiple, one long row
+        (3, 1, 20, 32, [True, True, False], True, True),  # a single block per row (diagonal tiles only)
+        (2, 2, 33, 8, [True, True], False, True),  # time term only
+        (2, 2, 33, 8, [True, True], True, False),  # position term only
+        (2, 2, 33, 8, [False, False], True, True),  # no row has timestamps
+    ],
+)
+def test_blocked_equals_plain_values_and_gradients(B, h, N, block, has_time, use_pos, use_time):
+    q, k, v, bias, t, qt, ht, _ = _inputs(B, h, N, has_time=has_time, max_len=N + 3)
+    norm = torch.tensor([float(N + 3)])
+    ref = _plain(q, k, v, bias, t, qt, ht, norm, use_pos, use_time)
+    out = _blocked(q, k, v, bias, t, qt, ht, norm, use_pos, use_time, block=block, tile_elems=2 * block * block)
+    assert max_diff(out, ref) <= 1e-5
+    w = torch.randn_like(ref)
+    params = [q, k, v, bias.pos_w, bias.ts_w]
+    for name, a, b in zip("q k v pos_w ts_w".split(), _grads(ref, w, params), _grads(out, w, params)):
+        if a is None or b is None:  # a term that is off gets no gradient (None) or a zero one
+            assert (a is None or torch.count_nonzero(a) == 0) and (b is None or torch.count_nonzero(b) == 0), name
+            continue
+        assert max_diff(a, b) <= 1e-5, name
+
+
+def test_row_lengths_skip_padding_and_per_row_norm():
+    B, h, N = 3, 2, 29
+    q, k, v, bias, t, qt, ht, lengths = _inputs(B, h, N, lengths=[29, 9, 1], has_time=[True, False, True])
+    norm = lengths.clamp(min=1).float()  # attention_norm="length"
+    ref = _plain(q, k, v, bias, t, qt, ht, norm)
+    out = _blocked(q, k, v, bias, t, qt, ht, norm, lengths=lengths, block=8)
+    valid = (torch.arange(N).view(1, N) < lengths.view(B, 1)).view(B, 1, N, 1)
+    assert max_diff(out * valid, ref * valid) <= 1e-5
+    assert torch.count_nonzero(out * ~valid) == 0  # padded queries are not computed
+    w = torch.randn_like(ref) * valid  # the encoder discards padded rows
+    for a, b in zip(_grads(ref, w, [q, bias.pos_w, bias.ts_w]), _grads(out, w, [q, bias.pos_w, bias.ts_w])):
+        assert max_diff(a, b) <= 1e-5
+
+
+def test_causal_tiles_are_skipped():
+    # one sequence of 8 blocks: 8·9/2 = 36 tiles instead of 64; padded rows only pay for their own blocks
+    assert block_layout(torch.tensor([1024]), 128, 4).num_tiles == 36
+    lay = block_layout(torch.tensor([200, 10, 64]), 64, 1, torch.arange(3) * 4, 12)
+    assert lay.num_tiles == 10 + 1 + 1
+
+
+def test_block_size_choice():
+    short, long = choose_block([100] * 128, 2, 25), choose_block([4096], 4, 64)
+    assert short in BLOCK_SIZES and long in BLOCK_SIZES and short < long
+    q, k, v, bias, t, qt, ht, lengths = _inputs(2, 2, 50, lengths=[50, 17])
+    norm = torch.tensor([50.0])
+    auto = _blocked(q, k, v, bias, t, qt, ht, norm, lengths=lengths)  # block=None: chosen from the lengths
+    assert max_diff(auto, _blocked(q, k, v, bias, t, qt, ht, norm, lengths=lengths, block=8)) <= 1e-5
+
+
+def test_bf16_close_to_fp32():
+    B, h, N = 2, 2, 150
+    q, k, v, bias, t, qt, ht, _ = _inputs(B, h, N, dqk=16, dv=16, has_time=[True, False])
+    norm = torch.tensor([float(N)])
+    ref = _plain(q, k, v, bias, t, qt, ht, norm)
+    w = torch.randn_like(ref)
+    ref_grads = _grads(ref, w, [q, k, v, bias.pos_w, bias.ts_w])
+    q16, k16, v16 = (x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v))
+    out = _blocked(q16, k16, v16, bias, t, qt, ht, norm, block=32)
+    assert out.dtype == torch.bfloat16
+    scale = ref.abs().max()
+    assert max_diff(out.float(), ref) <= 0.03 * scale
+    grads = _grads(out.float(), w, [q16, k16, v16, bias.pos_w, bias.ts_w])
+    for name, a, b in zip("q k v pos_w ts_w".split(), ref_grads, grads):
+        assert b.dtype == (torch.bfloat16 if name in "q k v" else torch.float32), name
+        assert max_diff(b.float(), a) <= 0.05 * a.abs().max(), name
+
+
+def test_autocast_computes_in_input_dtype():
+    q, k, v, bias, t, qt, ht, _ = _inputs(1, 2, 40)
+    norm = torch.tensor([40.0])
+    ref = _blocked(q, k, v, bias, t, qt, ht, norm, block=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _blocked(q, k, v, bias, t, qt, ht, norm, block=16)
+    assert out.dtype == torch.float32 and max_diff(out, ref) <= 1e-6
