@@ -78,7 +78,8 @@ def test_sampled_softmax_matches_manual(mode):
     user = torch.nn.functional.normalize(torch.randn(2, 3, 4), dim=-1)
     targets = torch.tensor([[1, 2, 0], [3, 4, 5]])
     g = torch.Generator().manual_seed(5)
-    loss = sampled_softmax_loss(user, targets, lambda ids: table[ids], 10, 6, 0.05, mode, generator=g, pool_size=7)
+    vectors = lambda ids=None: table if ids is None else table[ids]  # noqa: E731
+    loss = sampled_softmax_loss(user, targets, vectors, 10, 6, 0.05, mode, generator=g, pool_size=7)
     g = torch.Generator().manual_seed(5)
     m = int((targets > 0).sum())
     shape = {"shared": (6,), "per_sequence": (2, 6), "pooled": (7,), "per_position": (m, 6)}[mode]
@@ -113,3 +114,15 @@ def test_constant_normalizer_weights_every_position_equally():
     mean = sampled_softmax_loss(*args, generator=torch.Generator().manual_seed(1))
     summed = sampled_softmax_loss(*args, generator=torch.Generator().manual_seed(1), normalizer=1.0)
     assert torch.allclose(summed, mean * 5)
+
+
+def test_per_position_full_logits_path_equals_gather_path():
+    torch.manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(11, 4), dim=-1)
+    user = torch.nn.functional.normalize(torch.randn(2, 3, 4), dim=-1)
+    targets = torch.tensor([[1, 2, 0], [3, 4, 5]])
+    vectors = lambda ids=None: table if ids is None else table[ids]  # noqa: E731
+    args = (user, targets, vectors, 10, 6, 0.05, "per_position")
+    fast = sampled_softmax_loss(*args, generator=torch.Generator().manual_seed(3))
+    slow = sampled_softmax_loss(*args, generator=torch.Generator().manual_seed(3), full_logits_budget=0)
+    assert torch.allclose(fast, slow, atol=1e-6)
