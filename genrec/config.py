@@ -71,6 +71,7 @@ class TrainConfig:
     negative_pool: int = 2048  # pool size P for negatives="pooled"
     temperature: float = 0.05
     patience: int = 20  # epochs without validation improvement before stopping
+    time_budget_minutes: float = 0.0  # stop after the first epoch that ends past this wall-clock budget (0 = none)
     select_metric: str = "NDCG@10"  # validation metric for early stopping / checkpoint choice
     seed: int = 42
     num_threads: int = 0  # torch intra-op threads; 0 = leave PyTorch's default

@@ -138,7 +138,9 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
     loss_normalizer = float(tc.batch_size * train_lengths.mean())
     time_notes = _time_notes(config, seqs)
 
-    while state.epoch < tc.epochs and state.bad_epochs < tc.patience:
+    started = time.monotonic()
+    out_of_time = False
+    while state.epoch < tc.epochs and state.bad_epochs < tc.patience and not out_of_time:
         epoch = state.epoch + 1
         torch.manual_seed(_epoch_seed(tc.seed, epoch))
         batches = epoch_batches(train_lengths, tc.batch_size, np.random.default_rng([tc.seed, epoch]), tc.length_buckets)
@@ -194,6 +196,9 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
             "epoch %d loss %.4f valid %s %.4f (best %.4f @ %d) %.1fs train %.1fs eval",
             epoch, row["loss"], tc.select_metric, metric, state.best_metric, state.best_epoch, train_seconds, eval_seconds,
         )  # fmt: skip
+        if tc.time_budget_minutes > 0 and time.monotonic() - started > 60 * tc.time_budget_minutes:
+            out_of_time = True
+            log.warning("stopping after epoch %d: time budget of %.0f min used", epoch, tc.time_budget_minutes)
         save_state(
             ckpt_path,
             {
@@ -219,6 +224,7 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch,
         "stopped_early": state.bad_epochs >= tc.patience,
+        "stopped_by_time_budget": out_of_time,
         "selection": config.eval.selection,
         "seconds_per_epoch": float(np.median([h["train_seconds"] for h in epochs_done])) if epochs_done else None,
         "valid": {"protocol": valid_protocol.to_dict(), "metrics": state.history[state.best_epoch - 1]["valid"]}
