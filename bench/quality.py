@@ -106,6 +106,33 @@ def run_model(
     ]
 
 
+def finalize_run(dataset: str, run_dir: Path, name: str, data_dir: str, threads: int) -> list[dict]:
+    """Rows for a run whose training was stopped by hand (no results.json): the best-validation checkpoint is
+    evaluated once on test, and the rows say where training stopped."""
+    import numpy as np
+    import torch
+
+    from genrec.api import Recommender
+
+    if threads:
+        torch.set_num_threads(threads)
+    log_rows = [json.loads(line) for line in open(run_dir / "log.jsonl")]
+    best = json.loads((run_dir / "best.json").read_text())
+    rec = Recommender.load(run_dir, data_dir=data_dir)
+    protocol, metrics = rec.evaluate(target="test")
+    common = {
+        "dataset": dataset, "model": name, "config": str((run_dir / "config.yaml").relative_to(ROOT)), "overrides": [],
+        "selection": "valid", "epoch": best["epoch"], "epochs_run": len(log_rows),
+        "seconds_per_epoch": float(np.median([r["train_seconds"] for r in log_rows])), "threads": threads,
+        "negatives": f"{rec.config_.train.negatives}-{rec.config_.train.num_negatives}",
+        "notes": [f"training stopped by hand after epoch {len(log_rows)} (not by early stopping)"],
+    }  # fmt: skip
+    return [
+        {**common, "split": "valid", "protocol": best["protocol"], "metrics": best["metrics"]},
+        {**common, "split": "test", "protocol": protocol.to_dict(), "metrics": metrics},
+    ]
+
+
 def run_baselines(dataset: str, data_dir: str, max_len: int) -> list[dict]:
     from genrec.config import DataConfig
     from genrec.data.dataset import prepare_data
@@ -189,12 +216,20 @@ def main(argv: list[str] | None = None) -> int:
     for s in (r, sub.add_parser("baselines"), sub.add_parser("all")):
         s.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
         s.add_argument("--threads", type=int, default=0)
+    fz = sub.add_parser("finalize", help="test the best checkpoint of a run stopped by hand")
+    fz.add_argument("--dataset", choices=list(DATASETS), required=True)
+    fz.add_argument("--run-dir", required=True)
+    fz.add_argument("--name", required=True)
+    fz.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    fz.add_argument("--threads", type=int, default=0)
     sub.add_parser("table")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     if args.cmd == "run":
         _save_rows(run_model(args.dataset, args.model, args.data_dir, args.threads, args.set, args.resume, args.name))
+    elif args.cmd == "finalize":
+        _save_rows(finalize_run(args.dataset, Path(args.run_dir).resolve(), args.name, args.data_dir, args.threads))
     elif args.cmd == "baselines":
         for d in DATASETS:
             _save_rows(run_baselines(d, args.data_dir, MAX_LEN[d]))
@@ -203,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             _save_rows(run_baselines(d, args.data_dir, MAX_LEN[d]))
             for m in MODELS:
                 _save_rows(run_model(d, m, args.data_dir, args.threads, []))
-    if args.cmd in ("run", "baselines", "all", "table") and README.exists():
+    if args.cmd in ("run", "finalize", "baselines", "all", "table") and README.exists():
         write_table()
     return 0
 
