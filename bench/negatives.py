@@ -32,7 +32,7 @@ def run(name: str, epochs: int, threads: int, config: str, data_dir: str) -> dic
     from genrec.train.loop import train
 
     torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{name}] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("bench.negatives").info("setting %s", name)
     run_dir = ROOT / "runs" / "negatives" / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a continuation of an older log
     overrides = SETTINGS[name] + [
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", nargs="*", default=list(SETTINGS))
     p.add_argument("--out", default="results/negatives.json")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     rows = []
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
