@@ -67,8 +67,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.0
     num_negatives: int = 128
-    negatives: str = "per_sequence"  # "shared" | "per_sequence" | "pooled" | "per_position" (reference); train/loss.py
-    negative_pool: int = 2048  # pool size P for negatives="pooled"
+    negatives: str = "per_sequence"  # "shared" | "per_sequence" | "per_position" (reference); see train/loss.py
     temperature: float = 0.05
     patience: int = 20  # epochs without validation improvement before stopping
     time_budget_minutes: float = 0.0  # stop after the first epoch that ends past this wall-clock budget (0 = none)

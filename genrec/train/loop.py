@@ -157,7 +157,7 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
             user = user.float()
             loss = sampled_softmax_loss(
                 user, batch.targets, model.item_vectors, seqs.num_items, tc.num_negatives, tc.temperature, tc.negatives,
-                normalizer=loss_normalizer, pool_size=tc.negative_pool,
+                normalizer=loss_normalizer,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -17,10 +17,6 @@ Three ways to draw the negatives (``mode``):
   one batched matrix product; every step still touches B·K (16K on ML-1M) distinct draws.
 - ``"shared"``: K negatives per batch, shared by every position: one [M, d] x [d, K] product, the cheapest, but a
   step only ever pushes K items down.
-- ``"pooled"``: a pool of P uniform draws per batch is scored against every position with one [M, d] x [d, P]
-  product, then each position takes its own K negatives from the pool (K uniform picks, a gather). Every negative is
-  still a uniform draw from the catalogue, and two positions share only ~K²/P negatives (per_sequence: all K), so it
-  behaves like the reference's per-position draw at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -39,7 +35,6 @@ def sampled_softmax_loss(
     mode: str,
     generator: torch.Generator | None = None,
     normalizer: float | None = None,
-    pool_size: int = 2048,
     full_logits_budget: int = 2**27,
 ) -> torch.Tensor:
     """user [B, N, d] (normalised), targets [B, N] long (0 = padding), item_vectors(ids) -> normalised [..., d].
@@ -64,12 +59,6 @@ def sampled_softmax_loss(
         neg_logit_all = torch.bmm(user, item_vectors(neg_ids).transpose(1, 2))  # [B, N, K]
         neg_logit = neg_logit_all[valid]  # [M, K]
         hit = pos_ids.unsqueeze(1) == neg_ids.unsqueeze(1).expand(-1, targets.shape[1], -1)[valid]
-    elif mode == "pooled":
-        pool_ids = torch.randint(1, num_items + 1, (pool_size,), generator=generator, device=user.device)  # [P]
-        pool_logit = u @ item_vectors(pool_ids).T  # [M, P]
-        pick = torch.randint(0, pool_size, (u.shape[0], num_negatives), generator=generator, device=user.device)
-        neg_logit = pool_logit.gather(1, pick)  # [M, K]
-        hit = pos_ids.unsqueeze(1) == pool_ids[pick]
     elif mode == "per_position":
         neg_ids = torch.randint(1, num_items + 1, (u.shape[0], num_negatives), generator=generator, device=user.device)
         if u.shape[0] * (num_items + 1) <= full_logits_budget:
@@ -81,7 +70,7 @@ def sampled_softmax_loss(
             neg_logit = torch.einsum("md,mkd->mk", u, item_vectors(neg_ids))  # [M, K]
         hit = pos_ids.unsqueeze(1) == neg_ids
     else:
-        raise ValueError(f"negatives must be 'shared', 'per_sequence', 'pooled' or 'per_position', got {mode!r}")
+        raise ValueError(f"negatives must be 'shared', 'per_sequence' or 'per_position', got {mode!r}")
     logits = torch.cat([pos_logit, neg_logit], dim=1) / temperature
     logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(hit, -5e4)], dim=1)
     zeros = torch.zeros(len(u), dtype=torch.long, device=user.device)

@@ -71,7 +71,7 @@ def test_epoch_batches_cover_every_row_once():
     assert spread < 0.5 * np.mean([np.ptp(lengths[b]) for b in epoch_batches(lengths, 32, np.random.default_rng(1), 0)])
 
 
-@pytest.mark.parametrize("mode", ["shared", "per_sequence", "pooled", "per_position"])
+@pytest.mark.parametrize("mode", ["shared", "per_sequence", "per_position"])
 def test_sampled_softmax_matches_manual(mode):
     torch.manual_seed(0)
     table = torch.nn.functional.normalize(torch.randn(11, 4), dim=-1)
@@ -79,14 +79,11 @@ def test_sampled_softmax_matches_manual(mode):
     targets = torch.tensor([[1, 2, 0], [3, 4, 5]])
     g = torch.Generator().manual_seed(5)
     vectors = lambda ids=None: table if ids is None else table[ids]  # noqa: E731
-    loss = sampled_softmax_loss(user, targets, vectors, 10, 6, 0.05, mode, generator=g, pool_size=7)
+    loss = sampled_softmax_loss(user, targets, vectors, 10, 6, 0.05, mode, generator=g)
     g = torch.Generator().manual_seed(5)
     m = int((targets > 0).sum())
-    shape = {"shared": (6,), "per_sequence": (2, 6), "pooled": (7,), "per_position": (m, 6)}[mode]
+    shape = {"shared": (6,), "per_sequence": (2, 6), "per_position": (m, 6)}[mode]
     neg = torch.randint(1, 11, shape, generator=g)
-    if mode == "pooled":  # each position picks its own 6 negatives from the pool of 7
-        neg = neg[torch.randint(0, 7, (m, 6), generator=g)]
-        mode = "per_position"
     u, t = user[targets > 0], targets[targets > 0]
     row_of = torch.arange(2).unsqueeze(1).expand(2, 3)[targets > 0]
     manual = []
