@@ -4,7 +4,9 @@ Trains the ML-1M HSTU config with the time term switched off (``model.use_time_b
 and evaluates it and the main HSTU run (``runs/quality/ml-1m/hstu``, trained by ``bench/quality.py``) on the test
 split, separately for the users with timestamps and those without. Writes ``results/time_ablation.json``.
 
-    python bench/time_ablation.py --threads 1
+    python bench/time_ablation.py --threads 1                       # trains the no-time run, then evaluates
+    python bench/time_ablation.py --runs runs/quality/ml-1m/hstu runs/quality/ml-1m/sasrec --out results/time_subsets.json
+                                                                    # only evaluates existing runs on the subsets
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--patience", type=int, default=10, help="early-stopping patience of the no-time run")
     p.add_argument("--main-run", default=str(ROOT / "runs" / "quality" / "ml-1m" / "hstu"))
+    p.add_argument("--runs", nargs="*", help="evaluate these run directories only (no training)")
     p.add_argument("--out", default=str(ROOT / "results" / "time_ablation.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -37,13 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     no_time_dir = ROOT / "runs" / "quality" / "ml-1m" / "hstu-no-time-bias"
-    if not (no_time_dir / "results.json").exists():
+    if args.runs:
+        runs = [(Path(r).name, Path(r).resolve()) for r in args.runs]
+    else:
+        runs = [("hstu (time bias on where timestamps exist)", Path(args.main_run)), ("hstu, time bias off", no_time_dir)]
+    if not args.runs and not (no_time_dir / "results.json").exists():
         cfg = load_config(ROOT / "configs/ml-1m/hstu.yaml",
                           [f"data.data_dir={args.data_dir}", "model.use_time_bias=false",
                            f"train.patience={args.patience}", f"output_dir={no_time_dir}"])  # fmt: skip
         train(cfg, progress=False)
     rows = []
-    for name, run in (("hstu (time bias on where timestamps exist)", Path(args.main_run)), ("hstu, time bias off", no_time_dir)):
+    for name, run in runs:
         rec = Recommender.load(run, data_dir=args.data_dir)
         best = json.loads((run / "results.json").read_text())["best_epoch"]
         for users in ("with-timestamps", "without-timestamps", "all"):
