@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from readme_table import write_between_markers
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "quality.json"
 README = ROOT / "README.md"
@@ -194,13 +196,7 @@ def render_table(rows: list[dict]) -> str:
 def write_table() -> None:
     rows = _load_rows()
     table = render_table(rows)
-    text = README.read_text()
-    if TABLE_START not in text or TABLE_END not in text:
-        print(f"README.md has no {TABLE_START} ... {TABLE_END} markers; table not written", file=sys.stderr)
-        return
-    head, rest = text.split(TABLE_START, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    README.write_text(head + TABLE_START + "\n" + table + "\n" + TABLE_END + tail)
+    write_between_markers(README, TABLE_START, TABLE_END, table)
     print(table)
 
 

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from readme_table import write_between_markers
+
 import httpx
 import numpy as np
 
@@ -227,15 +229,7 @@ def markdown(rows: list[dict], mean_batch: dict[int, float], caption: str) -> st
 
 
 def write_readme(table: str) -> None:
-    if not README.exists():
-        return
-    text = README.read_text()
-    if TABLE_START not in text or TABLE_END not in text:
-        print(f"README.md has no {TABLE_START} ... {TABLE_END} markers; table not written", file=sys.stderr)
-        return
-    head, rest = text.split(TABLE_START, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    README.write_text(head + TABLE_START + "\n" + table + "\n" + TABLE_END + tail)
+    write_between_markers(README, TABLE_START, TABLE_END, table)
 
 
 def main() -> int:
