@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--patience", type=int, default=10, help="early-stopping patience of the no-time run")
+    p.add_argument("--patience", type=int, default=20, help="early-stopping patience of the no-time run (as the main run)")
+    p.add_argument("--time-budget-minutes", type=float, default=0.0, help="wall-clock budget of the no-time run (0: none)")
     p.add_argument("--main-run", default=str(ROOT / "runs" / "quality" / "ml-1m" / "hstu"))
     p.add_argument("--runs", nargs="*", help="evaluate these run directories only (no training)")
     p.add_argument("--out", default=str(ROOT / "results" / "time_ablation.json"))
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.runs and not (no_time_dir / "results.json").exists():
         cfg = load_config(ROOT / "configs/ml-1m/hstu.yaml",
                           [f"data.data_dir={args.data_dir}", "model.use_time_bias=false",
-                           f"train.patience={args.patience}", f"output_dir={no_time_dir}"])  # fmt: skip
+                           f"train.patience={args.patience}", f"train.time_budget_minutes={args.time_budget_minutes}",
+                           f"output_dir={no_time_dir}"])  # fmt: skip
         train(cfg, progress=False)
     rows = []
     for name, run in runs:

@@ -57,6 +57,7 @@ class ModelConfig:
     use_position_bias: bool = True  # HSTU: position-offset term of the relative attention bias
     num_time_buckets: int = 128
     attention_norm: str = "max_len"  # HSTU: divide SiLU(QK^T + rab) by "max_len" (reference) or "length" (row's true length)
+    attention_impl: str = "padded"  # HSTU: "padded" (plain reference path) or "jagged" (genrec.ops.jagged, same math)
 
 
 @dataclass

@@ -22,6 +22,8 @@ ahead of time with AOTInductor. ONNX would add two dependencies for the same gra
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -118,8 +120,13 @@ def _programs(rec: Recommender, max_batch: int) -> tuple[Any, Any]:
     b = Dim("batch", min=1, max=max_batch)
     row = {0: b, 1: Dim("length", min=1, max=max_len)} if max_len >= 2 else {0: b}  # max_len 1: nothing to vary
     shapes = (row, row, row, {0: b}, {0: b})
+    model = rec.model_
+    if getattr(getattr(model, "config", None), "attention_impl", "padded") != "padded":
+        # the jagged fast path has data-dependent block layouts; export the plain path (same weights, same math)
+        model = copy.deepcopy(model)
+        model.config = dataclasses.replace(model.config, attention_impl="padded")
     with torch.inference_mode():
-        encoder = export(EncoderProgram(rec.model_).eval(), _example_inputs(max_len), dynamic_shapes=shapes)
+        encoder = export(EncoderProgram(model).eval(), _example_inputs(max_len), dynamic_shapes=shapes)
         user = torch.zeros(2, rec.item_vectors_.shape[1])
         scorer = export(ScorerProgram(rec.item_vectors_).eval(), (user,), dynamic_shapes=({0: b},))
     return encoder, scorer

@@ -23,16 +23,19 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict:
-    """name -> (fitted Recommender, its saved directory, its export directory), for HSTU and SASRec."""
+    """name -> (fitted Recommender, its saved directory, its export directory), for HSTU (both paths) and SASRec."""
     out = {}
-    for name in ("hstu", "sasrec"):
-        rec = Recommender(**{**TINY, "model": {**TINY["model"], "name": name}}).fit(synthetic_interactions())
+    for name in ("hstu", "hstu-jagged", "sasrec"):
+        model = {**TINY["model"], "name": name.split("-")[0]}
+        if name == "hstu-jagged":  # trained with the jagged fast path; the export holds the plain path
+            model["attention_impl"] = "jagged"
+        rec = Recommender(**{**TINY, "model": model}).fit(synthetic_interactions())
         root = tmp_path_factory.mktemp(f"export-{name}")
         out[name] = (rec, rec.save(root / "model"), export_recommender(rec, root / "exported"))
     return out
 
 
-@pytest.fixture(params=["hstu", "sasrec"])
+@pytest.fixture(params=["hstu", "hstu-jagged", "sasrec"])
 def trained(request, models):
     return models[request.param]
 

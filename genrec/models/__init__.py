@@ -29,6 +29,7 @@ def build_model(config: ModelConfig, num_items: int, max_len: int) -> nn.Module:
                 use_position_bias=config.use_position_bias,
                 num_time_buckets=config.num_time_buckets,
                 attention_norm=config.attention_norm,
+                attention_impl=config.attention_impl,
             )
         )
     if config.name == "sasrec":
