@@ -80,6 +80,7 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0 = whole epoch; >0 only for smoke tests
     length_buckets: int = 0  # >0: sort rows by length within chunks of this many batches (faster, costs quality)
     autocast: str = "none"  # "none" | "bfloat16": run the encoder under torch.autocast (loss stays float32)
+    stochastic_length_alpha: float = 0.0  # >0: Stochastic Length (HSTU paper §3.3) on training rows, alpha in (1, 2]
 
 
 @dataclass

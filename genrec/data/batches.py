@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from genrec.data.sequences import SequenceData, Split
+from genrec.data.stochastic_length import stochastic_length_indices
 
 
 @dataclass
@@ -48,15 +49,30 @@ def _pad(rows: list[np.ndarray], width: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def training_batch(data: SequenceData, split: Split, rows: np.ndarray, max_len: int) -> Batch:
+def training_batch(
+    data: SequenceData,
+    split: Split,
+    rows: np.ndarray,
+    max_len: int,
+    sl_alpha: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> Batch:
     """Autoregressive training rows: the most recent ``max_len + 1`` training items give ``max_len`` inputs and the
-    next item after each of them as its target."""
+    next item after each of them as its target.
+
+    ``sl_alpha`` > 0 applies Stochastic Length (``genrec.data.stochastic_length``, N = ``max_len``) to each row's
+    window first, drawing from ``rng``; each kept item then predicts the next kept item."""
+    if sl_alpha > 0 and rng is None:
+        raise ValueError("training_batch: Stochastic Length (sl_alpha > 0) needs an explicit rng")
     inputs, targets, times, qtimes = [], [], [], []
     for r in rows:
         lo = max(split.starts[r], split.ends[r] - (max_len + 1))
         hi = split.ends[r]
         seq = data.items[lo:hi]
         ts = data.timestamps[lo:hi]
+        if sl_alpha > 0:
+            keep = stochastic_length_indices(len(seq), max_len, sl_alpha, rng)
+            seq, ts = seq[keep], ts[keep]
         inputs.append(seq[:-1])
         targets.append(seq[1:])
         times.append(ts[:-1])

@@ -22,7 +22,9 @@ Choices and deviations (the paper gives the rule, not these details):
 - Randomness: an explicit ``numpy.random.Generator`` (the data pipeline's kind); the same seed gives the same
   indices. A sequence with n > N^{α/2} always consumes one uniform draw, plus the subsample draw when cut.
 
-Public: ``target_length``, ``keep_probability``, ``stochastic_length_indices``, ``stochastic_length_batch``,
+Training: ``train.stochastic_length_alpha`` (``genrec.data.batches.training_batch``, ``genrec.train.loop``).
+
+Public: ``target_length``, ``keep_probability``, ``expected_kept``, ``stochastic_length_indices``, ``stochastic_length_batch``,
 ``expected_sparsity``, ``sampled_sparsity``.
 """
 
@@ -73,16 +75,19 @@ def stochastic_length_batch(
     return [stochastic_length_indices(int(n), max_len, alpha, rng) for n in lengths]
 
 
+def expected_kept(n: int, max_len: int, alpha: float) -> float:
+    """E[items kept] of an n-item sequence: p·n + (1 - p)·min(k, n), p = keep_probability(n)."""
+    p = keep_probability(n, max_len, alpha)
+    return p * n + (1.0 - p) * min(target_length(max_len, alpha), n)
+
+
 def expected_sparsity(lengths: Iterable[int], max_len: int, alpha: float) -> float:
     """Expected fraction of tokens dropped over sequences of ``lengths``: 1 - Σ E[kept] / Σ n, with
     E[kept] = p·n + (1 - p)·k and p = keep_probability(n)."""
-    k = target_length(max_len, alpha)
     total = kept = 0.0
     for n in lengths:
-        n = int(n)
-        p = keep_probability(n, max_len, alpha)
-        total += n
-        kept += p * n + (1.0 - p) * min(k, n)
+        total += int(n)
+        kept += expected_kept(int(n), max_len, alpha)
     return 0.0 if total == 0 else 1.0 - kept / total
 
 

@@ -27,6 +27,7 @@ from genrec.data.batches import training_batch
 from genrec.data.dataset import PreparedData, prepare_data
 from genrec.data.popularity import write_popularity
 from genrec.data.sequences import leave_one_out, save_id_maps
+from genrec.data.stochastic_length import expected_kept, expected_sparsity
 from genrec.eval.evaluate import evaluate, model_score_fn
 from genrec.eval.protocol import EvalProtocol
 from genrec.models import build_model
@@ -134,8 +135,20 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
         raise ValueError(f"eval.selection must be 'valid' or 'test-peeking', got {config.eval.selection!r}")
     log.info("selection protocol: %s — %s", valid_protocol.name, valid_protocol.describe())
     train_lengths = np.minimum(train_split.ends - train_split.starts - 1, config.data.max_len)
+    sl_alpha = tc.stochastic_length_alpha
+    if sl_alpha:
+        if not 1.0 < sl_alpha <= 2.0:
+            raise ValueError(f"train.stochastic_length_alpha must be 0 (off) or in (1, 2], got {sl_alpha}")
+        window = train_lengths + 1  # items per training row before SL
+        kept = np.array([expected_kept(int(n), config.data.max_len, sl_alpha) for n in window])
+        mean_positions = float((kept - 1).mean())
+        sl_info = {"alpha": sl_alpha, "expected_sparsity": expected_sparsity(window, config.data.max_len, sl_alpha)}
+        log.info("Stochastic Length alpha=%.2f: expected %.1f%% of training items dropped", sl_alpha,
+                 100 * sl_info["expected_sparsity"])  # fmt: skip
+    else:
+        mean_positions, sl_info = float(train_lengths.mean()), None
     # Every position weighs the same in every batch (see sampled_softmax_loss): sum / (B × mean positions per row).
-    loss_normalizer = float(tc.batch_size * train_lengths.mean())
+    loss_normalizer = float(tc.batch_size * mean_positions)
     time_notes = _time_notes(config, seqs)
 
     started = time.monotonic()
@@ -148,10 +161,11 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
             batches = batches[: tc.max_steps_per_epoch]
         model.train()
         t0 = time.perf_counter()
-        total, tokens = 0.0, 0
+        total, tokens, positions = 0.0, 0, 0
+        sl_rng = np.random.default_rng([tc.seed, epoch, 1]) if sl_alpha else None
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
         for rows in bar:
-            batch = training_batch(seqs, train_split, rows, config.data.max_len).to(device)
+            batch = training_batch(seqs, train_split, rows, config.data.max_len, sl_alpha, sl_rng).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 user = model.encode(batch)
             user = user.float()
@@ -165,6 +179,7 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
             loss_value = loss.item()
             total += loss_value * len(rows)
             tokens += int(batch.lengths.sum())
+            positions += int(train_lengths[rows].sum())  # without Stochastic Length
             bar.set_postfix(loss=f"{loss_value:.4f}")
         train_seconds = time.perf_counter() - t0
 
@@ -186,6 +201,8 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
             "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,
             "tokens_per_second": tokens / max(train_seconds, 1e-9),
+            "tokens": tokens,
+            "positions": positions,
             "valid": valid,
         }
         state.history.append(row)
@@ -227,6 +244,9 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
         "stopped_by_time_budget": out_of_time,
         "selection": config.eval.selection,
         "seconds_per_epoch": float(np.median([h["train_seconds"] for h in epochs_done])) if epochs_done else None,
+        "stochastic_length": None
+        if sl_info is None
+        else {**sl_info, "measured_position_sparsity": _position_sparsity(epochs_done)},
         "valid": {"protocol": valid_protocol.to_dict(), "metrics": state.history[state.best_epoch - 1]["valid"]}
         if epochs_done
         else None,
@@ -237,6 +257,14 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
     }
     write_json(out / "results.json", results)
     return results
+
+
+def _position_sparsity(history: list[dict]) -> float | None:
+    """Fraction of training positions that Stochastic Length dropped over the logged epochs."""
+    done = [h for h in history if h.get("positions")]
+    if not done:
+        return None
+    return 1.0 - sum(h["tokens"] for h in done) / sum(h["positions"] for h in done)
 
 
 def _time_notes(config: RunConfig, seqs) -> list[str]:

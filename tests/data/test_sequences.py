@@ -67,3 +67,35 @@ def test_history_batch_truncates_and_sets_query_time():
     with pytest.raises(ValueError):
         history_batch([np.array([], dtype=np.int64)], None, None, None, 5)
     assert torch.equal(b.lengths, torch.tensor([5]))
+
+
+def test_stochastic_length_training_rows_are_kept_items_in_order():
+    rng = np.random.default_rng(1)
+    rows = [(f"u{u}", f"i{rng.integers(60)}", t) for u in range(12) for t in range(int(rng.integers(3, 60)))]
+    d = build_sequences(_frame(rows))
+    train = leave_one_out(d, "train")
+    all_rows = np.arange(d.num_users)
+    with pytest.raises(ValueError, match="rng"):
+        training_batch(d, train, all_rows, max_len=40, sl_alpha=1.5)
+    a = training_batch(d, train, all_rows, max_len=40, sl_alpha=1.5, rng=np.random.default_rng(3))
+    b = training_batch(d, train, all_rows, max_len=40, sl_alpha=1.5, rng=np.random.default_rng(3))
+    assert torch.equal(a.item_ids, b.item_ids) and torch.equal(a.lengths, b.lengths)  # one seed, one batch
+    k = int(np.ceil(40 ** (1.5 / 2)))  # 16: subsampled windows keep exactly k items
+    full = training_batch(d, train, all_rows, max_len=40)
+    cut = 0
+    for r in all_rows:
+        window = d.sequence(r)[:-2][-41:]
+        ts_window = d.timestamps[train.starts[r] : train.ends[r]][-41:]
+        n = int(a.lengths[r])
+        kept = np.concatenate([a.item_ids[r, :n].numpy(), a.targets[r, n - 1 : n].numpy()])
+        assert n + 1 in (len(window), k)
+        if n + 1 < len(window):
+            cut += 1
+            assert len(window) > k
+        # inputs then targets are one subsequence of the window: each kept item predicts the next kept item
+        assert np.array_equal(a.targets[r, : n - 1].numpy(), a.item_ids[r, 1:n].numpy())
+        it = iter(window.tolist())
+        assert all(x in it for x in kept.tolist())  # order preserved
+        times = np.concatenate([a.timestamps[r, :n].numpy(), a.query_times[r, n - 1 : n].numpy()])
+        assert np.all(np.diff(times) >= 0) and set(times.tolist()) <= set(ts_window.tolist())
+    assert cut > 0 and int(a.lengths.sum()) < int(full.lengths.sum())

@@ -123,3 +123,14 @@ def test_per_position_full_logits_path_equals_gather_path():
     fast = sampled_softmax_loss(*args, generator=torch.Generator().manual_seed(3))
     slow = sampled_softmax_loss(*args, generator=torch.Generator().manual_seed(3), full_logits_budget=0)
     assert torch.allclose(fast, slow, atol=1e-6)
+
+
+def test_stochastic_length_training_reports_sparsity(tmp_path):
+    res = train(_config(tmp_path, "sl", extra=["train.epochs=2", "train.stochastic_length_alpha=1.2"]), progress=False)
+    sl = res["stochastic_length"]
+    assert sl["alpha"] == 1.2
+    assert 0.0 < sl["expected_sparsity"] < 1.0 and 0.0 < sl["measured_position_sparsity"] < 1.0
+    log = [json.loads(line) for line in open(tmp_path / "sl" / "log.jsonl")]
+    assert all(h["tokens"] < h["positions"] for h in log)
+    with pytest.raises(ValueError, match="stochastic_length_alpha"):
+        train(_config(tmp_path, "bad", extra=["train.stochastic_length_alpha=0.5"]), progress=False)
