@@ -134,19 +134,13 @@ def test_gradients_equal_naive_per_pair_loop():
 @pytest.mark.parametrize("use_time_bias", [True, False])
 def test_jagged_attention_impl_equals_padded_reference(use_time_bias):
     """model.attention_impl="jagged" (the fast path used in training) gives the padded path's outputs and gradients."""
-    from tests.ops import make_batch, make_model, max_diff, param_grads
+    from tests.ops import assert_same_outputs_and_grads, make_batch, make_model
 
     ref = make_model(max_len=40, use_time_bias=use_time_bias)
     fast = make_model(max_len=40, use_time_bias=use_time_bias, attention_impl="jagged")
     fast.load_state_dict(ref.state_dict())
     batch = make_batch(B=4, N=33, lengths=[33, 2, 17, 1], has_time=[True, False, True, True])
-    out_ref, out_fast = ref.encode(batch), fast.encode(batch)
-    assert out_fast.shape == out_ref.shape
-    assert max_diff(out_fast, out_ref) <= 1e-5
-    w = torch.randn_like(out_ref)
-    g_ref, g_fast = param_grads(ref, out_ref, w), param_grads(fast, out_fast, w)
-    for name in g_ref:
-        assert max_diff(g_ref[name], g_fast[name]) <= 1e-5, name
+    assert_same_outputs_and_grads(ref, ref.encode(batch), fast, fast.encode(batch))
 
 
 def test_unknown_attention_impl_is_rejected():

@@ -38,3 +38,13 @@ def param_grads(model, out: torch.Tensor, weight: torch.Tensor) -> dict[str, tor
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().double() - b.detach().double()).abs().max())
+
+
+def assert_same_outputs_and_grads(model_a, out_a: torch.Tensor, model_b, out_b: torch.Tensor, tol: float = 1e-5) -> None:
+    """out_b equals out_a, and so do the parameter gradients of a random weighting of them (same parameter names)."""
+    assert out_b.shape == out_a.shape
+    assert max_diff(out_b, out_a) <= tol
+    w = torch.randn_like(out_a)
+    g_a, g_b = param_grads(model_a, out_a, w), param_grads(model_b, out_b, w)
+    for name in g_a:
+        assert max_diff(g_a[name], g_b[name]) <= tol, name

@@ -14,7 +14,7 @@ from genrec.ops.jagged import (
     lengths_to_offsets,
     padded_to_jagged,
 )
-from tests.ops import make_batch, make_model, max_diff, param_grads
+from tests.ops import assert_same_outputs_and_grads, make_batch, make_model, max_diff
 
 
 def test_padded_jagged_round_trip():
@@ -73,14 +73,7 @@ CONFIGS = [{}, {"attention_norm": "length"}, {"use_time_bias": False}, {"use_pos
 def test_jagged_encoder_equals_padded_encode(kw):
     model = make_model(max_len=40, **kw)
     batch = make_batch(B=4, N=37, lengths=[37, 5, 20, 1], has_time=[True, False, True, True])
-    ref = model.encode(batch)
-    out = jagged_encode_batch(model, batch, block=8)
-    assert out.shape == ref.shape
-    assert max_diff(out, ref) <= 1e-5
-    w = torch.randn_like(ref)
-    g_ref, g_out = param_grads(model, ref, w), param_grads(model, out, w)
-    for name in g_ref:
-        assert max_diff(g_ref[name], g_out[name]) <= 1e-5, name
+    assert_same_outputs_and_grads(model, model.encode(batch), model, jagged_encode_batch(model, batch, block=8))
 
 
 def test_jagged_encode_rows_without_any_timestamps():
