@@ -11,8 +11,11 @@ to equal the positive gets logit -5e4 (as in the reference).
 Three ways to draw the negatives (``mode``):
 
 - ``"per_position"``: K fresh negatives for every position, as the reference does on GPU. Gathering B·N·K embedding
-  rows per step (~3M on ML-1M) dominates a CPU step, so while M × catalogue stays under ``full_logits_budget`` the
-  same draws are scored by one [M, d] x [d, catalogue] product and a gather (identical values, several times faster).
+  rows per step (~3M on ML-1M) would dominate a CPU step. On CPU the M·(K+1) logits are instead computed as a
+  sampled dense-dense product over the sparse pattern of the drawn ids, and their gradients as two sparse-dense
+  products (``sampled_logits``): O(M·K·d) work with the item table read from cache, no [M, K, d] tensor, no [M,
+  catalogue] tensor. Elsewhere, while M × catalogue stays under ``full_logits_budget``, they are scored by one
+  [M, d] x [d, catalogue] product and a gather; beyond it by gathering the rows. All three give the same values.
 - ``"per_sequence"``: K negatives per sequence, shared by that sequence's positions. B·K rows per step, scored with
   one batched matrix product; every step still touches B·K (16K on ML-1M) distinct draws.
 - ``"shared"``: K negatives per batch, shared by every position: one [M, d] x [d, K] product, the cheapest, but a
@@ -21,8 +24,58 @@ Three ways to draw the negatives (``mode``):
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the operations used here are tested below
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+
+
+class _SampledLogits(torch.autograd.Function):
+    """logits[m, c] = u[m] · table[ids[m, c]], without materialising table[ids] ([M, C, d]) or u·tableᵀ ([M, R]).
+
+    The ids of row m are row m of a sparse [M, R] pattern with C entries per row (repeats allowed). Forward is a
+    sampled dense-dense product on that pattern (``torch.sparse.sampled_addmm``); backward is two sparse-dense
+    products: grad_u = G · table and grad_table = Gᵀ · u, with G the pattern carrying the incoming gradients and Gᵀ
+    built by sorting the ids (16-bit keys when the table has < 32K rows).
+    """
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        M, C = ids.shape
+        R = table.shape[0]
+        crow = torch.arange(0, M * C + 1, C, device=ids.device)
+        pattern = _csr(crow, ids.reshape(-1), torch.zeros(M * C, dtype=u.dtype, device=u.device), (M, R))
+        out = torch.sparse.sampled_addmm(pattern, u, table.T, beta=0.0).values().view(M, C)
+        ctx.save_for_backward(u, table, ids, crow)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        u, table, ids, crow = ctx.saved_tensors
+        M, C = ids.shape
+        R = table.shape[0]
+        flat_ids, flat_grad = ids.reshape(-1), grad.contiguous().reshape(-1).to(u.dtype)
+        grad_u = grad_table = None
+        if ctx.needs_input_grad[0]:
+            grad_u = _csr(crow, flat_ids, flat_grad, (M, R)) @ table  # [M, d]
+        if ctx.needs_input_grad[1]:
+            key = flat_ids.to(torch.int16 if R <= 2**15 - 1 else torch.int32 if R < 2**31 else torch.int64)
+            order = torch.sort(key).indices  # entries grouped by table row
+            crow_t = torch.zeros(R + 1, dtype=torch.long, device=ids.device)
+            torch.cumsum(torch.bincount(flat_ids, minlength=R), 0, out=crow_t[1:])
+            grad_table = _csr(crow_t, order // C, flat_grad[order], (R, M)) @ u  # [R, d]
+        return grad_u, grad_table, None
+
+
+def sampled_logits(u: torch.Tensor, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """u [M, d], table [R, d], ids [M, C] long in 0..R-1 -> [M, C] with out[m, c] = u[m] · table[ids[m, c]] (CPU)."""
+    return _SampledLogits.apply(u, table, ids)
 
 
 def sampled_softmax_loss(
@@ -36,6 +89,7 @@ def sampled_softmax_loss(
     generator: torch.Generator | None = None,
     normalizer: float | None = None,
     full_logits_budget: int = 2**27,
+    per_position_path: str = "auto",
 ) -> torch.Tensor:
     """user [B, N, d] (normalised), targets [B, N] long (0 = padding), item_vectors(ids) -> normalised [..., d].
 
@@ -43,6 +97,10 @@ def sampled_softmax_loss(
     batch_size × the mean number of positions per row) gives every position the same weight whatever the batch it
     lands in, which matters when batches are grouped by length: a per-batch mean would weight a position of a
     short-sequence batch several times more than one of a long-sequence batch.
+
+    ``per_position_path`` picks how per-position logits are computed (same values): "sparse" (``sampled_logits``,
+    CPU), "full" (catalogue product + gather), "gather" (embedding rows); "auto" = sparse on CPU, else full while
+    M × catalogue <= ``full_logits_budget``, else gather.
     """
     valid = targets > 0  # [B, N]
     u = user[valid]  # [M, d]
@@ -61,13 +119,21 @@ def sampled_softmax_loss(
         hit = pos_ids.unsqueeze(1) == neg_ids.unsqueeze(1).expand(-1, targets.shape[1], -1)[valid]
     elif mode == "per_position":
         neg_ids = torch.randint(1, num_items + 1, (u.shape[0], num_negatives), generator=generator, device=user.device)
-        if u.shape[0] * (num_items + 1) <= full_logits_budget:
+        path = per_position_path
+        if path == "auto":
+            fits = u.shape[0] * (num_items + 1) <= full_logits_budget
+            path = "sparse" if u.device.type == "cpu" else "full" if fits else "gather"
+        if path == "sparse":
+            neg_logit = sampled_logits(u, item_vectors(), neg_ids)  # [M, K]
+        elif path == "full":
             # Same draws, cheaper on CPU: score every position against the whole catalogue with one matrix product
             # and pick each position's K logits, instead of gathering M·K embedding rows.
             all_logit = u @ item_vectors().T  # [M, num_items + 1]
             neg_logit = all_logit.gather(1, neg_ids)  # [M, K]
-        else:
+        elif path == "gather":
             neg_logit = torch.einsum("md,mkd->mk", u, item_vectors(neg_ids))  # [M, K]
+        else:
+            raise ValueError(f"per_position_path must be 'auto', 'sparse', 'full' or 'gather', got {path!r}")
         hit = pos_ids.unsqueeze(1) == neg_ids
     else:
         raise ValueError(f"negatives must be 'shared', 'per_sequence' or 'per_position', got {mode!r}")

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from genrec.config import load_config
 from genrec.train.checkpoint import load_state
 from genrec.train.loop import epoch_batches, train
-from genrec.train.loss import sampled_softmax_loss
+from genrec.train.loss import sampled_logits, sampled_softmax_loss
 
 from ..conftest import synthetic_interactions
 
@@ -113,16 +113,39 @@ def test_constant_normalizer_weights_every_position_equally():
     assert torch.allclose(summed, mean * 5)
 
 
-def test_per_position_full_logits_path_equals_gather_path():
+def test_per_position_sparse_full_and_gather_paths_agree():
     torch.manual_seed(0)
-    table = torch.nn.functional.normalize(torch.randn(11, 4), dim=-1)
-    user = torch.nn.functional.normalize(torch.randn(2, 3, 4), dim=-1)
     targets = torch.tensor([[1, 2, 0], [3, 4, 5]])
-    vectors = lambda ids=None: table if ids is None else table[ids]  # noqa: E731
-    args = (user, targets, vectors, 10, 6, 0.05, "per_position")
-    fast = sampled_softmax_loss(*args, generator=torch.Generator().manual_seed(3))
-    slow = sampled_softmax_loss(*args, generator=torch.Generator().manual_seed(3), full_logits_budget=0)
-    assert torch.allclose(fast, slow, atol=1e-6)
+    results = {}
+    for path in ("sparse", "full", "gather"):
+        table = torch.nn.functional.normalize(torch.randn(11, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+        table.requires_grad_()
+        user = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        vectors = lambda ids=None, t=table: t if ids is None else t[ids]  # noqa: E731
+        loss = sampled_softmax_loss(torch.nn.functional.normalize(user, dim=-1), targets, vectors, 10, 6, 0.05,
+                                    "per_position", generator=torch.Generator().manual_seed(3), per_position_path=path)
+        loss.backward()
+        results[path] = (loss.detach(), user.grad, table.grad)
+    for path in ("full", "gather"):
+        for a, b in zip(results["sparse"], results[path]):
+            assert torch.allclose(a, b, atol=1e-6), path
+
+
+@pytest.mark.parametrize("rows", [7, 40_000])  # 16-bit and 32-bit sort keys in the backward
+def test_sampled_logits_values_and_gradients(rows):
+    g = torch.Generator().manual_seed(rows)
+    u = torch.randn(9, 5, generator=g, requires_grad=True)
+    table = torch.randn(rows, 5, generator=g, requires_grad=True)
+    ids = torch.randint(0, rows, (9, 6), generator=g)
+    ids[0] = ids[0, 0]  # repeats within a row
+    ids[1:3, 2] = ids[4, 1]  # and across rows
+    w = torch.randn(9, 6, generator=g)
+    out = sampled_logits(u, table, ids)
+    ref = torch.einsum("md,mkd->mk", u, table[ids])
+    assert torch.allclose(out, ref, atol=1e-5)
+    gu, gt = torch.autograd.grad((out * w).sum(), (u, table))
+    ru, rt = torch.autograd.grad((ref * w).sum(), (u, table))
+    assert torch.allclose(gu, ru, atol=1e-5) and torch.allclose(gt, rt, atol=1e-5)
 
 
 def test_stochastic_length_training_reports_sparsity(tmp_path):
