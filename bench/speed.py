@@ -8,6 +8,7 @@ means the fast side is faster. Forward+backward means one forward and one ``back
 
     python bench/speed.py                       # full run, writes results/speed.json (minutes)
     python bench/speed.py --quick --out /tmp/speed.json   # seconds-long smoke run with small shapes
+    python bench/speed.py --sections loss training --out results/speed_training.json   # some sections only
 
 Rows (``name``, ``value``, ``unit``, ``detail``):
 - ``attention/...``: HSTU attention (4 heads × 64, relative bias with position and time terms) plain and blocked vs
@@ -25,6 +26,8 @@ Rows (``name``, ``value``, ``unit``, ``detail``):
   ML-1M lengths, HSTU-large ML-1M config, padded plain vs jagged, fp32 and bf16 autocast: tokens/s, achieved
   GFLOP/s (model FLOPs: real tokens and causal pairs only, backward counted as 2x forward) and its fraction of this
   machine's measured matmul peak (square ``torch.mm``, same dtype and threads).
+- ``loss/...``: one ML-1M HSTU training step with per-position negatives, the logits from sparse products
+  (``genrec.train.loss.sampled_logits``) vs a full-catalogue product and a gather.
 - ``stochastic_length/...``: expected sparsity (fraction of tokens dropped) for α ∈ {1.6, 1.8, 2.0}.
 
 Not here: ML-1M epoch times (HSTU vs SASRec) need full training runs (``genrec train``), and quality (NDCG) of bf16
@@ -66,6 +69,7 @@ from genrec.train.loss import sampled_softmax_loss  # noqa: E402
 
 ML1M_SEQUENCES = ROOT.parent / "shared" / "data" / "movielens-1m" / "ml-1m_user_sequences_by_time.txt.gz"
 ROWS: list[dict] = []
+SECTIONS = ("attention", "layer", "jagged", "mfalcon", "training", "loss", "stochastic_length")
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -343,6 +347,34 @@ def bench_training(rows: int, reps: int, peak_n: int) -> None:
     ], what)
 
 
+def bench_loss_paths(rows: int, reps: int) -> None:
+    """One ML-1M HSTU training step (the configs' per-position sampled softmax, 128 negatives, jagged encoder),
+    with the per-position logits computed by sparse products (``sampled_logits``) vs a full-catalogue product."""
+    lengths, source = ml1m_training_lengths()
+    lens = lengths[np.random.default_rng(2).choice(len(lengths), rows, replace=False)]
+    num_items = 3706
+    batch = make_batch(lens, num_items)
+    model = hstu(num_items, 200, 50, 2, 1, 50)
+    model.config.attention_impl = "jagged"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
+
+    def step(path: str):
+        def run():
+            user = model.encode(batch)
+            loss = sampled_softmax_loss(user, batch.targets, model.item_vectors, num_items, 128, 0.05, "per_position",
+                                        normalizer=float(lens.sum()), per_position_path=path)  # fmt: skip
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return run
+
+    t_ = timed({"sparse": step("sparse"), "full": step("full")}, reps)
+    ratio_rows("loss/per_position", t_, [("sparse_vs_full_catalogue", "sparse", "full")],
+               f"one training step, HSTU ML-1M config (d=50, 2 layers, jagged), {rows} rows ({int(lens.sum())} "
+               f"positions), 128 negatives per position, {num_items} items; {source}")
+
+
 def bench_stochastic_length() -> None:
     lengths, source = ml1m_training_lengths()
     tail = long_tail_lengths(20000, 4096, with_cap_row=False)
@@ -362,22 +394,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=None, help="rounds per measurement (default 5, quick 2)")
     p.add_argument("--out", default=str(ROOT / "results" / "speed.json"))
+    p.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS), help="default: all")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     reps = args.reps or (2 if args.quick else 5)
-    if args.quick:
-        bench_attention([256], reps, [torch.float32, torch.bfloat16], plain_max=256)
-        bench_layer([256], reps, plain_max=256)
-        bench_jagged(ml_rows=32, tail_rows=4, tail_cap=512, reps=reps)
-        bench_mfalcon(history=128, candidates=128, per_candidate=16, reps=reps)
-        bench_training(rows=16, reps=reps, peak_n=512)
-    else:
-        bench_attention([256, 1024, 4096], reps, [torch.float32, torch.bfloat16], plain_max=4096)
-        bench_layer([256, 1024, 4096], reps, plain_max=4096)
-        bench_jagged(ml_rows=128, tail_rows=8, tail_cap=4096, reps=reps)
-        bench_mfalcon(history=512, candidates=1024, per_candidate=128, reps=reps)
-        bench_training(rows=128, reps=reps, peak_n=2048)
-    bench_stochastic_length()
+    quick = {
+        "attention": lambda: bench_attention([256], reps, [torch.float32, torch.bfloat16], plain_max=256),
+        "layer": lambda: bench_layer([256], reps, plain_max=256),
+        "jagged": lambda: bench_jagged(ml_rows=32, tail_rows=4, tail_cap=512, reps=reps),
+        "mfalcon": lambda: bench_mfalcon(history=128, candidates=128, per_candidate=16, reps=reps),
+        "training": lambda: bench_training(rows=16, reps=reps, peak_n=512),
+        "loss": lambda: bench_loss_paths(rows=16, reps=reps),
+        "stochastic_length": bench_stochastic_length,
+    }
+    full = {
+        "attention": lambda: bench_attention([256, 1024, 4096], reps, [torch.float32, torch.bfloat16], plain_max=4096),
+        "layer": lambda: bench_layer([256, 1024, 4096], reps, plain_max=4096),
+        "jagged": lambda: bench_jagged(ml_rows=128, tail_rows=8, tail_cap=4096, reps=reps),
+        "mfalcon": lambda: bench_mfalcon(history=512, candidates=1024, per_candidate=128, reps=reps),
+        "training": lambda: bench_training(rows=128, reps=reps, peak_n=2048),
+        "loss": lambda: bench_loss_paths(rows=128, reps=reps),
+        "stochastic_length": bench_stochastic_length,
+    }
+    for name in args.sections:
+        (quick if args.quick else full)[name]()
     meta = f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}"
     for r in ROWS:
         r["detail"] += f" [{meta}{', quick' if args.quick else ''}]"
