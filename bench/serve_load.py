@@ -8,6 +8,7 @@ and written into README.md between ``<!-- serve-table:start -->`` and ``<!-- ser
 
     python bench/serve_load.py --checkpoint runs/ml-1m/hstu                      # 2,000 requests per level
     python bench/serve_load.py --checkpoint DIR --requests 100 --max-seconds 5   # smoke run
+    python bench/serve_load.py --checkpoint DIR --histories dataset --no-readme  # real users' histories
 
 Histories are drawn from the model's own catalogue (popularity-weighted when ``popularity.json`` is there), each
 ``--history-len`` events long (default: the model's max_len, the most work per request) with increasing timestamps,
@@ -97,6 +98,26 @@ def request_bodies(checkpoint: Path, n: int, length: int, k: int, seed: int) -> 
         picks = rng.choice(len(items), size=length, p=weights / weights.sum())
         ts = 978_300_000 + np.cumsum(rng.integers(1, 3_600, size=length))
         history = [{"item": items[i], "ts": int(t)} for i, t in zip(picks, ts)]
+        bodies.append(json.dumps({"history": history, "k": k}).encode())
+    return bodies
+
+
+def dataset_bodies(checkpoint: Path, data_dir: str, n: int, k: int, seed: int) -> list[bytes]:
+    """``n`` request bodies holding real users' test histories (all but each user's last item, the most recent
+    max_len events, timestamps where the data has them) of the checkpoint's dataset, users drawn at random."""
+    import yaml
+
+    from genrec.config import DataConfig
+    from genrec.data.dataset import prepare_data
+
+    cfg = yaml.safe_load((checkpoint / "config.yaml").read_text())["data"]
+    seqs = prepare_data(DataConfig(dataset=cfg["dataset"], data_dir=data_dir, max_len=cfg["max_len"])).sequences
+    rng = np.random.default_rng(seed)
+    bodies = []
+    for u in rng.choice(seqs.num_users, size=n, replace=n > seqs.num_users):
+        items = seqs.item_map.to_external(seqs.sequence(u)[:-1][-cfg["max_len"]:])
+        times = seqs.times(u)[:-1][-cfg["max_len"]:]
+        history = [{"item": i, "ts": int(t)} if seqs.has_time[u] else i for i, t in zip(items, times)]
         bodies.append(json.dumps({"history": history, "k": k}).encode())
     return bodies
 
@@ -240,6 +261,9 @@ def main() -> int:
     p.add_argument("--max-seconds", type=float, default=120.0, help="time cap per level")
     p.add_argument("--warmup", type=int, default=50, help="requests before measuring (not counted)")
     p.add_argument("--history-len", type=int, default=0, help="events per history (0 = the model's max_len)")
+    p.add_argument("--histories", choices=["synthetic", "dataset"], default="synthetic",
+                   help="synthetic: --history-len events drawn by popularity; dataset: real users' test histories")
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"), help="for --histories dataset")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--server-threads", type=int, default=1, help="server torch threads (the client needs a core)")
     p.add_argument("--max-batch", type=int, default=64)
@@ -256,7 +280,10 @@ def main() -> int:
     try:
         health = wait_healthy(url, proc)
         length = args.history_len or int(health["max_len"])
-        bodies = request_bodies(args.checkpoint, 256, length, args.k, args.seed)
+        if args.histories == "dataset":
+            bodies = dataset_bodies(args.checkpoint, args.data_dir, 1024, args.k, args.seed)
+        else:
+            bodies = request_bodies(args.checkpoint, 256, length, args.k, args.seed)
         asyncio.run(run_level(url, bodies, 4, args.warmup, args.max_seconds, args.client))
         rows, mean_batch = [], {}
         for c in args.concurrency:
@@ -277,9 +304,11 @@ def main() -> int:
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(rows, indent=2) + "\n")
     os.replace(tmp, args.out)
+    histories = (f"{length}-event timed histories" if args.histories == "synthetic"
+                 else "real users' test histories (up to max_len events; timestamps where the data has them)")
     caption = (
         f"`genrec serve` on {health['model_id']} ({health['num_items']:,} items), POST /v1/recommend top-{args.k}, "
-        f"{length}-event timed histories, {args.client} HTTP/1.1 client, {os.cpu_count()} CPU cores shared by "
+        f"{histories}, {args.client} HTTP/1.1 client, {os.cpu_count()} CPU cores shared by "
         f"client and server (server: {args.server_threads} torch thread(s), max_batch {args.max_batch}, "
         f"max_wait_ms {args.max_wait_ms})."
     )
