@@ -583,8 +583,7 @@ class Recommender:
                 has_time,
                 self.config_.data.max_len,
             )
-            emb = self.model_.encode(batch)  # [B, N, d]
-            out[torch.as_tensor(rows)] = emb[torch.arange(len(hs)), batch.lengths - 1].float()
+            out[torch.as_tensor(rows)] = self.model_.encode_last(batch).float()  # [B, d]
         return out
 
     def _model_top_k(self, queries: list[RecommendQuery], users: torch.Tensor) -> list[tuple[list[int], list[float]]]:

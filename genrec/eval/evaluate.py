@@ -23,8 +23,7 @@ def model_score_fn(model: nn.Module, max_len: int, device: str | torch.device = 
     @torch.no_grad()
     def score(histories, history_times, query_times, has_time) -> torch.Tensor:
         batch = history_batch(histories, history_times, query_times, has_time, max_len).to(device)
-        emb = model.encode(batch)  # [B, N, d]
-        user = emb[torch.arange(emb.shape[0], device=emb.device), batch.lengths - 1]  # [B, d]
+        user = model.encode_last(batch)  # [B, d]: the last position's output
         return (user @ model.item_vectors().T).float().cpu()  # [B, num_items + 1]
 
     return score

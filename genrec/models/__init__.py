@@ -12,7 +12,8 @@ MODELS = ("hstu", "sasrec")
 
 
 def build_model(config: ModelConfig, num_items: int, max_len: int) -> nn.Module:
-    """An encoder with ``encode(batch) -> [B, N, d]`` and ``item_vectors(ids=None)``, both L2-normalised."""
+    """An encoder with ``encode(batch) -> [B, N, d]``, ``encode_last(batch) -> [B, d]`` (last real position) and
+    ``item_vectors(ids=None)``, all L2-normalised."""
     if config.name == "hstu":
         return HSTU(
             HSTUConfig(

@@ -194,6 +194,18 @@ class HSTU(nn.Module):
 
     def encode(self, batch: Batch) -> torch.Tensor:
         """batch.item_ids [B, N] -> L2-normalised sequence embeddings [B, N, d] (padding rows are zero)."""
+        return F.normalize(self._hidden(batch, len(self.layers)), dim=-1, eps=1e-6)
+
+    def encode_last(self, batch: Batch) -> torch.Tensor:
+        """The L2-normalised embedding at each row's last real position [B, d], all that retrieval and serving use.
+
+        Equals ``encode(batch)[b, lengths[b] - 1]`` (tested) with less work: the last layer runs its attention for
+        that one query row per sequence, O(N) instead of O(N²)."""
+        x = self._hidden(batch, len(self.layers) - 1)  # [B, N, d]
+        return F.normalize(self._last_row(self.layers[-1], x, batch), dim=-1, eps=1e-6)
+
+    def _hidden(self, batch: Batch, num_layers: int) -> torch.Tensor:
+        """Input embeddings then the first ``num_layers`` layers -> [B, N, d] (not normalised; padding rows zero)."""
         ids = batch.item_ids
         B, N = ids.shape
         if N > self.config.max_len:
@@ -201,11 +213,13 @@ class HSTU(nn.Module):
         if self.config.attention_impl == "jagged" and B > 1:  # one row has no padding to skip: the plain path is faster
             from genrec.ops.jagged import jagged_encode_batch  # the fast path, tested equal to the code below
 
-            return jagged_encode_batch(self, batch)
+            return jagged_encode_batch(self, batch, num_layers=num_layers, normalize=False)
         d = self.config.embedding_dim
         valid = (torch.arange(N, device=ids.device).unsqueeze(0) < batch.lengths.unsqueeze(1)).unsqueeze(-1)  # [B,N,1]
         x = self.item_emb(ids) * math.sqrt(d) + self.pos_emb.weight[:N].unsqueeze(0)
         x = self.input_dropout(x) * valid
+        if num_layers == 0:
+            return x
         pos = torch.arange(N, device=ids.device)
         offsets = (pos.view(N, 1) - pos.view(1, N)).clamp(min=0)  # [N, N] i - j
         index = None  # [B, N, N] into each layer's rab table, when some row has timestamps
@@ -213,13 +227,43 @@ class HSTU(nn.Module):
             nb = self.config.num_time_buckets
             index = rab_index(offsets, time_buckets(batch.query_times, batch.timestamps, nb), batch.has_time, nb)
         causal = torch.ones(N, N, device=ids.device).tril()  # [N, N]
-        if self.config.attention_norm == "max_len":
-            norm = torch.full((1,), float(self.config.max_len), device=ids.device)
-        else:
-            norm = batch.lengths.clamp(min=1).to(x.dtype)  # [B]
-        for layer in self.layers:
+        norm = self._norm(batch, x.dtype)
+        for layer in self.layers[:num_layers]:
             x = layer(x, offsets, index, causal, norm) * valid
-        return F.normalize(x, dim=-1, eps=1e-6)
+        return x
+
+    def _norm(self, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
+        """The attention normaliser: [1] (max_len) or [B] (each row's length)."""
+        if self.config.attention_norm == "max_len":
+            return torch.full((1,), float(self.config.max_len), device=batch.lengths.device)
+        return batch.lengths.clamp(min=1).to(dtype)
+
+    def _last_row(self, layer: "HSTULayer", x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``layer`` at the last real position of every row only: x [B, N, d] (input of the layer) -> [B, d].
+
+        Same math as ``HSTULayer.forward`` for query i = lengths - 1: keys and values of every position, the query,
+        the gate U and the relative bias of that one row."""
+        B, N, d = x.shape
+        h, dqk, dv = layer.h, layer.dqk, layer.dv
+        rows = torch.arange(B, device=x.device)
+        last = (batch.lengths - 1).clamp(min=0)  # [B]
+        uvqk = F.silu(F.layer_norm(x, (d,), eps=1e-6) @ layer.uvqk)  # [B, N, 2h(dv+dqk)]
+        u, v, q, k = torch.split(uvqk, [h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+        q = q[rows, last].view(B, h, 1, dqk)  # [B, h, 1, dqk]
+        k = k.view(B, N, h, dqk).transpose(1, 2)  # [B, h, N, dqk]
+        v = v.view(B, N, h, dv).transpose(1, 2)  # [B, h, N, dv]
+        pos = torch.arange(N, device=x.device)
+        offsets = (last.view(B, 1) - pos.view(1, N)).clamp(min=0)  # [B, N] i - j
+        rab = layer.rab.pos_w[offsets] if layer.rab.use_position else torch.zeros(B, N, device=x.device)
+        if self.config.use_time_bias and bool(batch.has_time.any()):
+            qt = batch.query_times[rows, last].view(B, 1)
+            buckets = time_buckets(qt, batch.timestamps, self.config.num_time_buckets)[:, 0]  # [B, N]
+            rab = rab + layer.rab.ts_w[buckets] * batch.has_time.view(B, 1).to(rab.dtype)
+        scores = torch.matmul(q, k.transpose(-1, -2)) + rab.view(B, 1, 1, N)  # [B, h, 1, N]
+        weights = F.silu(scores) * (pos.view(1, 1, 1, N) <= last.view(B, 1, 1, 1))
+        av = (torch.matmul(weights, v) / self._norm(batch, x.dtype).view(-1, 1, 1, 1)).reshape(B, h * dv)
+        gated = u[rows, last] * F.layer_norm(av, (h * dv,), eps=1e-6)
+        return x[rows, last] + layer.out(layer.dropout(gated))
 
     def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised item embeddings for ``ids`` (any shape) or, if None, the whole table [num_items + 1, d]."""

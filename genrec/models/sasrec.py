@@ -106,6 +106,11 @@ class SASRec(nn.Module):
             x = block(x, valid)
         return F.normalize(self.final_norm(x), dim=-1, eps=1e-6) * valid
 
+    def encode_last(self, batch: Batch) -> torch.Tensor:
+        """The embedding at each row's last real position [B, d] (``encode`` then a gather)."""
+        rows = torch.arange(batch.item_ids.shape[0], device=batch.item_ids.device)
+        return self.encode(batch)[rows, (batch.lengths - 1).clamp(min=0)]
+
     def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         w = self.item_emb.weight if ids is None else self.item_emb(ids)
         return F.normalize(w, dim=-1, eps=1e-6)

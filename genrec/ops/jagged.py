@@ -267,8 +267,11 @@ def jagged_encode(
     query_times: torch.Tensor | None = None,
     has_time: torch.Tensor | None = None,
     block: int | None = None,
+    num_layers: int | None = None,
+    normalize: bool = True,
 ) -> torch.Tensor:
-    """``HSTU.encode`` on a jagged batch, with ``model``'s parameters.
+    """``HSTU.encode`` on a jagged batch, with ``model``'s parameters (the first ``num_layers`` layers, default all;
+    ``normalize=False`` skips the final L2 normalisation).
 
     values [T] item ids (no padding); offsets [B + 1]; timestamps, query_times [T] long (as ``Batch``: the time of
     each item / of the item each position predicts); has_time [B] bool (None: True iff timestamps are given)
@@ -284,17 +287,19 @@ def jagged_encode(
     d = cfg.embedding_dim
     x = model.item_emb(values) * math.sqrt(d) + model.pos_emb.weight[ctx.jb.pos]  # [T, d]
     x = model.input_dropout(x)
-    for layer in model.layers:
+    for layer in model.layers[:num_layers]:
         x = jagged_hstu_layer(layer, x, ctx)
-    return F.normalize(x, dim=-1, eps=1e-6)
+    return F.normalize(x, dim=-1, eps=1e-6) if normalize else x
 
 
-def jagged_encode_batch(model, batch: Batch, block: int | None = None) -> torch.Tensor:
+def jagged_encode_batch(
+    model, batch: Batch, block: int | None = None, num_layers: int | None = None, normalize: bool = True
+) -> torch.Tensor:
     """Drop-in for ``HSTU.encode(batch)``: padded ``Batch`` in, [B, N, d] out (zero rows at padding), jagged inside."""
     lengths = batch.lengths
     offsets = lengths_to_offsets(lengths)
     values = padded_to_jagged(batch.item_ids, lengths)
     ts = padded_to_jagged(batch.timestamps, lengths)
     qt = padded_to_jagged(batch.query_times, lengths)
-    out = jagged_encode(model, values, offsets, ts, qt, batch.has_time, block)
+    out = jagged_encode(model, values, offsets, ts, qt, batch.has_time, block, num_layers, normalize)
     return jagged_to_padded(out, offsets, batch.item_ids.shape[1])

@@ -148,3 +148,16 @@ def test_unknown_attention_impl_is_rejected():
 
     with pytest.raises(ValueError, match="attention_impl"):
         make_model(attention_impl="flash")
+
+
+@pytest.mark.parametrize("kw", [{}, {"attention_impl": "jagged"}, {"attention_norm": "length"}, {"use_time_bias": False},
+                                {"use_position_bias": False}, {"num_blocks": 1}])
+def test_encode_last_equals_last_position_of_encode(kw):
+    from tests.ops import make_batch, make_model, max_diff
+
+    model = make_model(max_len=40, **kw)
+    batch = make_batch(B=5, N=31, lengths=[31, 1, 17, 9, 2], has_time=[True, False, True, True, False])
+    full = model.encode(batch)[torch.arange(5), batch.lengths - 1]
+    assert max_diff(model.encode_last(batch), full) <= 1e-5
+    one = make_batch(B=1, N=12, lengths=[12])  # one row: the plain path whatever attention_impl says
+    assert max_diff(model.encode_last(one), model.encode(one)[:, -1]) <= 1e-5

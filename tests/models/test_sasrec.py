@@ -19,3 +19,12 @@ def test_sasrec_causal_and_normalised():
     assert torch.allclose(a[:, :6], b[:, :6], atol=1e-6)
     assert not torch.allclose(a[:, 6:], b[:, 6:], atol=1e-3)
     assert torch.allclose(a.norm(dim=-1), torch.ones(2, 8), atol=1e-5)
+
+
+def test_sasrec_encode_last_is_the_last_real_position():
+    from tests.ops import make_batch
+
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(num_items=20, max_len=16, embedding_dim=8, num_blocks=1, num_heads=2, ffn_dim=8)).eval()
+    batch = make_batch(B=3, N=9, lengths=[9, 1, 4])
+    assert torch.allclose(model.encode_last(batch), model.encode(batch)[torch.arange(3), batch.lengths - 1])
