@@ -23,7 +23,8 @@ Deliberate deviations from the reference research code (each keeps the math, cha
 - The position term of rab has one weight per causal offset (max_len values) instead of 2N-1 values of which the
   non-causal half is always masked.
 - ``attention_impl="jagged"`` runs the same math on jagged values (``genrec.ops.jagged``): attention work ∝ Σ nᵢ²
-  instead of B·max(n)², about 2.5x faster training steps on ML-1M batches; tested equal to this file's path.
+  instead of B·max(n)² (``bench/speed.py --sections training``: HSTU-large ML-1M steps); tested equal to this path.
+- ``encode_last`` (what evaluation and serving call) runs the last layer's attention for the last position only.
 - Rows whose timestamps are unknown (``Batch.has_time`` False, e.g. ML-1M users 3000..6040 in the development copy)
   get no time term; the reference has no notion of missing timestamps.
 """
