@@ -5,6 +5,7 @@ history excluded). Neural models are selected on the validation item (early stop
 once, at the chosen epoch. Rows go to ``results/quality.json`` and the README table is regenerated from it.
 
     python bench/quality.py run --dataset ml-1m --model hstu --threads 2   # one row pair (valid + test)
+    python bench/quality.py refit --dataset ml-1m --name hstu               # refit on train+valid, test once
     python bench/quality.py baselines                                      # popularity + transition chain
     python bench/quality.py table                                          # rewrite the README table
     python bench/quality.py all                                            # everything, sequentially (hours)
@@ -106,6 +107,36 @@ def run_model(
         {**common, "split": "valid", "protocol": res["valid"]["protocol"], "metrics": res["valid"]["metrics"]},
         {**common, "split": "test", "protocol": res["test"]["protocol"], "metrics": res["test"]["metrics"]},
     ]
+
+
+def refit_model(dataset: str, data_dir: str, threads: int, extra: list[str], name: str) -> list[dict]:
+    """Refit the finished run ``runs/quality/<dataset>/<name>`` with its own resolved config on train + validation,
+    for its best-validation epoch count (``eval.selection=refit``), and test the result once: one test row named
+    "<name> (refit on train+valid)"."""
+    import torch
+
+    from genrec.config import load_config
+    from genrec.train.loop import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = ROOT / "runs" / "quality" / dataset / name
+    epochs = int(json.loads((run_dir / "results.json").read_text())["best_epoch"])
+    row_name = f"{name} (refit on train+valid)"
+    cfg = load_config(run_dir / "config.yaml", [
+        f"data.data_dir={data_dir}", f"output_dir={ROOT / 'runs' / 'quality' / dataset / row_name}",
+        "eval.selection=refit", f"train.epochs={epochs}", f"train.patience={epochs + 1}", "train.time_budget_minutes=0",
+        *extra,
+    ])  # fmt: skip
+    res = train(cfg, progress=False)
+    return [{
+        "dataset": dataset, "model": row_name, "config": str((run_dir / "config.yaml").relative_to(ROOT)),
+        "selection": "refit", "overrides": extra, "epoch": res["best_epoch"], "epochs_run": res["epochs_run"],
+        "seconds_per_epoch": res["seconds_per_epoch"], "threads": threads or torch.get_num_threads(),
+        "negatives": f"{cfg.train.negatives}-{cfg.train.num_negatives}", "split": "test",
+        "notes": res["data"]["notes"] + [f"refit on s[:-1] for {epochs} epochs, the best-validation epoch of {name!r}"],
+        "protocol": res["test"]["protocol"], "metrics": res["test"]["metrics"],
+    }]  # fmt: skip
 
 
 def finalize_run(dataset: str, run_dir: Path, name: str, data_dir: str, threads: int) -> list[dict]:
@@ -218,12 +249,20 @@ def main(argv: list[str] | None = None) -> int:
     fz.add_argument("--name", required=True)
     fz.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     fz.add_argument("--threads", type=int, default=0)
+    rf = sub.add_parser("refit", help="refit a finished run on train+valid for its best epoch count, test once")
+    rf.add_argument("--dataset", choices=list(DATASETS), required=True)
+    rf.add_argument("--name", required=True, help="the finished run to refit (runs/quality/<dataset>/<name>)")
+    rf.add_argument("--set", nargs="*", default=[], help="config overrides")
+    rf.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    rf.add_argument("--threads", type=int, default=0)
     sub.add_parser("table")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     if args.cmd == "run":
         _save_rows(run_model(args.dataset, args.model, args.data_dir, args.threads, args.set, args.resume, args.name))
+    elif args.cmd == "refit":
+        _save_rows(refit_model(args.dataset, args.data_dir, args.threads, args.set, args.name))
     elif args.cmd == "finalize":
         _save_rows(finalize_run(args.dataset, Path(args.run_dir).resolve(), args.name, args.data_dir, args.threads))
     elif args.cmd == "baselines":
@@ -234,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             _save_rows(run_baselines(d, args.data_dir, MAX_LEN[d]))
             for m in MODELS:
                 _save_rows(run_model(d, m, args.data_dir, args.threads, []))
-    if args.cmd in ("run", "finalize", "baselines", "all", "table") and README.exists():
+    if args.cmd in ("run", "refit", "finalize", "baselines", "all", "table") and README.exists():
         write_table()
     return 0
 

@@ -88,6 +88,8 @@ class EvalConfig:
     # "valid": train on s[:-2], select the epoch on the validation item, report the test item once (genrec's protocol).
     # "test-peeking": the HSTU reference code's protocol, for comparison with published numbers only: train on s[:-1]
     # and select the epoch on the test item itself (there is no validation split).
+    # "refit": train on s[:-1] for exactly train.epochs epochs (a number chosen beforehand by a "valid" run), no
+    # selection, and report the test item once for the last epoch (refit on train + validation).
     selection: str = "valid"
     candidates: str = "full"  # "full" | "sampled"
     num_negatives: int = 100

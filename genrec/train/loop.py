@@ -131,9 +131,15 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
         valid_protocol = protocol_from_config(config, "test")
         train_split = leave_one_out(seqs, "train+valid")
         log.warning("eval.selection=test-peeking: training on s[:-1] and selecting on the TEST item (reference protocol)")
+    elif config.eval.selection == "refit":
+        # Refit on train + validation for a number of epochs chosen beforehand on validation; nothing is selected here.
+        valid_protocol = None
+        train_split = leave_one_out(seqs, "train+valid")
+        log.info("eval.selection=refit: training on s[:-1] for exactly %d epochs; the last epoch is the model", tc.epochs)
     else:
-        raise ValueError(f"eval.selection must be 'valid' or 'test-peeking', got {config.eval.selection!r}")
-    log.info("selection protocol: %s — %s", valid_protocol.name, valid_protocol.describe())
+        raise ValueError(f"eval.selection must be 'valid', 'test-peeking' or 'refit', got {config.eval.selection!r}")
+    if valid_protocol is not None:
+        log.info("selection protocol: %s — %s", valid_protocol.name, valid_protocol.describe())
     train_lengths = np.minimum(train_split.ends - train_split.starts - 1, config.data.max_len)
     sl_alpha = tc.stochastic_length_alpha
     if sl_alpha:
@@ -185,14 +191,18 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
 
         model.eval()
         t1 = time.perf_counter()
-        valid = evaluate(model_score_fn(model, config.data.max_len, device), seqs, valid_protocol, tc.eval_batch_size)
+        if valid_protocol is None:  # refit: no evaluation, every epoch replaces the last
+            valid, metric = {}, float(epoch)
+        else:
+            valid = evaluate(model_score_fn(model, config.data.max_len, device), seqs, valid_protocol, tc.eval_batch_size)
+            metric = valid[tc.select_metric]
         eval_seconds = time.perf_counter() - t1
-        metric = valid[tc.select_metric]
         improved = metric > state.best_metric
         if improved:
             state.best_metric, state.best_epoch, state.bad_epochs = metric, epoch, 0
             save_weights(out / "best.safetensors", model)
-            write_json(out / "best.json", {"epoch": epoch, "protocol": valid_protocol.to_dict(), "metrics": valid})
+            proto = None if valid_protocol is None else valid_protocol.to_dict()
+            write_json(out / "best.json", {"epoch": epoch, "protocol": proto, "metrics": valid})
         else:
             state.bad_epochs += 1
         row = {
@@ -209,10 +219,13 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
         state.epoch = epoch
         with open(out / "log.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
-        log.info(
-            "epoch %d loss %.4f valid %s %.4f (best %.4f @ %d) %.1fs train %.1fs eval",
-            epoch, row["loss"], tc.select_metric, metric, state.best_metric, state.best_epoch, train_seconds, eval_seconds,
-        )  # fmt: skip
+        if valid_protocol is None:
+            log.info("epoch %d/%d loss %.4f %.1fs train (refit: no evaluation)", epoch, tc.epochs, row["loss"], train_seconds)
+        else:
+            log.info(
+                "epoch %d loss %.4f valid %s %.4f (best %.4f @ %d) %.1fs train %.1fs eval",
+                epoch, row["loss"], tc.select_metric, metric, state.best_metric, state.best_epoch, train_seconds, eval_seconds,
+            )  # fmt: skip
         if tc.time_budget_minutes > 0 and time.monotonic() - started > 60 * tc.time_budget_minutes:
             out_of_time = True
             log.warning("stopping after epoch %d: time budget of %.0f min used", epoch, tc.time_budget_minutes)
@@ -248,7 +261,7 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
         if sl_info is None
         else {**sl_info, "measured_position_sparsity": _position_sparsity(epochs_done)},
         "valid": {"protocol": valid_protocol.to_dict(), "metrics": state.history[state.best_epoch - 1]["valid"]}
-        if epochs_done
+        if epochs_done and valid_protocol is not None
         else None,
         "test": {"protocol": test_protocol.to_dict(), "metrics": test},
         "data": {"summary": seqs.summary(), "notes": seqs.notes + time_notes, "files": data.files},

@@ -157,3 +157,16 @@ def test_stochastic_length_training_reports_sparsity(tmp_path):
     assert all(h["tokens"] < h["positions"] for h in log)
     with pytest.raises(ValueError, match="stochastic_length_alpha"):
         train(_config(tmp_path, "bad", extra=["train.stochastic_length_alpha=0.5"]), progress=False)
+
+
+def test_refit_trains_fixed_epochs_on_train_plus_valid_and_tests_once(tmp_path):
+    res = train(_config(tmp_path, "refit", extra=["train.epochs=2", "eval.selection=refit"]), progress=False)
+    assert res["selection"] == "refit" and res["valid"] is None
+    assert res["best_epoch"] == res["epochs_run"] == 2  # the last epoch is the model: nothing is selected
+    assert res["test"]["protocol"]["target"] == "test"
+    log = [json.loads(line) for line in open(tmp_path / "refit" / "log.jsonl")]
+    assert [h["valid"] for h in log] == [{}, {}]  # no evaluation during a refit
+    # it trains on s[:-1]: one more position per user than the validation-selected run
+    sel = train(_config(tmp_path, "sel", extra=["train.epochs=1"]), progress=False)
+    assert log[0]["positions"] > json.loads(open(tmp_path / "sel" / "log.jsonl").readline())["positions"]
+    assert sel["valid"] is not None
