@@ -30,8 +30,10 @@ Rows (``name``, ``value``, ``unit``, ``detail``):
   (``genrec.train.loss.sampled_logits``) vs a full-catalogue product and a gather.
 - ``stochastic_length/...``: expected sparsity (fraction of tokens dropped) for α ∈ {1.6, 1.8, 2.0}.
 
-Not here: ML-1M epoch times (HSTU vs SASRec) need full training runs (``genrec train``), and quality (NDCG) of bf16
-and Stochastic Length needs training too.
+- ``epoch/...``: one ML-1M training epoch (no evaluation) of the SASRec, HSTU and HSTU-large configs, and HSTU-large
+  with shared negatives, one after the other; HSTU vs SASRec, and HSTU-large against the issue's 50 s baseline.
+
+Not here: quality (NDCG) of bf16 and Stochastic Length needs whole trainings (``bench/efficiency_quality.py``).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ from genrec.train.loss import sampled_softmax_loss  # noqa: E402
 
 ML1M_SEQUENCES = ROOT.parent / "shared" / "data" / "movielens-1m" / "ml-1m_user_sequences_by_time.txt.gz"
 ROWS: list[dict] = []
-SECTIONS = ("attention", "layer", "jagged", "mfalcon", "training", "loss", "stochastic_length")
+SECTIONS = ("attention", "layer", "jagged", "mfalcon", "training", "loss", "epochs", "stochastic_length")
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -375,6 +377,37 @@ def bench_loss_paths(rows: int, reps: int) -> None:
                f"positions), 128 negatives per position, {num_items} items; {source}")
 
 
+def bench_epochs(threads: int, max_steps: int = 0) -> None:
+    """Wall-clock time of one ML-1M training epoch (no evaluation) of each frozen config, run one after the other in
+    this process: SASRec, HSTU, HSTU-large, and HSTU-large with per-batch shared negatives (the issue's baseline)."""
+    import tempfile
+
+    from genrec.config import load_config
+    from genrec.data.dataset import prepare_data
+    from genrec.train.loop import train
+
+    data_dir = ROOT.parent / "shared" / "data"
+    cases = [("sasrec", "sasrec", []), ("hstu", "hstu", []), ("hstu-large", "hstu-large", []),
+             ("hstu-large/shared-negatives", "hstu-large", ["train.negatives=shared"])]  # fmt: skip
+    data = None
+    times = {}
+    for name, cfg_name, extra in cases:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = load_config(ROOT / "configs" / "ml-1m" / f"{cfg_name}.yaml", [
+                f"data.data_dir={data_dir}", f"output_dir={tmp}", "train.epochs=1", f"train.num_threads={threads}",
+                f"train.max_steps_per_epoch={max_steps}", *extra])  # fmt: skip
+            data = data or prepare_data(cfg.data)
+            train(cfg, data=data, progress=False)
+            times[name] = json.loads(open(Path(tmp) / "log.jsonl").readline())["train_seconds"]
+        row(f"epoch/ml-1m/{name}", times[name], "s", f"one training epoch of configs/ml-1m/{cfg_name}.yaml "
+            f"{' '.join(extra)} ({threads} threads, no evaluation{f', first {max_steps} steps only' if max_steps else ''})")  # fmt: skip
+    if max_steps:  # a smoke run: partial epochs say nothing about the ratios
+        return
+    row("epoch/ml-1m/hstu_vs_sasrec", times["sasrec"] / times["hstu"], "x", "SASRec epoch time / HSTU epoch time")
+    row("epoch/ml-1m/hstu-large_vs_50s", 50.0 / times["hstu-large"], "x",
+        "50 s (the issue's plain-PyTorch HSTU-large epoch with shared negatives) / this HSTU-large epoch")
+
+
 def bench_stochastic_length() -> None:
     lengths, source = ml1m_training_lengths()
     tail = long_tail_lengths(20000, 4096, with_cap_row=False)
@@ -405,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         "mfalcon": lambda: bench_mfalcon(history=128, candidates=128, per_candidate=16, reps=reps),
         "training": lambda: bench_training(rows=16, reps=reps, peak_n=512),
         "loss": lambda: bench_loss_paths(rows=16, reps=reps),
+        "epochs": lambda: bench_epochs(args.threads, max_steps=2),  # two steps per "epoch": a smoke run
         "stochastic_length": bench_stochastic_length,
     }
     full = {
@@ -414,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         "mfalcon": lambda: bench_mfalcon(history=512, candidates=1024, per_candidate=128, reps=reps),
         "training": lambda: bench_training(rows=128, reps=reps, peak_n=2048),
         "loss": lambda: bench_loss_paths(rows=128, reps=reps),
+        "epochs": lambda: bench_epochs(args.threads),
         "stochastic_length": bench_stochastic_length,
     }
     for name in args.sections:
