@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
                            f"output_dir={no_time_dir}"])  # fmt: skip
         train(cfg, progress=False)
     rows = []
+    missing = [str(run) for _, run in runs if not (run / "results.json").exists()]
+    if missing:
+        raise SystemExit(f"not finished (no results.json): {', '.join(missing)}; train it, then rerun this script "
+                         "(a finished no-time run is not trained again)")
     for name, run in runs:
         rec = Recommender.load(run, data_dir=args.data_dir)
         best = json.loads((run / "results.json").read_text())["best_epoch"]

@@ -211,7 +211,8 @@ class HSTU(nn.Module):
         B, N = ids.shape
         if N > self.config.max_len:
             raise ValueError(f"sequence width {N} exceeds max_len {self.config.max_len}")
-        if self.config.attention_impl == "jagged" and B > 1:  # one row has no padding to skip: the plain path is faster
+        # one row has no padding to skip, and no layer needs no attention layout: the plain path is cheaper there
+        if self.config.attention_impl == "jagged" and B > 1 and num_layers > 0:
             from genrec.ops.jagged import jagged_encode_batch  # the fast path, tested equal to the code below
 
             return jagged_encode_batch(self, batch, num_layers=num_layers, normalize=False)

@@ -126,8 +126,8 @@ def sampled_softmax_loss(
         if path == "sparse":
             neg_logit = sampled_logits(u, item_vectors(), neg_ids)  # [M, K]
         elif path == "full":
-            # Same draws, cheaper on CPU: score every position against the whole catalogue with one matrix product
-            # and pick each position's K logits, instead of gathering M·K embedding rows.
+            # Same draws: score every position against the whole catalogue with one matrix product and pick each
+            # position's K logits, instead of gathering M·K embedding rows.
             all_logit = u @ item_vectors().T  # [M, num_items + 1]
             neg_logit = all_logit.gather(1, neg_ids)  # [M, K]
         elif path == "gather":
