@@ -6,6 +6,7 @@ once, at the chosen epoch. Rows go to ``results/quality.json`` and the README ta
 
     python bench/quality.py run --dataset ml-1m --model hstu --threads 2   # one row pair (valid + test)
     python bench/quality.py refit --dataset ml-1m --name hstu               # refit on train+valid, test once
+    python bench/quality.py seeds --dataset ml-1m --names A B C --row "hstu (3 seeds)"   # mean ± sd row
     python bench/quality.py baselines                                      # popularity + transition chain
     python bench/quality.py table                                          # rewrite the README table
     python bench/quality.py all                                            # everything, sequentially (hours)
@@ -191,6 +192,34 @@ def run_baselines(dataset: str, data_dir: str, max_len: int) -> list[dict]:
     return rows
 
 
+def seed_summary(dataset: str, names: list[str], row_name: str) -> list[dict]:
+    """One test row averaging the finished test rows ``names`` (the same config trained with different seeds):
+    ``metrics`` holds the means, ``metrics_sd`` the sample standard deviations, ``members`` the averaged rows."""
+    import numpy as np
+
+    rows = {r["model"]: r for r in _load_rows() if r["dataset"] == dataset and r["split"] == "test"}
+    missing = [n for n in names if n not in rows]
+    if missing:
+        raise SystemExit(f"no test row for {missing} on {dataset}: run them first (bench/quality.py run --name ...)")
+    if len(names) < 2:
+        raise SystemExit("a seed summary needs at least two runs")
+    members = [rows[n] for n in names]
+    protocols = {m["protocol"]["name"] for m in members}
+    if len(protocols) != 1:
+        raise SystemExit(f"the runs were evaluated under different protocols: {sorted(protocols)}")
+    keys = [k for k in members[0]["metrics"] if all(k in m["metrics"] for m in members)]
+    values = {k: np.array([m["metrics"][k] for m in members], dtype=float) for k in keys}
+    return [{
+        "dataset": dataset, "model": row_name, "split": "test", "protocol": members[0]["protocol"],
+        "selection": members[0].get("selection", "valid"), "members": names,
+        "epoch": "/".join(str(m["epoch"]) for m in members),
+        "seconds_per_epoch": float(np.median([m["seconds_per_epoch"] for m in members])),
+        "metrics": {k: float(v.mean()) for k, v in values.items()},
+        "metrics_sd": {k: float(v.std(ddof=1)) for k, v in values.items()},
+        "notes": [f"mean and sample sd over {len(names)} runs that differ only in train.seed"],
+    }]  # fmt: skip
+
+
 MAX_LEN = {"ml-1m": 200, "amazon-beauty": 50}
 TABLE_START, TABLE_END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
 
@@ -205,10 +234,14 @@ def render_table(rows: list[dict]) -> str:
         lines.append(f"**{dataset}** — test split, protocol `{proto}`; neural rows at the best-validation epoch\n")
         lines.append("| model | HR@10 | NDCG@10 | HR@50 | NDCG@50 | HR@200 | NDCG@200 | MRR | best epoch | s/epoch |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        summarised = {n for r in test for n in r.get("members", [])}  # seed runs show as their summary row
         for r in test:
-            m = r["metrics"]
+            if r["model"] in summarised:
+                continue
+            m, sd = r["metrics"], r.get("metrics_sd", {})
             sec = "fit %.1f s" % r["seconds_per_epoch"] if r["epoch"] is None else "%.1f" % r["seconds_per_epoch"]
-            cells = [f"{m[k]:.4f}" if k in m else "–" for k in ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "HR@200", "NDCG@200", "MRR")]
+            cells = [(f"{m[k]:.4f}" + (f" ± {sd[k]:.4f}" if k in sd and k in ("HR@10", "NDCG@10") else "")) if k in m
+                     else "–" for k in ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "HR@200", "NDCG@200", "MRR")]
             label = r["model"] + (" †" if r.get("selection") == "test-peeking" else "")
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['epoch'] or '–'} | {sec} |")
         for p in PUBLISHED:
@@ -255,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     rf.add_argument("--set", nargs="*", default=[], help="config overrides")
     rf.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     rf.add_argument("--threads", type=int, default=0)
+    sd = sub.add_parser("seeds", help="one mean ± sd row over finished runs that differ only in their seed")
+    sd.add_argument("--dataset", choices=list(DATASETS), required=True)
+    sd.add_argument("--names", nargs="+", required=True, help="the runs' row names")
+    sd.add_argument("--row", required=True, help="the summary row's name")
     sub.add_parser("table")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -263,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         _save_rows(run_model(args.dataset, args.model, args.data_dir, args.threads, args.set, args.resume, args.name))
     elif args.cmd == "refit":
         _save_rows(refit_model(args.dataset, args.data_dir, args.threads, args.set, args.name))
+    elif args.cmd == "seeds":
+        _save_rows(seed_summary(args.dataset, args.names, args.row))
     elif args.cmd == "finalize":
         _save_rows(finalize_run(args.dataset, Path(args.run_dir).resolve(), args.name, args.data_dir, args.threads))
     elif args.cmd == "baselines":
@@ -273,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             _save_rows(run_baselines(d, args.data_dir, MAX_LEN[d]))
             for m in MODELS:
                 _save_rows(run_model(d, m, args.data_dir, args.threads, []))
-    if args.cmd in ("run", "refit", "finalize", "baselines", "all", "table") and README.exists():
+    if args.cmd in ("run", "refit", "finalize", "seeds", "baselines", "all", "table") and README.exists():
         write_table()
     return 0
 

@@ -58,6 +58,7 @@ class ModelConfig:
     num_time_buckets: int = 128
     attention_norm: str = "max_len"  # HSTU: divide SiLU(QK^T + rab) by "max_len" (reference) or "length" (row's true length)
     attention_impl: str = "padded"  # HSTU: "padded" (plain reference path) or "jagged" (genrec.ops.jagged, same math)
+    init: str = "reference"  # HSTU: "reference" (the research code's init) or "genrec-v1" (sessions 1-2; see hstu.py)
 
 
 @dataclass

@@ -161,3 +161,19 @@ def test_encode_last_equals_last_position_of_encode(kw):
     assert max_diff(model.encode_last(batch), full) <= 1e-5
     one = make_batch(B=1, N=12, lengths=[12])  # one row: the plain path whatever attention_impl says
     assert max_diff(model.encode_last(one), model.encode(one)[:, -1]) <= 1e-5
+
+
+def test_reference_init_matches_the_research_code_scales():
+    torch.manual_seed(0)
+    cfg = HSTUConfig(num_items=500, max_len=200, embedding_dim=50, num_blocks=2)
+    model = HSTU(cfg)
+    # the reference's reset_params: xavier-normal position table, std sqrt(2 / (rows + d))
+    assert model.pos_emb.weight.std().item() == pytest.approx(math.sqrt(2 / 250), rel=0.05)
+    # W_o keeps nn.Linear's default bias, U(±1/sqrt(h·dv)): not zero
+    bias = model.layers[0].out.bias
+    assert bias.abs().max().item() > 0.05 and bias.abs().max().item() <= 1 / math.sqrt(50)
+    old = HSTU(HSTUConfig(num_items=500, max_len=200, embedding_dim=50, num_blocks=2, init="genrec-v1"))
+    assert old.pos_emb.weight.std().item() == pytest.approx(math.sqrt(1 / 50), rel=0.05)
+    assert torch.count_nonzero(old.layers[0].out.bias) == 0
+    with pytest.raises(ValueError, match="init"):
+        HSTU(HSTUConfig(num_items=5, init="xavier"))
