@@ -9,12 +9,14 @@ item, test measured once at the best epoch):
     sl-1.8     train.stochastic_length_alpha=1.8
     sl-2.0     train.stochastic_length_alpha=2.0
 
-The fp32 baseline is the ``hstu`` run of ``bench/quality.py`` (``runs/quality/<dataset>/hstu``); run that first.
+The fp32 baseline is the ``hstu`` run of ``bench/quality.py`` (``runs/quality/<dataset>/hstu``; run that first), or
+the mean of the runs named by ``--baseline`` (e.g. the same config under several seeds).
 Rows go to ``results/efficiency_quality.json`` (a JSON list of ``{"dataset", "variant", "split", "protocol",
 "epoch", "seconds_per_epoch", "metrics", "relative_ndcg10", "stochastic_length"}``, where ``relative_ndcg10`` is the
 variant's test NDCG@10 over the baseline's, minus 1), and the table is printed.
 
     python bench/efficiency_quality.py --dataset ml-1m --variants bf16 sl-1.6 sl-1.8 sl-2.0 --threads 1
+    python bench/efficiency_quality.py --dataset ml-1m --variants bf16 --baseline hstu-seed42 hstu-seed1
     python bench/efficiency_quality.py --table          # print the table of what is there
 """
 
@@ -41,18 +43,31 @@ VARIANTS = {
 log = logging.getLogger("bench.efficiency_quality")
 
 
-def baseline_row(dataset: str) -> dict:
-    run = ROOT / "runs" / "quality" / dataset / "hstu" / "results.json"
-    if not run.exists():
-        raise SystemExit(f"no fp32 baseline at {run}: run `python bench/quality.py run --dataset {dataset} --model hstu`")
-    res = json.loads(run.read_text())
-    return {"dataset": dataset, "variant": "fp32", "split": "test", "protocol": res["test"]["protocol"],
-            "epoch": res["best_epoch"], "seconds_per_epoch": res["seconds_per_epoch"],
-            "metrics": res["test"]["metrics"], "relative_ndcg10": 0.0, "stochastic_length": None}  # fmt: skip
+def baseline_row(dataset: str, names: list[str] | None = None) -> dict:
+    """The fp32 row: the finished ``runs/quality/<dataset>/<name>`` runs (default ``hstu``), averaged when several
+    (the same config with different seeds)."""
+    import numpy as np
+
+    names = names or ["hstu"]
+    results = []
+    for name in names:
+        run = ROOT / "runs" / "quality" / dataset / name / "results.json"
+        if not run.exists():
+            raise SystemExit(f"no fp32 baseline at {run}: run `python bench/quality.py run --dataset {dataset} "
+                             f"--model hstu --name {name}` first")  # fmt: skip
+        results.append(json.loads(run.read_text()))
+    keys = [k for k in results[0]["test"]["metrics"] if all(k in r["test"]["metrics"] for r in results)]
+    metrics = {k: float(np.mean([r["test"]["metrics"][k] for r in results])) for k in keys}
+    return {"dataset": dataset, "variant": "fp32", "split": "test", "protocol": results[0]["test"]["protocol"],
+            "epoch": "/".join(str(r["best_epoch"]) for r in results), "baseline_runs": names,
+            "seconds_per_epoch": float(np.median([r["seconds_per_epoch"] for r in results])),
+            "metrics": metrics, "relative_ndcg10": 0.0, "stochastic_length": None}  # fmt: skip
 
 
-def run_variant(dataset: str, variant: str, data_dir: str, threads: int, extra: list[str]) -> dict:
-    base = baseline_row(dataset)
+def run_variant(
+    dataset: str, variant: str, data_dir: str, threads: int, extra: list[str], baseline: list[str] | None = None
+) -> dict:
+    base = baseline_row(dataset, baseline)
     name = f"hstu-{variant}"
     rows = quality.run_model(dataset, "hstu", data_dir, threads, VARIANTS[variant] + extra, name=name)
     test = next(r for r in rows if r["split"] == "test")
@@ -61,7 +76,7 @@ def run_variant(dataset: str, variant: str, data_dir: str, threads: int, extra: 
     return {"dataset": dataset, "variant": variant, "split": "test", "protocol": test["protocol"],
             "epoch": test["epoch"], "seconds_per_epoch": test["seconds_per_epoch"], "metrics": test["metrics"],
             "relative_ndcg10": rel, "stochastic_length": res.get("stochastic_length"),
-            "overrides": VARIANTS[variant] + extra}  # fmt: skip
+            "overrides": VARIANTS[variant] + extra, "baseline_runs": base["baseline_runs"]}  # fmt: skip
 
 
 def save(rows: list[dict]) -> None:
@@ -94,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", choices=list(quality.DATASETS))
     p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides for every variant (e.g. a budget)")
+    p.add_argument("--baseline", nargs="*", default=None,
+                   help="fp32 run names under runs/quality/<dataset>/ to compare with, averaged (default: hstu)")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--table", action="store_true", help="only print the table")
@@ -102,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table:
         if args.dataset is None:
             p.error("--dataset is required unless --table")
-        save([baseline_row(args.dataset)])
+        save([baseline_row(args.dataset, args.baseline)])
         for v in args.variants:
-            save([run_variant(args.dataset, v, args.data_dir, args.threads, args.set)])
+            save([run_variant(args.dataset, v, args.data_dir, args.threads, args.set, args.baseline)])
             print(table(), flush=True)
     print(table())
     return 0
