@@ -8,7 +8,7 @@ means the fast side is faster. Forward+backward means one forward and one ``back
 
     python bench/speed.py                       # full run, writes results/speed.json (minutes)
     python bench/speed.py --quick --out /tmp/speed.json   # seconds-long smoke run with small shapes
-    python bench/speed.py --sections loss training --out results/speed_training.json   # some sections only
+    python bench/speed.py --sections loss training   # some sections only: their rows replace those of the same name
 
 Rows (``name``, ``value``, ``unit``, ``detail``):
 - ``attention/...``: HSTU attention (4 heads × 64, relative bias with position and time terms) plain and blocked vs
@@ -428,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=None, help="rounds per measurement (default 5, quick 2)")
     p.add_argument("--out", default=str(ROOT / "results" / "speed.json"))
     p.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS), help="default: all")
+    p.add_argument("--replace", action="store_true", help="overwrite --out instead of merging rows into it")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     reps = args.reps or (2 if args.quick else 5)
@@ -456,10 +457,19 @@ def main(argv: list[str] | None = None) -> int:
     meta = f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}"
     for r in ROWS:
         r["detail"] += f" [{meta}{', quick' if args.quick else ''}]"
+    measured = time.strftime("%Y-%m-%d")
+    for r in ROWS:
+        r["measured"] = measured
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(ROWS, indent=1) + "\n")
-    print(f"wrote {len(ROWS)} rows to {out}")
+    # rows of the sections not run this time stay (a section's rows are replaced by name)
+    old = [] if args.replace or not out.exists() else json.loads(out.read_text())
+    names = {r["name"] for r in ROWS}
+    rows = [r for r in old if r["name"] not in names] + ROWS
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"wrote {len(ROWS)} rows to {out} ({len(rows) - len(ROWS)} rows of other sections kept)")
     return 0
 
 
