@@ -9,6 +9,7 @@ means the fast side is faster. Forward+backward means one forward and one ``back
     python bench/speed.py                       # full run, writes results/speed.json (minutes)
     python bench/speed.py --quick --out /tmp/speed.json   # seconds-long smoke run with small shapes
     python bench/speed.py --sections loss training   # some sections only: their rows replace those of the same name
+    python bench/speed.py --table                    # rewrite the README table from results/speed.json
 
 Rows (``name``, ``value``, ``unit``, ``detail``):
 - ``attention/...``: HSTU attention (4 heads × 64, relative bias with position and time terms) plain and blocked vs
@@ -420,6 +421,19 @@ def bench_stochastic_length() -> None:
 
 # ---------------------------------------------------------------------------------------------------------- main
 
+TABLE_START, TABLE_END = "<!-- speed-table:start -->", "<!-- speed-table:end -->"
+
+
+def markdown(rows: list[dict]) -> str:
+    """The README table: every row of results/speed.json, its value and its detail (without the machine note)."""
+    lines = ["| row | value | what was timed | measured |", "|---|---:|---|---|"]
+    for r in rows:
+        v = r["value"]
+        value = f"{v:.2f}x" if r["unit"] == "x" else (f"{v:.3f} {r['unit']}" if v < 10 else f"{v:,.0f} {r['unit']}")
+        what = r["detail"].split(" [torch")[0].replace("|", "/")
+        lines.append(f"| `{r['name']}` | {value} | {what} | {r.get('measured', 'earlier')} |")
+    return "\n".join(lines)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -429,7 +443,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "results" / "speed.json"))
     p.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS), help="default: all")
     p.add_argument("--replace", action="store_true", help="overwrite --out instead of merging rows into it")
+    p.add_argument("--table", action="store_true", help="only rewrite the README table from results/speed.json")
     args = p.parse_args(argv)
+    if args.table:
+        from readme_table import write_between_markers
+
+        table = markdown(json.loads((ROOT / "results" / "speed.json").read_text()))
+        write_between_markers(ROOT / "README.md", TABLE_START, TABLE_END, table)
+        print(table)
+        return 0
     torch.set_num_threads(args.threads)
     reps = args.reps or (2 if args.quick else 5)
     quick = {
@@ -470,6 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(rows, indent=1) + "\n")
     tmp.replace(out)
     print(f"wrote {len(ROWS)} rows to {out} ({len(rows) - len(ROWS)} rows of other sections kept)")
+    if out.resolve() == (ROOT / "results" / "speed.json").resolve() and not args.quick:
+        from readme_table import write_between_markers
+
+        write_between_markers(ROOT / "README.md", TABLE_START, TABLE_END, markdown(rows))
     return 0
 
 
