@@ -56,6 +56,7 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "genrec.cli", "serve", "--checkpoint", str(args.checkpoint), "--host", "127.0.0.1",
            "--port", str(port), "--threads", str(args.server_threads), "--max-batch", str(args.max_batch),
            "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"]  # fmt: skip
+    cmd += ["--model-thread"] if args.model_thread else []
     return subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
 
 
@@ -268,6 +269,7 @@ def main() -> int:
     p.add_argument("--server-threads", type=int, default=1, help="server torch threads (the client needs a core)")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=0.0)
+    p.add_argument("--model-thread", action="store_true", help="server runs forward passes in a worker thread")
     p.add_argument("--client", choices=["raw", "httpx"], default="raw", help="HTTP client (see the docstring)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -310,7 +312,7 @@ def main() -> int:
         f"`genrec serve` on {health['model_id']} ({health['num_items']:,} items), POST /v1/recommend top-{args.k}, "
         f"{histories}, {args.client} HTTP/1.1 client, {os.cpu_count()} CPU cores shared by "
         f"client and server (server: {args.server_threads} torch thread(s), max_batch {args.max_batch}, "
-        f"max_wait_ms {args.max_wait_ms})."
+        f"max_wait_ms {args.max_wait_ms}{', model in a worker thread' if args.model_thread else ', model on the event loop'})."
     )
     table = markdown(rows, mean_batch, caption)
     print("\n" + table)

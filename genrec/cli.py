@@ -94,6 +94,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         rec,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
+        model_thread=args.model_thread,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
     )
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-batch", type=int, default=64, help="most requests per forward pass")
     s.add_argument("--max-wait-ms", type=float, default=0.0, help="batch wait (0: take the queue)")
+    s.add_argument("--model-thread", action="store_true",
+                   help="run forward passes in a worker thread instead of on the event loop")
     s.add_argument("--max-queue", type=int, default=1024, help="waiting requests beyond this get 503")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     s.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = PyTorch's default)")

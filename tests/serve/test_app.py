@@ -246,7 +246,8 @@ def test_fuzzed_raw_bytes_never_get_a_5xx(client, raw, path):
     assert client.post(path, content=raw, headers={"content-type": "application/json"}).status_code < 500
 
 
-def test_concurrent_requests_share_forward_passes_and_match_the_api(rec):
+@pytest.mark.parametrize("model_thread", [False, True], ids=["event-loop", "worker-thread"])
+def test_concurrent_requests_share_forward_passes_and_match_the_api(rec, model_thread):
     histories = [[KNOWN[(s + j) % 30] for j in range(1 + s % 9)] for s in range(32)]
     expected = [r.items for r in rec.recommend_batch(histories, k=5)]
 
@@ -254,7 +255,7 @@ def test_concurrent_requests_share_forward_passes_and_match_the_api(rec):
         async with httpx.AsyncClient(base_url=url, timeout=30) as ac:
             return await asyncio.gather(*(ac.post("/v1/recommend", json={"history": h, "k": 5}) for h in histories))
 
-    with running(create_app(rec, max_wait_ms=20)) as url:
+    with running(create_app(rec, max_wait_ms=20, model_thread=model_thread)) as url:
         responses = asyncio.run(fire(url))
         metrics = httpx.get(f"{url}/metrics").text
     assert [_items(r.json())[0] for r in responses] == expected
