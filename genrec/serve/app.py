@@ -22,6 +22,9 @@ Request handling
       everything queued (up to ``max_batch``, after waiting ``max_wait_ms`` for company) into one forward pass. While
       it runs, new requests queue up, so batches grow with load without any waiting; the default wait is therefore 0
       (an asyncio sleep of 1 ms costs 1-2 ms of latency at low load and bought no throughput in bench/serve_load.py).
+      The forward pass runs on the event loop itself (requests arriving meanwhile wait in the socket buffers);
+      ``model_thread=True`` (``genrec serve --model-thread``) runs it in a worker thread instead, which measured
+      slower here because the two busy threads hand the GIL back and forth.
 
 The app only reads the recommender; nothing is ever written to the model directory. Scores: see ``genrec.api``.
 """
@@ -234,7 +237,8 @@ class Overloaded(Exception):
 
 
 class MicroBatcher(Generic[Q, R]):
-    """Collects concurrent queries into batches for ``run`` (called in one worker thread, one batch at a time).
+    """Collects concurrent queries into batches for ``run``, called one batch at a time: on the event loop when
+    ``inline``, else in one worker thread.
 
     The worker takes the first waiting query, waits ``max_wait_s`` for company, then takes everything queued (up to
     ``max_batch``). While a batch runs, later requests queue, so under load batches fill without any waiting."""
@@ -259,7 +263,8 @@ class MicroBatcher(Generic[Q, R]):
 
     async def start(self) -> None:
         self._queue = asyncio.Queue(self.max_queue)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="genrec-model")
+        if not self.inline:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="genrec-model")
         self._task = asyncio.create_task(self._worker(), name="genrec-batcher")
 
     async def stop(self) -> None:
