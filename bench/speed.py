@@ -40,6 +40,7 @@ Not here: quality (NDCG) of bf16 and Stochastic Length needs whole trainings (``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import math
@@ -94,6 +95,13 @@ def timed(fns: dict, reps: int) -> dict[str, float]:
 def row(name: str, value: float, unit: str, detail: str) -> None:
     ROWS.append({"name": name, "value": round(float(value), 4), "unit": unit, "detail": detail})
     print(f"{name:58s} {value:10.3f} {unit:8s} {detail}", flush=True)
+
+
+def native_note() -> str:
+    from genrec.ops import native
+
+    return ("blocked = engine + native C kernel (genrec/ops/hstu_tiles.c), torch_passes = same engine, PyTorch "
+            "elementwise passes" if native.load() is not None else "native kernel NOT available: blocked = torch passes")
 
 
 def ratio_rows(prefix: str, t: dict[str, float], pairs: list[tuple[str, str, str]], context: str) -> None:
@@ -193,16 +201,22 @@ def bench_attention(lengths: list[int], reps: int, dtypes: list[torch.dtype], pl
                 "sdpa": fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v),
                 "blocked": fwd_bwd(lambda: blocked_hstu_attention(q, k, v, pos_w, ts_w, t, qt, has_time, 128, norm),
                                    q, k, v, pos_w, ts_w),
+                "blocked_torch_passes": fwd_bwd(
+                    lambda: blocked_hstu_attention(q, k, v, pos_w, ts_w, t, qt, has_time, 128, norm, native=False),
+                    q, k, v, pos_w, ts_w),
                 "blocked_pos_only": fwd_bwd(
                     lambda: blocked_hstu_attention(q, k, v, pos_w, None, t, qt, has_time, 128, norm), q, k, v, pos_w),
             }
-            pairs = [("blocked_vs_sdpa", "blocked", "sdpa"), ("blocked_pos_only_vs_sdpa", "blocked_pos_only", "sdpa")]
+            pairs = [("blocked_vs_sdpa", "blocked", "sdpa"), ("blocked_pos_only_vs_sdpa", "blocked_pos_only", "sdpa"),
+                     ("blocked_torch_passes_vs_sdpa", "blocked_torch_passes", "sdpa"),
+                     ("blocked_vs_torch_passes", "blocked", "blocked_torch_passes")]
             if N <= plain_max:
                 fns["plain"] = fwd_bwd(plain, q, k, v, pos_w, ts_w)
                 pairs += [("plain_vs_sdpa", "plain", "sdpa"), ("blocked_vs_plain", "blocked", "plain")]
             t_ = timed(fns, reps)
             ratio_rows(f"attention/{tag}/N={N}", t_, pairs,
-                       f"fwd+bwd, 1 sequence, 4 heads x 64, {tag}, rab = position + time (pos_only: position)")
+                       f"fwd+bwd, 1 sequence, 4 heads x 64, {tag}, rab = position + time (pos_only: position); "
+                       f"{native_note()}")
 
 
 class PreNormTransformerLayer(nn.Module):
@@ -235,6 +249,8 @@ def bench_layer(lengths: list[int], reps: int, plain_max: int) -> None:
         ts = torch.cumsum(torch.randint(0, 100_000, (1, N + 1), generator=g), 1)
         lengths_t = torch.tensor([N])
         ctx = jagged_context(model, lengths_to_offsets(lengths_t), ts[0, :-1], ts[0, 1:], torch.tensor([True]))
+        ctx_torch = jagged_context(model, lengths_to_offsets(lengths_t), ts[0, :-1], ts[0, 1:], torch.tensor([True]),
+                                   native=False)
         pos = torch.arange(N)
         offsets = (pos.view(N, 1) - pos.view(1, N)).clamp(min=0)
         causal = torch.ones(N, N).tril()
@@ -247,13 +263,16 @@ def bench_layer(lengths: list[int], reps: int, plain_max: int) -> None:
         fns = {
             "transformer": fwd_bwd(lambda: tfm(x), x),
             "hstu_blocked": fwd_bwd(lambda: jagged_hstu_layer(layer, x[0], ctx), x),
+            "hstu_blocked_torch_passes": fwd_bwd(lambda: jagged_hstu_layer(layer, x[0], ctx_torch), x),
         }
-        pairs = [("hstu_blocked_vs_transformer", "hstu_blocked", "transformer")]
+        pairs = [("hstu_blocked_vs_transformer", "hstu_blocked", "transformer"),
+                 ("hstu_blocked_torch_passes_vs_transformer", "hstu_blocked_torch_passes", "transformer")]
         if N <= plain_max:
             fns["hstu_plain"] = fwd_bwd(plain, x)
             pairs.append(("hstu_plain_vs_transformer", "hstu_plain", "transformer"))
         t_ = timed(fns, reps)
-        ratio_rows(f"layer/N={N}", t_, pairs, "fwd+bwd, d=256, 4 heads x 64, fp32; HSTU with position+time rab")
+        ratio_rows(f"layer/N={N}", t_, pairs,
+                   f"fwd+bwd, d=256, 4 heads x 64, fp32; HSTU with position+time rab; {native_note()}")
 
 
 def bench_jagged(ml_rows: int, tail_rows: int, tail_cap: int, reps: int) -> None:
@@ -388,12 +407,16 @@ def bench_epochs(threads: int, max_steps: int = 0) -> None:
     from genrec.train.loop import train
 
     data_dir = ROOT.parent / "shared" / "data"
+    from genrec.ops import native
+
     cases = [("sasrec", "sasrec", []), ("hstu", "hstu", []), ("hstu-large", "hstu-large", []),
+             ("hstu-large/torch-passes", "hstu-large", []),
              ("hstu-large/shared-negatives", "hstu-large", ["train.negatives=shared"])]  # fmt: skip
     data = None
     times = {}
     for name, cfg_name, extra in cases:
-        with tempfile.TemporaryDirectory() as tmp:
+        torch_passes = name.endswith("/torch-passes")  # the blocked engine without the native kernel
+        with tempfile.TemporaryDirectory() as tmp, (native.disabled() if torch_passes else contextlib.nullcontext()):
             cfg = load_config(ROOT / "configs" / "ml-1m" / f"{cfg_name}.yaml", [
                 f"data.data_dir={data_dir}", f"output_dir={tmp}", "train.epochs=1", f"train.num_threads={threads}",
                 f"train.max_steps_per_epoch={max_steps}", *extra])  # fmt: skip
@@ -401,12 +424,15 @@ def bench_epochs(threads: int, max_steps: int = 0) -> None:
             train(cfg, data=data, progress=False)
             times[name] = json.loads(open(Path(tmp) / "log.jsonl").readline())["train_seconds"]
         row(f"epoch/ml-1m/{name}", times[name], "s", f"one training epoch of configs/ml-1m/{cfg_name}.yaml "
-            f"{' '.join(extra)} ({threads} threads, no evaluation{f', first {max_steps} steps only' if max_steps else ''})")  # fmt: skip
+            f"{' '.join(extra)} ({threads} threads, no evaluation{f', first {max_steps} steps only' if max_steps else ''}"
+            f"{'; attention without the native kernel' if torch_passes else ''})")  # fmt: skip
     if max_steps:  # a smoke run: partial epochs say nothing about the ratios
         return
     row("epoch/ml-1m/hstu_vs_sasrec", times["sasrec"] / times["hstu"], "x", "SASRec epoch time / HSTU epoch time")
     row("epoch/ml-1m/hstu-large_vs_50s", 50.0 / times["hstu-large"], "x",
         "50 s (the issue's plain-PyTorch HSTU-large epoch with shared negatives) / this HSTU-large epoch")
+    row("epoch/ml-1m/hstu-large_native_vs_torch_passes", times["hstu-large/torch-passes"] / times["hstu-large"], "x",
+        "HSTU-large epoch with the attention's PyTorch elementwise passes / with the native kernel")
 
 
 def bench_stochastic_length() -> None:

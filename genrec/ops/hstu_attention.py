@@ -33,13 +33,19 @@ Deviations from the plain path (none in the math):
   is at most 64 MB, uint8 beyond): O(N²) bytes but shared by all heads and layers, where the plain path builds
   B·N² int64 bucket and index tensors plus h·B·N² scores.
 
-Why an eager autograd Function and not ``torch.compile``: compile works on this machine (g++ is present; one chunk
-body compiles in ~7-25 s), but compiled chunk bodies (Inductor fusing the elementwise chain around the extern bmm
-calls) measured no faster than this engine (backward at N = 1024: 64-67 ms compiled vs 52-59 ms eager, under load).
-At fp32 the engine is matmul-bound (~60% of its time in bmm at N = 1024-4096); the rest is the elementwise passes
-(bias add, SiLU, SiLU backward, head sum) that a hand-written kernel would fuse.
+Elementwise passes: between a chunk's batched matmuls (ATen / MKL) sit the bias gather and add, SiLU, the causal
+mask, SiLU backward and the bias gradients (a sum over heads, the position tile, a bincount over time buckets).
+By default they run as one fused pass forward and one backward in a small C kernel (``hstu_tiles.c``, built with
+the system compiler by ``genrec.ops.native``; SiLU evaluated in fp32 also for bf16 scores). The PyTorch passes in
+``_Tiles.weights`` / ``weights_and_grads`` stay as the reference, are used when no compiler is available or
+``GENREC_NATIVE=0``, and are parity-tested against the kernel (``native=False`` / ``True``).
 
-Scope: CPU tensors (the layout's index tensors live on the CPU); on GPU use the plain path.
+Why not ``torch.compile``: compile works on this machine (g++ is present; one chunk body compiles in ~7-25 s), but
+compiled chunk bodies (Inductor fusing the elementwise chain around the extern bmm calls) measured no faster than
+the eager engine (backward at N = 1024: 64-67 ms compiled vs 52-59 ms eager, under load).
+
+Scope: CPU tensors (the layout's index tensors live on the CPU); on GPU use the plain path. The native kernel
+is single-threaded (the matmuls around it use torch's threads).
 
 Public: ``blocked_hstu_attention`` (padded [B, h, N, d] in and out: the plain path's contract, with the bias given
 by its weights and timestamps), and the engine used by ``genrec.ops.jagged`` and ``bench/speed.py``:
@@ -58,6 +64,7 @@ import torch.nn.functional as F
 # Scores (C·h·block²) per chunk of tiles: 256K fp32 = 1 MiB, this CPU's L2 (measured best of 256K / 1M here).
 DEFAULT_TILE_ELEMS = 1 << 18
 LONG_BUCKET_PAIRS = 1 << 23
+_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # score dtypes the native kernel handles (its dtype code)
 
 
 # Rough costs on this CPU (1 thread, fp32; measured, used only to pick a block size). Per chunk: Python and launch
@@ -223,7 +230,7 @@ def _add_rows(acc: torch.Tensor, ids: torch.Tensor, span, val: torch.Tensor) -> 
 class _Tiles:
     """Per-call state shared by forward and backward: the layout, the bias tiles and the triangular mask."""
 
-    def __init__(self, layout: BlockLayout, pos_w, ts_w, buckets: TileBuckets | None, dtype) -> None:
+    def __init__(self, layout: BlockLayout, pos_w, ts_w, buckets: TileBuckets | None, dtype, lib=None) -> None:
         self.layout, self.buckets = layout, buckets
         Bs = layout.block
         self.tril = torch.ones(Bs, Bs, dtype=dtype).tril_()
@@ -235,6 +242,69 @@ class _Tiles:
             self.offsets = (deltas + rc).clamp_(0, pos_w.shape[0] - 1)
             self.pos_tiles = pos_w.detach()[self.offsets]
         self.ts_pad = F.pad(ts_w.detach(), (0, 1)) if (ts_w is not None and buckets is not None) else None
+        # The native kernel (genrec/ops/hstu_tiles.c) replaces the elementwise passes for fp32 / bf16 scores.
+        self.lib = lib if dtype in _NATIVE_DTYPES else None
+        if self.lib is not None:
+            if self.pos_tiles is not None:
+                self.pos_tiles = self.pos_tiles.to(torch.float32).contiguous()
+            if self.ts_pad is not None:
+                self.ts_pad = self.ts_pad.to(torch.float32).contiguous()
+            self.work = torch.empty(2 * Bs, dtype=torch.float32)
+
+    def _native_args(self, n: int, c: TileChunk, s: torch.Tensor) -> tuple:
+        """The kernel's arguments after the score buffer(s): dtype, C, H, B, pos, bucket, bucket dtype, ts, diag."""
+        pos = self.pos_tiles[c.delta].data_ptr() if self.pos_tiles is not None else None
+        bucket = bdt = ts = None
+        if self.ts_pad is not None:
+            b = self.buckets.chunks[n]
+            bucket, bdt, ts = b.data_ptr(), (0 if b.dtype == torch.long else 1), self.ts_pad.data_ptr()
+        C, H, Bs = s.shape[0], s.shape[1], s.shape[2]
+        return (_NATIVE_DTYPES[s.dtype], C, H, Bs, pos, bucket, bdt or 0, ts, int(c.delta == 0))
+
+    def weights(self, n: int, c: TileChunk, q, k):
+        """w = SiLU(q kᵀ + rab), causally masked: [C, h, Bs, Bs] in q's dtype, plus the gathered q and k rows."""
+        if self.lib is None:
+            s, qb, kb = self.scores(n, c, q, k)
+            w = F.silu(s, inplace=True)
+            if c.delta == 0:
+                w.mul_(self.tril)
+            return w, qb, kb
+        qb = _rows(q, c.qi, c.q_span)
+        kb = _rows(k, c.ki, c.k_span)
+        s = _mm(qb, kb, tb=True)
+        self.lib.hstu_tiles_forward(s.data_ptr(), *self._native_args(n, c, s), self.work.data_ptr())
+        return s, qb, kb
+
+    def weights_and_grads(self, n: int, c: TileChunk, q, k, dw_fn, dpos, dts):
+        """Backward of one chunk: (w, ds, qb, kb) with ds = dL/d(scores) from dw = dL/dw = ``dw_fn(w's rows)``;
+        adds the chunk's bias gradients into ``dpos`` [Bs, Bs] and ``dts`` [num_buckets + 2] (either may be None)."""
+        if self.lib is None:
+            s, qb, kb = self.scores(n, c, q, k)
+            w = F.silu(s)
+            if c.delta == 0:
+                w.mul_(self.tril)
+            dw = dw_fn()
+            ds = torch.ops.aten.silu_backward.default(dw, s)
+            if c.delta == 0:
+                ds.mul_(self.tril)
+            if dpos is not None or dts is not None:
+                drab = ds.sum(1, dtype=torch.float32)  # [C, Bs, Bs]: the bias is shared by the heads
+                if dpos is not None:
+                    dpos.add_(drab.sum(0))
+                if dts is not None:
+                    dts += torch.bincount(self.buckets.chunks[n].view(-1), weights=drab.view(-1), minlength=len(dts))
+            return w, ds, qb, kb
+        qb = _rows(q, c.qi, c.q_span)
+        kb = _rows(k, c.ki, c.k_span)
+        s = _mm(qb, kb, tb=True)
+        dw = dw_fn()
+        self.lib.hstu_tiles_backward(
+            s.data_ptr(), dw.data_ptr(), *self._native_args(n, c, s),
+            dpos.data_ptr() if dpos is not None else None,
+            dts.data_ptr() if (dts is not None and self.ts_pad is not None) else None,
+            self.work.data_ptr(),
+        )
+        return s, dw, qb, kb
 
     def scores(self, n: int, c: TileChunk, q, k):  # q, k must be contiguous
         """S = q kᵀ + rab for chunk n: [C, h, Bs, Bs] in q's dtype, plus the gathered q and k rows."""
@@ -263,10 +333,7 @@ class _BlockedAttention(torch.autograd.Function):
         # q, k [nblk, h, Bs, dqk]; v [nblk, h, Bs, dv]; norm [nblk] fp32 -> out [nblk, h, Bs, dv]
         out = torch.zeros(v.shape, dtype=torch.float32)
         for n, c in enumerate(tiles.layout.chunks):
-            s, _, _ = tiles.scores(n, c, q, k)
-            w = F.silu(s, inplace=True)
-            if c.delta == 0:
-                w.mul_(tiles.tril)
+            w, _, _ = tiles.weights(n, c, q, k)  # [C, h, Bs, Bs]
             _add_rows(out, c.qi, c.q_span, _mm(w, _rows(v, c.ki, c.k_span)))
         out.div_(norm.view(-1, 1, 1, 1))
         ctx.tiles = tiles
@@ -288,24 +355,14 @@ class _BlockedAttention(torch.autograd.Function):
         dpos_tiles = torch.zeros(layout.num_deltas, layout.block, layout.block) if want_pos else None
         dts = torch.zeros(tiles.ts_pad.shape[0]) if want_ts else None
         for n, c in enumerate(layout.chunks):
-            s, qb, kb = tiles.scores(n, c, q, k)  # recomputed
             gob = _rows(go, c.qi, c.q_span)  # [C, h, Bs, dv]
-            w = F.silu(s)
-            if c.delta == 0:
-                w.mul_(tiles.tril)
+            w, ds, qb, kb = tiles.weights_and_grads(  # scores recomputed; ds [C, h, Bs, Bs]
+                n, c, q, k, lambda: _mm(gob, _rows(v, c.ki, c.k_span), tb=True),
+                dpos_tiles[c.delta] if want_pos else None, dts if want_ts else None,
+            )
             _add_rows(dv, c.ki, c.k_span, _mm(w, gob, ta=True))
-            dw = _mm(gob, _rows(v, c.ki, c.k_span), tb=True)  # [C, h, Bs, Bs]
-            ds = torch.ops.aten.silu_backward.default(dw, s)
-            if c.delta == 0:
-                ds.mul_(tiles.tril)
             _add_rows(dq, c.qi, c.q_span, _mm(ds, kb))
             _add_rows(dk, c.ki, c.k_span, _mm(ds, qb, ta=True))
-            if want_pos or want_ts:
-                drab = ds.sum(1, dtype=torch.float32)  # [C, Bs, Bs]: the bias is shared by the heads
-                if want_pos:
-                    dpos_tiles[c.delta].add_(drab.sum(0))
-                if want_ts:
-                    dts += torch.bincount(tiles.buckets.chunks[n].view(-1), weights=drab.view(-1), minlength=len(dts))
         dpos = dts_out = None
         if want_pos:
             dpos = torch.zeros(ctx.pos_len).index_add_(0, tiles.offsets.view(-1), dpos_tiles.view(-1))
@@ -324,14 +381,25 @@ def blocked_attention(
     pos_w: torch.Tensor | None = None,
     ts_w: torch.Tensor | None = None,
     buckets: TileBuckets | None = None,
+    native: bool | None = None,
 ) -> torch.Tensor:
     """The engine. q, k [nblk, h, Bs, dqk], v [nblk, h, Bs, dv] laid out as ``layout``; norm [nblk] (normaliser of
     each block's sequence); pos_w [P] (None: no position term); ts_w [num_buckets + 1] with ``buckets`` (None: no
-    time term) -> out [nblk, h, Bs, dv]. Slots that no tile reads as a query (padding blocks) give 0."""
+    time term) -> out [nblk, h, Bs, dv]. Slots that no tile reads as a query (padding blocks) give 0.
+
+    native: None = use the fused C kernel (``genrec.ops.native``) for fp32 / bf16 when it builds here, False = the
+    pure-PyTorch passes (the reference), True = require the kernel (RuntimeError when it is unavailable)."""
     if q.device.type != "cpu":
         raise NotImplementedError("blocked_attention runs on CPU tensors; use the plain path on other devices")
     q, k, v = q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
-    tiles = _Tiles(layout, pos_w, ts_w, buckets, q.dtype)
+    lib = None
+    if native is not False:
+        from genrec.ops import native as native_mod
+
+        lib = native_mod.load()
+        if lib is None and native:
+            raise RuntimeError("native=True but the native HSTU kernel is unavailable (see the genrec.native log)")
+    tiles = _Tiles(layout, pos_w, ts_w, buckets, q.dtype, lib)
     pos_in = pos_w if pos_w is not None else torch.zeros(0)
     ts_in = ts_w if (ts_w is not None and buckets is not None) else torch.zeros(0)
     with torch.autocast("cpu", enabled=False):  # compute in the inputs' dtype, under autocast too
@@ -352,6 +420,7 @@ def blocked_hstu_attention(
     lengths: torch.Tensor | None = None,
     block: int | None = None,
     tile_elems: int = DEFAULT_TILE_ELEMS,
+    native: bool | None = None,
 ) -> torch.Tensor:
     """Padded-batch entry point with the plain path's result::
 
@@ -359,7 +428,8 @@ def blocked_hstu_attention(
 
     q, k [B, h, N, dqk]; v [B, h, N, dv]; pos_w [P >= N] (``HSTURelativeBias.pos_w``; None = no position term);
     ts_w [num_buckets + 1] (``.ts_w``; None = no time term); timestamps, query_times [B, N] long; has_time [B] bool;
-    norm [B or 1]; lengths [B] (None = every row is N long); block (None: ``choose_block``) -> out [B, h, N, dv].
+    norm [B or 1]; lengths [B] (None = every row is N long); block (None: ``choose_block``); native: as
+    ``blocked_attention`` -> out [B, h, N, dv].
     """
     B, h, N, _ = q.shape
     if lengths is not None:
@@ -385,7 +455,7 @@ def blocked_hstu_attention(
         slot_qt = F.pad(query_times, (0, Np - N)).reshape(B * nbr, block)
         buckets = TileBuckets.build(layout, slot_t, slot_qt, has_time.repeat_interleave(nbr), num_buckets)
     norm_blk = norm.to(torch.float32).expand(B).repeat_interleave(nbr)  # [B·nbr]
-    out = blocked_attention(blocks(q), blocks(k), blocks(v), layout, norm_blk, pos_w, ts_w, buckets)
+    out = blocked_attention(blocks(q), blocks(k), blocks(v), layout, norm_blk, pos_w, ts_w, buckets, native)
     out = out.reshape(B, nbr, h, block, dv).transpose(1, 2).reshape(B, h, Np, dv)[:, :, :N]
     if given_lengths:  # rows past a length inside a computed block: 0, like the blocks no tile touches
         out = out * (torch.arange(N).view(1, 1, N, 1) < lengths.view(B, 1, 1, 1))

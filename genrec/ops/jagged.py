@@ -175,18 +175,20 @@ def jagged_hstu_attention(
     block: int | None = None,
     jb: JaggedBlocks | None = None,
     buckets: TileBuckets | None = None,
+    native: bool | None = None,
 ) -> torch.Tensor:
     """Causal HSTU attention per sequence of a jagged batch.
 
     q, k [T, h, dqk]; v [T, h, dv]; offsets [B + 1]; pos_w [P >= max n] or None; ts_w [num_buckets + 1] or None;
     timestamps, query_times [T] long; has_time [B] bool; norm scalar or [B] -> out [T, h, dv], equal to running
     ``hstu_attention`` on each sequence alone. ``jb`` / ``buckets`` may be passed in to reuse them across layers.
+    native: the engine's elementwise passes (``blocked_attention``: None = the C kernel when it builds here).
     """
     jb = jagged_blocks(offsets, block, q.shape[1], q.shape[2]) if jb is None else jb
     if ts_w is not None and buckets is None:
         buckets = jagged_time_buckets(jb, timestamps, query_times, has_time, num_buckets)
     out = blocked_attention(to_blocks(q, jb), to_blocks(k, jb), to_blocks(v, jb), jb.layout, _block_norm(jb, norm),
-                            pos_w, ts_w if buckets is not None else None, buckets)
+                            pos_w, ts_w if buckets is not None else None, buckets, native)
     return from_blocks(out, jb)
 
 
@@ -225,10 +227,12 @@ class JaggedContext:
     jb: JaggedBlocks
     buckets: TileBuckets | None
     norm: torch.Tensor  # [num_blocks] fp32
+    native: bool | None = None  # ``blocked_attention``'s choice of elementwise passes (None: the C kernel if built)
 
 
 def jagged_context(
-    model, offsets: torch.Tensor, timestamps, query_times, has_time, block: int | None = None
+    model, offsets: torch.Tensor, timestamps, query_times, has_time, block: int | None = None,
+    native: bool | None = None,
 ) -> JaggedContext:
     """Layout, time buckets (only if the model uses the time bias and some row has timestamps) and normaliser."""
     cfg = model.config
@@ -240,7 +244,7 @@ def jagged_context(
         norm = _block_norm(jb, float(cfg.max_len))
     else:
         norm = _block_norm(jb, jb.lengths.clamp(min=1).to(torch.float32))
-    return JaggedContext(jb, buckets, norm)
+    return JaggedContext(jb, buckets, norm, native)
 
 
 def jagged_hstu_layer(layer, x: torch.Tensor, ctx: JaggedContext) -> torch.Tensor:
@@ -253,7 +257,7 @@ def jagged_hstu_layer(layer, x: torch.Tensor, ctx: JaggedContext) -> torch.Tenso
     v, q, k = to_blocks_split(uvqk[:, h * dv :], jb, [(h, dv), (h, dqk), (h, dqk)])  # [num_blocks, h, block, ·]
     pos_w = layer.rab.pos_w if layer.rab.use_position else None
     ts_w = layer.rab.ts_w if ctx.buckets is not None else None
-    out = blocked_attention(q, k, v, jb.layout, ctx.norm, pos_w, ts_w, ctx.buckets)  # [num_blocks, h, block, dv]
+    out = blocked_attention(q, k, v, jb.layout, ctx.norm, pos_w, ts_w, ctx.buckets, ctx.native)  # [nblk, h, Bs, dv]
     av = from_blocks(out, jb).reshape(T, h * dv)
     gated = u * F.layer_norm(av, (h * dv,), eps=1e-6)
     return x + layer.out(layer.dropout(gated))

@@ -4,10 +4,19 @@ import pytest
 import torch
 
 from genrec.models.hstu import HSTUConfig, HSTURelativeBias, hstu_attention, rab_index, time_buckets
+from genrec.ops import native as native_mod
 from genrec.ops.hstu_attention import BLOCK_SIZES, block_layout, blocked_hstu_attention, choose_block
 from tests.ops import max_diff
 
 NB = 128  # time buckets
+
+
+@pytest.fixture(params=[False, True], ids=["torch-passes", "native-kernel"])
+def native(request):
+    """Both ways of running the engine's elementwise passes: pure PyTorch (the reference) and the C kernel."""
+    if request.param and native_mod.load() is None:
+        pytest.skip("the native HSTU kernel could not be built here (no C compiler?): see the genrec.native log")
+    return request.param
 
 
 def _inputs(B, h, N, dqk=8, dv=6, seed=0, max_len=None, lengths=None, has_time=None, dtype=torch.float32):
@@ -54,11 +63,12 @@ def _grads(out, weight, tensors):
         (2, 2, 33, 8, [False, False], True, True),  # no row has timestamps
     ],
 )
-def test_blocked_equals_plain_values_and_gradients(B, h, N, block, has_time, use_pos, use_time):
+def test_blocked_equals_plain_values_and_gradients(B, h, N, block, has_time, use_pos, use_time, native):
     q, k, v, bias, t, qt, ht, _ = _inputs(B, h, N, has_time=has_time, max_len=N + 3)
     norm = torch.tensor([float(N + 3)])
     ref = _plain(q, k, v, bias, t, qt, ht, norm, use_pos, use_time)
-    out = _blocked(q, k, v, bias, t, qt, ht, norm, use_pos, use_time, block=block, tile_elems=2 * block * block)
+    out = _blocked(q, k, v, bias, t, qt, ht, norm, use_pos, use_time, block=block, tile_elems=2 * block * block,
+                   native=native)
     assert max_diff(out, ref) <= 1e-5
     w = torch.randn_like(ref)
     params = [q, k, v, bias.pos_w, bias.ts_w]
@@ -69,12 +79,12 @@ def test_blocked_equals_plain_values_and_gradients(B, h, N, block, has_time, use
         assert max_diff(a, b) <= 1e-5, name
 
 
-def test_row_lengths_skip_padding_and_per_row_norm():
+def test_row_lengths_skip_padding_and_per_row_norm(native):
     B, h, N = 3, 2, 29
     q, k, v, bias, t, qt, ht, lengths = _inputs(B, h, N, lengths=[29, 9, 1], has_time=[True, False, True])
     norm = lengths.clamp(min=1).float()  # attention_norm="length"
     ref = _plain(q, k, v, bias, t, qt, ht, norm)
-    out = _blocked(q, k, v, bias, t, qt, ht, norm, lengths=lengths, block=8)
+    out = _blocked(q, k, v, bias, t, qt, ht, norm, lengths=lengths, block=8, native=native)
     valid = (torch.arange(N).view(1, N) < lengths.view(B, 1)).view(B, 1, N, 1)
     assert max_diff(out * valid, ref * valid) <= 1e-5
     assert torch.count_nonzero(out * ~valid) == 0  # padded queries are not computed
@@ -99,7 +109,7 @@ def test_block_size_choice():
     assert max_diff(auto, _blocked(q, k, v, bias, t, qt, ht, norm, lengths=lengths, block=8)) <= 1e-5
 
 
-def test_bf16_close_to_fp32():
+def test_bf16_close_to_fp32(native):
     B, h, N = 2, 2, 150
     q, k, v, bias, t, qt, ht, _ = _inputs(B, h, N, dqk=16, dv=16, has_time=[True, False])
     norm = torch.tensor([float(N)])
@@ -107,7 +117,7 @@ def test_bf16_close_to_fp32():
     w = torch.randn_like(ref)
     ref_grads = _grads(ref, w, [q, k, v, bias.pos_w, bias.ts_w])
     q16, k16, v16 = (x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v))
-    out = _blocked(q16, k16, v16, bias, t, qt, ht, norm, block=32)
+    out = _blocked(q16, k16, v16, bias, t, qt, ht, norm, block=32, native=native)
     assert out.dtype == torch.bfloat16
     scale = ref.abs().max()
     assert max_diff(out.float(), ref) <= 0.03 * scale
@@ -124,3 +134,52 @@ def test_autocast_computes_in_input_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _blocked(q, k, v, bias, t, qt, ht, norm, block=16)
     assert out.dtype == torch.float32 and max_diff(out, ref) <= 1e-6
+
+
+def test_native_kernel_matches_torch_passes_in_bf16_and_long_buckets():
+    """The kernel against the engine's own PyTorch passes on the same tiles: bf16 scores (the kernel evaluates SiLU
+    in fp32 before rounding, the passes in bf16, so they agree to bf16 precision) and uint8 bucket ids (used past
+    LONG_BUCKET_PAIRS causal pairs)."""
+    if native_mod.load() is None:
+        pytest.skip("the native HSTU kernel could not be built here (no C compiler?): see the genrec.native log")
+    import genrec.ops.hstu_attention as ha
+
+    q, k, v, bias, t, qt, ht, _ = _inputs(2, 2, 70, dqk=16, dv=16, has_time=[True, False])
+    norm = torch.tensor([70.0])
+    w = torch.randn(2, 2, 70, 16)
+    for dtype, long_pairs in ((torch.float32, 0), (torch.bfloat16, 1 << 23)):
+        old = ha.LONG_BUCKET_PAIRS
+        ha.LONG_BUCKET_PAIRS = long_pairs  # 0: every batch stores uint8 bucket ids
+        try:
+            runs = []
+            for nat in (False, True):
+                qq, kk, vv = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+                out = _blocked(qq, kk, vv, bias, t, qt, ht, norm, block=16, native=nat)
+                grads = _grads(out.float(), w, [qq, kk, vv, bias.pos_w, bias.ts_w])
+                runs.append((out.detach().float(), grads))
+        finally:
+            ha.LONG_BUCKET_PAIRS = old
+        tol = 1e-5 if dtype == torch.float32 else 0.02
+        (ref, ref_g), (out, out_g) = runs
+        assert max_diff(out, ref) <= tol * max(1.0, float(ref.abs().max()))
+        for name, a, b in zip("q k v pos_w ts_w".split(), ref_g, out_g):
+            assert max_diff(b.float(), a.float()) <= tol * max(1.0, float(a.abs().max())), (dtype, name)
+
+
+def test_native_off_by_environment(monkeypatch):
+    monkeypatch.setattr(native_mod, "_STATE", {})
+    monkeypatch.setenv("GENREC_NATIVE", "0")
+    assert native_mod.load() is None
+    q, k, v, bias, t, qt, ht, _ = _inputs(1, 1, 20)
+    with pytest.raises(RuntimeError, match="native=True"):
+        _blocked(q, k, v, bias, t, qt, ht, torch.tensor([20.0]), native=True)
+    ref = _plain(q, k, v, bias, t, qt, ht, torch.tensor([20.0]))
+    assert max_diff(_blocked(q, k, v, bias, t, qt, ht, torch.tensor([20.0])), ref) <= 1e-5  # falls back
+
+
+def test_native_build_failure_falls_back(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(native_mod, "_STATE", {})
+    monkeypatch.setenv("GENREC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert native_mod.load() is None
+    assert "could not build the native HSTU kernel" in caplog.text

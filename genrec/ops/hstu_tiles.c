@@ -1,0 +1,167 @@
+/* Fused elementwise passes of genrec's blocked HSTU attention (genrec/ops/hstu_attention.py), for CPU.
+ *
+ * The blocked engine computes each chunk of tiles with batched matmuls (ATen / MKL); between them sit elementwise
+ * passes over every (tile, head, query row, key column) score. In PyTorch those are 5 passes forward (gather the
+ * time bias, add the position tile, add the bias to every head, SiLU, causal mask) and about 10 backward. Here they
+ * are one pass each, with the bias summed once per (row, column) and shared by the heads, SiLU evaluated in fp32,
+ * and the bias gradients (position tile and time buckets) accumulated in the same pass.
+ *
+ * Shapes (all contiguous, row-major):
+ *   s, dw    [C, H, B, B]  scores q·kᵀ (no bias) / dL/dw, fp32 or bf16 (dtype 0 / 1)
+ *   pos      [B, B] fp32   position bias of this chunk's block distance, or NULL
+ *   bucket   [C, B, B]     time-bucket ids (int64 or uint8: bucket_dtype 0 / 1), or NULL
+ *   ts       [nts] fp32    time-bias weights indexed by bucket id (the last entry is 0: rows without time)
+ *   diag     1 when the tiles are diagonal (query block == key block): key column c > query row r is masked
+ *
+ *   forward:  s  <- SiLU(s + rab) masked                                  (= w, the attention weights · norm)
+ *   backward: s  <- SiLU(s + rab) masked;  dw <- dw · SiLU'(s + rab) masked   (= ds)
+ *             dpos[r, c] += Σ_{tile, head} ds;  dts[bucket] += Σ_{head} ds      (either may be NULL)
+ *
+ * exp is a Cephes-style polynomial (max relative error ~2e-7 on the clamped range) written so that the compiler
+ * vectorises the loops with -fno-trapping-math and without -ffast-math (which would change the process's
+ * floating-point state).
+ */
+#include <stdint.h>
+#include <string.h>
+
+typedef union {
+    float f;
+    uint32_t u;
+    int32_t i;
+} bits32;
+
+static inline float bf16_to_f32(uint16_t h) {
+    bits32 b;
+    b.u = (uint32_t)h << 16;
+    return b.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even (inputs here are finite) */
+    bits32 b;
+    b.f = f;
+    return (uint16_t)((b.u + 0x7FFFu + ((b.u >> 16) & 1u)) >> 16);
+}
+
+static inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * r * r + r + 1.0f;
+    bits32 scale;
+    scale.i = ((int32_t)n + 127) << 23;
+    return y * scale.f;
+}
+
+/* bias[c] = pos[r, c] + ts[bucket[r, c]] for one query row (0 where a term is absent) */
+static void bias_row(float *bias, int B, int r, const float *pos, const void *bucket, int bucket_dtype,
+                     int64_t row_off, const float *ts) {
+    for (int c = 0; c < B; ++c) bias[c] = pos ? pos[(int64_t)r * B + c] : 0.0f;
+    if (!bucket) return;
+    if (bucket_dtype == 0) {
+        const int64_t *b = (const int64_t *)bucket + row_off;
+        for (int c = 0; c < B; ++c) bias[c] += ts[b[c]];
+    } else {
+        const uint8_t *b = (const uint8_t *)bucket + row_off;
+        for (int c = 0; c < B; ++c) bias[c] += ts[b[c]];
+    }
+}
+
+/* One row of one head, columns [0, live): x = s + bias; s <- SiLU(x); backward also dw <- dw · SiLU'(x) and
+ * drab += that. Columns [live, B) are masked to 0. */
+static inline void fwd_f32(float *restrict s, const float *restrict bias, int B, int live) {
+    for (int c = 0; c < live; ++c) {
+        float x = s[c] + bias[c];
+        s[c] = x / (1.0f + exp_approx(-x));
+    }
+    for (int c = live; c < B; ++c) s[c] = 0.0f;
+}
+
+static inline void bwd_f32(float *restrict s, float *restrict dw, const float *restrict bias, float *restrict drab,
+                           int B, int live) {
+    for (int c = 0; c < live; ++c) {
+        float x = s[c] + bias[c];
+        float sig = 1.0f / (1.0f + exp_approx(-x));
+        float ds = dw[c] * sig * (1.0f + x * (1.0f - sig));
+        s[c] = x * sig;
+        dw[c] = ds;
+        drab[c] += ds;
+    }
+    for (int c = live; c < B; ++c) s[c] = dw[c] = 0.0f;
+}
+
+static inline void fwd_bf16(uint16_t *restrict s, const float *restrict bias, int B, int live) {
+    for (int c = 0; c < live; ++c) {
+        float x = bf16_to_f32(s[c]) + bias[c];
+        s[c] = f32_to_bf16(x / (1.0f + exp_approx(-x)));
+    }
+    for (int c = live; c < B; ++c) s[c] = 0;
+}
+
+static inline void bwd_bf16(uint16_t *restrict s, uint16_t *restrict dw, const float *restrict bias,
+                            float *restrict drab, int B, int live) {
+    for (int c = 0; c < live; ++c) {
+        float x = bf16_to_f32(s[c]) + bias[c];
+        float sig = 1.0f / (1.0f + exp_approx(-x));
+        float ds = bf16_to_f32(dw[c]) * sig * (1.0f + x * (1.0f - sig));
+        s[c] = f32_to_bf16(x * sig);
+        dw[c] = f32_to_bf16(ds);
+        drab[c] += ds;
+    }
+    for (int c = live; c < B; ++c) s[c] = dw[c] = 0;
+}
+
+/* Shared body of forward (dw == NULL) and backward. `work` holds 2·B floats. */
+static void tiles(void *s, void *dw, int dtype, int64_t C, int H, int B, const float *pos, const void *bucket,
+                  int bucket_dtype, const float *ts, int diag, float *dpos, float *dts, float *work) {
+    float *bias = work, *drab = work + B;
+    const int64_t tile = (int64_t)B * B;
+    for (int64_t t = 0; t < C; ++t) {
+        for (int r = 0; r < B; ++r) {
+            const int live = diag ? r + 1 : B;
+            bias_row(bias, B, r, pos, bucket, bucket_dtype, t * tile + (int64_t)r * B, ts);
+            if (dw) memset(drab, 0, sizeof(float) * B);
+            for (int h = 0; h < H; ++h) {
+                const int64_t off = (t * H + h) * tile + (int64_t)r * B;
+                if (!dw && dtype == 0)
+                    fwd_f32((float *)s + off, bias, B, live);
+                else if (!dw)
+                    fwd_bf16((uint16_t *)s + off, bias, B, live);
+                else if (dtype == 0)
+                    bwd_f32((float *)s + off, (float *)dw + off, bias, drab, B, live);
+                else
+                    bwd_bf16((uint16_t *)s + off, (uint16_t *)dw + off, bias, drab, B, live);
+            }
+            if (!dw) continue;
+            if (dpos) {
+                float *dp = dpos + (int64_t)r * B;
+                for (int c = 0; c < live; ++c) dp[c] += drab[c];
+            }
+            if (dts && bucket) {
+                const int64_t row_off = t * tile + (int64_t)r * B;
+                if (bucket_dtype == 0) {
+                    const int64_t *b = (const int64_t *)bucket + row_off;
+                    for (int c = 0; c < live; ++c) dts[b[c]] += drab[c];
+                } else {
+                    const uint8_t *b = (const uint8_t *)bucket + row_off;
+                    for (int c = 0; c < live; ++c) dts[b[c]] += drab[c];
+                }
+            }
+        }
+    }
+}
+
+void hstu_tiles_forward(void *s, int dtype, int64_t C, int H, int B, const float *pos, const void *bucket,
+                        int bucket_dtype, const float *ts, int diag, float *work) {
+    tiles(s, NULL, dtype, C, H, B, pos, bucket, bucket_dtype, ts, diag, NULL, NULL, work);
+}
+
+void hstu_tiles_backward(void *s, void *dw, int dtype, int64_t C, int H, int B, const float *pos, const void *bucket,
+                         int bucket_dtype, const float *ts, int diag, float *dpos, float *dts, float *work) {
+    tiles(s, dw, dtype, C, H, B, pos, bucket, bucket_dtype, ts, diag, dpos, dts, work);
+}

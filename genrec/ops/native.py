@@ -1,0 +1,112 @@
+"""Build and load genrec's one native kernel (``hstu_tiles.c``: the fused elementwise passes of the blocked HSTU
+attention) with the system C compiler, through ``ctypes``.
+
+Why not ``torch.utils.cpp_extension``: the kernel needs no ATen (it works on raw fp32 / bf16 buffers between the
+engine's ATen matmuls), so a plain C file builds in about a second with ``cc`` instead of ~a minute against the
+torch headers, and needs no ninja. ctypes releases the GIL during the call.
+
+The library is built once per (source, compiler, CPU flags) into ``$GENREC_CACHE_DIR/native`` (default
+``~/.cache/genrec/native``), written to a temporary name and renamed, so concurrent processes never load a partial
+file. ``-march=native`` is safe because the cache key includes this CPU's feature flags.
+
+``GENREC_NATIVE=0`` turns the kernel off (the engine then runs its pure-PyTorch passes, the reference). When no
+compiler is found or the build fails, ``load()`` logs why once and returns None, and the engine falls back the
+same way: the kernel only ever changes speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("genrec.native")
+
+SOURCE = Path(__file__).with_name("hstu_tiles.c")
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
+_STATE: dict[str, object] = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("GENREC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "genrec")
+    return Path(root) / "native"
+
+
+def _build(compiler: str) -> Path:
+    src = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(src + version.encode() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    out = _cache_dir() / f"hstu_tiles-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".hstu_tiles-", suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"{compiler} failed ({res.returncode}): {res.stderr.strip()[:2000]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.hstu_tiles_forward.argtypes = [p, i32, i64, i32, i32, p, p, i32, p, i32, p]
+    lib.hstu_tiles_forward.restype = None
+    lib.hstu_tiles_backward.argtypes = [p, p, i32, i64, i32, i32, p, p, i32, p, i32, p, p, p]
+    lib.hstu_tiles_backward.restype = None
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel library, or None when it is turned off or cannot be built here (the reason is logged once)."""
+    if "lib" in _STATE:
+        return _STATE["lib"]  # type: ignore[return-value]
+    lib = None
+    if os.environ.get("GENREC_NATIVE", "1") == "0":
+        log.info("GENREC_NATIVE=0: blocked HSTU attention uses its pure-PyTorch elementwise passes")
+    else:
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if compiler is None:
+            log.warning("no C compiler (cc / gcc / clang) found: blocked HSTU attention uses its pure-PyTorch passes")
+        else:
+            try:
+                lib = _bind(ctypes.CDLL(str(_build(compiler))))
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                log.warning("could not build the native HSTU kernel (%s): using the pure-PyTorch passes", e)
+    _STATE["lib"] = lib
+    return lib
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within the block, ``load()`` returns None (the engine runs its pure-PyTorch passes): for side-by-side
+    benchmarks of whole trainings. Not thread-safe; the previous state is restored on exit."""
+    saved = dict(_STATE)
+    _STATE["lib"] = None
+    try:
+        yield
+    finally:
+        _STATE.clear()
+        _STATE.update(saved)
