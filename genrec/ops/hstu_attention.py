@@ -64,6 +64,7 @@ import torch.nn.functional as F
 # Scores (C·h·block²) per chunk of tiles: 256K fp32 = 1 MiB, this CPU's L2 (measured best of 256K / 1M here).
 DEFAULT_TILE_ELEMS = 1 << 18
 LONG_BUCKET_PAIRS = 1 << 23
+NATIVE_SPLIT_ELEMS = 1 << 15  # scores in a chunk from which the native kernel splits it across torch's threads
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # score dtypes the native kernel handles (its dtype code)
 
 
@@ -255,20 +256,58 @@ class _Tiles:
             if self.ts_pad is not None:
                 self.ts_pad = self.ts_pad.to(torch.float32).contiguous()
             self.work = torch.empty(2 * Bs, dtype=torch.float32)
+            self.threads = max(1, torch.get_num_threads())
             # score buffers reused by every chunk (s, and dL/dw in backward) instead of a fresh allocation per bmm
             most = max((len(c.qi) for c in layout.chunks), default=0)
             self.bufs = None
             self._buf_elems = most * Bs * Bs
 
-    def _native_args(self, n: int, c: TileChunk, s: torch.Tensor) -> tuple:
-        """The kernel's arguments after the score buffer(s): dtype, C, H, B, pos, bucket, bucket dtype, ts, diag."""
-        pos = self.pos_tiles[c.delta].data_ptr() if self.pos_tiles is not None else None
-        bucket = bdt = ts = None
-        if self.ts_pad is not None:
-            b = self.buckets.chunks[n]
-            bucket, bdt, ts = b.data_ptr(), (0 if b.dtype == torch.long else 1), self.ts_pad.data_ptr()
+    def _native(self, n: int, c: TileChunk, s: torch.Tensor, dw=None, dpos=None, dts=None) -> None:
+        """Run the kernel on chunk n: forward (dw None) or backward. With several torch threads and a large chunk,
+        the tiles are split across threads (ctypes releases the GIL), each part with its own bias-gradient sums."""
         C, H, Bs = s.shape[0], s.shape[1], s.shape[2]
-        return (_NATIVE_DTYPES[s.dtype], C, H, Bs, pos, bucket, bdt or 0, ts, int(c.delta == 0))
+        pos = self.pos_tiles[c.delta].data_ptr() if self.pos_tiles is not None else None
+        b = self.buckets.chunks[n] if self.ts_pad is not None else None
+        ts = self.ts_pad.data_ptr() if b is not None else None
+        bdt = 0 if (b is None or b.dtype == torch.long) else 1
+        dts = dts if b is not None else None
+        dtype, diag = _NATIVE_DTYPES[s.dtype], int(c.delta == 0)
+        parts = min(self.threads, C) if C * H * Bs * Bs >= NATIVE_SPLIT_ELEMS else 1
+        bounds = [C * i // parts for i in range(parts + 1)]
+        if parts > 1 and self.work.numel() < parts * 2 * Bs:
+            self.work = torch.empty(parts * 2 * Bs, dtype=torch.float32)
+        sums = [(dpos, dts)] + [
+            (torch.zeros_like(dpos) if dpos is not None else None, torch.zeros_like(dts) if dts is not None else None)
+            for _ in range(parts - 1)
+        ]
+
+        def run(i: int) -> None:
+            c0, c1 = bounds[i], bounds[i + 1]
+            off = c0 * H * Bs * Bs * s.element_size()
+            bucket = b.data_ptr() + c0 * Bs * Bs * b.element_size() if b is not None else None
+            work = self.work.data_ptr() + i * 2 * Bs * 4
+            if dw is None:
+                self.lib.hstu_tiles_forward(s.data_ptr() + off, dtype, c1 - c0, H, Bs, pos, bucket, bdt, ts, diag, work)
+            else:
+                dp, dt = sums[i]
+                self.lib.hstu_tiles_backward(
+                    s.data_ptr() + off, dw.data_ptr() + off, dtype, c1 - c0, H, Bs, pos, bucket, bdt, ts, diag,
+                    dp.data_ptr() if dp is not None else None, dt.data_ptr() if dt is not None else None, work)
+
+        if parts == 1:
+            run(0)
+            return
+        from genrec.ops import native as native_mod
+
+        futures = [native_mod.pool(parts - 1).submit(run, i) for i in range(1, parts)]
+        run(0)
+        for f in futures:
+            f.result()
+        for dp, dt in sums[1:]:
+            if dp is not None:
+                dpos.add_(dp)
+            if dt is not None:
+                dts.add_(dt)
 
     def _buf(self, i: int, like: torch.Tensor, numel: int | None = None) -> torch.Tensor:
         """Reusable buffer i of ``like``'s dtype for the native path (0: scores / w, 1: dL/dw / ds, 2: a product
@@ -310,7 +349,7 @@ class _Tiles:
         qb = _rows(q, c.qi, c.q_span)
         kb = _rows(k, c.ki, c.k_span)
         s = _mm(qb, kb, tb=True, buf=self._buf(0, q))
-        self.lib.hstu_tiles_forward(s.data_ptr(), *self._native_args(n, c, s), self.work.data_ptr())
+        self._native(n, c, s)
         return s, qb, kb
 
     def weights_and_grads(self, n: int, c: TileChunk, q, k, dw_fn, dpos, dts):
@@ -336,12 +375,7 @@ class _Tiles:
         kb = _rows(k, c.ki, c.k_span)
         s = _mm(qb, kb, tb=True, buf=self._buf(0, q))
         dw = dw_fn(self._buf(1, q))
-        self.lib.hstu_tiles_backward(
-            s.data_ptr(), dw.data_ptr(), *self._native_args(n, c, s),
-            dpos.data_ptr() if dpos is not None else None,
-            dts.data_ptr() if (dts is not None and self.ts_pad is not None) else None,
-            self.work.data_ptr(),
-        )
+        self._native(n, c, s, dw, dpos, dts)
         return s, dw, qb, kb
 
     def scores(self, n: int, c: TileChunk, q, k):  # q, k must be contiguous

@@ -16,6 +16,7 @@ same way: the kernel only ever changes speed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import hashlib
@@ -97,6 +98,15 @@ def load() -> ctypes.CDLL | None:
                 log.warning("could not build the native HSTU kernel (%s): using the pure-PyTorch passes", e)
     _STATE["lib"] = lib
     return lib
+
+
+def pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A thread pool of at least ``workers`` threads for splitting kernel calls (created on first use, kept)."""
+    ex = _STATE.get("pool")
+    if ex is None or ex._max_workers < workers:  # type: ignore[attr-defined]
+        ex = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="genrec-native")
+        _STATE["pool"] = ex
+    return ex  # type: ignore[return-value]
 
 
 @contextlib.contextmanager

@@ -183,3 +183,25 @@ def test_native_build_failure_falls_back(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     assert native_mod.load() is None
     assert "could not build the native HSTU kernel" in caplog.text
+
+
+def test_native_kernel_split_across_threads_matches_one_thread():
+    """With several torch threads a large chunk is split across threads, each with its own bias-gradient sums."""
+    if native_mod.load() is None:
+        pytest.skip("the native HSTU kernel could not be built here (no C compiler?): see the genrec.native log")
+    q, k, v, bias, t, qt, ht, _ = _inputs(2, 2, 300, dqk=16, dv=16, has_time=[True, False])
+    norm = torch.tensor([300.0])
+    w = torch.randn(2, 2, 300, 16)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)  # diagonal chunk: 10 tiles x 2 heads x 64² = 81,920 scores, split at 2
+            out = _blocked(q, k, v, bias, t, qt, ht, norm, block=64, native=True)
+            runs.append((out.detach(), _grads(out, w, [q, k, v, bias.pos_w, bias.ts_w])))
+    finally:
+        torch.set_num_threads(before)
+    (ref, ref_g), (out, out_g) = runs
+    assert max_diff(out, ref) <= 1e-6
+    for name, a, b in zip("q k v pos_w ts_w".split(), ref_g, out_g):
+        assert max_diff(a, b) <= 1e-5 * max(1.0, float(a.abs().max())), name
