@@ -32,7 +32,8 @@ Rows (``name``, ``value``, ``unit``, ``detail``):
 - ``stochastic_length/...``: expected sparsity (fraction of tokens dropped) for α ∈ {1.6, 1.8, 2.0}.
 
 - ``epoch/...``: one ML-1M training epoch (no evaluation) of the SASRec, HSTU and HSTU-large configs, and HSTU-large
-  with shared negatives, one after the other; HSTU vs SASRec, and HSTU-large against the issue's 50 s baseline.
+  without the native kernel, with bf16 autocast and with shared negatives, one after the other; HSTU vs SASRec, and
+  HSTU-large against the issue's 50 s baseline.
 
 Not here: quality (NDCG) of bf16 and Stochastic Length needs whole trainings (``bench/efficiency_quality.py``).
 """
@@ -410,7 +411,7 @@ def bench_epochs(threads: int, max_steps: int = 0) -> None:
     from genrec.ops import native
 
     cases = [("sasrec", "sasrec", []), ("hstu", "hstu", []), ("hstu-large", "hstu-large", []),
-             ("hstu-large/torch-passes", "hstu-large", []),
+             ("hstu-large/torch-passes", "hstu-large", []), ("hstu-large/bf16", "hstu-large", ["train.autocast=bfloat16"]),
              ("hstu-large/shared-negatives", "hstu-large", ["train.negatives=shared"])]  # fmt: skip
     data = None
     times = {}
@@ -431,6 +432,8 @@ def bench_epochs(threads: int, max_steps: int = 0) -> None:
     row("epoch/ml-1m/hstu_vs_sasrec", times["sasrec"] / times["hstu"], "x", "SASRec epoch time / HSTU epoch time")
     row("epoch/ml-1m/hstu-large_vs_50s", 50.0 / times["hstu-large"], "x",
         "50 s (the issue's plain-PyTorch HSTU-large epoch with shared negatives) / this HSTU-large epoch")
+    row("epoch/ml-1m/hstu-large-bf16_vs_50s", 50.0 / times["hstu-large/bf16"], "x",
+        "50 s (the issue's plain-PyTorch HSTU-large epoch with shared negatives) / this HSTU-large epoch, bf16 autocast")
     row("epoch/ml-1m/hstu-large_native_vs_torch_passes", times["hstu-large/torch-passes"] / times["hstu-large"], "x",
         "HSTU-large epoch with the attention's PyTorch elementwise passes / with the native kernel")
 
