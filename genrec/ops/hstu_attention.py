@@ -44,8 +44,8 @@ Why not ``torch.compile``: compile works on this machine (g++ is present; one ch
 compiled chunk bodies (Inductor fusing the elementwise chain around the extern bmm calls) measured no faster than
 the eager engine (backward at N = 1024: 64-67 ms compiled vs 52-59 ms eager, under load).
 
-Scope: CPU tensors (the layout's index tensors live on the CPU); on GPU use the plain path. The native kernel
-is single-threaded (the matmuls around it use torch's threads).
+Scope: CPU tensors (the layout's index tensors live on the CPU); on GPU use the plain path. With several torch
+threads, the native kernel splits large chunks across a small thread pool (ctypes releases the GIL).
 
 Public: ``blocked_hstu_attention`` (padded [B, h, N, d] in and out: the plain path's contract, with the bias given
 by its weights and timestamps), and the engine used by ``genrec.ops.jagged`` and ``bench/speed.py``:
@@ -408,6 +408,7 @@ class _BlockedAttention(torch.autograd.Function):
             w, _, _ = tiles.weights(n, c, q, k)  # [C, h, Bs, Bs]
             tiles.add_mm(out, c.qi, c.q_span, w, _rows(v, c.ki, c.k_span))
         out.div_(norm.view(-1, 1, 1, 1))
+        tiles.bufs = None  # not held until backward (which reallocates them)
         ctx.tiles = tiles
         ctx.pos_len, ctx.pos_dtype, ctx.ts_dtype = pos_w.shape[0], pos_w.dtype, ts_w.dtype
         ctx.save_for_backward(q, k, v, norm)
