@@ -205,3 +205,10 @@ def test_native_kernel_split_across_threads_matches_one_thread():
     assert max_diff(out, ref) <= 1e-6
     for name, a, b in zip("q k v pos_w ts_w".split(), ref_g, out_g):
         assert max_diff(a, b) <= 1e-5 * max(1.0, float(a.abs().max())), name
+
+
+def test_native_disabled_context_restores_state():
+    lib = native_mod.load()
+    with native_mod.disabled():
+        assert native_mod.load() is None
+    assert native_mod.load() is lib
