@@ -44,8 +44,8 @@ Why not ``torch.compile``: compile works on this machine (g++ is present; one ch
 compiled chunk bodies (Inductor fusing the elementwise chain around the extern bmm calls) measured no faster than
 the eager engine (backward at N = 1024: 64-67 ms compiled vs 52-59 ms eager, under load).
 
-Scope: CPU tensors (the layout's index tensors live on the CPU); on GPU use the plain path. With several torch
-threads, the native kernel splits large chunks across a small thread pool (ctypes releases the GIL).
+Scope: CPU tensors (the layout's index tensors live on the CPU); on GPU use the plain path. The native kernel runs
+on torch's OpenMP threads when it was built with OpenMP (``genrec.ops.native``).
 
 Public: ``blocked_hstu_attention`` (padded [B, h, N, d] in and out: the plain path's contract, with the bias given
 by its weights and timestamps), and the engine used by ``genrec.ops.jagged`` and ``bench/speed.py``:
@@ -64,7 +64,6 @@ import torch.nn.functional as F
 # Scores (C·h·block²) per chunk of tiles: 256K fp32 = 1 MiB, this CPU's L2 (measured best of 256K / 1M here).
 DEFAULT_TILE_ELEMS = 1 << 18
 LONG_BUCKET_PAIRS = 1 << 23
-NATIVE_SPLIT_ELEMS = 1 << 15  # scores in a chunk from which the native kernel splits it across torch's threads
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # score dtypes the native kernel handles (its dtype code)
 
 
@@ -255,59 +254,29 @@ class _Tiles:
                 self.pos_tiles = self.pos_tiles.to(torch.float32).contiguous()
             if self.ts_pad is not None:
                 self.ts_pad = self.ts_pad.to(torch.float32).contiguous()
-            self.work = torch.empty(2 * Bs, dtype=torch.float32)
-            self.threads = max(1, torch.get_num_threads())
             # score buffers reused by every chunk (s, and dL/dw in backward) instead of a fresh allocation per bmm
             most = max((len(c.qi) for c in layout.chunks), default=0)
             self.bufs = None
             self._buf_elems = most * Bs * Bs
 
     def _native(self, n: int, c: TileChunk, s: torch.Tensor, dw=None, dpos=None, dts=None) -> None:
-        """Run the kernel on chunk n: forward (dw None) or backward. With several torch threads and a large chunk,
-        the tiles are split across threads (ctypes releases the GIL), each part with its own bias-gradient sums."""
+        """Run the kernel on chunk n in place: forward (dw None: s <- w) or backward (s <- w, dw <- ds, bias
+        gradients added into dpos / dts). The kernel splits large chunks across torch's OpenMP threads itself
+        (an earlier split across a Python thread pool measured slower: 557 vs 533 ms per HSTU-large step at 2
+        threads, and ~3x slower with other processes on the cores)."""
         C, H, Bs = s.shape[0], s.shape[1], s.shape[2]
         pos = self.pos_tiles[c.delta].data_ptr() if self.pos_tiles is not None else None
         b = self.buckets.chunks[n] if self.ts_pad is not None else None
-        ts = self.ts_pad.data_ptr() if b is not None else None
+        bucket, ts = (b.data_ptr(), self.ts_pad.data_ptr()) if b is not None else (None, None)
         bdt = 0 if (b is None or b.dtype == torch.long) else 1
-        dts = dts if b is not None else None
-        dtype, diag = _NATIVE_DTYPES[s.dtype], int(c.delta == 0)
-        parts = min(self.threads, C) if C * H * Bs * Bs >= NATIVE_SPLIT_ELEMS else 1
-        bounds = [C * i // parts for i in range(parts + 1)]
-        if parts > 1 and self.work.numel() < parts * 2 * Bs:
-            self.work = torch.empty(parts * 2 * Bs, dtype=torch.float32)
-        sums = [(dpos, dts)] + [
-            (torch.zeros_like(dpos) if dpos is not None else None, torch.zeros_like(dts) if dts is not None else None)
-            for _ in range(parts - 1)
-        ]
-
-        def run(i: int) -> None:
-            c0, c1 = bounds[i], bounds[i + 1]
-            off = c0 * H * Bs * Bs * s.element_size()
-            bucket = b.data_ptr() + c0 * Bs * Bs * b.element_size() if b is not None else None
-            work = self.work.data_ptr() + i * 2 * Bs * 4
-            if dw is None:
-                self.lib.hstu_tiles_forward(s.data_ptr() + off, dtype, c1 - c0, H, Bs, pos, bucket, bdt, ts, diag, work)
-            else:
-                dp, dt = sums[i]
-                self.lib.hstu_tiles_backward(
-                    s.data_ptr() + off, dw.data_ptr() + off, dtype, c1 - c0, H, Bs, pos, bucket, bdt, ts, diag,
-                    dp.data_ptr() if dp is not None else None, dt.data_ptr() if dt is not None else None, work)
-
-        if parts == 1:
-            run(0)
+        args = (_NATIVE_DTYPES[s.dtype], C, H, Bs, pos, bucket, bdt, ts)
+        if dw is None:
+            self.lib.hstu_tiles_forward(s.data_ptr(), *args, int(c.delta == 0))
             return
-        from genrec.ops import native as native_mod
-
-        futures = [native_mod.pool(parts - 1).submit(run, i) for i in range(1, parts)]
-        run(0)
-        for f in futures:
-            f.result()
-        for dp, dt in sums[1:]:
-            if dp is not None:
-                dpos.add_(dp)
-            if dt is not None:
-                dts.add_(dt)
+        nts = self.ts_pad.numel() if b is not None else 0
+        self.lib.hstu_tiles_backward(
+            s.data_ptr(), dw.data_ptr(), *args, nts, int(c.delta == 0), dpos.data_ptr() if dpos is not None else None,
+            dts.data_ptr() if (dts is not None and b is not None) else None)
 
     def _buf(self, i: int, like: torch.Tensor, numel: int | None = None) -> torch.Tensor:
         """Reusable buffer i of ``like``'s dtype for the native path (0: scores / w, 1: dL/dw / ds, 2: a product

@@ -22,7 +22,11 @@
  * floating-point state).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef union {
     float f;
@@ -116,52 +120,87 @@ static inline void bwd_bf16(uint16_t *restrict s, uint16_t *restrict dw, const f
     for (int c = live; c < B; ++c) s[c] = dw[c] = 0;
 }
 
-/* Shared body of forward (dw == NULL) and backward. `work` holds 2·B floats. */
-static void tiles(void *s, void *dw, int dtype, int64_t C, int H, int B, const float *pos, const void *bucket,
-                  int bucket_dtype, const float *ts, int diag, float *dpos, float *dts, float *work) {
-    float *bias = work, *drab = work + B;
+/* One tile t of the chunk; bias and drab are B floats of scratch each. */
+static void tile_rows(void *s, void *dw, int dtype, int64_t t, int H, int B, const float *pos, const void *bucket,
+                      int bucket_dtype, const float *ts, int diag, float *dpos, float *dts, float *bias, float *drab) {
     const int64_t tile = (int64_t)B * B;
-    for (int64_t t = 0; t < C; ++t) {
-        for (int r = 0; r < B; ++r) {
-            const int live = diag ? r + 1 : B;
-            bias_row(bias, B, r, pos, bucket, bucket_dtype, t * tile + (int64_t)r * B, ts);
-            if (dw) memset(drab, 0, sizeof(float) * B);
-            for (int h = 0; h < H; ++h) {
-                const int64_t off = (t * H + h) * tile + (int64_t)r * B;
-                if (!dw && dtype == 0)
-                    fwd_f32((float *)s + off, bias, B, live);
-                else if (!dw)
-                    fwd_bf16((uint16_t *)s + off, bias, B, live);
-                else if (dtype == 0)
-                    bwd_f32((float *)s + off, (float *)dw + off, bias, drab, B, live);
-                else
-                    bwd_bf16((uint16_t *)s + off, (uint16_t *)dw + off, bias, drab, B, live);
-            }
-            if (!dw) continue;
-            if (dpos) {
-                float *dp = dpos + (int64_t)r * B;
-                for (int c = 0; c < live; ++c) dp[c] += drab[c];
-            }
-            if (dts && bucket) {
-                const int64_t row_off = t * tile + (int64_t)r * B;
-                if (bucket_dtype == 0) {
-                    const int64_t *b = (const int64_t *)bucket + row_off;
-                    for (int c = 0; c < live; ++c) dts[b[c]] += drab[c];
-                } else {
-                    const uint8_t *b = (const uint8_t *)bucket + row_off;
-                    for (int c = 0; c < live; ++c) dts[b[c]] += drab[c];
-                }
+    for (int r = 0; r < B; ++r) {
+        const int live = diag ? r + 1 : B;
+        const int64_t row_off = t * tile + (int64_t)r * B;
+        bias_row(bias, B, r, pos, bucket, bucket_dtype, row_off, ts);
+        if (dw) memset(drab, 0, sizeof(float) * B);
+        for (int h = 0; h < H; ++h) {
+            const int64_t off = (t * H + h) * tile + (int64_t)r * B;
+            if (!dw && dtype == 0)
+                fwd_f32((float *)s + off, bias, B, live);
+            else if (!dw)
+                fwd_bf16((uint16_t *)s + off, bias, B, live);
+            else if (dtype == 0)
+                bwd_f32((float *)s + off, (float *)dw + off, bias, drab, B, live);
+            else
+                bwd_bf16((uint16_t *)s + off, (uint16_t *)dw + off, bias, drab, B, live);
+        }
+        if (!dw) continue;
+        if (dpos) {
+            float *dp = dpos + (int64_t)r * B;
+            for (int c = 0; c < live; ++c) dp[c] += drab[c];
+        }
+        if (dts && bucket) {
+            if (bucket_dtype == 0) {
+                const int64_t *b = (const int64_t *)bucket + row_off;
+                for (int c = 0; c < live; ++c) dts[b[c]] += drab[c];
+            } else {
+                const uint8_t *b = (const uint8_t *)bucket + row_off;
+                for (int c = 0; c < live; ++c) dts[b[c]] += drab[c];
             }
         }
     }
 }
 
+/* Shared body of forward (dw == NULL) and backward. Built with -fopenmp, the tiles are split across the OpenMP
+ * threads of the process (torch's own pool: torch ships libgomp.so.1, so this library binds to the copy already
+ * loaded), each thread summing the bias gradients privately; without OpenMP the pragmas are ignored. */
+static void tiles(void *s, void *dw, int dtype, int64_t C, int H, int B, const float *pos, const void *bucket,
+                  int bucket_dtype, const float *ts, int nts, int diag, float *dpos, float *dts) {
+    const int parallel = (int64_t)C * H * B * B >= (1 << 15) && C > 1;
+#pragma omp parallel if (parallel)
+    {
+        int nth = 1;
+#ifdef _OPENMP
+        nth = omp_get_num_threads();
+#endif
+        float *scratch = (float *)malloc(sizeof(float) * 2 * (size_t)B);
+        const int private_sums = dw != NULL && nth > 1;
+        float *my_dpos = dpos, *my_dts = dts;
+        if (private_sums) {
+            my_dpos = dpos ? (float *)calloc((size_t)B * B, sizeof(float)) : NULL;
+            my_dts = dts ? (float *)calloc((size_t)nts, sizeof(float)) : NULL;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < C; ++t)
+            tile_rows(s, dw, dtype, t, H, B, pos, bucket, bucket_dtype, ts, diag, my_dpos, my_dts, scratch,
+                      scratch + B);
+        if (private_sums) {
+#pragma omp critical
+            {
+                if (dpos)
+                    for (int64_t i = 0; i < (int64_t)B * B; ++i) dpos[i] += my_dpos[i];
+                if (dts)
+                    for (int i = 0; i < nts; ++i) dts[i] += my_dts[i];
+            }
+            free(my_dpos);
+            free(my_dts);
+        }
+        free(scratch);
+    }
+}
+
 void hstu_tiles_forward(void *s, int dtype, int64_t C, int H, int B, const float *pos, const void *bucket,
-                        int bucket_dtype, const float *ts, int diag, float *work) {
-    tiles(s, NULL, dtype, C, H, B, pos, bucket, bucket_dtype, ts, diag, NULL, NULL, work);
+                        int bucket_dtype, const float *ts, int diag) {
+    tiles(s, NULL, dtype, C, H, B, pos, bucket, bucket_dtype, ts, 0, diag, NULL, NULL);
 }
 
 void hstu_tiles_backward(void *s, void *dw, int dtype, int64_t C, int H, int B, const float *pos, const void *bucket,
-                         int bucket_dtype, const float *ts, int diag, float *dpos, float *dts, float *work) {
-    tiles(s, dw, dtype, C, H, B, pos, bucket, bucket_dtype, ts, diag, dpos, dts, work);
+                         int bucket_dtype, const float *ts, int nts, int diag, float *dpos, float *dts) {
+    tiles(s, dw, dtype, C, H, B, pos, bucket, bucket_dtype, ts, nts, diag, dpos, dts);
 }

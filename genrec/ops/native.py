@@ -5,7 +5,11 @@ Why not ``torch.utils.cpp_extension``: the kernel needs no ATen (it works on raw
 engine's ATen matmuls), so a plain C file builds in about a second with ``cc`` instead of ~a minute against the
 torch headers, and needs no ninja. ctypes releases the GIL during the call.
 
-The library is built once per (source, compiler, CPU flags) into ``$GENREC_CACHE_DIR/native`` (default
+It is built with ``-fopenmp`` when the compiler supports it: torch ships its OpenMP runtime as ``libgomp.so.1``,
+already loaded when the kernel loads, so the kernel's parallel loops run on torch's own thread pool (sized by
+``torch.set_num_threads``) rather than a second pool competing for the cores. Without OpenMP it builds serial.
+
+The library is built once per (source, compiler, flags, CPU flags) into ``$GENREC_CACHE_DIR/native`` (default
 ``~/.cache/genrec/native``), written to a temporary name and renamed, so concurrent processes never load a partial
 file. ``-march=native`` is safe because the cache key includes this CPU's feature flags.
 
@@ -16,7 +20,6 @@ same way: the kernel only ever changes speed.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import ctypes
 import hashlib
@@ -50,10 +53,10 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: list[str]) -> Path:
     src = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(src + version.encode() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + version.encode() + " ".join(flags).encode() + _cpu_flags().encode()).hexdigest()[:16]
     out = _cache_dir() / f"hstu_tiles-{key}.so"
     if out.exists():
         return out
@@ -61,7 +64,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".hstu_tiles-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        res = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        res = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if res.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({res.returncode}): {res.stderr.strip()[:2000]}")
         os.replace(tmp, out)
@@ -73,9 +76,9 @@ def _build(compiler: str) -> Path:
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.hstu_tiles_forward.argtypes = [p, i32, i64, i32, i32, p, p, i32, p, i32, p]
+    lib.hstu_tiles_forward.argtypes = [p, i32, i64, i32, i32, p, p, i32, p, i32]
     lib.hstu_tiles_forward.restype = None
-    lib.hstu_tiles_backward.argtypes = [p, p, i32, i64, i32, i32, p, p, i32, p, i32, p, p, p]
+    lib.hstu_tiles_backward.argtypes = [p, p, i32, i64, i32, i32, p, p, i32, p, i32, i32, p, p]
     lib.hstu_tiles_backward.restype = None
     return lib
 
@@ -92,21 +95,19 @@ def load() -> ctypes.CDLL | None:
         if compiler is None:
             log.warning("no C compiler (cc / gcc / clang) found: blocked HSTU attention uses its pure-PyTorch passes")
         else:
-            try:
-                lib = _bind(ctypes.CDLL(str(_build(compiler))))
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                log.warning("could not build the native HSTU kernel (%s): using the pure-PyTorch passes", e)
+            errors = []
+            # With OpenMP first (the kernel then uses torch's threads), else serial.
+            for flags in (FLAGS + ["-fopenmp"], FLAGS):
+                try:
+                    lib = _bind(ctypes.CDLL(str(_build(compiler, flags))))
+                    break
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    errors.append(str(e))
+            if lib is None:
+                log.warning("could not build the native HSTU kernel (%s): using the pure-PyTorch passes",
+                            " / ".join(errors))
     _STATE["lib"] = lib
     return lib
-
-
-def pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    """A thread pool of at least ``workers`` threads for splitting kernel calls (created on first use, kept)."""
-    ex = _STATE.get("pool")
-    if ex is None or ex._max_workers < workers:  # type: ignore[attr-defined]
-        ex = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="genrec-native")
-        _STATE["pool"] = ex
-    return ex  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
