@@ -17,7 +17,8 @@
  *   backward: s  <- SiLU(s + rab) masked;  dw <- dw · SiLU'(s + rab) masked   (= ds)
  *             dpos[r, c] += Σ_{tile, head} ds;  dts[bucket] += Σ_{head} ds      (either may be NULL)
  *
- * exp is a Cephes-style polynomial (max relative error ~2e-7 on the clamped range) written so that the compiler
+ * exp is a Cephes-style polynomial (relative error at most 8.3e-8 against double exp on [-87, 88], checked on
+ * 2e7 points) written so that the compiler
  * vectorises the loops with -fno-trapping-math and without -ffast-math (which would change the process's
  * floating-point state).
  */
