@@ -18,9 +18,8 @@
  *             dpos[r, c] += Σ_{tile, head} ds;  dts[bucket] += Σ_{head} ds      (either may be NULL)
  *
  * exp is a Cephes-style polynomial (relative error at most 8.3e-8 against double exp on [-87, 88], checked on
- * 2e7 points) written so that the compiler
- * vectorises the loops with -fno-trapping-math and without -ffast-math (which would change the process's
- * floating-point state).
+ * 2e7 points), written so that the compiler vectorises the loops with -fno-trapping-math and without -ffast-math
+ * (which would change the process's floating-point state).
  */
 #include <stdint.h>
 #include <stdlib.h>
