@@ -108,14 +108,14 @@ def jagged_blocks(
 def to_blocks(x: torch.Tensor, jb: JaggedBlocks) -> torch.Tensor:
     """x [T, h, d] -> [num_blocks, h, block, d] (unused slots 0)."""
     _, h, d = x.shape
-    flat = x.new_zeros(jb.num_slots, h, d).index_copy(0, jb.slot, x)
+    flat = x.new_zeros(jb.num_slots, h, d).index_copy_(0, jb.slot, x)  # in place: no second full copy
     return flat.view(jb.layout.num_blocks, jb.layout.block, h, d).transpose(1, 2).contiguous()
 
 
 def to_blocks_split(x: torch.Tensor, jb: JaggedBlocks, parts: list[tuple[int, int]]) -> list[torch.Tensor]:
     """x [T, Σ h·d] (several tensors side by side, e.g. V | Q | K) -> one [num_blocks, h, block, d] per (h, d) part,
     with a single scatter for all of them."""
-    flat = x.new_zeros(jb.num_slots, x.shape[1]).index_copy(0, jb.slot, x)
+    flat = x.new_zeros(jb.num_slots, x.shape[1]).index_copy_(0, jb.slot, x)  # in place: no second full copy
     nblk, Bs = jb.layout.num_blocks, jb.layout.block
     outs, start = [], 0
     for h, d in parts:
@@ -133,7 +133,7 @@ def from_blocks(x: torch.Tensor, jb: JaggedBlocks) -> torch.Tensor:
 
 def _slot_values(x: torch.Tensor, jb: JaggedBlocks) -> torch.Tensor:
     """Per-token long values [T] -> [num_blocks, block] (0 in unused slots)."""
-    return x.new_zeros(jb.num_slots).index_copy(0, jb.slot, x).view(jb.layout.num_blocks, jb.layout.block)
+    return x.new_zeros(jb.num_slots).index_copy_(0, jb.slot, x).view(jb.layout.num_blocks, jb.layout.block)
 
 
 def jagged_time_buckets(
