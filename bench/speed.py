@@ -405,11 +405,10 @@ def bench_epochs(threads: int, max_steps: int = 0) -> None:
 
     from genrec.config import load_config
     from genrec.data.dataset import prepare_data
+    from genrec.ops import native
     from genrec.train.loop import train
 
     data_dir = ROOT.parent / "shared" / "data"
-    from genrec.ops import native
-
     cases = [("sasrec", "sasrec", []), ("hstu", "hstu", []), ("hstu-large", "hstu-large", []),
              ("hstu-large/torch-passes", "hstu-large", []), ("hstu-large/bf16", "hstu-large", ["train.autocast=bfloat16"]),
              ("hstu-large/shared-negatives", "hstu-large", ["train.negatives=shared"])]  # fmt: skip

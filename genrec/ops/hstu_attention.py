@@ -211,13 +211,18 @@ def _rows(x: torch.Tensor, ids: torch.Tensor, span) -> torch.Tensor:
     return x[span[0] : span[1]] if span is not None else x.index_select(0, ids)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, ta: bool = False, tb: bool = False, buf: torch.Tensor | None = None):
-    """Batched a @ b over [C, h, ., .] (optionally transposed) as one bmm on 3-D views, so that no operand is
-    copied (torch.matmul on 4-D transposed views copies them). ``buf``: a contiguous buffer with at least as many
-    elements as the result, written instead of allocating."""
+def _bmm_operands(a: torch.Tensor, b: torch.Tensor, ta: bool, tb: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[C, h, ., .] operands as 3-D views for one bmm, transposed as asked (views: no operand is copied, where
+    torch.matmul on 4-D transposed views copies them)."""
     a3 = a.reshape(-1, *a.shape[-2:])
     b3 = b.reshape(-1, *b.shape[-2:])
-    a3, b3 = (a3.transpose(1, 2) if ta else a3), (b3.transpose(1, 2) if tb else b3)
+    return (a3.transpose(1, 2) if ta else a3), (b3.transpose(1, 2) if tb else b3)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, ta: bool = False, tb: bool = False, buf: torch.Tensor | None = None):
+    """Batched a @ b over [C, h, ., .] (optionally transposed) as one bmm. ``buf``: a contiguous buffer with at
+    least as many elements as the result, written instead of allocating."""
+    a3, b3 = _bmm_operands(a, b, ta, tb)
     if buf is None:
         out = torch.bmm(a3, b3)
     else:
@@ -297,9 +302,7 @@ class _Tiles:
             _add_rows(acc, ids, span, _mm(a, b, ta, tb))
             return
         if span is not None and acc.dtype == a.dtype:  # accumulate in place: one gemm with beta = 1
-            a3 = a.reshape(-1, *a.shape[-2:])
-            b3 = b.reshape(-1, *b.shape[-2:])
-            a3, b3 = (a3.transpose(1, 2) if ta else a3), (b3.transpose(1, 2) if tb else b3)
+            a3, b3 = _bmm_operands(a, b, ta, tb)
             acc[span[0] : span[1]].view(-1, a3.shape[1], b3.shape[2]).baddbmm_(a3, b3)
             return
         rows = a.shape[-1] if ta else a.shape[-2]
@@ -315,11 +318,15 @@ class _Tiles:
             if c.delta == 0:
                 w.mul_(self.tril)
             return w, qb, kb
-        qb = _rows(q, c.qi, c.q_span)
-        kb = _rows(k, c.ki, c.k_span)
-        s = _mm(qb, kb, tb=True, buf=self._buf(0, q))
+        s, qb, kb = self._raw_scores(c, q, k)
         self._native(n, c, s)
         return s, qb, kb
+
+    def _raw_scores(self, c: TileChunk, q, k):
+        """Native path: q kᵀ (no bias) into score buffer 0, plus the gathered q and k rows."""
+        qb = _rows(q, c.qi, c.q_span)
+        kb = _rows(k, c.ki, c.k_span)
+        return _mm(qb, kb, tb=True, buf=self._buf(0, q)), qb, kb
 
     def weights_and_grads(self, n: int, c: TileChunk, q, k, dw_fn, dpos, dts):
         """Backward of one chunk: (w, ds, qb, kb) with ds = dL/d(scores) from dw = dL/dw = ``dw_fn(buffer or None)``;
@@ -340,9 +347,7 @@ class _Tiles:
                 if dts is not None:
                     dts += torch.bincount(self.buckets.chunks[n].view(-1), weights=drab.view(-1), minlength=len(dts))
             return w, ds, qb, kb
-        qb = _rows(q, c.qi, c.q_span)
-        kb = _rows(k, c.ki, c.k_span)
-        s = _mm(qb, kb, tb=True, buf=self._buf(0, q))
+        s, qb, kb = self._raw_scores(c, q, k)
         dw = dw_fn(self._buf(1, q))
         self._native(n, c, s, dw, dpos, dts)
         return s, dw, qb, kb
