@@ -12,7 +12,8 @@ B·max(n)². Each sequence wastes at most ``block - 1`` slots.
 
 Same outputs as the padded path (``HSTU.encode``), tested to 1e-5 in fp32, including the relative bias (position
 and time terms) and rows without timestamps. Deviations: none in the math; ``jagged_encode`` applies the encoder's
-dropout layers to [T, ·] tensors, so in training mode the random masks differ from the padded path's.
+dropout rates to [T, ·] tensors with ``genrec.ops.dropout`` (the native kernel's counter-based stream when it loads,
+else ``F.dropout``), so in training mode the random masks differ from the padded path's (same distribution).
 
 Public: ``lengths_to_offsets``, ``padded_to_jagged``, ``jagged_to_padded``, ``JaggedBlocks`` / ``jagged_blocks``,
 ``jagged_hstu_attention`` (+ the per-sequence plain reference ``jagged_hstu_attention_reference``),
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from genrec.data.batches import Batch
+from genrec.ops.dropout import dropout
 from genrec.ops.hstu_attention import (
     DEFAULT_TILE_ELEMS,
     BlockLayout,
@@ -260,7 +262,7 @@ def jagged_hstu_layer(layer, x: torch.Tensor, ctx: JaggedContext) -> torch.Tenso
     out = blocked_attention(q, k, v, jb.layout, ctx.norm, pos_w, ts_w, ctx.buckets, ctx.native)  # [nblk, h, Bs, dv]
     av = from_blocks(out, jb).reshape(T, h * dv)
     gated = u * F.layer_norm(av, (h * dv,), eps=1e-6)
-    return x + layer.out(layer.dropout(gated))
+    return x + layer.out(dropout(gated, layer.dropout.p, layer.training, ctx.native))
 
 
 def jagged_encode(
@@ -290,7 +292,7 @@ def jagged_encode(
     ctx = jagged_context(model, offsets, timestamps, query_times, has_time, block)
     d = cfg.embedding_dim
     x = model.item_emb(values) * math.sqrt(d) + model.pos_emb.weight[ctx.jb.pos]  # [T, d]
-    x = model.input_dropout(x)
+    x = dropout(x, model.input_dropout.p, model.training, ctx.native)
     for layer in model.layers[:num_layers]:
         x = jagged_hstu_layer(layer, x, ctx)
     return F.normalize(x, dim=-1, eps=1e-6) if normalize else x

@@ -1,5 +1,6 @@
-"""Build and load genrec's one native kernel (``hstu_tiles.c``: the fused elementwise passes of the blocked HSTU
-attention) with the system C compiler, through ``ctypes``.
+"""Build and load genrec's native kernels (one C file, ``hstu_tiles.c``: the fused elementwise passes of the blocked
+HSTU attention, and the counter-based dropout of ``genrec.ops.dropout``) with the system C compiler, through
+``ctypes``.
 
 Why not ``torch.utils.cpp_extension``: the kernel needs no ATen (it works on raw fp32 / bf16 buffers between the
 engine's ATen matmuls), so a plain C file builds in about a second with ``cc`` instead of ~a minute against the
@@ -13,7 +14,8 @@ The library is built once per (source, compiler, flags, CPU flags) into ``$GENRE
 ``~/.cache/genrec/native``), written to a temporary name and renamed, so concurrent processes never load a partial
 file. ``-march=native`` is safe because the cache key includes this CPU's feature flags.
 
-``GENREC_NATIVE=0`` turns the kernel off (the engine then runs its pure-PyTorch passes, the reference). When no
+``GENREC_NATIVE=0`` turns the kernels off (the engine then runs its pure-PyTorch passes, the reference, and dropout
+is ``F.dropout``). When no
 compiler is found or the build fails, ``load()`` logs why once and returns None, and the engine falls back the
 same way: the kernel only ever changes speed.
 """
@@ -80,6 +82,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.hstu_tiles_forward.restype = None
     lib.hstu_tiles_backward.argtypes = [p, p, i32, i64, i32, i32, p, p, i32, p, i32, i32, p, p]
     lib.hstu_tiles_backward.restype = None
+    lib.genrec_dropout.argtypes = [p, p, i64, i32, ctypes.c_float, ctypes.c_uint64]
+    lib.genrec_dropout.restype = None
     return lib
 
 
