@@ -15,6 +15,9 @@ Histories are drawn from the model's own catalogue (popularity-weighted when ``p
 so the time term is on. Each level is bounded by ``--requests`` and by ``--max-seconds``; the client and the server
 share this machine's cores.
 
+``--workers 2`` runs two server processes on the one socket (``genrec serve --workers 2``), each with its own model
+and batcher; the server's CPU time is summed over its processes.
+
 Client: by default a minimal HTTP/1.1 client on asyncio streams (``RawClient``: request line, headers,
 Content-Length or chunked body), because on a 2-core machine httpx's ~1 ms of CPU per request would be taken from the
 server being measured; ``--client httpx`` runs the same load through httpx to cross-check.
@@ -55,7 +58,7 @@ def free_port() -> int:
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "genrec.cli", "serve", "--checkpoint", str(args.checkpoint), "--host", "127.0.0.1",
            "--port", str(port), "--threads", str(args.server_threads), "--max-batch", str(args.max_batch),
-           "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"]  # fmt: skip
+           "--max-wait-ms", str(args.max_wait_ms), "--workers", str(args.workers), "--log-level", "warning"]  # fmt: skip
     cmd += ["--model-thread"] if args.model_thread else []
     return subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
 
@@ -224,12 +227,18 @@ async def run_level(
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (Linux /proc), 0.0 where unavailable."""
+    """User + system CPU time of process ``pid`` and its live descendants (Linux /proc: the worker processes of
+    ``--workers N``), 0.0 where unavailable."""
+    total = 0.0
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += cpu_seconds(int(child))
     except (OSError, ValueError, IndexError):
-        return 0.0
+        pass
+    return total
 
 
 def batch_stats(url: str) -> tuple[float, float]:
@@ -266,7 +275,8 @@ def main() -> int:
                    help="synthetic: --history-len events drawn by popularity; dataset: real users' test histories")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"), help="for --histories dataset")
     p.add_argument("-k", type=int, default=10)
-    p.add_argument("--server-threads", type=int, default=1, help="server torch threads (the client needs a core)")
+    p.add_argument("--server-threads", type=int, default=1, help="torch threads per server worker")
+    p.add_argument("--workers", type=int, default=1, help="server worker processes (genrec serve --workers)")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=0.0)
     p.add_argument("--model-thread", action="store_true", help="server runs forward passes in a worker thread")
@@ -293,6 +303,8 @@ def main() -> int:
             server0, client0 = cpu_seconds(proc.pid), time.process_time()
             row = asyncio.run(run_level(url, bodies, c, args.requests, args.max_seconds, args.client))
             server1, client1 = cpu_seconds(proc.pid), time.process_time()
+            if args.workers > 1:
+                time.sleep(1.0)  # each worker shares its metrics every 0.5 s (genrec.serve.app.SharedMetrics)
             passes1, answered1 = batch_stats(url)
             mean_batch[c] = (answered1 - answered0) / max(passes1 - passes0, 1.0)
             rows.append(row)
@@ -311,7 +323,7 @@ def main() -> int:
     caption = (
         f"`genrec serve` on {health['model_id']} ({health['num_items']:,} items), POST /v1/recommend top-{args.k}, "
         f"{histories}, {args.client} HTTP/1.1 client, {os.cpu_count()} CPU cores shared by "
-        f"client and server (server: {args.server_threads} torch thread(s), max_batch {args.max_batch}, "
+        f"client and server (server: {args.workers} worker process(es), {args.server_threads} torch thread(s) each, max_batch {args.max_batch}, "
         f"max_wait_ms {args.max_wait_ms}{', model in a worker thread' if args.model_thread else ', model on the event loop'})."
     )
     table = markdown(rows, mean_batch, caption)

@@ -3,7 +3,7 @@
     genrec train --config configs/ml-1m/hstu.yaml [--set train.lr=0.002 ...] [--resume]
     genrec evaluate --checkpoint runs/ml-1m/hstu [--target test] [--candidates sampled]
     genrec recommend --checkpoint runs/ml-1m/hstu --history 1193,661,914 -k 10
-    genrec serve --checkpoint runs/ml-1m/hstu [--host 127.0.0.1 --port 8000]
+    genrec serve --checkpoint runs/ml-1m/hstu [--host 127.0.0.1 --port 8000] [--workers 2]
     genrec export --checkpoint runs/ml-1m/hstu --format torch-export --output exports/ml-1m-hstu
     genrec data fetch ml-1m [--cache-dir DIR]
     genrec data list
@@ -77,28 +77,51 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    import tempfile
+
     import torch
     import uvicorn
 
     from genrec.api import Recommender
-    from genrec.serve.app import create_app
+    from genrec.serve.app import SETTINGS_ENV, create_app
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    rec = Recommender.load(args.checkpoint)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    threads = args.threads
+    if threads == 0 and args.workers > 1:  # N processes share the cores: PyTorch's default would oversubscribe them
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    rec = Recommender.load(args.checkpoint)  # in the supervisor too: a bad checkpoint fails here, before any worker
     if args.host not in LOOPBACK_HOSTS:
         logging.getLogger("genrec.serve").warning(
             "binding to %s: the service is reachable from other machines and has no authentication", args.host
         )
-    app = create_app(
-        rec,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        model_thread=args.model_thread,
-        max_queue=args.max_queue,
-        max_body_bytes=args.max_body_bytes,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    app_settings = {
+        "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
+        "model_thread": args.model_thread,
+        "max_queue": args.max_queue,
+        "max_body_bytes": args.max_body_bytes,
+    }
+    run = {"host": args.host, "port": args.port, "log_level": args.log_level, "access_log": args.access_log}
+    if args.workers == 1:
+        uvicorn.run(create_app(rec, **app_settings), **run)
+        return 0
+    # N worker processes on one listening socket (uvicorn's supervisor), each with its own model copy and batcher;
+    # they share their metrics through a temporary directory that lives as long as this process.
+    del rec
+    metrics_dir = tempfile.mkdtemp(prefix="genrec-serve-metrics-")
+    os.environ[SETTINGS_ENV] = json.dumps({
+        "checkpoint": str(args.checkpoint), "threads": threads, "metrics_dir": metrics_dir, "workers": args.workers,
+        "app": app_settings,
+    })  # fmt: skip
+    try:
+        uvicorn.run("genrec.serve.app:app_from_env", factory=True, workers=args.workers, **run)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
@@ -173,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run forward passes in a worker thread instead of on the event loop")
     s.add_argument("--max-queue", type=int, default=1024, help="waiting requests beyond this get 503")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
-    s.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = PyTorch's default)")
+    s.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads per worker (0 = PyTorch's default; with --workers N, cores / N)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="worker processes, each with its own model and batcher, on one socket (metrics summed)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
     s.set_defaults(func=_cmd_serve)

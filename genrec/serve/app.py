@@ -32,14 +32,18 @@ The app only reads the recommender; nothing is ever written to the model directo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import json
 import logging
 import math
+import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar, Union
 
 from fastapi import FastAPI, Request
@@ -164,6 +168,11 @@ class _Histogram:
         self.counts[i] += 1
         self.total += value
 
+    def add(self, counts: list[int], total: float) -> None:
+        """Add another histogram's counts (same bounds)."""
+        self.counts = [a + int(b) for a, b in zip(self.counts, counts)]
+        self.total += float(total)
+
     def lines(self, name: str, labels: str) -> list[str]:
         out, running = [], 0
         sep = "," if labels else ""
@@ -199,30 +208,89 @@ class Metrics:
         with self._lock:
             self._batches.observe(float(size))
 
-    def render(self) -> str:
+    def snapshot(self) -> dict[str, Any]:
+        """This process's counts as plain JSON data (what a worker shares with the others)."""
         with self._lock:
-            info = ",".join(f'{k}="{_label(v)}"' for k, v in self._info.items())
-            lines = [
-                "# HELP genrec_model_info The served model (value is always 1).",
-                "# TYPE genrec_model_info gauge",
-                f"genrec_model_info{{{info}}} 1",
-                "# HELP genrec_requests_total HTTP requests by path and status code.",
-                "# TYPE genrec_requests_total counter",
-            ]
-            for (path, status), n in sorted(self._requests.items()):
-                lines.append(f'genrec_requests_total{{path="{_label(path)}",status="{status}"}} {n}')
-            lines += [
-                "# HELP genrec_request_duration_seconds Time from request start to response end, by path.",
-                "# TYPE genrec_request_duration_seconds histogram",
-            ]
-            for path, hist in sorted(self._latency.items()):
-                lines += hist.lines("genrec_request_duration_seconds", f'path="{_label(path)}"')
-            lines += [
-                "# HELP genrec_batch_size Requests answered by one forward pass of the model.",
-                "# TYPE genrec_batch_size histogram",
-            ]
-            lines += self._batches.lines("genrec_batch_size", "")
+            return {
+                "requests": [[path, status, n] for (path, status), n in self._requests.items()],
+                "latency": {path: [list(h.counts), h.total] for path, h in self._latency.items()},
+                "batches": [list(self._batches.counts), self._batches.total],
+            }
+
+    def render(self, others: Sequence[dict[str, Any]] = ()) -> str:
+        """Prometheus text of this process's counts plus ``others`` (snapshots of the other worker processes)."""
+        requests: dict[tuple[str, int], int] = {}
+        latency: dict[str, _Histogram] = {}
+        batches = _Histogram(self._batches.bounds)
+        for snap in [self.snapshot(), *others]:
+            for path, status, n in snap["requests"]:
+                requests[(path, int(status))] = requests.get((path, int(status)), 0) + int(n)
+            for path, (counts, total) in snap["latency"].items():
+                latency.setdefault(path, _Histogram(LATENCY_BUCKETS)).add(counts, total)
+            batches.add(*snap["batches"])
+        info = ",".join(f'{k}="{_label(v)}"' for k, v in self._info.items())
+        lines = [
+            "# HELP genrec_model_info The served model (value is always 1).",
+            "# TYPE genrec_model_info gauge",
+            f"genrec_model_info{{{info}}} 1",
+            "# HELP genrec_requests_total HTTP requests by path and status code.",
+            "# TYPE genrec_requests_total counter",
+        ]
+        for (path, status), n in sorted(requests.items()):
+            lines.append(f'genrec_requests_total{{path="{_label(path)}",status="{status}"}} {n}')
+        lines += [
+            "# HELP genrec_request_duration_seconds Time from request start to response end, by path.",
+            "# TYPE genrec_request_duration_seconds histogram",
+        ]
+        for path, hist in sorted(latency.items()):
+            lines += hist.lines("genrec_request_duration_seconds", f'path="{_label(path)}"')
+        lines += [
+            "# HELP genrec_batch_size Requests answered by one forward pass of the model.",
+            "# TYPE genrec_batch_size histogram",
+        ]
+        lines += batches.lines("genrec_batch_size", "")
         return "\n".join(lines) + "\n"
+
+
+class SharedMetrics:
+    """The metrics of several worker processes (``genrec serve --workers N``), each with its own ``Metrics``.
+
+    Every ``interval_s`` each worker writes its snapshot to ``directory/<pid>.json`` (a temporary file, then a
+    rename: readers never see a partial file), and its /metrics sums its live counts with the other workers' latest
+    snapshots, so whichever worker answers the scrape reports the whole server, the others' counts at most
+    ``interval_s`` old. Files of workers that exited stay: their requests still count. The directory belongs to the
+    supervising ``genrec serve`` process (a fresh temporary directory, never the model directory)."""
+
+    def __init__(self, directory: str | Path, metrics: Metrics, interval_s: float = 0.5) -> None:
+        self.directory, self.metrics, self.interval_s = Path(directory), metrics, interval_s
+        self.path = self.directory / f"{os.getpid()}.json"
+
+    def write(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.metrics.snapshot()))
+        os.replace(tmp, self.path)
+
+    def others(self) -> list[dict[str, Any]]:
+        snaps = []
+        for path in sorted(self.directory.glob("*.json")):
+            if path != self.path:
+                try:
+                    snaps.append(json.loads(path.read_text()))
+                except (OSError, ValueError):  # a worker's file vanished with the directory: skip it
+                    continue
+        return snaps
+
+    def render(self) -> str:
+        return self.metrics.render(self.others())
+
+    async def run(self) -> None:
+        try:
+            while True:
+                self.write()
+                await asyncio.sleep(self.interval_s)
+        finally:
+            with contextlib.suppress(OSError):
+                self.write()  # the last counts, at shutdown
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -480,6 +548,8 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     model_thread: bool = False,
     freeze_gc: bool = True,
+    metrics_dir: str | Path | None = None,
+    workers: int = 1,
 ) -> FastAPI:
     """The FastAPI app serving a fitted ``recommender`` (see the module docstring).
 
@@ -495,12 +565,17 @@ def create_app(
         freeze_gc: at startup, ``gc.freeze()`` the objects alive then (torch, the model, the id maps: they live as
             long as the process), so that the collector's full passes stop walking them. This is process-wide:
             pass False when embedding the app in a process that must keep collecting those objects.
+        metrics_dir: set when this app is one of several worker processes (``genrec serve --workers N``, which
+            passes a fresh temporary directory): /metrics then reports the sum over the workers (``SharedMetrics``).
+        workers: the number of worker processes, for the ``genrec_model_info`` labels.
     """
     recommender.check_fitted()
     titles = {str(k): str(v) for k, v in (recommender.titles_ or {}).items()}
     model_id = recommender.model_id_
     config = recommender.config_
-    metrics = Metrics({"model_id": model_id, "model": config.model.name, "num_items": str(len(recommender.item_map_))})
+    info = {"model_id": model_id, "model": config.model.name, "num_items": str(len(recommender.item_map_))}
+    metrics = Metrics({**info, "workers": str(workers)})
+    shared = SharedMetrics(metrics_dir, metrics) if metrics_dir is not None else None
     batcher: MicroBatcher[Query, Result] = MicroBatcher(
         recommender.execute,
         max_batch=max_batch,
@@ -518,11 +593,15 @@ def create_app(
             gc.collect()
             gc.freeze()
         await batcher.start()
+        sharing = asyncio.create_task(shared.run(), name="genrec-metrics") if shared is not None else None
         n = len(recommender.item_map_)
         log.info("serving %s (%d items); max_batch=%d max_wait_ms=%s", model_id, n, max_batch, max_wait_ms)
         try:
             yield
         finally:
+            if sharing is not None:
+                sharing.cancel()
+                await asyncio.gather(sharing, return_exceptions=True)
             await batcher.stop()
 
     app = FastAPI(
@@ -594,6 +673,29 @@ def create_app(
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        text = shared.render() if shared is not None else metrics.render()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker processes (genrec serve --workers N)
+# ----------------------------------------------------------------------------------------------------------------
+
+SETTINGS_ENV = "GENREC_SERVE_SETTINGS"
+
+
+def app_from_env() -> FastAPI:
+    """The app of one worker process of ``genrec serve --workers N``: uvicorn's supervisor starts N processes, each
+    calls this factory, which loads the model and builds the app from the JSON settings in ``$GENREC_SERVE_SETTINGS``
+    (``{"checkpoint", "threads", "metrics_dir", "workers", "app": {create_app keyword arguments}}``)."""
+    import torch
+
+    settings = json.loads(os.environ[SETTINGS_ENV])
+    if settings.get("threads", 0) > 0:
+        torch.set_num_threads(int(settings["threads"]))
+    recommender = Recommender.load(settings["checkpoint"])
+    return create_app(
+        recommender, metrics_dir=settings["metrics_dir"], workers=int(settings["workers"]), **settings["app"]
+    )

@@ -7,7 +7,12 @@ import copy
 import gc
 import json
 import logging
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -21,7 +26,7 @@ from hypothesis import strategies as st
 
 from genrec.api import Recommender
 from genrec.cli import build_parser, main
-from genrec.serve.app import MAX_HISTORY, MicroBatcher, Overloaded, create_app
+from genrec.serve.app import MAX_HISTORY, Metrics, MicroBatcher, Overloaded, SharedMetrics, create_app
 
 from ..conftest import synthetic_interactions
 
@@ -196,7 +201,7 @@ def test_healthz_docs_and_metrics(client, rec):
     r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
-    assert f'genrec_model_info{{model_id="{rec.model_id_}",model="hstu",num_items="30"}} 1' in text
+    assert f'genrec_model_info{{model_id="{rec.model_id_}",model="hstu",num_items="30",workers="1"}} 1' in text
     assert re.search(r'genrec_requests_total\{path="/v1/recommend",status="200"\} \d+', text)
     assert re.search(r'genrec_requests_total\{path="/v1/recommend",status="422"\} \d+', text)
     assert 'genrec_request_duration_seconds_bucket{path="/v1/recommend",le="+Inf"}' in text
@@ -343,3 +348,81 @@ def test_startup_freezes_the_long_lived_objects_out_of_the_collector(rec):
             assert gc.get_freeze_count() > 1000
     finally:
         gc.unfreeze()
+
+
+def test_shared_metrics_sum_the_workers_snapshots(tmp_path):
+    a, b = Metrics({"model_id": "m"}), Metrics({"model_id": "m"})
+    for _ in range(3):
+        a.observe_request("/v1/recommend", 200, 0.004)
+    a.observe_batch(3)
+    b.observe_request("/v1/recommend", 200, 0.2)
+    b.observe_request("/v1/rank", 422, 0.001)
+    b.observe_batch(1)
+    mine = SharedMetrics(tmp_path, a)
+    other = SharedMetrics(tmp_path, b)
+    other.path = tmp_path / "999999.json"  # another worker's file
+    other.write()
+    mine.write()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.path.name, "999999.json"])
+    text = mine.render()
+    assert 'genrec_requests_total{path="/v1/recommend",status="200"} 4' in text
+    assert 'genrec_requests_total{path="/v1/rank",status="422"} 1' in text
+    assert 'genrec_request_duration_seconds_bucket{path="/v1/recommend",le="0.005"} 3' in text
+    assert 'genrec_request_duration_seconds_bucket{path="/v1/recommend",le="0.25"} 4' in text
+    assert "genrec_batch_size_count 2" in text and "genrec_batch_size_sum 4.0" in text
+    (tmp_path / "bad.json").write_text("{not json")  # unreadable files are skipped, never a failed scrape
+    assert 'genrec_requests_total{path="/v1/recommend",status="200"} 4' in mine.render()
+    assert a.render().count("genrec_requests_total{") == 1  # alone: its own counts only
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_genrec_serve_with_two_worker_processes(model_dir, rec, tmp_path):
+    """``genrec serve --workers 2``: real worker processes on one port answer like the Python API, /metrics counts
+    the requests of both, and the shared metrics directory goes away with the server."""
+    port = _free_port()
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "genrec.cli", "serve", "--checkpoint", str(model_dir), "--port",
+                             str(port), "--workers", "2", "--log-level", "warning"], env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "genrec serve exited"
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "genrec serve --workers 2 did not start"
+            time.sleep(0.2)
+        (expected,) = rec.recommend_batch([HISTORIES[0]], k=5)
+        n = 12
+        for _ in range(n):  # a new connection each: the kernel hands them to either worker
+            body = httpx.post(f"{url}/v1/recommend", json={"history": HISTORIES[0], "k": 5}, timeout=30).json()
+            items, scores = _items(body)
+            assert items == expected.items and scores == pytest.approx(expected.scores, abs=1e-5)
+        pattern = r'genrec_requests_total\{path="/v1/recommend",status="200"\} (\d+)'
+        deadline, seen = time.monotonic() + 10, None
+        while time.monotonic() < deadline:  # the other worker's counts arrive within its sharing interval
+            text = httpx.get(f"{url}/metrics", timeout=5).text
+            seen = int(m.group(1)) if (m := re.search(pattern, text)) else 0
+            if seen == n:
+                break
+            time.sleep(0.2)
+        assert seen == n
+        assert 'workers="2"' in text
+        assert len(list(tmp_path.glob("genrec-serve-metrics-*/*.json"))) == 2  # one snapshot file per worker
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode == 0
+    assert not list(tmp_path.glob("genrec-serve-metrics-*"))
