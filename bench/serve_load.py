@@ -2,12 +2,15 @@
 
 Starts ``genrec serve`` on a free loopback port in a subprocess, drives ``POST /v1/recommend`` (top-10) over real
 HTTP/1.1 from asyncio callers, one keep-alive connection each, and reports p50/p99 latency,
-throughput and errors (any non-200 or transport failure) per concurrency level. Rows go to ``results/serve.json``
-(a JSON list of ``{"concurrency", "requests", "errors", "p50_ms", "p99_ms", "rps"}``), the markdown table is printed
+throughput and errors (any non-200 or transport failure) per concurrency level. The levels run ``--rounds`` times,
+interleaved (1, 8, 32, 1, 8, 32, ...), so that a drift in this shared machine's speed hits all of them; the ratio of
+throughputs is the median of the rounds' ratios. Rows go to ``results/serve.json``
+(a JSON list of ``{"concurrency", "requests", "errors", "p50_ms", "p99_ms", "rps", ...}``, plus each round's req/s,
+the mean batch and the CPU time per request of server and client), the markdown table is printed
 and written into README.md between ``<!-- serve-table:start -->`` and ``<!-- serve-table:end -->`` when present.
 
-    python bench/serve_load.py --checkpoint runs/ml-1m/hstu                      # 2,000 requests per level
-    python bench/serve_load.py --checkpoint DIR --requests 100 --max-seconds 5   # smoke run
+    python bench/serve_load.py --checkpoint runs/ml-1m/hstu --workers 2          # 3 rounds x 1,000 requests per level
+    python bench/serve_load.py --checkpoint DIR --requests 100 --rounds 1 --max-seconds 5   # smoke run
     python bench/serve_load.py --checkpoint DIR --histories dataset --no-readme  # real users' histories
 
 Histories are drawn from the model's own catalogue (popularity-weighted when ``popularity.json`` is there), each
@@ -217,6 +220,8 @@ async def run_level(
         wall = time.perf_counter() - start
     ms = np.asarray(latencies) * 1000.0
     return {
+        "_latencies_ms": ms,
+        "_wall_s": wall,
         "concurrency": concurrency,
         "requests": len(latencies),
         "errors": int(errors),
@@ -249,6 +254,24 @@ def batch_stats(url: str) -> tuple[float, float]:
     return (float(count.group(1)) if count else 0.0), (float(total.group(1)) if total else 0.0)
 
 
+def summarize(concurrency: int, rounds: list[dict]) -> dict:
+    """One result row from the rounds of one level: latency percentiles over all their requests, req/s the median
+    of the rounds (each round's is listed), errors summed."""
+    ms = np.concatenate([r["_latencies_ms"] for r in rounds])
+    return {
+        "concurrency": concurrency,
+        "requests": int(sum(r["requests"] for r in rounds)),
+        "errors": int(sum(r["errors"] for r in rounds)),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "rps": round(float(np.median([r["rps"] for r in rounds])), 1),
+        "rps_rounds": [r["rps"] for r in rounds],
+        "mean_batch": round(float(np.mean([r["mean_batch"] for r in rounds])), 2),
+        "server_cpu_ms_per_request": round(float(np.median([r["server_cpu_ms"] for r in rounds])), 2),
+        "client_cpu_ms_per_request": round(float(np.median([r["client_cpu_ms"] for r in rounds])), 2),
+    }
+
+
 def markdown(rows: list[dict], mean_batch: dict[int, float], caption: str) -> str:
     lines = [caption, "", "| concurrency | requests | errors | p50 ms | p99 ms | req/s | requests per forward pass |",
              "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -267,7 +290,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="model directory (run dir of genrec train)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
+    p.add_argument("--requests", type=int, default=1000, help="requests per concurrency level and round")
+    p.add_argument("--rounds", type=int, default=3, help="times each level runs (interleaved); medians reported")
     p.add_argument("--max-seconds", type=float, default=120.0, help="time cap per level")
     p.add_argument("--warmup", type=int, default=50, help="requests before measuring (not counted)")
     p.add_argument("--history-len", type=int, default=0, help="events per history (0 = the model's max_len)")
@@ -297,22 +321,32 @@ def main() -> int:
         else:
             bodies = request_bodies(args.checkpoint, 256, length, args.k, args.seed)
         asyncio.run(run_level(url, bodies, 4, args.warmup, args.max_seconds, args.client))
-        rows, mean_batch = [], {}
-        for c in args.concurrency:
-            passes0, answered0 = batch_stats(url)
-            server0, client0 = cpu_seconds(proc.pid), time.process_time()
-            row = asyncio.run(run_level(url, bodies, c, args.requests, args.max_seconds, args.client))
-            server1, client1 = cpu_seconds(proc.pid), time.process_time()
-            if args.workers > 1:
-                time.sleep(1.0)  # each worker shares its metrics every 0.5 s (genrec.serve.app.SharedMetrics)
-            passes1, answered1 = batch_stats(url)
-            mean_batch[c] = (answered1 - answered0) / max(passes1 - passes0, 1.0)
-            rows.append(row)
-            n = max(row["requests"], 1)
-            print(json.dumps(row), f"cpu ms/request: server {1000 * (server1 - server0) / n:.2f}, "
-                  f"client {1000 * (client1 - client0) / n:.2f}", flush=True)  # fmt: skip
+        runs: dict[int, list[dict]] = {c: [] for c in args.concurrency}
+        for r in range(args.rounds):  # levels interleaved, round after round: drifts in machine speed hit every level
+            for c in args.concurrency:
+                passes0, answered0 = batch_stats(url)
+                server0, client0 = cpu_seconds(proc.pid), time.process_time()
+                row = asyncio.run(run_level(url, bodies, c, args.requests, args.max_seconds, args.client))
+                server1, client1 = cpu_seconds(proc.pid), time.process_time()
+                if args.workers > 1:
+                    time.sleep(1.0)  # each worker shares its metrics every 0.5 s (genrec.serve.app.SharedMetrics)
+                passes1, answered1 = batch_stats(url)
+                n = max(row["requests"], 1)
+                row["mean_batch"] = (answered1 - answered0) / max(passes1 - passes0, 1.0)
+                row["server_cpu_ms"] = 1000 * (server1 - server0) / n
+                row["client_cpu_ms"] = 1000 * (client1 - client0) / n
+                runs[c].append(row)
+                print(f"round {r + 1}/{args.rounds}", json.dumps({k: v for k, v in row.items() if k[0] != "_"}),
+                      flush=True)  # fmt: skip
     finally:
         stop_server(proc)
+    rows = [summarize(c, runs[c]) for c in args.concurrency]
+    mean_batch = {row["concurrency"]: row["mean_batch"] for row in rows}
+    lo, hi = args.concurrency[0], args.concurrency[-1]
+    ratios = [b["rps"] / a["rps"] for a, b in zip(runs[lo], runs[hi])]
+    ratio = float(np.median(ratios))
+    print(f"throughput at concurrency {hi} / {lo}: median {ratio:.2f}x over {args.rounds} rounds "
+          f"({', '.join(f'{x:.2f}' for x in ratios)})")  # fmt: skip
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
@@ -326,6 +360,9 @@ def main() -> int:
         f"client and server (server: {args.workers} worker process(es), {args.server_threads} torch thread(s) each, max_batch {args.max_batch}, "
         f"max_wait_ms {args.max_wait_ms}{', model in a worker thread' if args.model_thread else ', model on the event loop'})."
     )
+    caption += (f" Each level ran {args.rounds} times, levels interleaved; p50/p99 over all requests of a level, req/s "
+                f"the median of its rounds. Throughput at concurrency {hi} / {lo}: **{ratio:.2f}x** (median of the "
+                f"rounds' ratios: {', '.join(f'{x:.2f}' for x in ratios)}).")  # fmt: skip
     table = markdown(rows, mean_batch, caption)
     print("\n" + table)
     if not args.no_readme:
