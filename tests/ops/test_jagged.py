@@ -105,3 +105,34 @@ def test_bf16_autocast_close_to_fp32():
     assert max_diff(out.float(), ref) <= 0.05  # unit vectors; bf16 has 8 mantissa bits
     cos = torch.nn.functional.cosine_similarity(out.float(), ref, dim=-1)[batch.item_ids > 0]
     assert cos.min() >= 0.99
+
+
+@pytest.mark.parametrize("block", [4, 16])
+def test_split_uvqk_equals_slicing_and_to_blocks_split(block):
+    """Values and gradients of the single-write split against autograd through the slices (the reference),
+    including a part whose gradient is None (unused) and a sequence whose last block is partly padding."""
+    from genrec.ops.jagged import jagged_blocks, split_uvqk, to_blocks_split
+
+    torch.manual_seed(0)
+    h, dv, dqk = 2, 3, 5
+    offsets = lengths_to_offsets(torch.tensor([7, 1, 12]))
+    jb = jagged_blocks(offsets, block, h, dqk)
+    x = torch.randn(20, 2 * h * (dv + dqk), dtype=torch.float64)
+    weights = [torch.randn(20, h * dv, dtype=torch.float64)]
+    for d in (dv, dqk, dqk):
+        weights.append(torch.randn(jb.layout.num_blocks, h, block, d, dtype=torch.float64))
+    for used in ((0, 1, 2, 3), (0, 2, 3), (1, 2)):  # which outputs reach the loss
+        grads = []
+        for fn in ("reference", "split"):
+            xx = x.clone().requires_grad_()
+            if fn == "reference":
+                outs = [xx[:, : h * dv], *to_blocks_split(xx[:, h * dv :], jb, [(h, dv), (h, dqk), (h, dqk)])]
+            else:
+                outs = list(split_uvqk(xx, jb, h, dv, dqk))
+            loss = sum((outs[i] * weights[i]).sum() for i in used)
+            (g,) = torch.autograd.grad(loss, [xx])
+            grads.append((outs, g))
+        (ref_out, ref_g), (out, g) = grads
+        for a, b in zip(ref_out, out):
+            assert torch.equal(a, b)
+        assert torch.allclose(g, ref_g, rtol=0, atol=1e-12)
