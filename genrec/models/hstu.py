@@ -31,6 +31,7 @@ Deliberate deviations from the reference research code (each keeps the math, cha
   non-causal half is always masked.
 - ``attention_impl="jagged"`` runs the same math on jagged values (``genrec.ops.jagged``): attention work ∝ Σ nᵢ²
   instead of B·max(n)² (``bench/speed.py --sections training``: HSTU-large ML-1M steps); tested equal to this path.
+  Inference batches of a few rows with little padding still take this path (``genrec.ops.jagged.jagged_pays``).
 - ``encode_last`` (what evaluation and serving call) runs the last layer's attention for the last position only.
 - Rows whose timestamps are unknown (``Batch.has_time`` False, e.g. ML-1M users 3000..6040 in the development copy)
   get no time term; the reference has no notion of missing timestamps.
@@ -225,11 +226,12 @@ class HSTU(nn.Module):
         B, N = ids.shape
         if N > self.config.max_len:
             raise ValueError(f"sequence width {N} exceeds max_len {self.config.max_len}")
-        # one row has no padding to skip, and no layer needs no attention layout: the plain path is cheaper there
-        if self.config.attention_impl == "jagged" and B > 1 and num_layers > 0:
-            from genrec.ops.jagged import jagged_encode_batch  # the fast path, tested equal to the code below
+        if self.config.attention_impl == "jagged" and num_layers > 0:
+            from genrec.ops.jagged import jagged_encode_batch, jagged_pays  # the fast path, tested equal to below
 
-            return jagged_encode_batch(self, batch, num_layers=num_layers, normalize=False)
+            # small inference batches with little padding are cheaper on the plain path (see jagged_pays)
+            if jagged_pays(batch.lengths, N, torch.is_grad_enabled()):
+                return jagged_encode_batch(self, batch, num_layers=num_layers, normalize=False)
         d = self.config.embedding_dim
         valid = (torch.arange(N, device=ids.device).unsqueeze(0) < batch.lengths.unsqueeze(1)).unsqueeze(-1)  # [B,N,1]
         x = self.item_emb(ids) * math.sqrt(d) + self.pos_emb.weight[:N].unsqueeze(0)

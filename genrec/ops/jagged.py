@@ -341,6 +341,25 @@ def jagged_encode(
     return F.normalize(x, dim=-1, eps=1e-6) if normalize else x
 
 
+def jagged_pays(lengths: torch.Tensor, width: int, grad: bool) -> bool:
+    """Whether ``HSTU`` with ``attention_impl="jagged"`` should run a batch of rows with ``lengths`` (padded to
+    ``width``) through this jagged encoder rather than its padded path; both give the same outputs.
+
+    With gradients (training), always for more than one row: one HSTU-large ML-1M step is 2.3x faster jagged. Without
+    (serving, evaluation), the jagged layout's fixed cost per batch (block layout, time-bucket tiles, scatter and
+    gather: ~1-3 ms here) pays only with many rows or much padding. Measured per request on the ML-1M HSTU config,
+    padded vs jagged: 200-event histories, 0.87 vs 1.34 ms at 8 rows, 0.84 vs 0.89 at 16, 0.95 vs 0.73 at 32; real
+    users' histories (2-200 events), 0.52 vs 1.00 at 2 rows, 0.85 vs 0.82 at 4, 0.92 vs 0.72 at 8. Hence: jagged
+    for more than 16 rows, or more than 2 rows padded to over 1.25x their real attention pairs."""
+    B = len(lengths)
+    if B <= 1:
+        return False
+    if grad or B > 16:
+        return True
+    real_pairs = float((lengths.to(torch.float64) ** 2).sum())
+    return B > 2 and B * width**2 > 1.25 * real_pairs
+
+
 def jagged_encode_batch(
     model, batch: Batch, block: int | None = None, num_layers: int | None = None, normalize: bool = True
 ) -> torch.Tensor:

@@ -136,3 +136,29 @@ def test_split_uvqk_equals_slicing_and_to_blocks_split(block):
         for a, b in zip(ref_out, out):
             assert torch.equal(a, b)
         assert torch.allclose(g, ref_g, rtol=0, atol=1e-12)
+
+
+def test_jagged_pays_for_training_many_rows_or_much_padding():
+    from genrec.ops.jagged import jagged_pays
+
+    full = torch.full((8,), 200)
+    assert not jagged_pays(torch.tensor([200]), 200, grad=True)  # one row: nothing to skip
+    assert jagged_pays(full, 200, grad=True)  # training: always
+    assert not jagged_pays(full, 200, grad=False)  # a few equal rows at inference: the padded path
+    assert jagged_pays(torch.full((17,), 200), 200, grad=False)  # many rows
+    mixed = torch.tensor([200, 20, 30, 200])
+    assert jagged_pays(mixed, 200, grad=False)  # much padding
+    assert not jagged_pays(mixed[:2], 200, grad=False)  # but not for two rows
+
+
+def test_hstu_with_jagged_impl_gives_the_same_outputs_on_both_sides_of_the_rule():
+    """Inference through ``HSTU.encode_last`` with attention_impl="jagged" picks a path per batch; every path
+    gives the padded path's outputs."""
+    torch.manual_seed(0)
+    model = make_model(attention_impl="jagged").eval()
+    ref = make_model(attention_impl="padded").eval()
+    ref.load_state_dict(model.state_dict())
+    for lengths in ([5, 5, 5], [9, 2, 3, 9], [4] * 20):
+        batch = make_batch(B=len(lengths), N=max(lengths), lengths=lengths)
+        with torch.no_grad():
+            assert max_diff(model.encode_last(batch), ref.encode_last(batch)) <= 1e-5
