@@ -85,7 +85,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from genrec.api import Recommender
-    from genrec.serve.app import SETTINGS_ENV, create_app
+    from genrec.serve.app import create_app
+    from genrec.serve.workers import serve_workers
 
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
@@ -110,19 +111,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.workers == 1:
         uvicorn.run(create_app(rec, **app_settings), **run)
         return 0
-    # N worker processes on one listening socket (uvicorn's supervisor), each with its own model copy and batcher;
+    # N worker processes, each with its own model copy, batcher and SO_REUSEPORT socket (genrec.serve.workers);
     # they share their metrics through a temporary directory that lives as long as this process.
     del rec
     metrics_dir = tempfile.mkdtemp(prefix="genrec-serve-metrics-")
-    os.environ[SETTINGS_ENV] = json.dumps({
+    settings = json.dumps({
         "checkpoint": str(args.checkpoint), "threads": threads, "metrics_dir": metrics_dir, "workers": args.workers,
         "app": app_settings,
     })  # fmt: skip
     try:
-        uvicorn.run("genrec.serve.app:app_from_env", factory=True, workers=args.workers, **run)
+        return serve_workers(args.workers, args.host, args.port, settings, args.log_level, args.access_log)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads per worker (0 = PyTorch's default; with --workers N, cores / N)")
     s.add_argument("--workers", type=int, default=1,
-                   help="worker processes, each with its own model and batcher, on one socket (metrics summed)")
+                   help="worker processes on the port, each with its own model, batcher and socket (metrics summed)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
     s.set_defaults(func=_cmd_serve)

@@ -691,8 +691,8 @@ SETTINGS_ENV = "GENREC_SERVE_SETTINGS"
 
 
 def app_from_env() -> FastAPI:
-    """The app of one worker process of ``genrec serve --workers N``: uvicorn's supervisor starts N processes, each
-    calls this factory, which loads the model and builds the app from the JSON settings in ``$GENREC_SERVE_SETTINGS``
+    """The app of one worker process of ``genrec serve --workers N`` (``genrec.serve.workers``): loads the model and
+    builds the app from the JSON settings in ``$GENREC_SERVE_SETTINGS``
     (``{"checkpoint", "threads", "metrics_dir", "workers", "app": {create_app keyword arguments}}``)."""
     import torch
 

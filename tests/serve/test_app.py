@@ -426,3 +426,48 @@ def test_genrec_serve_with_two_worker_processes(model_dir, rec, tmp_path):
             raise
     assert proc.returncode == 0
     assert not list(tmp_path.glob("genrec-serve-metrics-*"))
+
+
+def _workers(pid: int) -> list[int]:
+    """The worker processes of a ``genrec serve --workers`` supervisor (multiprocessing's spawned children, not its
+    resource tracker)."""
+    kids = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def test_genrec_serve_workers_stop_together_when_one_dies(model_dir, tmp_path):
+    """A worker that dies takes the service down with a nonzero exit (restarts are the process manager's job),
+    rather than leaving a half-capacity server behind."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "genrec.cli", "serve", "--checkpoint", str(model_dir), "--port",
+                             str(port), "--workers", "2", "--log-level", "warning"],
+                            env={**os.environ, "TMPDIR": str(tmp_path)}, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(_workers(proc.pid)) < 2 or not _healthy(f"http://127.0.0.1:{port}"):
+            assert proc.poll() is None and time.monotonic() < deadline, "genrec serve --workers 2 did not start"
+            time.sleep(0.2)
+        os.kill(_workers(proc.pid)[0], signal.SIGKILL)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not list(tmp_path.glob("genrec-serve-metrics-*"))
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_genrec_serve_workers_need_a_free_explicit_port(model_dir, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(model_dir), "--port", str(port), "--workers", "2"]) == 2
+        assert "Address already in use" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(model_dir), "--port", "0", "--workers", "2"]) == 2
+    assert "explicit --port" in capsys.readouterr().err
