@@ -471,3 +471,31 @@ def test_genrec_serve_workers_need_a_free_explicit_port(model_dir, capsys):
         assert "Address already in use" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(model_dir), "--port", "0", "--workers", "2"]) == 2
     assert "explicit --port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("settle_yields, expected", [(0, [1, 7]), (3, [8])])
+def test_micro_batcher_lets_requests_on_their_way_join_the_pass(settle_yields, expected):
+    """Requests still being parsed when the first one is queued (here: two event-loop steps behind it) join its
+    forward pass when the worker yields to the loop before taking the queue; a lone request is not held back."""
+    calls: list[int] = []
+
+    def run(queries: list[int]) -> list[int]:
+        calls.append(len(queries))
+        return queries
+
+    async def request(q: int, steps: int) -> int:
+        for _ in range(steps):  # parsing, validation: awaits before the query reaches the batcher
+            await asyncio.sleep(0)
+        return await batcher.submit(q)
+
+    async def scenario() -> None:
+        await batcher.start()
+        assert await asyncio.gather(request(0, 0), *(request(q, 2) for q in range(1, 8))) == list(range(8))
+        t0 = time.perf_counter()
+        assert await request(9, 0) == 9
+        assert time.perf_counter() - t0 < 0.05
+        await batcher.stop()
+
+    batcher = MicroBatcher(run, max_batch=64, max_wait_s=0.0, max_queue=64, inline=True, settle_yields=settle_yields)
+    asyncio.run(scenario())
+    assert calls == expected + [1]
