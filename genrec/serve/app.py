@@ -21,10 +21,14 @@ Request handling
     - Concurrent requests are answered in micro-batches: requests wait in a queue, and a single model worker takes
       everything queued (up to ``max_batch``, after waiting ``max_wait_ms`` for company) into one forward pass. While
       it runs, new requests queue up, so batches grow with load without any waiting; the default wait is therefore 0
-      (an asyncio sleep of 1 ms costs 1-2 ms of latency at low load and bought no throughput in bench/serve_load.py).
+      (an asyncio sleep of 1 ms costs 1-2 ms of latency at low load and bought no throughput in bench/serve_load.py);
+      the worker only yields to the event loop until requests already read from their sockets stop arriving.
       The forward pass runs on the event loop itself (requests arriving meanwhile wait in the socket buffers);
       ``model_thread=True`` (``genrec serve --model-thread``) runs it in a worker thread instead, which measured
       slower here because the two busy threads hand the GIL back and forth.
+    - One process serves from one core. ``genrec serve --workers N`` runs N processes on the port
+      (``genrec.serve.workers``), each with its own model, batcher and socket; /metrics sums all of them
+      (``SharedMetrics``).
 
 The app only reads the recommender; nothing is ever written to the model directory. Scores: see ``genrec.api``.
 """
