@@ -357,8 +357,9 @@ def main() -> int:
     caption = (
         f"`genrec serve` on {health['model_id']} ({health['num_items']:,} items), POST /v1/recommend top-{args.k}, "
         f"{histories}, {args.client} HTTP/1.1 client, {os.cpu_count()} CPU cores shared by "
-        f"client and server (server: {args.workers} worker process(es), {args.server_threads} torch thread(s) each, max_batch {args.max_batch}, "
-        f"max_wait_ms {args.max_wait_ms}{', model in a worker thread' if args.model_thread else ', model on the event loop'})."
+        f"client and server (server: {args.workers} worker process(es), {args.server_threads} torch thread(s) each, "
+        f"max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}, "
+        f"{'model in a worker thread' if args.model_thread else 'model on the event loop'})."
     )
     caption += (f" Each level ran {args.rounds} times, levels interleaved; p50/p99 over all requests of a level, req/s "
                 f"the median of its rounds. Throughput at concurrency {hi} / {lo}: **{ratio:.2f}x** (median of the "

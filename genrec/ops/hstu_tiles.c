@@ -242,3 +242,65 @@ void genrec_dropout(const void *x, void *y, int64_t n, int dtype, float p, uint6
             yb[i] = f32_to_bf16(bf16_to_f32(xb[i]) * (uniform24(seed, (uint64_t)i) >= threshold ? scale : 0.0f));
     }
 }
+
+/* ------------------------------------------------------------------------------------------------------------------
+ * Time-bucket ids of a chunk of tiles (genrec/ops/hstu_attention.py, TileBuckets), in one pass:
+ *
+ *   out[c, r, k] = clamp(floor(log(max(|qt[c, r] - t[c, k]|, 1)) / 0.301), 0, nb)    (nb + 1 where !timed[c])
+ *
+ * qt, t [C, B] int64 (query time of each query slot, timestamp of each key slot); out [C, B, B] int64 or uint8
+ * (out_dtype 0 / 1). The gap is rounded to fp32 and log evaluated in fp32 with a Cephes polynomial (within an ulp or
+ * so of libm), as genrec.models.hstu.time_buckets does with torch's fp32 log: the ids agree except for gaps whose
+ * log / 0.301 lies within an ulp of an integer, where even torch's vectorised and scalar logs can disagree.
+ * ---------------------------------------------------------------------------------------------------------------- */
+
+static inline float log_approx(float x) { /* x >= 1, finite */
+    bits32 b;
+    b.f = x;
+    int e = (int)((b.u >> 23) & 0xFFu) - 127;
+    b.u = (b.u & 0x007FFFFFu) | 0x3F800000u; /* mantissa in [1, 2) */
+    float m = b.f;
+    const int big = m > 1.41421356f;
+    m = big ? 0.5f * m : m;
+    e += big;
+    const float z = m - 1.0f, zz = z * z;
+    float y = 7.0376836292e-2f;
+    y = y * z - 1.1514610310e-1f;
+    y = y * z + 1.1676998740e-1f;
+    y = y * z - 1.2420140846e-1f;
+    y = y * z + 1.4249322787e-1f;
+    y = y * z - 1.6668057665e-1f;
+    y = y * z + 2.0000714765e-1f;
+    y = y * z - 2.4999993993e-1f;
+    y = y * z + 3.3333331174e-1f;
+    y = y * z * zz;
+    const float fe = (float)e;
+    y += -2.12194440e-4f * fe;
+    y += -0.5f * zz;
+    return z + y + 0.693359375f * fe;
+}
+
+void genrec_time_buckets(const int64_t *qt, const int64_t *t, const uint8_t *timed, int64_t C, int B, int nb,
+                         void *out, int out_dtype) {
+    const int64_t tile = (int64_t)B * B;
+#pragma omp parallel for schedule(static) if (C * tile >= (1 << 16))
+    for (int64_t c = 0; c < C; ++c) {
+        for (int r = 0; r < B; ++r) {
+            const int64_t q = qt[c * B + r];
+            const int64_t *tk = t + c * B;
+            const int64_t off = c * tile + (int64_t)r * B;
+            for (int k = 0; k < B; ++k) {
+                int64_t g = q - tk[k];
+                g = g < 0 ? -g : g;
+                g = g < 1 ? 1 : g;
+                float y = __builtin_floorf(log_approx((float)g) / 0.301f);
+                y = y < 0.0f ? 0.0f : (y > (float)nb ? (float)nb : y);
+                const int id = timed[c] ? (int)y : nb + 1;
+                if (out_dtype == 0)
+                    ((int64_t *)out)[off + k] = id;
+                else
+                    ((uint8_t *)out)[off + k] = (uint8_t)id;
+            }
+        }
+    }
+}

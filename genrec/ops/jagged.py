@@ -38,6 +38,7 @@ from genrec.ops.hstu_attention import (
     block_layout,
     blocked_attention,
     choose_block,
+    native_lib,
 )
 
 
@@ -184,15 +185,16 @@ def _slot_values(x: torch.Tensor, jb: JaggedBlocks) -> torch.Tensor:
 
 def jagged_time_buckets(
     jb: JaggedBlocks, timestamps: torch.Tensor | None, query_times: torch.Tensor | None, has_time: torch.Tensor | None,
-    num_buckets: int,
+    num_buckets: int, native: bool | None = None,
 ) -> TileBuckets | None:
     """Time-bucket ids of every causal pair (computed once per batch, shared by all layers). timestamps,
-    query_times [T] long; has_time [B] bool. None when no sequence has timestamps."""
+    query_times [T] long; has_time [B] bool. None when no sequence has timestamps. native: as ``blocked_attention``
+    (the kernel computes the ids in one pass)."""
     if timestamps is None or has_time is None or not bool(has_time.any()):
         return None
     block_time = has_time.to(torch.bool)[jb.layout.block_seq]
     return TileBuckets.build(jb.layout, _slot_values(timestamps, jb), _slot_values(query_times, jb), block_time,
-                             num_buckets)
+                             num_buckets, native_lib(native))
 
 
 def _block_norm(jb: JaggedBlocks, norm: torch.Tensor | float) -> torch.Tensor:
@@ -232,7 +234,7 @@ def jagged_hstu_attention(
     """
     jb = jagged_blocks(offsets, block, q.shape[1], q.shape[2]) if jb is None else jb
     if ts_w is not None and buckets is None:
-        buckets = jagged_time_buckets(jb, timestamps, query_times, has_time, num_buckets)
+        buckets = jagged_time_buckets(jb, timestamps, query_times, has_time, num_buckets, native)
     out = blocked_attention(to_blocks(q, jb), to_blocks(k, jb), to_blocks(v, jb), jb.layout, _block_norm(jb, norm),
                             pos_w, ts_w if buckets is not None else None, buckets, native)
     return from_blocks(out, jb)
@@ -285,7 +287,7 @@ def jagged_context(
     jb = jagged_blocks(offsets, block, cfg.num_heads, cfg.attention_dim)
     buckets = None
     if cfg.use_time_bias:
-        buckets = jagged_time_buckets(jb, timestamps, query_times, has_time, cfg.num_time_buckets)
+        buckets = jagged_time_buckets(jb, timestamps, query_times, has_time, cfg.num_time_buckets, native)
     if cfg.attention_norm == "max_len":
         norm = _block_norm(jb, float(cfg.max_len))
     else:

@@ -84,6 +84,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.hstu_tiles_backward.restype = None
     lib.genrec_dropout.argtypes = [p, p, i64, i32, ctypes.c_float, ctypes.c_uint64]
     lib.genrec_dropout.restype = None
+    lib.genrec_time_buckets.argtypes = [p, p, p, i64, i32, i32, p, i32]
+    lib.genrec_time_buckets.restype = None
     return lib
 
 

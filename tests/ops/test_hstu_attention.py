@@ -213,3 +213,47 @@ def test_native_kernel_on_two_threads_matches_one_thread():
     assert max_diff(out, ref) <= 1e-6
     for name, a, b in zip("q k v pos_w ts_w".split(), ref_g, out_g):
         assert max_diff(a, b) <= 1e-5 * max(1.0, float(a.abs().max())), name
+
+
+def test_native_time_bucket_ids_equal_torch_ids():
+    """The kernel's one-pass bucket ids against the PyTorch passes: equal on random timestamps (rows without time
+    included), and on gaps sampled around every bucket boundary equal except within an ulp of the boundary."""
+    import math
+
+    from genrec.ops.hstu_attention import TileBuckets
+
+    lib = native_mod.load()
+    if lib is None:
+        pytest.skip("the native HSTU kernel could not be built here (no C compiler?): see the genrec.native log")
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([70, 5, 130, 33])
+    layout = block_layout(lengths, 16, 2)
+    slots = layout.num_blocks * 16
+    for scale in (100, 10**6, 10**9, 10**12):
+        t = torch.randint(0, scale, (layout.num_blocks, 16), generator=g)
+        qt = torch.randint(0, scale, (layout.num_blocks, 16), generator=g)
+        timed = torch.rand(layout.num_blocks, generator=g) > 0.3
+        ref = TileBuckets(layout, t, qt, timed, NB)
+        fast = TileBuckets(layout, t, qt, timed, NB, lib=lib)
+        assert slots > 0 and len(ref.chunks) == len(fast.chunks)
+        for a, b in zip(ref.chunks, fast.chunks):
+            assert torch.equal(a.long(), b.long())
+    gaps = []
+    for b in range(1, NB + 1):
+        c = round(math.exp(0.301 * b))
+        ulp = 2 ** max(0, c.bit_length() - 24)  # fp32 spacing of gaps near c
+        gaps.append((c + ulp * torch.arange(-200, 200)).clamp(min=1))
+    gaps = torch.cat(gaps)
+    n = len(gaps) // 16 * 16
+    qt = gaps[:n].view(-1, 16)
+    t = torch.zeros_like(qt)
+    out = torch.empty(len(qt), 16, 16, dtype=torch.uint8)
+    timed = torch.ones(len(qt), dtype=torch.uint8)  # held: the kernel only gets its pointer
+    lib.genrec_time_buckets(qt.data_ptr(), t.data_ptr(), timed.data_ptr(), len(qt), 16, NB, out.data_ptr(), 1)
+    mine = out[:, :, 0].reshape(-1).long()
+    ref = time_buckets(gaps[:n].view(1, -1), torch.zeros(1, 1, dtype=torch.long), NB).view(-1)
+    differ = (mine != ref).nonzero().view(-1)
+    assert len(differ) <= n // 10_000
+    for i in differ.tolist():  # only where log(gap) / 0.301 is within fp32 rounding of an integer, by one bucket
+        exact = math.log(int(gaps[i])) / 0.301
+        assert abs(exact - round(exact)) < 1e-7 * exact + 5e-7 and abs(int(mine[i]) - int(ref[i])) == 1
