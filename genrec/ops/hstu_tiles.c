@@ -1,4 +1,9 @@
-/* Fused elementwise passes of genrec's blocked HSTU attention (genrec/ops/hstu_attention.py), for CPU.
+/* genrec's native CPU kernels, built and loaded by genrec/ops/native.py:
+ *   hstu_tiles_forward / hstu_tiles_backward  fused elementwise passes of the blocked HSTU attention (below)
+ *   genrec_time_buckets                       time-bucket ids of a chunk of attention tiles (end of file)
+ *   genrec_dropout                            dropout with a counter-based random stream (genrec/ops/dropout.py)
+ *
+ * Fused elementwise passes of genrec's blocked HSTU attention (genrec/ops/hstu_attention.py):
  *
  * The blocked engine computes each chunk of tiles with batched matmuls (ATen / MKL); between them sit elementwise
  * passes over every (tile, head, query row, key column) score. In PyTorch those are 5 passes forward (gather the
