@@ -176,7 +176,7 @@ def block_layout(
 
 class TileBuckets:
     """Time-bucket id of every causal pair, tile by tile: one [C, block, block] tensor per chunk of ``layout``
-    (int64 up to ``LONG_BUCKET_PAIRS`` pairs in the batch, else uint8).
+    (uint8 on the native path; otherwise int64 up to ``LONG_BUCKET_PAIRS`` pairs in the batch, else uint8).
 
     slot_t, slot_qt [num_blocks, block] long: key timestamp / query time of every slot; block_time [num_blocks]
     bool: whether the block's row has timestamps (rows without get id ``num_buckets + 1``, which carries no weight).

@@ -1,6 +1,6 @@
 """Build and load genrec's native kernels (one C file, ``hstu_tiles.c``: the fused elementwise passes of the blocked
-HSTU attention, and the counter-based dropout of ``genrec.ops.dropout``) with the system C compiler, through
-``ctypes``.
+HSTU attention, the time-bucket ids of its tiles, and the counter-based dropout of ``genrec.ops.dropout``) with the
+system C compiler, through ``ctypes``.
 
 Why not ``torch.utils.cpp_extension``: the kernel needs no ATen (it works on raw fp32 / bf16 buffers between the
 engine's ATen matmuls), so a plain C file builds in about a second with ``cc`` instead of ~a minute against the
@@ -14,8 +14,8 @@ The library is built once per (source, compiler, flags, CPU flags) into ``$GENRE
 ``~/.cache/genrec/native``), written to a temporary name and renamed, so concurrent processes never load a partial
 file. ``-march=native`` is safe because the cache key includes this CPU's feature flags.
 
-``GENREC_NATIVE=0`` turns the kernels off (the engine then runs its pure-PyTorch passes, the reference, and dropout
-is ``F.dropout``). When no
+``GENREC_NATIVE=0`` turns the kernels off (the engine then runs its pure-PyTorch passes and bucket ids, the
+reference, and dropout is ``F.dropout``). When no
 compiler is found or the build fails, ``load()`` logs why once and returns None, and the engine falls back the
 same way: the kernel only ever changes speed.
 """

@@ -381,25 +381,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _workers(pid: int) -> list[int]:
+    """The worker processes of a ``genrec serve --workers`` supervisor (multiprocessing's spawned children, not its
+    resource tracker)."""
+    kids = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def _serve_two_workers(model_dir: Path, tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    """``genrec serve --workers 2`` on a free port (temporary files under ``tmp_path``), once both workers are up
+    and it answers /healthz: (the supervisor process, its base URL)."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "genrec.cli", "serve", "--checkpoint", str(model_dir), "--port",
+                             str(port), "--workers", "2", "--log-level", "warning"],
+                            env={**os.environ, "TMPDIR": str(tmp_path)}, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while len(_workers(proc.pid)) < 2 or not _healthy(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("genrec serve --workers 2 did not start")
+        time.sleep(0.2)
+    return proc, url
+
+
 def test_genrec_serve_with_two_worker_processes(model_dir, rec, tmp_path):
     """``genrec serve --workers 2``: real worker processes on one port answer like the Python API, /metrics counts
     the requests of both, and the shared metrics directory goes away with the server."""
-    port = _free_port()
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "genrec.cli", "serve", "--checkpoint", str(model_dir), "--port",
-                             str(port), "--workers", "2", "--log-level", "warning"], env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = _serve_two_workers(model_dir, tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, "genrec serve exited"
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "genrec serve --workers 2 did not start"
-            time.sleep(0.2)
         (expected,) = rec.recommend_batch([HISTORIES[0]], k=5)
         n = 12
         for _ in range(n):  # a new connection each: the kernel hands them to either worker
@@ -428,38 +446,17 @@ def test_genrec_serve_with_two_worker_processes(model_dir, rec, tmp_path):
     assert not list(tmp_path.glob("genrec-serve-metrics-*"))
 
 
-def _workers(pid: int) -> list[int]:
-    """The worker processes of a ``genrec serve --workers`` supervisor (multiprocessing's spawned children, not its
-    resource tracker)."""
-    kids = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
-    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
-
-
 def test_genrec_serve_workers_stop_together_when_one_dies(model_dir, tmp_path):
     """A worker that dies takes the service down with a nonzero exit (restarts are the process manager's job),
     rather than leaving a half-capacity server behind."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "genrec.cli", "serve", "--checkpoint", str(model_dir), "--port",
-                             str(port), "--workers", "2", "--log-level", "warning"],
-                            env={**os.environ, "TMPDIR": str(tmp_path)}, start_new_session=True)  # fmt: skip
+    proc, _ = _serve_two_workers(model_dir, tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while len(_workers(proc.pid)) < 2 or not _healthy(f"http://127.0.0.1:{port}"):
-            assert proc.poll() is None and time.monotonic() < deadline, "genrec serve --workers 2 did not start"
-            time.sleep(0.2)
         os.kill(_workers(proc.pid)[0], signal.SIGKILL)
         assert proc.wait(timeout=60) != 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert not list(tmp_path.glob("genrec-serve-metrics-*"))
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def test_genrec_serve_workers_need_a_free_explicit_port(model_dir, capsys):
