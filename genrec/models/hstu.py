@@ -260,16 +260,19 @@ class HSTU(nn.Module):
         """``layer`` at the last real position of every row only: x [B, N, d] (input of the layer) -> [B, d].
 
         Same math as ``HSTULayer.forward`` for query i = lengths - 1: keys and values of every position, the query,
-        the gate U and the relative bias of that one row."""
+        the gate U and the relative bias of that one row. Only V and K are projected at every position (U and Q at
+        the last one): half the projection work of the full layer."""
         B, N, d = x.shape
         h, dqk, dv = layer.h, layer.dqk, layer.dv
         rows = torch.arange(B, device=x.device)
         last = (batch.lengths - 1).clamp(min=0)  # [B]
-        uvqk = F.silu(F.layer_norm(x, (d,), eps=1e-6) @ layer.uvqk)  # [B, N, 2h(dv+dqk)]
-        u, v, q, k = torch.split(uvqk, [h * dv, h * dv, h * dqk, h * dqk], dim=-1)
-        q = q[rows, last].view(B, h, 1, dqk)  # [B, h, 1, dqk]
-        k = k.view(B, N, h, dqk).transpose(1, 2)  # [B, h, N, dqk]
-        v = v.view(B, N, h, dv).transpose(1, 2)  # [B, h, N, dv]
+        w_u, w_v, w_q, w_k = torch.split(layer.uvqk, [h * dv, h * dv, h * dqk, h * dqk], dim=-1)  # [d, ·] each
+        xn = F.layer_norm(x, (d,), eps=1e-6)  # [B, N, d]
+        v = F.silu(xn @ w_v).view(B, N, h, dv).transpose(1, 2)  # [B, h, N, dv]
+        k = F.silu(xn @ w_k).view(B, N, h, dqk).transpose(1, 2)  # [B, h, N, dqk]
+        xn_last = xn[rows, last]  # [B, d]
+        u_last = F.silu(xn_last @ w_u)  # [B, h·dv]
+        q = F.silu(xn_last @ w_q).view(B, h, 1, dqk)  # [B, h, 1, dqk]
         pos = torch.arange(N, device=x.device)
         offsets = (last.view(B, 1) - pos.view(1, N)).clamp(min=0)  # [B, N] i - j
         rab = layer.rab.pos_w[offsets] if layer.rab.use_position else torch.zeros(B, N, device=x.device)
@@ -280,7 +283,7 @@ class HSTU(nn.Module):
         scores = torch.matmul(q, k.transpose(-1, -2)) + rab.view(B, 1, 1, N)  # [B, h, 1, N]
         weights = F.silu(scores) * (pos.view(1, 1, 1, N) <= last.view(B, 1, 1, 1))
         av = (torch.matmul(weights, v) / self._norm(batch, x.dtype).view(-1, 1, 1, 1)).reshape(B, h * dv)
-        gated = u[rows, last] * F.layer_norm(av, (h * dv,), eps=1e-6)
+        gated = u_last * F.layer_norm(av, (h * dv,), eps=1e-6)
         return x[rows, last] + layer.out(layer.dropout(gated))
 
     def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -349,17 +349,18 @@ def jagged_pays(lengths: torch.Tensor, width: int, grad: bool) -> bool:
 
     With gradients (training), always for more than one row: one HSTU-large ML-1M step is 2.3x faster jagged. Without
     (serving, evaluation), the jagged layout's fixed cost per batch (block layout, time-bucket tiles, scatter and
-    gather: ~1-3 ms here) pays only with many rows or much padding. Measured per request on the ML-1M HSTU config,
-    padded vs jagged: 200-event histories, 0.87 vs 1.34 ms at 8 rows, 0.84 vs 0.89 at 16, 0.95 vs 0.73 at 32; real
-    users' histories (2-200 events), 0.52 vs 1.00 at 2 rows, 0.85 vs 0.82 at 4, 0.92 vs 0.72 at 8. Hence: jagged
-    for more than 16 rows, or more than 2 rows padded to over 1.25x their real attention pairs."""
+    gather) pays only with several rows or much padding. Measured per request on the ML-1M HSTU config, one thread,
+    freed memory kept (``genrec.runtime.keep_freed_memory``), padded vs jagged: 200-event histories, 1.09 vs 1.39 ms
+    at 2 rows, 0.87 vs 0.96 at 4, 0.83 vs 0.76 at 8, 0.81 vs 0.65 at 16; histories of 20-200 events, 0.55 vs 0.64
+    at 4 rows, 0.68 vs 0.54 at 8, 0.79 vs 0.40 at 16. Hence: jagged for 8 rows or more, or more than 2 rows padded
+    to over 3x their real attention pairs."""
     B = len(lengths)
     if B <= 1:
         return False
-    if grad or B > 16:
+    if grad or B >= 8:
         return True
     real_pairs = float((lengths.to(torch.float64) ** 2).sum())
-    return B > 2 and B * width**2 > 1.25 * real_pairs
+    return B > 2 and B * width**2 > 3.0 * real_pairs
 
 
 def jagged_encode_batch(

@@ -141,13 +141,14 @@ def test_split_uvqk_equals_slicing_and_to_blocks_split(block):
 def test_jagged_pays_for_training_many_rows_or_much_padding():
     from genrec.ops.jagged import jagged_pays
 
-    full = torch.full((8,), 200)
+    full = torch.full((4,), 200)
     assert not jagged_pays(torch.tensor([200]), 200, grad=True)  # one row: nothing to skip
     assert jagged_pays(full, 200, grad=True)  # training: always
     assert not jagged_pays(full, 200, grad=False)  # a few equal rows at inference: the padded path
-    assert jagged_pays(torch.full((17,), 200), 200, grad=False)  # many rows
-    mixed = torch.tensor([200, 20, 30, 200])
-    assert jagged_pays(mixed, 200, grad=False)  # much padding
+    assert jagged_pays(torch.full((8,), 200), 200, grad=False)  # many rows
+    assert not jagged_pays(torch.tensor([200, 20, 30, 200]), 200, grad=False)  # 2x padding: not enough
+    mixed = torch.tensor([200, 20, 30, 10])
+    assert jagged_pays(mixed, 200, grad=False)  # much padding (3.9x)
     assert not jagged_pays(mixed[:2], 200, grad=False)  # but not for two rows
 
 
