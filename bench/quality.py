@@ -295,9 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("table")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from genrec.runtime import keep_freed_memory
 
-    keep_freed_memory()  # as `genrec train` runs (genrec.runtime)
     if args.cmd == "run":
         _save_rows(run_model(args.dataset, args.model, args.data_dir, args.threads, args.set, args.resume, args.name))
     elif args.cmd == "refit":

@@ -70,7 +70,6 @@ from genrec.ops.mfalcon import (  # noqa: E402
     score_candidates_one_by_one,
     score_candidates_uncached,
 )
-from genrec.runtime import keep_freed_memory  # noqa: E402
 from genrec.train.loss import sampled_softmax_loss  # noqa: E402
 
 ML1M_SEQUENCES = ROOT.parent / "shared" / "data" / "movielens-1m" / "ml-1m_user_sequences_by_time.txt.gz"
@@ -482,7 +481,6 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         return 0
     torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as `genrec train` and `genrec serve` run (genrec.runtime); both sides of every row share it
     reps = args.reps or (2 if args.quick else 5)
     quick = {
         "attention": lambda: bench_attention([256], reps, [torch.float32, torch.bfloat16], plain_max=256),

@@ -21,7 +21,6 @@ from genrec import __version__
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from genrec.config import load_config
-    from genrec.runtime import keep_freed_memory
     from genrec.train.loop import train
 
     overrides = list(args.set or [])
@@ -30,7 +29,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
     config = load_config(args.config, overrides)
-    keep_freed_memory()  # activations stop page-faulting at every step (genrec.runtime)
     results = train(config, resume=args.resume, progress=not args.no_progress)
     _print_results(results)
     return 0
