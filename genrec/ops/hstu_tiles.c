@@ -125,6 +125,30 @@ static inline void bwd_bf16(uint16_t *restrict s, uint16_t *restrict dw, const f
     for (int c = live; c < B; ++c) s[c] = dw[c] = 0;
 }
 
+/* dts[b[c]] += v[c] for c < n. Along a row the bucket ids come in runs (timestamps are sorted, and the buckets are
+ * logarithmic), and adding into dts[b[c]] element by element makes every add wait for the previous one to the same
+ * bin. Instead each run is summed in registers, 8 columns at a time while a whole group of 8 has the run's id,
+ * and added to its bin once. Any order of ids gives the same sums (up to fp32 rounding order). */
+#define GENREC_BUCKET_SUMS(NAME, T)                                                                   \
+    static void NAME(float *restrict dts, const T *restrict b, const float *restrict v, int n) {     \
+        int c = 0;                                                                                    \
+        while (c < n) {                                                                               \
+            const T id = b[c];                                                                        \
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                  \
+            for (; c + 8 <= n; c += 8) {                                                              \
+                int same = 1;                                                                         \
+                for (int j = 0; j < 8; ++j) same &= b[c + j] == id;                                   \
+                if (!same) break;                                                                     \
+                for (int j = 0; j < 8; ++j) acc[j] += v[c + j];                                       \
+            }                                                                                         \
+            float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])); \
+            for (; c < n && b[c] == id; ++c) sum += v[c];                                             \
+            dts[id] += sum;                                                                           \
+        }                                                                                             \
+    }
+GENREC_BUCKET_SUMS(bucket_sums_i64, int64_t)
+GENREC_BUCKET_SUMS(bucket_sums_u8, uint8_t)
+
 /* One tile t of the chunk; bias and drab are B floats of scratch each. */
 static void tile_rows(void *s, void *dw, int dtype, int64_t t, int H, int B, const float *pos, const void *bucket,
                       int bucket_dtype, const float *ts, int diag, float *dpos, float *dts, float *bias, float *drab) {
@@ -151,13 +175,10 @@ static void tile_rows(void *s, void *dw, int dtype, int64_t t, int H, int B, con
             for (int c = 0; c < live; ++c) dp[c] += drab[c];
         }
         if (dts && bucket) {
-            if (bucket_dtype == 0) {
-                const int64_t *b = (const int64_t *)bucket + row_off;
-                for (int c = 0; c < live; ++c) dts[b[c]] += drab[c];
-            } else {
-                const uint8_t *b = (const uint8_t *)bucket + row_off;
-                for (int c = 0; c < live; ++c) dts[b[c]] += drab[c];
-            }
+            if (bucket_dtype == 0)
+                bucket_sums_i64(dts, (const int64_t *)bucket + row_off, drab, live);
+            else
+                bucket_sums_u8(dts, (const uint8_t *)bucket + row_off, drab, live);
         }
     }
 }
