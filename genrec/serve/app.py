@@ -57,7 +57,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 from typing_extensions import NotRequired, TypedDict  # pydantic's own dependency; typing's TypedDict before 3.12
 
 from genrec import __version__
-from genrec.runtime import keep_freed_memory
 from genrec.api import (
     Events,
     MAX_ABS_TIMESTAMP,
@@ -68,6 +67,7 @@ from genrec.api import (
     Recommender,
     Result,
 )
+from genrec.runtime import keep_freed_memory
 
 log = logging.getLogger("genrec.serve")
 
