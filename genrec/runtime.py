@@ -3,8 +3,9 @@
 ``keep_freed_memory`` — glibc's malloc returns large freed blocks to the kernel (anything over its mmap threshold
 is its own ``mmap``; the top of the heap is trimmed past 128 KiB free), so every fresh activation tensor of a
 forward pass costs page faults again: one per 4 KiB page, zero-filled by the kernel. A serving forward pass over
-16 histories of 200 items took ~4,200 minor page faults and 1.28 ms per request; with freed memory kept in the
-heap, ~30 faults and 0.83 ms (the ML-1M HSTU model, one thread, measured side by side). The cost is that the
+16 histories of 200 items (the ML-1M HSTU model, one thread, ``bench/serve_forward.py``) took ~4,900 minor page
+faults and 1.40 ms per request on the padded path, 0.80 ms on the jagged one; with freed memory kept, ~180 faults
+and 0.78 ms padded, none and 0.64 ms jagged. The cost is that the
 process keeps its peak heap instead of shrinking after it: right for a server, which reaches its peak again at
 every batch. ``genrec serve`` applies it (``create_app(keep_memory=True)``). Training gained nothing measurable (an
 HSTU-large ML-1M epoch at two threads: 20.9 s with glibc's defaults, 22.5 and 23.4 s with memory kept; attention

@@ -350,10 +350,10 @@ def jagged_pays(lengths: torch.Tensor, width: int, grad: bool) -> bool:
     With gradients (training), always for more than one row: one HSTU-large ML-1M step is 2.3x faster jagged. Without
     (serving, evaluation), the jagged layout's fixed cost per batch (block layout, time-bucket tiles, scatter and
     gather) pays only with several rows or much padding. Measured per request on the ML-1M HSTU config, one thread,
-    freed memory kept (``genrec.runtime.keep_freed_memory``), padded vs jagged: 200-event histories, 1.09 vs 1.39 ms
-    at 2 rows, 0.87 vs 0.96 at 4, 0.83 vs 0.76 at 8, 0.81 vs 0.65 at 16; histories of 20-200 events, 0.55 vs 0.64
-    at 4 rows, 0.68 vs 0.54 at 8, 0.79 vs 0.40 at 16. Hence: jagged for 8 rows or more, or more than 2 rows padded
-    to over 3x their real attention pairs."""
+    freed memory kept as ``genrec serve`` keeps it (``bench/serve_forward.py``), padded vs jagged: 200-event
+    histories, 1.06 vs 1.34 ms at 2 rows, 0.91 vs 0.99 at 4, 0.78 vs 0.75 at 8, 0.78 vs 0.64 at 16; histories of
+    20-200 events, 0.82 vs 0.86 at 4 rows, 0.75 vs 0.53 at 8, 0.63 vs 0.41 at 16. Hence: jagged for 8 rows or more,
+    or more than 2 rows padded to over 3x their real attention pairs."""
     B = len(lengths)
     if B <= 1:
         return False

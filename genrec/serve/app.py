@@ -591,7 +591,7 @@ def create_app(
             pass False when embedding the app in a process that must keep collecting those objects.
         keep_memory: at startup, ``genrec.runtime.keep_freed_memory()``: glibc's malloc keeps freed memory instead
             of handing it back to the kernel, so a forward pass's activations stop page-faulting at every batch
-            (0.83 instead of 1.28 ms per request in batches of 16, measured). Process-wide too.
+            (batches of 16: 0.64 instead of 0.80 ms per request, bench/serve_forward.py). Process-wide too.
         metrics_dir: set when this app is one of several worker processes (``genrec serve --workers N``, which
             passes a fresh temporary directory): /metrics then reports the sum over the workers (``SharedMetrics``).
         workers: the number of worker processes, for the ``genrec_model_info`` labels.
