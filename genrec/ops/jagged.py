@@ -115,32 +115,42 @@ def to_blocks(x: torch.Tensor, jb: JaggedBlocks) -> torch.Tensor:
     return flat.view(jb.layout.num_blocks, jb.layout.block, h, d).transpose(1, 2).contiguous()
 
 
-def to_blocks_split(x: torch.Tensor, jb: JaggedBlocks, parts: list[tuple[int, int]]) -> list[torch.Tensor]:
+def to_blocks_split(x: torch.Tensor, jb: JaggedBlocks, parts: list[tuple[int, int]], silu: bool = False) -> list[torch.Tensor]:
     """x [T, Σ h·d] (several tensors side by side, e.g. V | Q | K) -> one [num_blocks, h, block, d] per (h, d) part,
-    with a single scatter for all of them. Differentiable through autograd (the reference for ``split_uvqk``)."""
+    with a single scatter for all of them (``silu``: SiLU applied on the way, in the same pass as the transposing
+    copy; SiLU(0) = 0 keeps unused slots 0). Differentiable through autograd (the reference for ``split_uvqk``)."""
     flat = x.new_zeros(jb.num_slots, x.shape[1]).index_copy_(0, jb.slot, x)  # in place: no second full copy
     nblk, Bs = jb.layout.num_blocks, jb.layout.block
     outs, start = [], 0
     for h, d in parts:
-        part = flat[:, start : start + h * d].reshape(nblk, Bs, h, d)
-        outs.append(part.transpose(1, 2).contiguous())
+        part = flat[:, start : start + h * d].reshape(nblk, Bs, h, d).transpose(1, 2)
+        if silu and not torch.is_grad_enabled():
+            outs.append(torch.ops.aten.silu.out(part, out=part.new_empty(nblk, h, Bs, d)))
+        else:
+            outs.append(F.silu(part.contiguous()) if silu else part.contiguous())
         start += h * d
     return outs
 
 
 class _SplitUVQK(torch.autograd.Function):
-    """uvqk [T, h·dv | h·dv | h·dqk | h·dqk] -> U [T, h·dv] token-major, and V, Q, K [num_blocks, h, block, ·].
+    """uvqk [T, h·dv | h·dv | h·dqk | h·dqk] -> U [T, h·dv] token-major, and V, Q, K [num_blocks, h, block, ·];
+    with ``silu``, the input is the projection before its activation and every output gets SiLU.
 
     Autograd's own backward of the column slices (``uvqk[:, :a]``, and one per block part) zero-fills a full-size
     [T, 2h(dv + dqk)] gradient for every slice and adds them up; this one writes d(uvqk) once: U's gradient into its
     columns, the three block gradients gathered back to tokens with one index_select. (Measured: the zero-fills took
-    ~3 ms of a 65 ms HSTU layer forward+backward at N = 1024, d = 256.)"""
+    ~3 ms of a 65 ms HSTU layer forward+backward at N = 1024, d = 256.) With ``silu`` the activation is applied in
+    the forward's copies and its backward in place on that gradient, instead of a separate [T, 2h(dv + dqk)] pass
+    each way and a fresh gradient tensor."""
 
     @staticmethod
-    def forward(ctx, uvqk: torch.Tensor, jb: JaggedBlocks, u_cols: int, parts: tuple[tuple[int, int], ...]):
-        ctx.jb, ctx.u_cols, ctx.parts = jb, u_cols, parts
-        u = uvqk[:, :u_cols].contiguous()
-        return (u, *to_blocks_split(uvqk[:, u_cols:], jb, list(parts)))
+    def forward(ctx, uvqk: torch.Tensor, jb: JaggedBlocks, u_cols: int, parts: tuple[tuple[int, int], ...],
+                silu: bool):  # fmt: skip
+        ctx.jb, ctx.u_cols, ctx.parts, ctx.silu = jb, u_cols, parts, silu
+        if silu:
+            ctx.save_for_backward(uvqk)
+        u = F.silu(uvqk[:, :u_cols]) if silu else uvqk[:, :u_cols].contiguous()
+        return (u, *to_blocks_split(uvqk[:, u_cols:], jb, list(parts), silu))  # grad mode is off in here
 
     @staticmethod
     def backward(ctx, du, *dparts):
@@ -163,13 +173,19 @@ class _SplitUVQK(torch.autograd.Function):
         else:
             grad[:, :u_cols].copy_(du)
         grad[:, u_cols:].copy_(grad_blocks.view(nblk * Bs, rest).index_select(0, jb.slot))
-        return grad, None, None, None
+        if ctx.silu:
+            (pre,) = ctx.saved_tensors
+            torch.ops.aten.silu_backward.grad_input(grad, pre, grad_input=grad)  # elementwise: in place is safe
+        return grad, None, None, None, None
 
 
-def split_uvqk(uvqk: torch.Tensor, jb: JaggedBlocks, h: int, dv: int, dqk: int) -> tuple[torch.Tensor, ...]:
+def split_uvqk(
+    uvqk: torch.Tensor, jb: JaggedBlocks, h: int, dv: int, dqk: int, silu: bool = False
+) -> tuple[torch.Tensor, ...]:
     """uvqk [T, 2h(dv + dqk)] = U | V | Q | K -> U [T, h·dv], V [num_blocks, h, block, dv], Q, K [.., dqk]: the same
-    values as slicing U and ``to_blocks_split`` of the rest, with a single-write backward (``_SplitUVQK``)."""
-    return _SplitUVQK.apply(uvqk, jb, h * dv, ((h, dv), (h, dqk), (h, dqk)))
+    values as slicing U and ``to_blocks_split`` of the rest, with a single-write backward (``_SplitUVQK``).
+    ``silu``: uvqk is the projection before its SiLU, applied here (the same values as ``split_uvqk(F.silu(uvqk))``)."""
+    return _SplitUVQK.apply(uvqk, jb, h * dv, ((h, dv), (h, dqk), (h, dqk)), silu)
 
 
 def from_blocks(x: torch.Tensor, jb: JaggedBlocks) -> torch.Tensor:
@@ -299,9 +315,9 @@ def jagged_hstu_layer(layer, x: torch.Tensor, ctx: JaggedContext) -> torch.Tenso
     """One ``HSTULayer`` (its own parameters) on jagged x [T, d] -> [T, d]; the math of ``HSTULayer.forward``."""
     T, d = x.shape
     h, dqk, dv = layer.h, layer.dqk, layer.dv
-    uvqk = F.silu(F.layer_norm(x, (d,), eps=1e-6) @ layer.uvqk)  # [T, 2h(dv + dqk)] = U | V | Q | K
+    pre = F.layer_norm(x, (d,), eps=1e-6) @ layer.uvqk  # [T, 2h(dv + dqk)] = U | V | Q | K before their SiLU
     jb = ctx.jb
-    u, v, q, k = split_uvqk(uvqk, jb, h, dv, dqk)  # u [T, h·dv]; v, q, k [num_blocks, h, block, ·]
+    u, v, q, k = split_uvqk(pre, jb, h, dv, dqk, silu=True)  # SiLU'd: u [T, h·dv]; v, q, k [num_blocks, h, block, ·]
     pos_w = layer.rab.pos_w if layer.rab.use_position else None
     ts_w = layer.rab.ts_w if ctx.buckets is not None else None
     out = blocked_attention(q, k, v, jb.layout, ctx.norm, pos_w, ts_w, ctx.buckets, ctx.native)  # [nblk, h, Bs, dv]

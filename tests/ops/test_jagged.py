@@ -107,10 +107,12 @@ def test_bf16_autocast_close_to_fp32():
     assert cos.min() >= 0.99
 
 
+@pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("block", [4, 16])
-def test_split_uvqk_equals_slicing_and_to_blocks_split(block):
+def test_split_uvqk_equals_slicing_and_to_blocks_split(block, silu):
     """Values and gradients of the single-write split against autograd through the slices (the reference),
-    including a part whose gradient is None (unused) and a sequence whose last block is partly padding."""
+    including a part whose gradient is None (unused) and a sequence whose last block is partly padding; with
+    ``silu``, against F.silu followed by the slices."""
     from genrec.ops.jagged import jagged_blocks, split_uvqk, to_blocks_split
 
     torch.manual_seed(0)
@@ -126,16 +128,24 @@ def test_split_uvqk_equals_slicing_and_to_blocks_split(block):
         for fn in ("reference", "split"):
             xx = x.clone().requires_grad_()
             if fn == "reference":
-                outs = [xx[:, : h * dv], *to_blocks_split(xx[:, h * dv :], jb, [(h, dv), (h, dqk), (h, dqk)])]
+                act = torch.nn.functional.silu(xx) if silu else xx
+                outs = [act[:, : h * dv], *to_blocks_split(act[:, h * dv :], jb, [(h, dv), (h, dqk), (h, dqk)])]
             else:
-                outs = list(split_uvqk(xx, jb, h, dv, dqk))
+                outs = list(split_uvqk(xx, jb, h, dv, dqk, silu=silu))
             loss = sum((outs[i] * weights[i]).sum() for i in used)
             (g,) = torch.autograd.grad(loss, [xx])
             grads.append((outs, g))
         (ref_out, ref_g), (out, g) = grads
         for a, b in zip(ref_out, out):
-            assert torch.equal(a, b)
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-12)
+            assert torch.equal(a, b) or silu  # SiLU on strided views may round differently in the last bit
         assert torch.allclose(g, ref_g, rtol=0, atol=1e-12)
+    parts = [(h, dqk), (h, dqk)]
+    for grad_mode in (True, False):  # to_blocks_split's own SiLU: autograd's F.silu, or silu.out without grad
+        with torch.set_grad_enabled(grad_mode):
+            fused = to_blocks_split(x[:, :20], jb, parts, silu=True)
+        for a, b in zip(fused, to_blocks_split(torch.nn.functional.silu(x[:, :20]), jb, parts)):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 
 def test_jagged_pays_for_training_many_rows_or_much_padding():
