@@ -172,7 +172,7 @@ class _SplitUVQK(torch.autograd.Function):
             grad[:, :u_cols].zero_()
         else:
             grad[:, :u_cols].copy_(du)
-        grad[:, u_cols:].copy_(grad_blocks.view(nblk * Bs, rest).index_select(0, jb.slot))
+        torch.index_select(grad_blocks.view(nblk * Bs, rest), 0, jb.slot, out=grad[:, u_cols:])  # gathered in place
         if ctx.silu:
             (pre,) = ctx.saved_tensors
             torch.ops.aten.silu_backward.grad_input(grad, pre, grad_input=grad)  # elementwise: in place is safe
