@@ -137,15 +137,8 @@ def test_split_uvqk_equals_slicing_and_to_blocks_split(block, silu):
             grads.append((outs, g))
         (ref_out, ref_g), (out, g) = grads
         for a, b in zip(ref_out, out):
-            assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-12)
-            assert torch.equal(a, b) or silu  # SiLU on strided views may round differently in the last bit
+            assert torch.equal(a, b)
         assert torch.allclose(g, ref_g, rtol=0, atol=1e-12)
-    parts = [(h, dqk), (h, dqk)]
-    for grad_mode in (True, False):  # to_blocks_split's own SiLU: autograd's F.silu, or silu.out without grad
-        with torch.set_grad_enabled(grad_mode):
-            fused = to_blocks_split(x[:, :20], jb, parts, silu=True)
-        for a, b in zip(fused, to_blocks_split(torch.nn.functional.silu(x[:, :20]), jb, parts)):
-            assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 
 def test_jagged_pays_for_training_many_rows_or_much_padding():
