@@ -397,14 +397,16 @@ def _workers(pid: int) -> list[int]:
 
 def _serve_two_workers(model_dir: Path, tmp_path: Path) -> tuple[subprocess.Popen, str]:
     """``genrec serve --workers 2`` on a free port (temporary files under ``tmp_path``), once both workers are up
-    and it answers /healthz: (the supervisor process, its base URL)."""
+    (each has written its first metrics snapshot, which it does when its app starts) and it answers /healthz:
+    (the supervisor process, its base URL)."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "genrec.cli", "serve", "--checkpoint", str(model_dir), "--port",
                              str(port), "--workers", "2", "--log-level", "warning"],
                             env={**os.environ, "TMPDIR": str(tmp_path)}, start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while len(_workers(proc.pid)) < 2 or not _healthy(url):
+    snapshots = lambda: len(list(tmp_path.glob("genrec-serve-metrics-*/*.json")))  # noqa: E731
+    while len(_workers(proc.pid)) < 2 or snapshots() < 2 or not _healthy(url):
         if proc.poll() is not None or time.monotonic() > deadline:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
