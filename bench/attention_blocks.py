@@ -15,13 +15,13 @@ is ``choose_block``'s pick, named in ``chosen``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from readme_table import write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             ms = statistics.median(times[b]) * 1e3
             rows.append({"length": N, "block": b, "chosen": chosen, "ms": round(ms, 2), "reps": reps})
             print(f"N={N:5d}  block {b:>4} ({block:3d})  {ms:8.1f} ms", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"wrote {len(rows)} rows to {args.out}")
+    write_rows(args.out, rows)
     return 0
 
 

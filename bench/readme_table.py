@@ -1,7 +1,9 @@
-"""Write a generated markdown table into README.md between two HTML-comment markers (shared by the benchmarks)."""
+"""Helpers shared by the benchmarks: write a generated markdown table into README.md between two HTML-comment
+markers; write result rows as JSON."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -18,3 +20,11 @@ def write_between_markers(readme: Path, start: str, end: str, table: str) -> boo
     _, tail = rest.split(end, 1)
     readme.write_text(head + start + "\n" + table + "\n" + end + tail)
     return True
+
+
+def write_rows(out: str | Path, rows: list[dict]) -> None:
+    """A benchmark's result rows as a JSON list in ``out`` (parent folders created), and say so."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"wrote {len(rows)} rows to {out}")

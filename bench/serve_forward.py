@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from readme_table import write_rows
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -107,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += json.loads(line[5:])
             else:
                 print(line, flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"wrote {len(rows)} rows to {args.out}")
+    write_rows(args.out, rows)
     return 0
 
 
