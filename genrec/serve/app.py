@@ -712,16 +712,13 @@ def create_app(
 # Worker processes (genrec serve --workers N)
 # ----------------------------------------------------------------------------------------------------------------
 
-SETTINGS_ENV = "GENREC_SERVE_SETTINGS"
-
-
-def app_from_env() -> FastAPI:
+def app_from_settings(settings_json: str) -> FastAPI:
     """The app of one worker process of ``genrec serve --workers N`` (``genrec.serve.workers``): loads the model and
-    builds the app from the JSON settings in ``$GENREC_SERVE_SETTINGS``
+    builds the app from the JSON settings the supervisor passes
     (``{"checkpoint", "threads", "metrics_dir", "workers", "app": {create_app keyword arguments}}``)."""
     import torch
 
-    settings = json.loads(os.environ[SETTINGS_ENV])
+    settings = json.loads(settings_json)
     if settings.get("threads", 0) > 0:
         torch.set_num_threads(int(settings["threads"]))
     recommender = Recommender.load(settings["checkpoint"])

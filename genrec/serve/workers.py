@@ -37,18 +37,17 @@ def _listen(host: str, port: int) -> socket.socket:
 def _worker(host: str, port: int, settings: str, log_level: str, access_log: bool) -> None:
     import uvicorn
 
-    from genrec.serve.app import SETTINGS_ENV, app_from_env
+    from genrec.serve.app import app_from_settings
 
-    os.environ[SETTINGS_ENV] = settings
     sock = _listen(host, port)
-    config = uvicorn.Config(app_from_env(), log_level=log_level, access_log=access_log)
+    config = uvicorn.Config(app_from_settings(settings), log_level=log_level, access_log=access_log)
     uvicorn.Server(config).run(sockets=[sock])
 
 
 def serve_workers(workers: int, host: str, port: int, settings: str, log_level: str, access_log: bool) -> int:
     """Run ``workers`` processes serving on ``host:port`` until SIGINT / SIGTERM or until one exits; returns the
     exit code (0 after a signal, else the first worker's nonzero code). ``settings``: the JSON of
-    ``genrec.serve.app.app_from_env``."""
+    ``genrec.serve.app.app_from_settings``."""
     if not hasattr(socket, "SO_REUSEPORT"):
         raise OSError("--workers > 1 needs SO_REUSEPORT (Linux, macOS, BSD); run one worker per port instead")
     if port == 0:

@@ -162,7 +162,7 @@ def test_hstu_with_jagged_impl_gives_the_same_outputs_on_both_sides_of_the_rule(
     model = make_model(attention_impl="jagged").eval()
     ref = make_model(attention_impl="padded").eval()
     ref.load_state_dict(model.state_dict())
-    for lengths in ([5, 5, 5], [9, 2, 3, 9], [4] * 20):
+    for lengths in ([5, 5, 5], [9, 2, 3, 1], [4] * 20):  # padded; jagged for padding (3.4x); jagged for rows
         batch = make_batch(B=len(lengths), N=max(lengths), lengths=lengths)
         with torch.no_grad():
             assert max_diff(model.encode_last(batch), ref.encode_last(batch)) <= 1e-5
