@@ -1,6 +1,10 @@
 """Build and load genrec's native kernels (one C file, ``hstu_tiles.c``: the fused elementwise passes of the blocked
-HSTU attention, the time-bucket ids of its tiles, and the counter-based dropout of ``genrec.ops.dropout``) with the
-system C compiler, through ``ctypes``.
+HSTU attention, its whole fp32 tile loop, the time-bucket ids of its tiles, and the counter-based dropout of
+``genrec.ops.dropout``) with the system C compiler, through ``ctypes``.
+
+The fp32 tile loop multiplies with the BLAS ``sgemm_`` that PyTorch's CPU library exports (MKL in the x86 wheels):
+its address is looked up in ``libtorch_cpu`` and handed to the library (``lib.has_sgemm``). Where torch exports
+none, the loop is off and the engine keeps its ATen matmuls.
 
 Why not ``torch.utils.cpp_extension``: the kernel needs no ATen (it works on raw fp32 / bf16 buffers between the
 engine's ATen matmuls), so a plain C file builds in about a second with ``cc`` instead of ~a minute against the
@@ -86,7 +90,32 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.genrec_dropout.restype = None
     lib.genrec_time_buckets.argtypes = [p, p, p, i64, i32, i32, p, i32]
     lib.genrec_time_buckets.restype = None
+    lib.genrec_set_sgemm.argtypes = [p]
+    lib.genrec_set_sgemm.restype = i32
+    lib.genrec_attn_forward.argtypes = [p, p, p, p, i64, i32, i32, i32, i32, p, p, p, p, i64, p, i32, p, i32, p, i32]
+    lib.genrec_attn_forward.restype = None
+    lib.genrec_attn_backward.argtypes = [p, p, p, p, p, p, p, i64, i32, i32, i32, i32, p, p, p, p, i64, p, i32, p, i32,
+                                         p, i32, i32, p, p]
+    lib.genrec_attn_backward.restype = None
+    lib.has_sgemm = bool(lib.genrec_set_sgemm(_blas_sgemm()))
     return lib
+
+
+def _blas_sgemm() -> int | None:
+    """Address of the BLAS ``sgemm_`` that PyTorch's own CPU library exports (MKL in the x86 wheels), or None. The
+    whole-loop attention kernels call it; without it the engine keeps its ATen matmuls."""
+    import torch
+
+    libdir = Path(torch.__file__).resolve().parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        if not (libdir / name).exists():
+            continue
+        try:
+            fn = ctypes.CDLL(str(libdir / name)).sgemm_
+        except (OSError, AttributeError):
+            continue
+        return ctypes.cast(fn, ctypes.c_void_p).value
+    return None
 
 
 def load() -> ctypes.CDLL | None:

@@ -11,12 +11,17 @@ from tests.ops import max_diff
 NB = 128  # time buckets
 
 
-@pytest.fixture(params=[False, True], ids=["torch-passes", "native-kernel"])
+@pytest.fixture(params=["torch-passes", "native-kernel", "native-loop"])
 def native(request):
-    """Both ways of running the engine's elementwise passes: pure PyTorch (the reference) and the C kernel."""
-    if request.param and native_mod.load() is None:
+    """The three ways of running the engine, as keyword arguments of ``blocked_hstu_attention``: elementwise passes
+    in PyTorch (the reference) or in the C kernel between ATen matmuls, and the whole tile loop in C (fp32 only;
+    bf16 inputs run the kernel between matmuls)."""
+    if request.param != "torch-passes" and native_mod.load() is None:
         pytest.skip("the native HSTU kernel could not be built here (no C compiler?): see the genrec.native log")
-    return request.param
+    if request.param == "native-loop" and not native_mod.load().has_sgemm:
+        pytest.skip("PyTorch's CPU library exports no BLAS sgemm here: the C tile loop is unavailable")
+    return {"torch-passes": dict(native=False), "native-kernel": dict(native=True, loop=False),
+            "native-loop": dict(native=True, loop=None)}[request.param]
 
 
 def _inputs(B, h, N, dqk=8, dv=6, seed=0, max_len=None, lengths=None, has_time=None, dtype=torch.float32):
@@ -61,6 +66,7 @@ def _grads(out, weight, tensors):
         (2, 2, 33, 8, [True, True], False, True),  # time term only
         (2, 2, 33, 8, [True, True], True, False),  # position term only
         (2, 2, 33, 8, [False, False], True, True),  # no row has timestamps
+        (2, 2, 300, 128, [True, False], True, True),  # blocks of 128: the C loop's diagonal tiles in panels
     ],
 )
 def test_blocked_equals_plain_values_and_gradients(B, h, N, block, has_time, use_pos, use_time, native):
@@ -68,7 +74,7 @@ def test_blocked_equals_plain_values_and_gradients(B, h, N, block, has_time, use
     norm = torch.tensor([float(N + 3)])
     ref = _plain(q, k, v, bias, t, qt, ht, norm, use_pos, use_time)
     out = _blocked(q, k, v, bias, t, qt, ht, norm, use_pos, use_time, block=block, tile_elems=2 * block * block,
-                   native=native)
+                   **native)
     assert max_diff(out, ref) <= 1e-5
     w = torch.randn_like(ref)
     params = [q, k, v, bias.pos_w, bias.ts_w]
@@ -84,7 +90,7 @@ def test_row_lengths_skip_padding_and_per_row_norm(native):
     q, k, v, bias, t, qt, ht, lengths = _inputs(B, h, N, lengths=[29, 9, 1], has_time=[True, False, True])
     norm = lengths.clamp(min=1).float()  # attention_norm="length"
     ref = _plain(q, k, v, bias, t, qt, ht, norm)
-    out = _blocked(q, k, v, bias, t, qt, ht, norm, lengths=lengths, block=8, native=native)
+    out = _blocked(q, k, v, bias, t, qt, ht, norm, lengths=lengths, block=8, **native)
     valid = (torch.arange(N).view(1, N) < lengths.view(B, 1)).view(B, 1, N, 1)
     assert max_diff(out * valid, ref * valid) <= 1e-5
     assert torch.count_nonzero(out * ~valid) == 0  # padded queries are not computed
@@ -117,7 +123,7 @@ def test_bf16_close_to_fp32(native):
     w = torch.randn_like(ref)
     ref_grads = _grads(ref, w, [q, k, v, bias.pos_w, bias.ts_w])
     q16, k16, v16 = (x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v))
-    out = _blocked(q16, k16, v16, bias, t, qt, ht, norm, block=32, native=native)
+    out = _blocked(q16, k16, v16, bias, t, qt, ht, norm, block=32, **native)
     assert out.dtype == torch.bfloat16
     scale = ref.abs().max()
     assert max_diff(out.float(), ref) <= 0.03 * scale
@@ -166,6 +172,30 @@ def test_native_kernel_matches_torch_passes_in_bf16_and_long_buckets():
             assert max_diff(b.float(), a.float()) <= tol * max(1.0, float(a.abs().max())), (dtype, name)
 
 
+def test_c_loop_is_the_fp32_default_and_refuses_what_it_cannot_run(monkeypatch):
+    """fp32 runs the whole tile loop in C when PyTorch's BLAS sgemm was found; bf16 runs the kernel between ATen
+    matmuls; loop=True where the loop cannot run is an error, not a silent fallback; without sgemm the engine
+    falls back to its chunks with the same result."""
+    import genrec.ops.hstu_attention as ha
+
+    lib = native_mod.load()
+    if lib is None or not lib.has_sgemm:
+        pytest.skip("the native HSTU kernel or PyTorch's BLAS sgemm is unavailable here")
+    layout = block_layout(torch.tensor([40]), 16, 1)
+    assert ha._Tiles(layout, None, None, None, torch.float32, lib).loop
+    assert not ha._Tiles(layout, None, None, None, torch.bfloat16, lib).loop
+    assert not ha._Tiles(layout, None, None, None, torch.float32, lib, loop=False).loop
+    q, k, v, bias, t, qt, ht, _ = _inputs(1, 2, 40, dqk=8, dv=8)
+    norm = torch.tensor([40.0])
+    with pytest.raises(RuntimeError, match="loop=True"):
+        _blocked(*(x.detach().bfloat16() for x in (q, k, v)), bias, t, qt, ht, norm, block=16, loop=True)
+    ref = _plain(q, k, v, bias, t, qt, ht, norm)
+    monkeypatch.setattr(lib, "has_sgemm", False)
+    with pytest.raises(RuntimeError, match="loop=True"):
+        _blocked(q, k, v, bias, t, qt, ht, norm, block=16, loop=True)
+    assert max_diff(_blocked(q, k, v, bias, t, qt, ht, norm, block=16), ref) <= 1e-5
+
+
 def test_native_off_by_environment(monkeypatch):
     monkeypatch.setattr(native_mod, "_STATE", {})
     monkeypatch.setenv("GENREC_NATIVE", "0")
@@ -192,9 +222,11 @@ def test_native_disabled_context_restores_state():
     assert native_mod.load() is lib
 
 
-def test_native_kernel_on_two_threads_matches_one_thread():
-    """Built with OpenMP, the kernel splits a large chunk across torch's threads, each thread summing the bias
-    gradients privately: the same values as one thread (up to summation order)."""
+@pytest.mark.parametrize("loop", [False, None], ids=["kernel", "loop"])
+def test_native_kernel_on_two_threads_matches_one_thread(loop):
+    """Built with OpenMP, the kernel splits a large chunk across torch's threads (the C loop: its key blocks), each
+    thread summing the bias gradients (and the loop its query-side sums) privately: the same values as one thread
+    (up to summation order)."""
     if native_mod.load() is None:
         pytest.skip("the native HSTU kernel could not be built here (no C compiler?): see the genrec.native log")
     q, k, v, bias, t, qt, ht, _ = _inputs(2, 2, 300, dqk=16, dv=16, has_time=[True, False])
@@ -205,7 +237,7 @@ def test_native_kernel_on_two_threads_matches_one_thread():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)  # diagonal chunk: 10 tiles x 2 heads x 64² scores, above the split size
-            out = _blocked(q, k, v, bias, t, qt, ht, norm, block=64, native=True)
+            out = _blocked(q, k, v, bias, t, qt, ht, norm, block=64, native=True, loop=loop)
             runs.append((out.detach(), _grads(out, w, [q, k, v, bias.pos_w, bias.ts_w])))
     finally:
         torch.set_num_threads(before)
