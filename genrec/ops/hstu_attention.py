@@ -70,6 +70,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -181,18 +182,29 @@ def block_layout(
     block_pos[ids], block_seq[ids] = pos, seq
     per_chunk = max(1, tile_elems // (heads * block * block))
     num_deltas = int(nblk.max()) if len(nblk) else 0
-    chunks = []
+    ids_np, pos_np = ids.numpy(), pos.numpy()
+    chunks, keys = [], []
     for delta in range(num_deltas):
-        qi_all = ids[pos >= delta]
+        qi_all = ids_np[pos_np >= delta]  # query blocks of every tile at this distance, in block order
+        # breaks[i]: how many of the first i neighbouring pairs are not consecutive ids; a chunk's ids form one
+        # range (rows are then sliced, not gathered) when no pair inside it breaks. ki = qi - delta breaks alike.
+        breaks = np.concatenate(([0], np.cumsum(np.diff(qi_all) != 1)))
         for c in range(0, len(qi_all), per_chunk):
-            qi = qi_all[c : c + per_chunk]
+            e = min(c + per_chunk, len(qi_all))
+            qi = torch.from_numpy(qi_all[c:e])
             ki = qi - delta
-            chunks.append(TileChunk(delta, qi, ki, _span(qi), _span(ki)))
+            if breaks[e - 1] == breaks[c]:
+                a = int(qi_all[c])
+                q_span, k_span = (a, a + e - c), (a - delta, a - delta + e - c)
+            else:
+                q_span = k_span = None
+            chunks.append(TileChunk(delta, qi, ki, q_span, k_span))
+            keys.append((int(qi_all[c]) - delta, int(qi_all[c])))
     # Run the chunks key block by key block (then by query block): a key block's K and V rows, and in backward its
     # dK / dV accumulators, stay in cache across its query blocks. With one tile per chunk (long sequences) a loop of
     # the forward tile matmuls alone ran 6% faster in this order than delta by delta (one 4096 sequence in blocks of
     # 256), the whole attention forward+backward 2% (465 vs 475 ms; bench/attention_blocks.py).
-    chunks.sort(key=lambda c: (int(c.ki[0]), int(c.qi[0])))
+    chunks = [chunks[i] for i in sorted(range(len(chunks)), key=keys.__getitem__)]
     return BlockLayout(block, total, num_deltas, block_pos, block_seq, tuple(chunks))
 
 
@@ -204,8 +216,8 @@ class TileBuckets:
     bool: whether the block's row has timestamps (rows without get id ``num_buckets + 1``, which carries no weight).
     The ids equal ``genrec.models.hstu.time_buckets`` (same fp32 operations in the same order).
 
-    lib: the native kernel (``genrec.ops.native.load()``) computes each chunk's ids in one pass instead of eight
-    PyTorch passes (same fp32 formula with its own log polynomial: on 1.8 M gaps sampled around every bucket
+    lib: the native kernel (``genrec.ops.native.load()``) computes the ids of all tiles in one call, one pass
+    instead of eight PyTorch passes (same fp32 formula with its own log polynomial: on 1.8 M gaps sampled around every bucket
     boundary, 5 ids differ from torch's, each a gap whose log / 0.301 is within fp32 rounding of an integer; none
     in 25 M random pairs), and stores them as uint8 whenever the ids fit (the kernel reads either).
     """
@@ -217,17 +229,16 @@ class TileBuckets:
         small = num_buckets + 1 <= 255
         dtype = torch.uint8 if small and (lib is not None or pairs > LONG_BUCKET_PAIRS) else torch.long
         self.chunks = []
-        if lib is not None:
-            slot_t, slot_qt = slot_t.to(torch.long).contiguous(), slot_qt.to(torch.long).contiguous()
-            timed = block_time.to(torch.uint8)
-            for c in layout.chunks:
-                qt = _rows(slot_qt, c.qi, c.q_span).contiguous()  # [C, Bs]
-                t = _rows(slot_t, c.ki, c.k_span).contiguous()
-                tm = _rows(timed, c.qi, c.q_span).contiguous()  # [C]
-                b = torch.empty(len(c.qi), layout.block, layout.block, dtype=dtype)
-                lib.genrec_time_buckets(qt.data_ptr(), t.data_ptr(), tm.data_ptr(), len(c.qi), layout.block,
-                                        num_buckets, b.data_ptr(), 0 if dtype == torch.long else 1)
-                self.chunks.append(b)
+        if lib is not None:  # every tile in one call, in chunk order; chunk n is a view of its tiles
+            qi = torch.cat([c.qi for c in layout.chunks]) if layout.chunks else torch.zeros(0, dtype=torch.long)
+            ki = torch.cat([c.ki for c in layout.chunks]) if layout.chunks else torch.zeros(0, dtype=torch.long)
+            out = torch.empty(len(qi), layout.block, layout.block, dtype=dtype)
+            slot_qt, slot_t = slot_qt.to(torch.long).contiguous(), slot_t.to(torch.long).contiguous()
+            timed = block_time.to(torch.uint8).contiguous()
+            lib.genrec_time_buckets_tiles(slot_qt.data_ptr(), slot_t.data_ptr(), timed.data_ptr(), qi.data_ptr(),
+                                          ki.data_ptr(), len(qi), layout.block, num_buckets, out.data_ptr(),
+                                          0 if dtype == torch.long else 1)
+            self.chunks = list(torch.split(out, [len(c.qi) for c in layout.chunks]))
             return
         for c in layout.chunks:
             qt = slot_qt.index_select(0, c.qi).unsqueeze(2)  # [C, Bs, 1]

@@ -1,6 +1,6 @@
 /* genrec's native CPU kernels, built and loaded by genrec/ops/native.py:
  *   hstu_tiles_forward / hstu_tiles_backward  fused elementwise passes of the blocked HSTU attention (below)
- *   genrec_time_buckets                       time-bucket ids of a chunk of attention tiles (end of file)
+ *   genrec_time_buckets_tiles                 time-bucket ids of the attention tiles (end of file)
  *   genrec_dropout                            dropout with a counter-based random stream (genrec/ops/dropout.py)
  *   genrec_attn_forward / genrec_attn_backward the whole fp32 tile loop of the blocked attention (end of file)
  *
@@ -307,28 +307,49 @@ static inline float log_approx(float x) { /* x >= 1, finite */
     return z + y + 0.693359375f * fe;
 }
 
-void genrec_time_buckets(const int64_t *qt, const int64_t *t, const uint8_t *timed, int64_t C, int B, int nb,
-                         void *out, int out_dtype) {
+/* The ids of one tile row: ids[k] for the B keys of tslot against query time q (timed) or nb + 1 (not timed). */
+static inline void bucket_row(int32_t *restrict ids, int64_t q, const int64_t *restrict tk, int B, int nb,
+                              int timed) {
+    if (!timed) {
+        for (int k = 0; k < B; ++k) ids[k] = nb + 1;
+        return;
+    }
+    for (int k = 0; k < B; ++k) {
+        int64_t g = q - tk[k];
+        g = g < 0 ? -g : g;
+        g = g < 1 ? 1 : g;
+        float y = __builtin_floorf(log_approx((float)g) / 0.301f);
+        y = y < 0.0f ? 0.0f : (y > (float)nb ? (float)nb : y);
+        ids[k] = (int32_t)y;
+    }
+}
+
+static inline void store_ids(void *out, int out_dtype, int64_t off, const int32_t *ids, int B) {
+    if (out_dtype == 0) {
+        int64_t *o = (int64_t *)out + off;
+        for (int k = 0; k < B; ++k) o[k] = ids[k];
+    } else {
+        uint8_t *o = (uint8_t *)out + off;
+        for (int k = 0; k < B; ++k) o[k] = (uint8_t)ids[k];
+    }
+}
+
+/* Tile i pairs query block qi[i] (query times slot_qt[qi[i]], timed[qi[i]])
+ * with key block ki[i] (timestamps slot_t[ki[i]]); out [n, B, B]. One call for a whole layout. */
+void genrec_time_buckets_tiles(const int64_t *slot_qt, const int64_t *slot_t, const uint8_t *timed,
+                               const int64_t *qi, const int64_t *ki, int64_t n, int B, int nb, void *out,
+                               int out_dtype) {
     const int64_t tile = (int64_t)B * B;
-#pragma omp parallel for schedule(static) if (C * tile >= (1 << 16))
-    for (int64_t c = 0; c < C; ++c) {
-        for (int r = 0; r < B; ++r) {
-            const int64_t q = qt[c * B + r];
-            const int64_t *tk = t + c * B;
-            const int64_t off = c * tile + (int64_t)r * B;
-            for (int k = 0; k < B; ++k) {
-                int64_t g = q - tk[k];
-                g = g < 0 ? -g : g;
-                g = g < 1 ? 1 : g;
-                float y = __builtin_floorf(log_approx((float)g) / 0.301f);
-                y = y < 0.0f ? 0.0f : (y > (float)nb ? (float)nb : y);
-                const int id = timed[c] ? (int)y : nb + 1;
-                if (out_dtype == 0)
-                    ((int64_t *)out)[off + k] = id;
-                else
-                    ((uint8_t *)out)[off + k] = (uint8_t)id;
+#pragma omp parallel if (n * tile >= (1 << 16))
+    {
+        int32_t *ids = (int32_t *)malloc(sizeof(int32_t) * (size_t)B);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; ++i)
+            for (int r = 0; r < B; ++r) {
+                bucket_row(ids, slot_qt[qi[i] * B + r], slot_t + ki[i] * B, B, nb, timed[qi[i]]);
+                store_ids(out, out_dtype, i * tile + (int64_t)r * B, ids, B);
             }
-        }
+        free(ids);
     }
 }
 
@@ -435,9 +456,9 @@ static void attn_pass(const attn_args *a, float *out, float *dq, float *dk, floa
             my_dpos = dpos ? (float *)calloc((size_t)a->P, sizeof(float)) : NULL;
             my_dts = dts ? (float *)calloc((size_t)a->nts, sizeof(float)) : NULL;
         }
-        float *S = (float *)malloc(sizeof(float) * (size_t)H * B * B);
-        float *DW = bwd ? (float *)malloc(sizeof(float) * (size_t)H * B * B) : NULL;
-        float *bias = (float *)malloc(sizeof(float) * 2 * (size_t)B), *drab = bias + B;
+        /* one head's scores and dL/dw (S, DW), and the tile's bias and bias gradient (BT, DR), B x B each */
+        float *S = (float *)malloc(sizeof(float) * 4 * (size_t)B * B);
+        float *DW = S + (size_t)B * B, *BT = DW + (size_t)B * B, *DR = BT + (size_t)B * B;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t g = 0; g < a->ngroups; ++g) {
             for (int64_t t = a->gstart[g]; t < a->gstart[g + 1]; ++t) {
@@ -448,52 +469,49 @@ static void attn_pass(const attn_args *a, float *out, float *dq, float *dk, floa
                 for (int r0 = 0; r0 < B; r0 += step) {
                     const int r1 = r0 + step < B ? r0 + step : B, nr = r1 - r0;
                     const int c1 = diag ? r1 : B; /* key columns this panel needs */
-                    for (int h = 0; h < H; ++h) {
-                        const float *Q = a->q + ((qb * H + h) * B + r0) * dkd, *K = a->k + (kb * H + h) * B * dkd;
-                        mm(0, 1, nr, c1, dkd, Q, dkd, K, dkd, 0.0f, S + ((int64_t)h * B + r0) * B, B);
-                        if (bwd) {
-                            const float *G = a->go + ((qb * H + h) * B + r0) * dvd, *V = a->v + (kb * H + h) * B * dvd;
-                            mm(0, 1, nr, c1, dvd, G, dvd, V, dvd, 0.0f, DW + ((int64_t)h * B + r0) * B, B);
-                        }
-                    }
-                    for (int r = r0; r < r1; ++r) {
+                    for (int r = r0; r < r1; ++r) { /* the bias rows, shared by the heads */
                         const int live = diag ? r + 1 : c1;
-                        const int64_t base = delta * B + r;
                         const void *brow = NULL;
                         if (btile)
                             brow = a->bucket_dtype == 0 ? (const void *)((const int64_t *)btile + (int64_t)r * B)
                                                         : (const void *)((const uint8_t *)btile + (int64_t)r * B);
-                        bias_row2(bias, live, base, a->pos, a->P, brow, a->bucket_dtype, a->ts);
-                        if (!bwd) {
-                            for (int h = 0; h < H; ++h) fwd_f32(S + ((int64_t)h * B + r) * B, bias, c1, live);
-                            continue;
-                        }
-                        memset(drab, 0, sizeof(float) * (size_t)live);
-                        for (int h = 0; h < H; ++h) {
-                            const int64_t off = ((int64_t)h * B + r) * B;
-                            bwd_f32(S + off, DW + off, bias, drab, c1, live);
-                        }
-                        if (my_dpos) dpos_row(my_dpos, live, base, a->P, drab);
-                        if (my_dts && brow) {
-                            if (a->bucket_dtype == 0)
-                                bucket_sums_i64(my_dts, (const int64_t *)brow, drab, live);
-                            else
-                                bucket_sums_u8(my_dts, (const uint8_t *)brow, drab, live);
-                        }
+                        bias_row2(BT + (int64_t)r * B, live, delta * B + r, a->pos, a->P, brow, a->bucket_dtype,
+                                  a->ts);
+                        if (bwd) memset(DR + (int64_t)r * B, 0, sizeof(float) * (size_t)live);
                     }
                     for (int h = 0; h < H; ++h) {
-                        const float *Sh = S + ((int64_t)h * B + r0) * B;
+                        /* one head at a time: its [panel, B] scores stay in L2 between the products */
+                        const float *Q = a->q + ((qb * H + h) * B + r0) * dkd, *K = a->k + (kb * H + h) * B * dkd;
+                        const float *V = a->v + (kb * H + h) * B * dvd;
+                        float *Sh = S + (int64_t)r0 * B, *DS = DW + (int64_t)r0 * B;
+                        mm(0, 1, nr, c1, dkd, Q, dkd, K, dkd, 0.0f, Sh, B);
                         if (!bwd) {
-                            const float *V = a->v + (kb * H + h) * B * dvd;
+                            for (int r = r0; r < r1; ++r)
+                                fwd_f32(S + (int64_t)r * B, BT + (int64_t)r * B, c1, diag ? r + 1 : c1);
                             mm(0, 0, nr, dvd, c1, Sh, B, V, dvd, 1.0f, my_q + ((qb * H + h) * B + r0) * dvd, dvd);
                             continue;
                         }
-                        const float *DS = DW + ((int64_t)h * B + r0) * B;
                         const float *G = a->go + ((qb * H + h) * B + r0) * dvd;
-                        const float *Q = a->q + ((qb * H + h) * B + r0) * dkd, *K = a->k + (kb * H + h) * B * dkd;
+                        mm(0, 1, nr, c1, dvd, G, dvd, V, dvd, 0.0f, DS, B);
+                        for (int r = r0; r < r1; ++r) {
+                            const int64_t o = (int64_t)r * B;
+                            bwd_f32(S + o, DW + o, BT + o, DR + o, c1, diag ? r + 1 : c1);
+                        }
                         mm(1, 0, c1, dvd, nr, Sh, B, G, dvd, 1.0f, dv + (kb * H + h) * B * dvd, dvd);
                         mm(0, 0, nr, dkd, c1, DS, B, K, dkd, 1.0f, my_q + ((qb * H + h) * B + r0) * dkd, dkd);
                         mm(1, 0, c1, dkd, nr, DS, B, Q, dkd, 1.0f, dk + (kb * H + h) * B * dkd, dkd);
+                    }
+                    if (!bwd) continue;
+                    for (int r = r0; r < r1; ++r) { /* the bias gradients of the panel's rows */
+                        const int live = diag ? r + 1 : c1;
+                        const float *drab = DR + (int64_t)r * B;
+                        if (my_dpos) dpos_row(my_dpos, live, delta * B + r, a->P, drab);
+                        if (my_dts && btile) {
+                            if (a->bucket_dtype == 0)
+                                bucket_sums_i64(my_dts, (const int64_t *)btile + (int64_t)r * B, drab, live);
+                            else
+                                bucket_sums_u8(my_dts, (const uint8_t *)btile + (int64_t)r * B, drab, live);
+                        }
                     }
                 }
             }
@@ -514,8 +532,6 @@ static void attn_pass(const attn_args *a, float *out, float *dq, float *dk, floa
             free(my_dts);
         }
         free(S);
-        free(DW);
-        free(bias);
     }
 }
 

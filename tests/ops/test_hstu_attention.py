@@ -281,7 +281,9 @@ def test_native_time_bucket_ids_equal_torch_ids():
     t = torch.zeros_like(qt)
     out = torch.empty(len(qt), 16, 16, dtype=torch.uint8)
     timed = torch.ones(len(qt), dtype=torch.uint8)  # held: the kernel only gets its pointer
-    lib.genrec_time_buckets(qt.data_ptr(), t.data_ptr(), timed.data_ptr(), len(qt), 16, NB, out.data_ptr(), 1)
+    tile = torch.arange(len(qt))  # tile i: query block i against key block i
+    lib.genrec_time_buckets_tiles(qt.data_ptr(), t.data_ptr(), timed.data_ptr(), tile.data_ptr(), tile.data_ptr(),
+                                  len(qt), 16, NB, out.data_ptr(), 1)
     mine = out[:, :, 0].reshape(-1).long()
     ref = time_buckets(gaps[:n].view(1, -1), torch.zeros(1, 1, dtype=torch.long), NB).view(-1)
     differ = (mine != ref).nonzero().view(-1)
