@@ -235,9 +235,10 @@ class TileBuckets:
             out = torch.empty(len(qi), layout.block, layout.block, dtype=dtype)
             slot_qt, slot_t = slot_qt.to(torch.long).contiguous(), slot_t.to(torch.long).contiguous()
             timed = block_time.to(torch.uint8).contiguous()
-            lib.genrec_time_buckets_tiles(slot_qt.data_ptr(), slot_t.data_ptr(), timed.data_ptr(), qi.data_ptr(),
-                                          ki.data_ptr(), len(qi), layout.block, num_buckets, out.data_ptr(),
-                                          0 if dtype == torch.long else 1)
+            if lib.genrec_time_buckets_tiles(slot_qt.data_ptr(), slot_t.data_ptr(), timed.data_ptr(), qi.data_ptr(),
+                                             ki.data_ptr(), len(qi), layout.block, num_buckets, out.data_ptr(),
+                                             0 if dtype == torch.long else 1):
+                raise MemoryError("the time-bucket kernel could not allocate its scratch buffers")
             self.chunks = list(torch.split(out, [len(c.qi) for c in layout.chunks]))
             return
         for c in layout.chunks:
@@ -356,21 +357,31 @@ class _Tiles:
                  ptr.data_ptr() if ptr is not None else None, bdt,
                  self.ts_pad.data_ptr() if self.ts_pad is not None else None))
 
-    def loop_forward(self, q, k, v, out) -> None:
-        """out += Σ_tiles w · v (fp32, contiguous), in one C call."""
-        self.lib.genrec_attn_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                                     *self._loop_common(q, v), loop_panel(self.layout.block))
-        self._keep = None
+    def loop_forward(self, q, k, v, norm, out) -> None:
+        """out += Σ_tiles w · v / norm (fp32, contiguous; norm [nblk]), in one C call."""
+        if not self.layout.chunks:
+            return
+        failed = self.lib.genrec_attn_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), norm.data_ptr(), out.data_ptr(),
+                                              *self._loop_common(q, v), loop_panel(self.layout.block))
+        self._loop_done(failed)
 
-    def loop_backward(self, q, k, v, go, dq, dk, dv, dpos, dts) -> None:
-        """dq, dk, dv (fp32) += the tiles' gradients; dpos [P] / dts [num_buckets + 2] += the bias gradients
-        (either may be None), in one C call."""
+    def loop_backward(self, q, k, v, norm, grad_out, dq, dk, dv, dpos, dts) -> None:
+        """dq, dk, dv (fp32) += the tiles' gradients for dL/d(out) = grad_out; dpos [P] / dts [num_buckets + 2] +=
+        the bias gradients (either may be None), in one C call."""
+        if not self.layout.chunks:
+            return
         nts = self.ts_pad.numel() if self.ts_pad is not None else 0
-        self.lib.genrec_attn_backward(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), go.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+        failed = self.lib.genrec_attn_backward(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), norm.data_ptr(), grad_out.data_ptr(), dq.data_ptr(),
+            dk.data_ptr(), dv.data_ptr(),
             *self._loop_common(q, v), nts, loop_panel(self.layout.block),
             dpos.data_ptr() if dpos is not None else None, dts.data_ptr() if dts is not None else None)
+        self._loop_done(failed)
+
+    def _loop_done(self, failed: int) -> None:
         self._keep = None
+        if failed:
+            raise MemoryError("the C attention loop could not allocate its per-thread buffers")
 
     def _native(self, n: int, c: TileChunk, s: torch.Tensor, dw=None, dpos=None, dts=None) -> None:
         """Run the kernel on chunk n in place: forward (dw None: s <- w) or backward (s <- w, dw <- ds, bias
@@ -487,11 +498,12 @@ class _BlockedAttention(torch.autograd.Function):
         # q, k [nblk, h, Bs, dqk]; v [nblk, h, Bs, dv]; norm [nblk] fp32 -> out [nblk, h, Bs, dv]
         out = torch.zeros(v.shape, dtype=torch.float32)
         if tiles.loop:
-            tiles.loop_forward(q, k, v, out)
-        for n, c in enumerate(tiles.layout.chunks if not tiles.loop else ()):
-            w, _, _ = tiles.weights(n, c, q, k)  # [C, h, Bs, Bs]
-            tiles.add_mm(out, c.qi, c.q_span, w, _rows(v, c.ki, c.k_span))
-        out.div_(norm.view(-1, 1, 1, 1))
+            tiles.loop_forward(q, k, v, norm.contiguous(), out)  # divides by norm itself
+        else:
+            for n, c in enumerate(tiles.layout.chunks):
+                w, _, _ = tiles.weights(n, c, q, k)  # [C, h, Bs, Bs]
+                tiles.add_mm(out, c.qi, c.q_span, w, _rows(v, c.ki, c.k_span))
+            out.div_(norm.view(-1, 1, 1, 1))
         tiles.bufs = None  # not held until backward (which reallocates them)
         ctx.tiles = tiles
         ctx.pos_len, ctx.pos_dtype, ctx.ts_dtype = pos_w.shape[0], pos_w.dtype, ts_w.dtype
@@ -503,7 +515,10 @@ class _BlockedAttention(torch.autograd.Function):
         q, k, v, norm = ctx.saved_tensors
         tiles: _Tiles = ctx.tiles
         layout = tiles.layout
-        go = (grad_out.float() / norm.view(-1, 1, 1, 1)).to(q.dtype).contiguous()  # [nblk, h, Bs, dv]
+        if tiles.loop:  # the C loop divides by norm itself
+            go = grad_out.to(torch.float32).contiguous()
+        else:
+            go = (grad_out.float() / norm.view(-1, 1, 1, 1)).to(q.dtype).contiguous()  # [nblk, h, Bs, dv]
         dq = torch.zeros(q.shape, dtype=torch.float32)
         dk = torch.zeros(k.shape, dtype=torch.float32)
         dv = torch.zeros(v.shape, dtype=torch.float32)
@@ -513,7 +528,7 @@ class _BlockedAttention(torch.autograd.Function):
         dpos = dts_out = None
         if tiles.loop:
             dpos = torch.zeros(ctx.pos_len) if want_pos else None
-            tiles.loop_backward(q, k, v, go, dq, dk, dv, dpos, dts)
+            tiles.loop_backward(q, k, v, norm.contiguous(), go, dq, dk, dv, dpos, dts)
         else:
             dpos_tiles = torch.zeros(layout.num_deltas, layout.block, layout.block) if want_pos else None
             for n, c in enumerate(layout.chunks):

@@ -89,14 +89,14 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.genrec_dropout.argtypes = [p, p, i64, i32, ctypes.c_float, ctypes.c_uint64]
     lib.genrec_dropout.restype = None
     lib.genrec_time_buckets_tiles.argtypes = [p, p, p, p, p, i64, i32, i32, p, i32]
-    lib.genrec_time_buckets_tiles.restype = None
+    lib.genrec_time_buckets_tiles.restype = i32
     lib.genrec_set_sgemm.argtypes = [p]
     lib.genrec_set_sgemm.restype = i32
-    lib.genrec_attn_forward.argtypes = [p, p, p, p, i64, i32, i32, i32, i32, p, p, p, p, i64, p, i32, p, i32, p, i32]
-    lib.genrec_attn_forward.restype = None
-    lib.genrec_attn_backward.argtypes = [p, p, p, p, p, p, p, i64, i32, i32, i32, i32, p, p, p, p, i64, p, i32, p, i32,
+    lib.genrec_attn_forward.argtypes = [p, p, p, p, p, i64, i32, i32, i32, i32, p, p, p, p, i64, p, i32, p, i32, p, i32]
+    lib.genrec_attn_forward.restype = i32
+    lib.genrec_attn_backward.argtypes = [p, p, p, p, p, p, p, p, i64, i32, i32, i32, i32, p, p, p, p, i64, p, i32, p, i32,
                                          p, i32, i32, p, p]
-    lib.genrec_attn_backward.restype = None
+    lib.genrec_attn_backward.restype = i32
     lib.has_sgemm = bool(lib.genrec_set_sgemm(_blas_sgemm()))
     return lib
 
