@@ -249,7 +249,9 @@ def test_native_kernel_on_two_threads_matches_one_thread(loop):
 
 def test_native_time_bucket_ids_equal_torch_ids():
     """The kernel's one-pass bucket ids against the PyTorch passes: equal on random timestamps (rows without time
-    included), and on gaps sampled around every bucket boundary equal except within an ulp of the boundary."""
+    included; rows spanning many buckets, where the kernel takes a log per pair) and on sorted ones (rows spanning
+    a few buckets, where it counts thresholds; the largest gaps past the last bucket), and on gaps sampled around
+    every bucket boundary equal except within an ulp of the boundary."""
     import math
 
     from genrec.ops.hstu_attention import TileBuckets
@@ -261,9 +263,14 @@ def test_native_time_bucket_ids_equal_torch_ids():
     lengths = torch.tensor([70, 5, 130, 33])
     layout = block_layout(lengths, 16, 2)
     slots = layout.num_blocks * 16
+    cases = []
     for scale in (100, 10**6, 10**9, 10**12):
-        t = torch.randint(0, scale, (layout.num_blocks, 16), generator=g)
-        qt = torch.randint(0, scale, (layout.num_blocks, 16), generator=g)
+        cases.append((torch.randint(0, scale, (layout.num_blocks, 16), generator=g),
+                      torch.randint(0, scale, (layout.num_blocks, 16), generator=g)))
+    for scale in (3, 10**4, 10**16):
+        t = torch.cumsum(torch.randint(0, scale, (slots + 1,), generator=g), 0)
+        cases.append((t[:-1].view(-1, 16), t[1:].view(-1, 16)))
+    for t, qt in cases:
         timed = torch.rand(layout.num_blocks, generator=g) > 0.3
         ref = TileBuckets(layout, t, qt, timed, NB)
         fast = TileBuckets(layout, t, qt, timed, NB, lib=lib)
