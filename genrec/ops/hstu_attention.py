@@ -131,14 +131,6 @@ class TileChunk:
     k_span: tuple[int, int] | None
 
 
-def _span(ids: torch.Tensor) -> tuple[int, int] | None:
-    n = len(ids)
-    if n == 0:
-        return None
-    a, b = int(ids[0]), int(ids[-1])
-    return (a, b + 1) if b - a == n - 1 and bool((ids[1:] - ids[:-1] == 1).all()) else None
-
-
 @dataclass(frozen=True)
 class BlockLayout:
     """Which tiles exist. Sequence s occupies blocks ``block_start[s] .. block_start[s] + ceil(n_s / block) - 1``;
@@ -216,10 +208,10 @@ class TileBuckets:
     bool: whether the block's row has timestamps (rows without get id ``num_buckets + 1``, which carries no weight).
     The ids equal ``genrec.models.hstu.time_buckets`` (same fp32 operations in the same order).
 
-    lib: the native kernel (``genrec.ops.native.load()``) computes the ids of all tiles in one call, one pass
-    instead of eight PyTorch passes (same fp32 formula with its own log polynomial: on 1.8 M gaps sampled around every bucket
-    boundary, 5 ids differ from torch's, each a gap whose log / 0.301 is within fp32 rounding of an integer; none
-    in 25 M random pairs), and stores them as uint8 whenever the ids fit (the kernel reads either).
+    lib: the native kernel (``genrec.ops.native.load()``) computes the ids of all tiles in one call instead of
+    eight PyTorch passes per chunk (same fp32 formula with its own log polynomial: on 1.8 M gaps sampled around
+    every bucket boundary, 5 ids differ from torch's, each a gap whose log / 0.301 is within fp32 rounding of an
+    integer; none in 25 M random pairs), and stores them as uint8 whenever the ids fit (the kernel reads either).
     """
 
     def __init__(self, layout: BlockLayout, slot_t, slot_qt, block_time, num_buckets: int, lib=None) -> None:
@@ -307,6 +299,7 @@ class _Tiles:
             raise RuntimeError("loop=True needs fp32 inputs and the native kernel with a BLAS sgemm")
         self.tril = self.pos_tiles = self.offsets = None
         if self.loop:
+            self._tile_list = None  # (qi, ki, delta, bucket addresses, group starts), held from forward to backward
             self.pos_vec = pos_w.detach().to(torch.float32).contiguous() if pos_w is not None else None
             if self.ts_pad is not None:
                 self.ts_pad = self.ts_pad.to(torch.float32).contiguous()
@@ -347,10 +340,12 @@ class _Tiles:
         return qi, ki, delta, ptr, gstart
 
     def _loop_common(self, q, v):
-        qi, ki, delta, ptr, gstart = self._loop_tiles()
+        """The C loop's arguments after out / grad tensors (the tile list is built once, in forward)."""
+        if self._tile_list is None:
+            self._tile_list = self._loop_tiles()
+        qi, ki, delta, ptr, gstart = self._tile_list
         bdt = 0 if ptr is None or self.buckets.chunks[0].dtype == torch.long else 1
         pos = self.pos_vec
-        self._keep = (qi, ki, delta, ptr, gstart)  # alive during the call
         return ((q.shape[0], q.shape[1], self.layout.block, q.shape[-1], v.shape[-1], qi.data_ptr(), ki.data_ptr(),
                  delta.data_ptr(), gstart.data_ptr(), len(gstart) - 1,
                  pos.data_ptr() if pos is not None else None, pos.shape[0] if pos is not None else 1,
@@ -361,8 +356,8 @@ class _Tiles:
         """out += Σ_tiles w · v / norm (fp32, contiguous; norm [nblk]), in one C call."""
         if not self.layout.chunks:
             return
-        failed = self.lib.genrec_attn_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), norm.data_ptr(), out.data_ptr(),
-                                              *self._loop_common(q, v), loop_panel(self.layout.block))
+        failed = self.lib.genrec_attn_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), norm.data_ptr(),
+                                              out.data_ptr(), *self._loop_common(q, v), loop_panel(self.layout.block))
         self._loop_done(failed)
 
     def loop_backward(self, q, k, v, norm, grad_out, dq, dk, dv, dpos, dts) -> None:
@@ -378,8 +373,8 @@ class _Tiles:
             dpos.data_ptr() if dpos is not None else None, dts.data_ptr() if dts is not None else None)
         self._loop_done(failed)
 
-    def _loop_done(self, failed: int) -> None:
-        self._keep = None
+    @staticmethod
+    def _loop_done(failed: int) -> None:
         if failed:
             raise MemoryError("the C attention loop could not allocate its per-thread buffers")
 

@@ -94,8 +94,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.genrec_set_sgemm.restype = i32
     lib.genrec_attn_forward.argtypes = [p, p, p, p, p, i64, i32, i32, i32, i32, p, p, p, p, i64, p, i32, p, i32, p, i32]
     lib.genrec_attn_forward.restype = i32
-    lib.genrec_attn_backward.argtypes = [p, p, p, p, p, p, p, p, i64, i32, i32, i32, i32, p, p, p, p, i64, p, i32, p, i32,
-                                         p, i32, i32, p, p]
+    lib.genrec_attn_backward.argtypes = [p, p, p, p, p, p, p, p, i64, i32, i32, i32, i32, p, p, p, p, i64, p, i32, p,
+                                         i32, p, i32, i32, p, p]
     lib.genrec_attn_backward.restype = i32
     lib.has_sgemm = bool(lib.genrec_set_sgemm(_blas_sgemm()))
     return lib
