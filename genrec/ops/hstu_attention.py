@@ -300,6 +300,10 @@ class _Tiles:
         self.tril = self.pos_tiles = self.offsets = None
         if self.loop:
             self._tile_list = None  # (qi, ki, delta, bucket addresses, group starts), held from forward to backward
+            # Where each block's rows are, for the C loop: (qbase [nblk], vbase [nblk], qhs, qrs, vhs, vrs): head h,
+            # row r of block b is element qbase[b] + h·qhs + r·qrs of q / k (vbase ... of v / out); None: the
+            # engine's [nblk, H, Bs, d] blocks. ``blocked_hstu_attention`` reads padded batches in place with it.
+            self.rows = None
             self.pos_vec = pos_w.detach().to(torch.float32).contiguous() if pos_w is not None else None
             if self.ts_pad is not None:
                 self.ts_pad = self.ts_pad.to(torch.float32).contiguous()
@@ -346,8 +350,13 @@ class _Tiles:
         qi, ki, delta, ptr, gstart = self._tile_list
         bdt = 0 if ptr is None or self.buckets.chunks[0].dtype == torch.long else 1
         pos = self.pos_vec
-        return ((q.shape[0], q.shape[1], self.layout.block, q.shape[-1], v.shape[-1], qi.data_ptr(), ki.data_ptr(),
-                 delta.data_ptr(), gstart.data_ptr(), len(gstart) - 1,
+        Bs, H, dk, dv = self.layout.block, q.shape[-3], q.shape[-1], v.shape[-1]
+        if self.rows is None:  # the engine's own [nblk, H, Bs, d] blocks
+            blk = torch.arange(q.shape[0]) * (H * Bs)
+            self.rows = (blk * dk, blk * dv, Bs * dk, dk, Bs * dv, dv)
+        qbase, vbase, qhs, qrs, vhs, vrs = self.rows
+        return ((qbase.data_ptr(), vbase.data_ptr(), qhs, qrs, vhs, vrs, q.numel(), v.numel(), H, Bs, dk, dv,
+                 qi.data_ptr(), ki.data_ptr(), delta.data_ptr(), gstart.data_ptr(), len(gstart) - 1,
                  pos.data_ptr() if pos is not None else None, pos.shape[0] if pos is not None else 1,
                  ptr.data_ptr() if ptr is not None else None, bdt,
                  self.ts_pad.data_ptr() if self.ts_pad is not None else None))
@@ -580,10 +589,12 @@ def blocked_attention(
     if q.device.type != "cpu":
         raise NotImplementedError("blocked_attention runs on CPU tensors; use the plain path on other devices")
     q, k, v = q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
-    lib = native_lib(native)
-    tiles = _Tiles(layout, pos_w, ts_w, buckets, q.dtype, lib, loop)
+    return _apply(q, k, v, norm, pos_w, ts_w, _Tiles(layout, pos_w, ts_w, buckets, q.dtype, native_lib(native), loop))
+
+
+def _apply(q, k, v, norm, pos_w, ts_w, tiles: _Tiles) -> torch.Tensor:
     pos_in = pos_w if pos_w is not None else torch.zeros(0)
-    ts_in = ts_w if (ts_w is not None and buckets is not None) else torch.zeros(0)
+    ts_in = ts_w if tiles.ts_pad is not None else torch.zeros(0)
     with torch.autocast("cpu", enabled=False):  # compute in the inputs' dtype, under autocast too
         return _BlockedAttention.apply(q, k, v, pos_in, ts_in, norm.to(torch.float32), tiles)
 
@@ -632,15 +643,25 @@ def blocked_hstu_attention(
         x = x.reshape(B, h, nbr, block, x.shape[-1]).transpose(1, 2)
         return x.contiguous().view(B * nbr, h, block, x.shape[-1])
 
+    lib = native_lib(native)
     buckets = None
     if ts_w is not None and has_time is not None:
         slot_t = F.pad(timestamps, (0, Np - N)).reshape(B * nbr, block)
         slot_qt = F.pad(query_times, (0, Np - N)).reshape(B * nbr, block)
-        buckets = TileBuckets.build(layout, slot_t, slot_qt, has_time.repeat_interleave(nbr), num_buckets,
-                                    native_lib(native))
+        buckets = TileBuckets.build(layout, slot_t, slot_qt, has_time.repeat_interleave(nbr), num_buckets, lib)
     norm_blk = norm.to(torch.float32).expand(B).repeat_interleave(nbr)  # [B·nbr]
-    out = blocked_attention(blocks(q), blocks(k), blocks(v), layout, norm_blk, pos_w, ts_w, buckets, native, loop)
-    out = out.reshape(B, nbr, h, block, dv).transpose(1, 2).reshape(B, h, Np, dv)[:, :, :N]
+    if (Np == N and loop is not False and q.device.type == "cpu" and q.dtype == torch.float32 and lib is not None
+            and lib.has_sgemm):
+        # The C loop reads and writes the [B, h, N, d] batch in place: block j of row b starts at row j·block of
+        # that row, so no blocked copies of q, k, v, the output or the gradients are made.
+        q, k, v = q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
+        start = (torch.arange(B).view(B, 1) * (h * N) + torch.arange(nbr).view(1, nbr) * block).view(-1)  # rows
+        tiles = _Tiles(layout, pos_w, ts_w, buckets, q.dtype, lib, loop)
+        tiles.rows = (start * q.shape[-1], start * dv, N * q.shape[-1], q.shape[-1], N * dv, dv)
+        out = _apply(q, k, v, norm_blk, pos_w, ts_w, tiles)
+    else:
+        out = blocked_attention(blocks(q), blocks(k), blocks(v), layout, norm_blk, pos_w, ts_w, buckets, native, loop)
+        out = out.reshape(B, nbr, h, block, dv).transpose(1, 2).reshape(B, h, Np, dv)[:, :, :N]
     if given_lengths:  # rows past a length inside a computed block: 0, like the blocks no tile touches
         out = out * (torch.arange(N).view(1, 1, N, 1) < lengths.view(B, 1, 1, 1))
     return out

@@ -467,8 +467,10 @@ int genrec_time_buckets_tiles(const int64_t *slot_qt, const int64_t *slot_t, con
  *   - tiles run grouped by key block, K / V / dK / dV of the group stay in cache. The groups are split across the
  *     OpenMP threads; the query-side sums (out, dQ) and the bias gradients are kept per thread and added at the end.
  *
- * Shapes: q, k [nblk, H, B, dk], v [nblk, H, B, dv], out / go / dq / dk / dv likewise (fp32, contiguous); norm [nblk]
- * (each block's normaliser: out = Σ w·v / norm, applied as the alpha of the products; go is dL/d(out)); tile t is
+ * Layout: block b's head h, row r starts at element qbase[b] + h·qhs + r·qrs of q, k, dq, dk and vbase[b] + h·vhs
+ * + r·vrs of v, go, out, dv (fp32): the engine's [nblk, H, B, d] blocks, or a padded [batch, H, N, d] batch read in
+ * place. norm [nblk]: each block's normaliser (out = Σ w·v / norm, applied as the alpha of the products; go is
+ * dL/d(out)). Tile t is
  * (query block qi[t], key block ki[t]), δ = block distance; tiles of key block group g are gstart[g] .. gstart[g+1]-1.
  * bucket[t]: address of tile t's [B, B] time-bucket ids (bucket_dtype 0: int64, 1: uint8) or 0 (no time term);
  * pos: pos_w [P] or NULL; ts [nts] (last entry 0: rows without time).
@@ -494,7 +496,10 @@ static void mm(int ta, int tb, int M, int N, int K, float alpha, const float *A,
 typedef struct {
     const float *q, *k, *v, *go, *norm, *pos, *ts;
     const int64_t *qi, *ki, *delta, *bucket, *gstart;
-    int64_t ngroups, nblk;
+    /* where block b's rows are: head h, row r of block b starts at element qbase[b] + h·qhs + r·qrs of q, k, dq, dk
+     * (and vbase[b] + h·vhs + r·vrs of v, go, out, dv); qnumel / vnumel: elements of q and of v */
+    const int64_t *qbase, *vbase;
+    int64_t qhs, qrs, vhs, vrs, qnumel, vnumel, ngroups;
     int H, B, dk, dv, P, nts, bucket_dtype, panel;
 } attn_args;
 
@@ -531,7 +536,8 @@ static void dpos_row(float *restrict dpos, int n, int64_t base, int P, const flo
  * dk[ki] += dsᵀ q, and the bias gradients. */
 static int attn_pass(const attn_args *a, float *out, float *dq, float *dk, float *dv, float *dpos, float *dts) {
     const int H = a->H, B = a->B, dkd = a->dk, dvd = a->dv;
-    const int64_t qsz = (int64_t)a->nblk * H * B * dkd, osz = (int64_t)a->nblk * H * B * dvd;
+    const int64_t qsz = a->qnumel, osz = a->vnumel, qhs = a->qhs, vhs = a->vhs;
+    const int qrs = (int)a->qrs, vrs = (int)a->vrs;
     const int bwd = dq != NULL;
     int failed = 0; /* a thread could not allocate its buffers: the caller raises MemoryError */
     int64_t next_group = 0;
@@ -591,25 +597,26 @@ static int attn_pass(const attn_args *a, float *out, float *dq, float *dk, float
                     }
                     for (int h = h0; h < H; h += hstep) {
                         /* one head at a time: its [panel, B] scores stay in L2 between the products */
-                        const float *Q = a->q + ((qb * H + h) * B + r0) * dkd, *K = a->k + (kb * H + h) * B * dkd;
-                        const float *V = a->v + (kb * H + h) * B * dvd;
+                        const int64_t qo = a->qbase[qb] + h * qhs + (int64_t)r0 * qrs, ko = a->qbase[kb] + h * qhs;
+                        const int64_t go_ = a->vbase[qb] + h * vhs + (int64_t)r0 * vrs, vo = a->vbase[kb] + h * vhs;
+                        const float *Q = a->q + qo, *K = a->k + ko, *V = a->v + vo;
                         float *Sh = S + (int64_t)r0 * B, *DS = DW + (int64_t)r0 * B;
-                        mm(0, 1, nr, c1, dkd, 1.0f, Q, dkd, K, dkd, 0.0f, Sh, B);
+                        mm(0, 1, nr, c1, dkd, 1.0f, Q, qrs, K, qrs, 0.0f, Sh, B);
                         if (!bwd) {
                             for (int r = r0; r < r1; ++r)
                                 fwd_f32(S + (int64_t)r * B, BT + (int64_t)r * B, c1, diag ? r + 1 : c1);
-                            mm(0, 0, nr, dvd, c1, inv_norm, Sh, B, V, dvd, 1.0f, my_q + ((qb * H + h) * B + r0) * dvd, dvd);
+                            mm(0, 0, nr, dvd, c1, inv_norm, Sh, B, V, vrs, 1.0f, my_q + go_, vrs);
                             continue;
                         }
-                        const float *G = a->go + ((qb * H + h) * B + r0) * dvd;
-                        mm(0, 1, nr, c1, dvd, inv_norm, G, dvd, V, dvd, 0.0f, DS, B);
+                        const float *G = a->go + go_;
+                        mm(0, 1, nr, c1, dvd, inv_norm, G, vrs, V, vrs, 0.0f, DS, B);
                         for (int r = r0; r < r1; ++r) {
                             const int64_t o = (int64_t)r * B;
                             bwd_f32(S + o, DW + o, BT + o, DR + o, c1, diag ? r + 1 : c1);
                         }
-                        mm(1, 0, c1, dvd, nr, inv_norm, Sh, B, G, dvd, 1.0f, dv + (kb * H + h) * B * dvd, dvd);
-                        mm(0, 0, nr, dkd, c1, 1.0f, DS, B, K, dkd, 1.0f, my_q + ((qb * H + h) * B + r0) * dkd, dkd);
-                        mm(1, 0, c1, dkd, nr, 1.0f, DS, B, Q, dkd, 1.0f, dk + (kb * H + h) * B * dkd, dkd);
+                        mm(1, 0, c1, dvd, nr, inv_norm, Sh, B, G, vrs, 1.0f, dv + vo, vrs);
+                        mm(0, 0, nr, dkd, c1, 1.0f, DS, B, K, qrs, 1.0f, my_q + qo, qrs);
+                        mm(1, 0, c1, dkd, nr, 1.0f, DS, B, Q, qrs, 1.0f, dk + ko, qrs);
                     }
                     if (!bwd) continue;
                     for (int r = r0; r < r1; ++r) { /* the bias gradients of the panel's rows */
@@ -651,21 +658,24 @@ static int attn_pass(const attn_args *a, float *out, float *dq, float *dk, float
 }
 
 /* Both return 0, or 1 when a thread could not allocate its buffers (the results are then incomplete). */
-int genrec_attn_forward(const float *q, const float *k, const float *v, const float *norm, float *out, int64_t nblk,
-                        int H, int B, int dk, int dv, const int64_t *qi, const int64_t *ki, const int64_t *delta,
-                         const int64_t *gstart, int64_t ngroups, const float *pos, int P, const int64_t *bucket,
-                         int bucket_dtype, const float *ts, int panel) {
-    attn_args a = {q, k, v, NULL, norm, pos, ts, qi, ki, delta, bucket, gstart, ngroups, nblk,
-                   H, B, dk, dv, P, 0, bucket_dtype, panel};
+int genrec_attn_forward(const float *q, const float *k, const float *v, const float *norm, float *out,
+                        const int64_t *qbase, const int64_t *vbase, int64_t qhs, int64_t qrs, int64_t vhs,
+                        int64_t vrs, int64_t qnumel, int64_t vnumel, int H, int B, int dk, int dv,
+                        const int64_t *qi, const int64_t *ki, const int64_t *delta, const int64_t *gstart,
+                        int64_t ngroups, const float *pos, int P, const int64_t *bucket, int bucket_dtype,
+                        const float *ts, int panel) {
+    attn_args a = {q, k, v, NULL, norm, pos, ts, qi, ki, delta, bucket, gstart, qbase, vbase, qhs, qrs, vhs, vrs,
+                   qnumel, vnumel, ngroups, H, B, dk, dv, P, 0, bucket_dtype, panel};
     return attn_pass(&a, out, NULL, NULL, NULL, NULL, NULL);
 }
 
 int genrec_attn_backward(const float *q, const float *k, const float *v, const float *norm, const float *go,
-                         float *dq, float *dk, float *dv, int64_t nblk, int H, int B, int dkd, int dvd, const int64_t *qi,
-                          const int64_t *ki, const int64_t *delta, const int64_t *gstart, int64_t ngroups,
-                          const float *pos, int P, const int64_t *bucket, int bucket_dtype, const float *ts, int nts,
-                          int panel, float *dpos, float *dts) {
-    attn_args a = {q, k, v, go, norm, pos, ts, qi, ki, delta, bucket, gstart, ngroups, nblk,
-                   H, B, dkd, dvd, P, nts, bucket_dtype, panel};
+                         float *dq, float *dk, float *dv, const int64_t *qbase, const int64_t *vbase, int64_t qhs,
+                         int64_t qrs, int64_t vhs, int64_t vrs, int64_t qnumel, int64_t vnumel, int H, int B,
+                         int dkd, int dvd, const int64_t *qi, const int64_t *ki, const int64_t *delta,
+                         const int64_t *gstart, int64_t ngroups, const float *pos, int P, const int64_t *bucket,
+                         int bucket_dtype, const float *ts, int nts, int panel, float *dpos, float *dts) {
+    attn_args a = {q, k, v, go, norm, pos, ts, qi, ki, delta, bucket, gstart, qbase, vbase, qhs, qrs, vhs, vrs,
+                   qnumel, vnumel, ngroups, H, B, dkd, dvd, P, nts, bucket_dtype, panel};
     return attn_pass(&a, NULL, dq, dk, dv, dpos, dts);
 }

@@ -92,10 +92,11 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.genrec_time_buckets_tiles.restype = i32
     lib.genrec_set_sgemm.argtypes = [p]
     lib.genrec_set_sgemm.restype = i32
-    lib.genrec_attn_forward.argtypes = [p, p, p, p, p, i64, i32, i32, i32, i32, p, p, p, p, i64, p, i32, p, i32, p, i32]
+    rows = [p, p, i64, i64, i64, i64, i64, i64]  # qbase, vbase, qhs, qrs, vhs, vrs, qnumel, vnumel
+    tiles = [i32, i32, i32, i32, p, p, p, p, i64, p, i32, p, i32, p]  # H, B, dk, dv, qi, ki, delta, gstart, ...
+    lib.genrec_attn_forward.argtypes = [p, p, p, p, p, *rows, *tiles, i32]
     lib.genrec_attn_forward.restype = i32
-    lib.genrec_attn_backward.argtypes = [p, p, p, p, p, p, p, p, i64, i32, i32, i32, i32, p, p, p, p, i64, p, i32, p,
-                                         i32, p, i32, i32, p, p]
+    lib.genrec_attn_backward.argtypes = [p, p, p, p, p, p, p, p, *rows, *tiles, i32, i32, p, p]
     lib.genrec_attn_backward.restype = i32
     lib.has_sgemm = bool(lib.genrec_set_sgemm(_blas_sgemm()))
     return lib
