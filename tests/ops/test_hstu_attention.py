@@ -85,8 +85,9 @@ def test_blocked_equals_plain_values_and_gradients(B, h, N, block, has_time, use
         assert max_diff(a, b) <= 1e-5, name
 
 
-def test_row_lengths_skip_padding_and_per_row_norm(native):
-    B, h, N = 3, 2, 29
+@pytest.mark.parametrize("N", [29, 32], ids=["padded-to-blocks", "multiple-of-block"])  # 32: the C loop in place
+def test_row_lengths_skip_padding_and_per_row_norm(native, N):
+    B, h = 3, 2
     q, k, v, bias, t, qt, ht, lengths = _inputs(B, h, N, lengths=[29, 9, 1], has_time=[True, False, True])
     norm = lengths.clamp(min=1).float()  # attention_norm="length"
     ref = _plain(q, k, v, bias, t, qt, ht, norm)
