@@ -101,8 +101,13 @@ def row(name: str, value: float, unit: str, detail: str) -> None:
 def native_note() -> str:
     from genrec.ops import native
 
-    return ("blocked = engine + native C kernel (genrec/ops/hstu_tiles.c), torch_passes = same engine, PyTorch "
-            "elementwise passes" if native.load() is not None else "native kernel NOT available: blocked = torch passes")
+    lib = native.load()
+    if lib is None:
+        return "native kernel NOT available: blocked = torch passes"
+    loop = ("fp32 = the C tile loop over PyTorch's BLAS sgemm, bf16 = " if lib.has_sgemm
+            else "no BLAS sgemm exported here, so fp32 and bf16 = ")
+    return (f"blocked: {loop}engine + native C kernel between ATen matmuls (genrec/ops/hstu_tiles.c); torch_passes = "
+            "engine with PyTorch elementwise passes")
 
 
 def ratio_rows(prefix: str, t: dict[str, float], pairs: list[tuple[str, str, str]], context: str) -> None:
