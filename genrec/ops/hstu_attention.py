@@ -46,11 +46,13 @@ of 256). ``genrec_attn_forward`` / ``genrec_attn_backward`` in ``hstu_tiles.c`` 
 pass, calling the BLAS ``sgemm`` that PyTorch's CPU library exports (MKL in the x86 wheels; ``genrec.ops.native``
 hands over its address) on the same per-tile products, with the same fused elementwise rows. Diagonal tiles run in
 row panels of ``loop_panel(block)`` rows that only compute the key columns up to their last row; the position
-bias is read from ``pos_w`` itself and its gradient summed into a [P] vector (no [nδ, Bs, Bs] tiles); tiles run
-grouped by key block, the groups split across torch's OpenMP threads. Measured, fwd+bwd, one thread
-(``bench/speed.py``): one 4096 sequence 4 x 64 in blocks of 256, 480 -> 421 ms; one ML-1M HSTU-large batch (128
-rows, blocks of 32, 2 x 25), 546 -> 527 ms. bf16 scores keep the chunked engine (the exported BLAS has no bf16
-GEMM with a bf16 result); ``loop=False`` forces the chunks, and without an exported ``sgemm`` they are used.
+bias is read from ``pos_w`` itself and its gradient summed into a [P] vector (no [nδ, Bs, Bs] tiles); one head at a
+time per tile; tiles grouped by key block, torch's OpenMP threads splitting the heads (or the groups). Padded
+batches whose length is a multiple of the block are read in place (``_Tiles.rows``). Measured, fwd+bwd, one
+thread: one 4096 sequence 4 x 64 in blocks of 256 (position + time bias) took 480 ms with the chunks, 405-415 ms
+with the loop (``bench/speed.py --sections attention``); on ML-1M training batches (blocks of 32, 2 x 25) the loop
+is as fast as the chunks. bf16 scores keep the chunked engine (the exported BLAS has no bf16 GEMM with a bf16
+result); ``loop=False`` forces the chunks, and without an exported ``sgemm`` they are used.
 
 Why not ``torch.compile``: compile works on this machine (g++ is present; one chunk body compiles in ~7-25 s), but
 compiled chunk bodies (Inductor fusing the elementwise chain around the extern bmm calls) measured no faster than

@@ -357,7 +357,7 @@ static inline int bucket_of(int64_t g) { return (int)__builtin_floorf(log_approx
 static void bucket_thresholds(int64_t *thr, int nb) {
     thr[0] = 1;
     for (int b = 1; b <= nb; ++b) {
-        int64_t lo = thr[b - 1], hi = (int64_t)1 << 62; /* bucket_of(lo - 1) < b - 1 <= ... */
+        int64_t lo = thr[b - 1], hi = (int64_t)1 << 62;
         if (bucket_of(hi) < b) {
             for (; b <= nb; ++b) thr[b] = INT64_MAX;
             return;
@@ -420,8 +420,8 @@ static inline void store_ids(void *out, int out_dtype, int64_t off, const int32_
     }
 }
 
-/* Tile i pairs query block qi[i] (query times slot_qt[qi[i]], timed[qi[i]])
- * with key block ki[i] (timestamps slot_t[ki[i]]); out [n, B, B]. One call for a whole layout. */
+/* Tile i pairs query block qi[i] (query times slot_qt[qi[i]], timed[qi[i]]) with key block ki[i] (timestamps
+ * slot_t[ki[i]]); out [n, B, B]. One call for a whole layout; returns 1 when scratch could not be allocated. */
 int genrec_time_buckets_tiles(const int64_t *slot_qt, const int64_t *slot_t, const uint8_t *timed,
                                const int64_t *qi, const int64_t *ki, int64_t n, int B, int nb, void *out,
                                int out_dtype) {
@@ -464,14 +464,16 @@ int genrec_time_buckets_tiles(const int64_t *slot_qt, const int64_t *slot_t, con
  *     half is 6% of all tile products;
  *   - the position bias is read from the weight vector itself (pos_w[δ·B + r - c], clamped to [0, P - 1] like the
  *     Python engine's offsets), and its gradient added straight into a [P] vector: no [nδ, B, B] tiles;
- *   - tiles run grouped by key block, K / V / dK / dV of the group stay in cache. The groups are split across the
- *     OpenMP threads; the query-side sums (out, dQ) and the bias gradients are kept per thread and added at the end.
+ *   - one head at a time per tile (its scores stay in L2 between the products), the bias rows built once per tile;
+ *   - the normaliser is the products' alpha: no divided copy of the output gradient;
+ *   - tiles run grouped by key block, K / V / dK / dV of the group stay in cache. The OpenMP threads split the heads
+ *     when they divide evenly, else the groups (the query-side sums out / dQ are then kept per thread); the bias
+ *     gradients are kept per thread and added at the end.
  *
  * Layout: block b's head h, row r starts at element qbase[b] + h·qhs + r·qrs of q, k, dq, dk and vbase[b] + h·vhs
  * + r·vrs of v, go, out, dv (fp32): the engine's [nblk, H, B, d] blocks, or a padded [batch, H, N, d] batch read in
- * place. norm [nblk]: each block's normaliser (out = Σ w·v / norm, applied as the alpha of the products; go is
- * dL/d(out)). Tile t is
- * (query block qi[t], key block ki[t]), δ = block distance; tiles of key block group g are gstart[g] .. gstart[g+1]-1.
+ * place. norm [nblk]: each block's normaliser (out = Σ w·v / norm; go is dL/d(out)). Tile t is (query block qi[t],
+ * key block ki[t]), δ = block distance; tiles of key block group g are gstart[g] .. gstart[g+1]-1.
  * bucket[t]: address of tile t's [B, B] time-bucket ids (bucket_dtype 0: int64, 1: uint8) or 0 (no time term);
  * pos: pos_w [P] or NULL; ts [nts] (last entry 0: rows without time).
  * ---------------------------------------------------------------------------------------------------------------- */
