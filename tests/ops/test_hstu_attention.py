@@ -223,16 +223,18 @@ def test_native_disabled_context_restores_state():
     assert native_mod.load() is lib
 
 
-@pytest.mark.parametrize("loop", [False, None], ids=["kernel", "loop"])
-def test_native_kernel_on_two_threads_matches_one_thread(loop):
-    """Built with OpenMP, the kernel splits a large chunk across torch's threads (the C loop: its key blocks), each
-    thread summing the bias gradients (and the loop its query-side sums) privately: the same values as one thread
-    (up to summation order)."""
+@pytest.mark.parametrize("loop, heads", [(False, 2), (None, 2), (None, 3)],
+                         ids=["kernel", "loop-heads-split", "loop-groups-split"])
+def test_native_kernel_on_two_threads_matches_one_thread(loop, heads):
+    """Built with OpenMP, the kernel splits a large chunk across torch's threads, each thread summing the bias
+    gradients privately; the C loop splits the heads between two threads when they divide evenly (2 heads), else
+    the key-block groups, with the query-side sums per thread (3 heads): the same values as one thread (up to
+    summation order)."""
     if native_mod.load() is None:
         pytest.skip("the native HSTU kernel could not be built here (no C compiler?): see the genrec.native log")
-    q, k, v, bias, t, qt, ht, _ = _inputs(2, 2, 300, dqk=16, dv=16, has_time=[True, False])
+    q, k, v, bias, t, qt, ht, _ = _inputs(2, heads, 300, dqk=16, dv=16, has_time=[True, False])
     norm = torch.tensor([300.0])
-    w = torch.randn(2, 2, 300, 16)
+    w = torch.randn(2, heads, 300, 16)
     before = torch.get_num_threads()
     runs = []
     try:
