@@ -482,9 +482,21 @@ typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, c
                          const float *, const int *, const float *, const int *, const float *, float *, const int *);
 static sgemm_fn g_sgemm = NULL;
 
+/* Set the sgemm to use, after checking it on one small product (column-major C[2x2] = A[2x3] B[3x2]); returns
+ * whether it is set. */
 int genrec_set_sgemm(void *fn) {
-    g_sgemm = (sgemm_fn)fn;
-    return g_sgemm != NULL;
+    g_sgemm = NULL;
+    if (!fn) return 0;
+    const sgemm_fn f = (sgemm_fn)fn;
+    /* A = [[1 3 5] [2 4 6]], B = [[1 2] [0 1] [-1 0]] stored by columns; A B = [[-4 5] [-4 8]] */
+    const float A[6] = {1, 2, 3, 4, 5, 6}, B[6] = {1, 0, -1, 2, 1, 0};
+    float C[4] = {0, 0, 0, 0};
+    const int m = 2, n = 2, k = 3;
+    const float one = 1.0f, zero = 0.0f;
+    f("N", "N", &m, &n, &k, &one, A, &m, B, &k, &zero, C, &m);
+    if (C[0] != -4.0f || C[1] != -4.0f || C[2] != 5.0f || C[3] != 8.0f) return 0;
+    g_sgemm = f;
+    return 1;
 }
 
 /* Row-major C[M, N] = alpha · op(A) op(B) + beta · C (op = transpose when ta / tb): the column-major sgemm computes

@@ -103,10 +103,14 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def _blas_sgemm() -> int | None:
-    """Address of the BLAS ``sgemm_`` that PyTorch's own CPU library exports (MKL in the x86 wheels), or None. The
-    whole-loop attention kernels call it; without it the engine keeps its ATen matmuls."""
+    """Address of the BLAS ``sgemm_`` that PyTorch's own CPU library exports, or None. Only where torch is built
+    with MKL, whose ``sgemm_`` has 32-bit integer arguments (LP64), as the kernel calls it; the library then checks
+    it on a small product (``genrec_set_sgemm``). The whole-loop attention kernels call it; without it the engine
+    keeps its ATen matmuls."""
     import torch
 
+    if not torch.backends.mkl.is_available():
+        return None
     libdir = Path(torch.__file__).resolve().parent / "lib"
     for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
         if not (libdir / name).exists():

@@ -197,6 +197,22 @@ def test_c_loop_is_the_fp32_default_and_refuses_what_it_cannot_run(monkeypatch):
     assert max_diff(_blocked(q, k, v, bias, t, qt, ht, norm, block=16), ref) <= 1e-5
 
 
+def test_sgemm_is_checked_before_the_loop_uses_it():
+    """The C loop only takes a BLAS sgemm that computes a small product right: a function that leaves the result
+    untouched (say, a BLAS with another calling convention) is refused, and so is none."""
+    import ctypes
+
+    lib = native_mod.load()
+    if lib is None:
+        pytest.skip("the native HSTU kernel could not be built here (no C compiler?): see the genrec.native log")
+    noop = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 13))(lambda *args: None)
+    try:
+        assert lib.genrec_set_sgemm(ctypes.cast(noop, ctypes.c_void_p).value) == 0
+        assert lib.genrec_set_sgemm(None) == 0
+    finally:
+        assert lib.genrec_set_sgemm(native_mod._blas_sgemm()) == int(lib.has_sgemm)
+
+
 def test_native_off_by_environment(monkeypatch):
     monkeypatch.setattr(native_mod, "_STATE", {})
     monkeypatch.setenv("GENREC_NATIVE", "0")
