@@ -81,12 +81,16 @@ SECTIONS = ("attention", "layer", "jagged", "mfalcon", "training", "loss", "epoc
 
 
 def timed(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds of each callable; one warm-up each, then ``reps`` rounds running them side by side."""
+    """Median seconds of each callable; one warm-up each, then ``reps`` rounds running them side by side. Round i
+    starts at callable i (mod their number), so that no callable always runs right after the same one: what one
+    leaves behind (freed memory that glibc gave back and the next one faults in again, a cold cache) does not land
+    on the same neighbour every round."""
     for f in fns.values():
         f()
     times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, f in fns.items():
+    items = list(fns.items())
+    for i in range(reps):
+        for name, f in items[i % len(items):] + items[: i % len(items)]:
             t0 = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - t0)
