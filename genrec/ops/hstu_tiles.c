@@ -555,6 +555,12 @@ static int attn_pass(const attn_args *a, float *out, float *dq, float *dk, float
     const int bwd = dq != NULL;
     int failed = 0; /* a thread could not allocate its buffers: the caller raises MemoryError */
     int64_t next_group = 0;
+    int nmax = 1;
+#ifdef _OPENMP
+    nmax = omp_get_max_threads();
+#endif
+    float **qbufs = (float **)calloc((size_t)nmax, sizeof(float *)); /* each thread's private out / dq sums */
+    if (!qbufs) return 1;
 #pragma omp parallel if (a->ngroups > 1 || H > 1)
     {
         int nth = 1, tid = 0;
@@ -564,13 +570,17 @@ static int attn_pass(const attn_args *a, float *out, float *dq, float *dk, float
 #endif
         /* Threads split the heads when every thread gets the same number of them (each thread then owns its heads'
          * rows of out / dq / dk / dv and runs every tile), else the key-block groups (each thread then sums its
-         * out / dq privately, added up at the end). The bias gradients are per thread either way. */
+         * out / dq privately; at the end every thread adds one slice of all of them). The bias gradients are per
+         * thread either way. */
         const int by_heads = nth > 1 && H % nth == 0;
         const int h0 = by_heads ? tid : 0, hstep = by_heads ? nth : 1;
         const int priv_q = nth > 1 && !by_heads, priv = nth > 1;
         float *my_q = bwd ? dq : out; /* query-side sum: out (forward) or dq (backward) */
         float *my_dpos = dpos, *my_dts = dts;
-        if (priv_q) my_q = (float *)calloc((size_t)(bwd ? qsz : osz), sizeof(float));
+        if (priv_q) {
+            my_q = (float *)calloc((size_t)(bwd ? qsz : osz), sizeof(float));
+            qbufs[tid] = my_q;
+        }
         if (priv) {
             my_dpos = dpos ? (float *)calloc((size_t)a->P, sizeof(float)) : NULL;
             my_dts = dts ? (float *)calloc((size_t)a->nts, sizeof(float)) : NULL;
@@ -648,19 +658,27 @@ static int attn_pass(const attn_args *a, float *out, float *dq, float *dk, float
             }
         }
 #pragma omp barrier
-        if (priv && ok) {
+        int any_failed;
+#pragma omp atomic read
+        any_failed = failed;
+        if (priv_q && !any_failed) { /* this thread's slice of out / dq, summed over every thread's buffer */
             float *dst = bwd ? dq : out;
-            const int64_t n = bwd ? qsz : osz;
+            const int64_t n = bwd ? qsz : osz, lo = n * tid / nth, hi = n * (tid + 1) / nth;
+            for (int t = 0; t < nth; ++t) {
+                const float *src = qbufs[t];
+                for (int64_t i = lo; i < hi; ++i) dst[i] += src[i];
+            }
+        }
+        if (priv && ok) {
 #pragma omp critical
             {
-                if (priv_q)
-                    for (int64_t i = 0; i < n; ++i) dst[i] += my_q[i];
                 if (dpos)
                     for (int i = 0; i < a->P; ++i) dpos[i] += my_dpos[i];
                 if (dts)
                     for (int i = 0; i < a->nts; ++i) dts[i] += my_dts[i];
             }
         }
+#pragma omp barrier /* no buffer is freed while another thread still reads it */
         if (priv_q) free(my_q);
         if (priv) {
             free(my_dpos);
@@ -668,6 +686,7 @@ static int attn_pass(const attn_args *a, float *out, float *dq, float *dk, float
         }
         free(S);
     }
+    free(qbufs);
     return failed;
 }
 
