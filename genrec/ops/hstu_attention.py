@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -149,6 +150,28 @@ class BlockLayout:
     def num_tiles(self) -> int:
         return sum(len(c.qi) for c in self.chunks)
 
+    @cached_property
+    def tiles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qi, ki, delta) [num_tiles] long: every tile's query block, key block and distance, in chunk order (the
+        order of ``TileBuckets``' ids). Built once per layout, which every layer of a batch shares."""
+        if not self.chunks:
+            return (torch.zeros(0, dtype=torch.long),) * 3
+        qi = torch.cat([c.qi for c in self.chunks])
+        ki = torch.cat([c.ki for c in self.chunks])
+        delta = torch.cat([torch.full((len(c.qi),), c.delta, dtype=torch.long) for c in self.chunks])
+        return qi, ki, delta
+
+    @cached_property
+    def key_groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The C loop's tile list: (qi, ki, delta, order, gstart) with the tiles sorted by key block, then query
+        block (``order``: their indices in chunk order), and key block g's tiles at gstart[g] .. gstart[g+1]-1."""
+        qi, ki, delta = self.tiles
+        order = torch.argsort(ki * self.num_blocks + qi)
+        ki_sorted = ki[order].contiguous()
+        counts = torch.unique_consecutive(ki_sorted, return_counts=True)[1]
+        gstart = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
+        return qi[order].contiguous(), ki_sorted, delta[order].contiguous(), order, gstart
+
 
 def block_layout(
     lengths: torch.Tensor,
@@ -218,14 +241,14 @@ class TileBuckets:
 
     def __init__(self, layout: BlockLayout, slot_t, slot_qt, block_time, num_buckets: int, lib=None) -> None:
         self.num_buckets = num_buckets
+        self.layout = layout
         pairs = layout.num_tiles * layout.block**2
         # int64 ids are gathered directly; past 8M pairs (64 MB) keep 1 byte per pair and widen per chunk instead
         small = num_buckets + 1 <= 255
         dtype = torch.uint8 if small and (lib is not None or pairs > LONG_BUCKET_PAIRS) else torch.long
         self.chunks = []
         if lib is not None:  # every tile in one call, in chunk order; chunk n is a view of its tiles
-            qi = torch.cat([c.qi for c in layout.chunks]) if layout.chunks else torch.zeros(0, dtype=torch.long)
-            ki = torch.cat([c.ki for c in layout.chunks]) if layout.chunks else torch.zeros(0, dtype=torch.long)
+            qi, ki, _ = layout.tiles
             out = torch.empty(len(qi), layout.block, layout.block, dtype=dtype)
             slot_qt, slot_t = slot_qt.to(torch.long).contiguous(), slot_t.to(torch.long).contiguous()
             timed = block_time.to(torch.uint8).contiguous()
@@ -244,6 +267,14 @@ class TileBuckets:
             if bool(no_time.any()):
                 b.masked_fill_(no_time.view(-1, 1, 1), num_buckets + 1)
             self.chunks.append(b)
+
+    @cached_property
+    def loop_addresses(self) -> torch.Tensor:
+        """[num_tiles] int64: the address of each tile's ids, in the C loop's tile order (``key_groups``); built
+        once, for every layer that shares these ids."""
+        tile_bytes = self.layout.block**2 * self.chunks[0].element_size()
+        ptr = torch.cat([b.data_ptr() + torch.arange(len(b)) * tile_bytes for b in self.chunks])
+        return ptr[self.layout.key_groups[3]].contiguous()
 
     @staticmethod
     def build(layout, slot_t, slot_qt, block_time, num_buckets, lib=None) -> "TileBuckets | None":
@@ -301,7 +332,6 @@ class _Tiles:
             raise RuntimeError("loop=True needs fp32 inputs and the native kernel with a BLAS sgemm")
         self.tril = self.pos_tiles = self.offsets = None
         if self.loop:
-            self._tile_list = None  # (qi, ki, delta, bucket addresses, group starts), held from forward to backward
             # Where each block's rows are, for the C loop: (qbase [nblk], vbase [nblk], qhs, qrs, vhs, vrs): head h,
             # row r of block b is element qbase[b] + h·qhs + r·qrs of q / k (vbase ... of v / out); None: the
             # engine's [nblk, H, Bs, d] blocks. ``blocked_hstu_attention`` reads padded batches in place with it.
@@ -327,29 +357,10 @@ class _Tiles:
             self.bufs = None
             self._buf_elems = most * Bs * Bs
 
-    def _loop_tiles(self):
-        """The tile list for the C loop: query block, key block, block distance and time-bucket tile address of
-        every tile, sorted by key block (then query block), and where each key block's tiles start."""
-        layout = self.layout
-        qi = torch.cat([c.qi for c in layout.chunks])
-        ki = torch.cat([c.ki for c in layout.chunks])
-        delta = torch.cat([torch.full((len(c.qi),), c.delta, dtype=torch.long) for c in layout.chunks])
-        ptr = None
-        if self.ts_pad is not None:
-            tile_bytes = layout.block**2 * self.buckets.chunks[0].element_size()
-            ptr = torch.cat([b.data_ptr() + torch.arange(len(b)) * tile_bytes for b in self.buckets.chunks])
-        order = torch.argsort(ki * layout.num_blocks + qi)
-        qi, ki, delta = qi[order].contiguous(), ki[order].contiguous(), delta[order].contiguous()
-        ptr = ptr[order].contiguous() if ptr is not None else None
-        counts = torch.unique_consecutive(ki, return_counts=True)[1]
-        gstart = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
-        return qi, ki, delta, ptr, gstart
-
     def _loop_common(self, q, v):
-        """The C loop's arguments after out / grad tensors (the tile list is built once, in forward)."""
-        if self._tile_list is None:
-            self._tile_list = self._loop_tiles()
-        qi, ki, delta, ptr, gstart = self._tile_list
+        """The C loop's arguments after out / grad tensors (the tile list is built once per layout)."""
+        qi, ki, delta, _, gstart = self.layout.key_groups
+        ptr = self.buckets.loop_addresses if self.ts_pad is not None else None
         bdt = 0 if ptr is None or self.buckets.chunks[0].dtype == torch.long else 1
         pos = self.pos_vec
         Bs, H, dk, dv = self.layout.block, q.shape[-3], q.shape[-1], v.shape[-1]
