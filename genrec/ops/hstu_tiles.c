@@ -138,29 +138,15 @@ static inline void bwd_bf16(uint16_t *restrict s, uint16_t *restrict dw, const f
 
 /* dts[b[c]] += v[c] for c < n. Along a row the bucket ids come in runs (timestamps are sorted, and the buckets are
  * logarithmic), and adding into dts[b[c]] element by element makes every add wait for the previous one to the same
- * bin. Instead each run is summed in registers, 8 columns at a time while a whole group of 8 has the run's id,
+ * bin. Instead each run is found (16 uint8 ids per compare on x86), summed in registers 8 columns at a time,
  * and added to its bin once. Any order of ids gives the same sums (up to fp32 rounding order). */
-#define GENREC_BUCKET_SUMS(NAME, T)                                                                   \
-    static void NAME(float *restrict dts, const T *restrict b, const float *restrict v, int n) {     \
-        int c = 0;                                                                                    \
-        while (c < n) {                                                                               \
-            const T id = b[c];                                                                        \
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                  \
-            for (; c + 8 <= n; c += 8) {                                                              \
-                int same = 1;                                                                         \
-                for (int j = 0; j < 8; ++j) same &= b[c + j] == id;                                   \
-                if (!same) break;                                                                     \
-                for (int j = 0; j < 8; ++j) acc[j] += v[c + j];                                       \
-            }                                                                                         \
-            float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])); \
-            for (; c < n && b[c] == id; ++c) sum += v[c];                                             \
-            dts[id] += sum;                                                                           \
-        }                                                                                             \
-    }
-GENREC_BUCKET_SUMS(bucket_sums_i64, int64_t)
+static inline int run_i64(const int64_t *b, int c0, int n) { /* length of the run of b[c0] from c0 */
+    int c = c0 + 1;
+    while (c < n && b[c] == b[c0]) ++c;
+    return c - c0;
+}
 
-/* Length of the run of ids equal to b[c0] that starts at c0 (at most n - c0), 16 ids per compare on x86. */
-static inline int run_u8(const uint8_t *b, int c0, int n) {
+static inline int run_u8(const uint8_t *b, int c0, int n) { /* the same, 16 ids per compare on x86 */
     const uint8_t id = b[c0];
     int c = c0 + 1;
 #if defined(__SSE2__)
@@ -174,18 +160,26 @@ static inline int run_u8(const uint8_t *b, int c0, int n) {
     return c - c0;
 }
 
-/* The uint8 version finds each run 16 ids at a time (run_u8), then sums it 8 columns at a time. */
+static inline float run_sum(const float *restrict v, int c, int e) { /* v[c] + ... + v[e - 1], 8 lanes */
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (; c + 8 <= e; c += 8)
+        for (int j = 0; j < 8; ++j) acc[j] += v[c + j];
+    float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; c < e; ++c) sum += v[c];
+    return sum;
+}
+
+static void bucket_sums_i64(float *restrict dts, const int64_t *restrict b, const float *restrict v, int n) {
+    for (int c = 0, e; c < n; c = e) {
+        e = c + run_i64(b, c, n);
+        dts[b[c]] += run_sum(v, c, e);
+    }
+}
+
 static void bucket_sums_u8(float *restrict dts, const uint8_t *restrict b, const float *restrict v, int n) {
-    for (int c = 0; c < n;) {
-        const int e = c + run_u8(b, c, n);
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int k = c;
-        for (; k + 8 <= e; k += 8)
-            for (int j = 0; j < 8; ++j) acc[j] += v[k + j];
-        float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        for (; k < e; ++k) sum += v[k];
-        dts[b[c]] += sum;
-        c = e;
+    for (int c = 0, e; c < n; c = e) {
+        e = c + run_u8(b, c, n);
+        dts[b[c]] += run_sum(v, c, e);
     }
 }
 
