@@ -331,14 +331,14 @@ class _Tiles:
         if loop and not self.loop:
             raise RuntimeError("loop=True needs fp32 inputs and the native kernel with a BLAS sgemm")
         self.tril = self.pos_tiles = self.offsets = None
+        if self.lib is not None and self.ts_pad is not None:  # the C code reads fp32 time weights
+            self.ts_pad = self.ts_pad.to(torch.float32).contiguous()
         if self.loop:
             # Where each block's rows are, for the C loop: (qbase [nblk], vbase [nblk], qhs, qrs, vhs, vrs): head h,
             # row r of block b is element qbase[b] + h·qhs + r·qrs of q / k (vbase ... of v / out); None: the
             # engine's [nblk, H, Bs, d] blocks. ``blocked_hstu_attention`` reads padded batches in place with it.
             self.rows = None
             self.pos_vec = pos_w.detach().to(torch.float32).contiguous() if pos_w is not None else None
-            if self.ts_pad is not None:
-                self.ts_pad = self.ts_pad.to(torch.float32).contiguous()
             return
         self.tril = torch.ones(Bs, Bs, dtype=dtype).tril_()
         if pos_w is not None:
@@ -350,8 +350,6 @@ class _Tiles:
         if self.lib is not None:
             if self.pos_tiles is not None:
                 self.pos_tiles = self.pos_tiles.to(torch.float32).contiguous()
-            if self.ts_pad is not None:
-                self.ts_pad = self.ts_pad.to(torch.float32).contiguous()
             # score buffers reused by every chunk (s, and dL/dw in backward) instead of a fresh allocation per bmm
             most = max((len(c.qi) for c in layout.chunks), default=0)
             self.bufs = None
