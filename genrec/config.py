@@ -69,7 +69,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.0
     num_negatives: int = 128
-    negatives: str = "per_sequence"  # "shared" | "per_sequence" | "per_position" (reference); see train/loss.py
+    negatives: str = "per_sequence"  # "shared" | "per_sequence" | "per_position" (reference) | "full"; train/loss.py
     temperature: float = 0.05
     patience: int = 20  # epochs without validation improvement before stopping
     time_budget_minutes: float = 0.0  # stop after the first epoch that ends past this wall-clock budget (0 = none)

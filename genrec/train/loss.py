@@ -20,6 +20,11 @@ Three ways to draw the negatives (``mode``):
   one batched matrix product; every step still touches B·K (16K on ML-1M) distinct draws.
 - ``"shared"``: K negatives per batch, shared by every position: one [M, d] x [d, K] product, the cheapest, but a
   step only ever pushes K items down.
+
+``"full"`` is not sampled: every catalogue item is a negative (``num_negatives`` is ignored), i.e. cross-entropy over
+the whole catalogue, computed 256 positions at a time (``catalogue_cross_entropy``: no [M, catalogue] tensor). It is
+not the reference's loss; the strong SASRec baselines of 2023 (SASRec+, gSASRec) train this way or with thousands of
+negatives. On ML-1M (3,706 items) it makes an HSTU epoch ~2.5x slower on CPU than 128 per-position draws.
 """
 
 from __future__ import annotations
@@ -78,6 +83,48 @@ def sampled_logits(u: torch.Tensor, table: torch.Tensor, ids: torch.Tensor) -> t
     return _SampledLogits.apply(u, table, ids)
 
 
+class _CatalogueCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of logits u · tableᵀ / τ against ``targets``, ``chunk`` positions at a time.
+
+    The [M, R] logits are never held whole: forward keeps only each position's log-sum-exp, and backward recomputes
+    one chunk of logits at a time to form softmax - onehot. One more [chunk, d] x [d, R] product than autograd's
+    path, but no [M, R] tensors (200 MB each for an ML-1M batch), each of which costs a page fault per 4 KiB page
+    when it is allocated.
+    """
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int):
+        us = u / temperature  # [M, d]: the temperature folded into the small operand
+        lse = torch.empty(u.shape[0], dtype=u.dtype, device=u.device)  # [M]
+        for a in range(0, u.shape[0], chunk):
+            lse[a : a + chunk] = torch.logsumexp(us[a : a + chunk] @ table.T, dim=1)
+        pos = (us * table[targets]).sum(-1)  # [M]
+        ctx.save_for_backward(us, table, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return (lse - pos).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        us, table, targets, lse = ctx.saved_tensors
+        scale = float(grad) / ctx.temperature
+        grad_u = torch.empty_like(us)
+        grad_table = torch.zeros_like(table)
+        for a in range(0, us.shape[0], ctx.chunk):
+            uc = us[a : a + ctx.chunk]
+            p = torch.addmm(lse[a : a + ctx.chunk, None], uc, table.T, beta=-1).exp_()  # softmax [c, R]
+            p[torch.arange(len(uc), device=us.device), targets[a : a + ctx.chunk]] -= 1.0
+            torch.mm(p, table, out=grad_u[a : a + ctx.chunk]).mul_(scale)
+            grad_table.addmm_(p.T, uc, alpha=scale * ctx.temperature)  # uc = u / τ
+        return grad_u, grad_table, None, None, None
+
+
+def catalogue_cross_entropy(
+    u: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int = 256
+) -> torch.Tensor:
+    """u [M, d], table [R, d], targets [M] long in 0..R-1 -> Σ_m -log softmax(u[m] · tableᵀ / τ)[targets[m]]."""
+    return _CatalogueCrossEntropy.apply(u, table, targets, temperature, chunk)
+
+
 def sampled_softmax_loss(
     user: torch.Tensor,
     targets: torch.Tensor,
@@ -105,6 +152,10 @@ def sampled_softmax_loss(
     valid = targets > 0  # [B, N]
     u = user[valid]  # [M, d]
     pos_ids = targets[valid]  # [M]
+    if mode == "full":
+        # Every catalogue item is a negative: a softmax over items 1..num_items (row 0 is padding), no draws.
+        total = catalogue_cross_entropy(u, item_vectors()[1:], pos_ids - 1, temperature)
+        return total / (normalizer if normalizer is not None else max(len(u), 1))
     pos = item_vectors(pos_ids)  # [M, d]
     pos_logit = (u * pos).sum(-1, keepdim=True)  # [M, 1]
     if mode == "shared":
@@ -136,7 +187,7 @@ def sampled_softmax_loss(
             raise ValueError(f"per_position_path must be 'auto', 'sparse', 'full' or 'gather', got {path!r}")
         hit = pos_ids.unsqueeze(1) == neg_ids
     else:
-        raise ValueError(f"negatives must be 'shared', 'per_sequence' or 'per_position', got {mode!r}")
+        raise ValueError(f"negatives must be 'shared', 'per_sequence', 'per_position' or 'full', got {mode!r}")
     logits = torch.cat([pos_logit, neg_logit], dim=1) / temperature
     logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(hit, -5e4)], dim=1)
     zeros = torch.zeros(len(u), dtype=torch.long, device=user.device)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from genrec.config import load_config
 from genrec.train.checkpoint import load_state
 from genrec.train.loop import epoch_batches, train
-from genrec.train.loss import sampled_logits, sampled_softmax_loss
+from genrec.train.loss import catalogue_cross_entropy, sampled_logits, sampled_softmax_loss
 
 from ..conftest import synthetic_interactions
 
@@ -93,6 +93,43 @@ def test_sampled_softmax_matches_manual(mode):
         logits[1:][n == t[i]] = -5e4
         manual.append(-torch.log_softmax(logits, 0)[0])
     assert torch.allclose(loss, torch.stack(manual).mean(), atol=1e-5)
+
+
+def test_full_catalogue_softmax_matches_manual_and_never_scores_padding():
+    torch.manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(11, 4), dim=-1)
+    table[0] = 10.0  # the padding row: a huge logit if it were ever a candidate
+    user = torch.nn.functional.normalize(torch.randn(2, 3, 4), dim=-1)
+    targets = torch.tensor([[1, 2, 0], [3, 4, 10]])
+    vectors = lambda ids=None: table if ids is None else table[ids]  # noqa: E731
+    loss = sampled_softmax_loss(user, targets, vectors, 10, 6, 0.05, "full")
+    u, t = user[targets > 0], targets[targets > 0]
+    manual = [-torch.log_softmax(table[1:] @ u[i] / 0.05, 0)[t[i] - 1] for i in range(len(t))]
+    assert torch.allclose(loss, torch.stack(manual).mean(), atol=1e-5)
+    summed = sampled_softmax_loss(user, targets, vectors, 10, 6, 0.05, "full", normalizer=1.0)
+    assert torch.allclose(summed, loss * len(t), atol=1e-4)
+    with pytest.raises(ValueError, match="'full'"):
+        sampled_softmax_loss(user, targets, vectors, 10, 6, 0.05, "everything")
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 256])  # chunk boundaries inside, at and past the positions
+def test_catalogue_cross_entropy_equals_autograd_values_and_gradients(chunk):
+    g = torch.Generator().manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(23, 5, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    w = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 9, (23,), generator=g)
+    (3.0 * catalogue_cross_entropy(u, torch.nn.functional.normalize(w, dim=-1), y, 0.05, chunk)).backward()
+    got = (u.grad.clone(), w.grad.clone())
+    u.grad = w.grad = None
+    ref = torch.nn.functional.cross_entropy(u @ torch.nn.functional.normalize(w, dim=-1).T / 0.05, y, reduction="sum")
+    (3.0 * ref).backward()
+    assert torch.allclose(got[0], u.grad, atol=1e-10) and torch.allclose(got[1], w.grad, atol=1e-10)
+
+
+def test_training_with_full_catalogue_softmax_learns(tmp_path):
+    res = train(_config(tmp_path, "full-softmax", extra=["train.epochs=15", "train.lr=0.01", "train.negatives=full"]),
+                progress=False)
+    assert res["test"]["metrics"]["HR@10"] > 0.6
 
 
 def test_reference_test_peeking_protocol_is_labelled(tmp_path):
