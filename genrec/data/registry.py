@@ -482,16 +482,21 @@ def _load_ml1m_dev(folder: Path, main: Path, on_bad_rows: str, files: list[str],
         f"for {_fmt(tie_diff[2])} users and the second-to-last (validation target) for "
         f"{_fmt(tie_diff[3])}. This loader keeps the sequence file's order"
     )
+    notes.append(
+        f"the last two items (leave-one-out test and validation targets) share one timestamp for "
+        f"{_fmt(tie_diff[4])} of {_fmt(tie_diff[1])} timed users: which of them is the test target is arbitrary"
+    )
     files.append(str(rat_path))
     joined.attrs["source"] = str(seq_path)
     joined.attrs["bad_rows"] = seq.attrs.get("bad_rows", 0) + rat.attrs.get("bad_rows", 0)
     return joined, _titles(folder, "movies.dat", files, notes)
 
 
-def _tie_order_differences(timed: pd.DataFrame) -> tuple[int, int, int, int]:
+def _tie_order_differences(timed: pd.DataFrame) -> tuple[int, int, int, int, int]:
     """(users whose order differs, users, users whose last item differs, users whose
     second-to-last item differs) between sequence order and a stable timestamp sort of the
-    ratings file.  ``timed`` is in sequence order with ``_rpos`` = ratings-file row."""
+    ratings file, and the users whose last two items share a timestamp.  ``timed`` is in
+    sequence order with ``_rpos`` = ratings-file row."""
     t = timed[["user", "item", "timestamp", "_rpos"]].reset_index(drop=True)
     stable = t.sort_values(["user", "timestamp", "_rpos"], kind="stable").reset_index(drop=True)
     seq_sorted = t.sort_values("user", kind="stable").reset_index(drop=True)
@@ -506,7 +511,9 @@ def _tie_order_differences(timed: pd.DataFrame) -> tuple[int, int, int, int]:
         a, b = nth(seq_sorted, k), nth(stable, k)
         return int((a != b.reindex(a.index)).sum())
 
-    return differs, int(users.nunique()), n_diff(-1), n_diff(-2)
+    last_two = seq_sorted.groupby("user", sort=False)["timestamp"].nth([-2, -1])
+    tied = int((last_two.groupby(seq_sorted.loc[last_two.index, "user"]).nunique() == 1).sum())
+    return differs, int(users.nunique()), n_diff(-1), n_diff(-2), tied
 
 
 def _load_beauty(folder: Path, main: Path, on_bad_rows: str, files: list[str], notes: list[str]):
