@@ -88,8 +88,10 @@ class _CatalogueCrossEntropy(torch.autograd.Function):
 
     The [M, R] logits are never held whole: forward keeps only each position's log-sum-exp, and backward recomputes
     one chunk of logits at a time to form softmax - onehot. One more [chunk, d] x [d, R] product than autograd's
-    path, but no [M, R] tensors (200 MB each for an ML-1M batch), each of which costs a page fault per 4 KiB page
-    when it is allocated.
+    path, but no [M, R] tensors (200 MB each for an ML-1M batch, page-faulted in at every allocation): a chunk's
+    logits (256 x 3,706 on ML-1M, 3.8 MB) stay in cache, and an ML-1M batch's loss ran about twice as fast as
+    autograd's cross-entropy at one thread in an ad-hoc check. Computed in the inputs' dtype (the training loop
+    passes fp32).
     """
 
     @staticmethod
