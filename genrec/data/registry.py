@@ -512,7 +512,8 @@ def _tie_order_differences(timed: pd.DataFrame) -> tuple[int, int, int, int, int
         return int((a != b.reindex(a.index)).sum())
 
     last_two = seq_sorted.groupby("user", sort=False)["timestamp"].nth([-2, -1])
-    tied = int((last_two.groupby(seq_sorted.loc[last_two.index, "user"]).nunique() == 1).sum())
+    per_user = last_two.groupby(seq_sorted.loc[last_two.index, "user"]).agg(["size", "nunique"])
+    tied = int(((per_user["size"] == 2) & (per_user["nunique"] == 1)).sum())
     return differs, int(users.nunique()), n_diff(-1), n_diff(-2), tied
 
 

@@ -174,12 +174,12 @@ def test_dev_ml1m_layout_joins_timestamps_and_ratings(tmp_path):
 
 
 def test_dev_ml1m_layout_counts_users_whose_last_two_items_are_tied(tmp_path):
-    seq = "1 11 10 12\n2 10 12\n3 12 10\n"  # user 1 rated 10 and 12 in the same second; user 3 has no timestamps
-    ratings = "1::10::5::200\n1::12::2::200\n1::11::3::100\n2::12::1::60\n2::10::4::50\n"
+    seq = "1 11 10 12\n2 10 12\n3 12 10\n4 10\n"  # user 1 rated 10 and 12 in the same second; user 3: no timestamps
+    ratings = "1::10::5::200\n1::12::2::200\n1::11::3::100\n2::12::1::60\n2::10::4::50\n4::10::3::70\n"
     make_dev_layout(tmp_path, seq, ratings)
     with pytest.warns(UserWarning, match="published totals"):
         ds = load_dataset("ml-1m", data_dir=tmp_path)
-    assert any("share one timestamp for 1 of 2 timed users" in n for n in ds.notes)
+    assert any("share one timestamp for 1 of 3 timed users" in n for n in ds.notes)  # user 4 has one item
 
 
 def test_dev_ml1m_layout_rejects_inconsistent_files(tmp_path):
