@@ -314,6 +314,15 @@ def _add_rows(acc: torch.Tensor, ids: torch.Tensor, span, val: torch.Tensor) -> 
         acc.index_add_(0, ids, val.to(acc.dtype))
 
 
+def _use_loop(lib, dtype: torch.dtype, loop: bool | None) -> bool:
+    """Whether the C tile loop runs: fp32, the native kernel loaded and PyTorch's BLAS sgemm found, and not
+    ``loop=False``. ``loop=True`` where it cannot run raises."""
+    ok = loop is not False and lib is not None and dtype == torch.float32 and getattr(lib, "has_sgemm", False)
+    if loop and not ok:
+        raise RuntimeError("loop=True needs fp32 inputs and the native kernel with a BLAS sgemm")
+    return ok
+
+
 class _Tiles:
     """Per-call state shared by forward and backward: the layout, the bias tiles and the triangular mask."""
 
@@ -326,10 +335,7 @@ class _Tiles:
         # The native kernel (genrec/ops/hstu_tiles.c) replaces the elementwise passes for fp32 / bf16 scores.
         self.lib = lib if dtype in _NATIVE_DTYPES else None
         # fp32 with the BLAS sgemm found: the whole tile loop runs in C (``loop_forward`` / ``loop_backward``)
-        self.loop = (loop is not False and self.lib is not None and dtype == torch.float32
-                     and getattr(self.lib, "has_sgemm", False))
-        if loop and not self.loop:
-            raise RuntimeError("loop=True needs fp32 inputs and the native kernel with a BLAS sgemm")
+        self.loop = _use_loop(self.lib, dtype, loop)
         self.tril = self.pos_tiles = self.offsets = None
         if self.lib is not None and self.ts_pad is not None:  # the C code reads fp32 time weights
             self.ts_pad = self.ts_pad.to(torch.float32).contiguous()
@@ -661,8 +667,7 @@ def blocked_hstu_attention(
         slot_qt = F.pad(query_times, (0, Np - N)).reshape(B * nbr, block)
         buckets = TileBuckets.build(layout, slot_t, slot_qt, has_time.repeat_interleave(nbr), num_buckets, lib)
     norm_blk = norm.to(torch.float32).expand(B).repeat_interleave(nbr)  # [B·nbr]
-    if (Np == N and loop is not False and q.device.type == "cpu" and q.dtype == torch.float32 and lib is not None
-            and lib.has_sgemm):
+    if Np == N and q.device.type == "cpu" and _use_loop(lib, q.dtype, loop):
         # The C loop reads and writes the [B, h, N, d] batch in place: block j of row b starts at row j·block of
         # that row, so no blocked copies of q, k, v, the output or the gradients are made.
         q, k, v = q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
