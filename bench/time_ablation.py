@@ -104,7 +104,7 @@ def project_all_timed(by_users: dict[str, dict], keys=("HR@10", "NDCG@10", "HR@5
 def protocol_for(rec, users: str):
     import dataclasses
 
-    from genrec.train.loop import protocol_from_config
+    from genrec.eval.protocol import protocol_from_config
 
     return dataclasses.replace(protocol_from_config(rec.config_, "test"), users=users)
 

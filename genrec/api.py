@@ -65,7 +65,7 @@ from genrec.data.popularity import (
 )
 from genrec.data.sequences import IdMap, SequenceData, load_item_map
 from genrec.models import build_model
-from genrec.train.checkpoint import atomic_write, write_json
+from genrec.io import atomic_write, write_json
 
 ItemId = Union[str, int]
 HistoryEvent = Union[ItemId, tuple, Mapping]
@@ -651,7 +651,7 @@ class Recommender:
         """Re-run the offline protocol on the run's dataset (needs the data files); returns (protocol, metrics)."""
         from genrec.data.dataset import prepare_data
         from genrec.eval.evaluate import evaluate, model_score_fn
-        from genrec.train.loop import protocol_from_config
+        from genrec.eval.protocol import protocol_from_config
 
         self.check_fitted()
         data = prepare_data(self.config_.data)

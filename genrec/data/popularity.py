@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from genrec.data.sequences import IdMap, SequenceData
-from genrec.train.checkpoint import write_json
+from genrec.io import write_json
 
 POPULARITY_FILE = "popularity.json"
 POPULARITY_FORMAT = "genrec-popularity-v1"

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from genrec.config import RunConfig
 
 SPLITS: tuple[str, ...] = ("leave-one-out",)
 TARGETS: tuple[str, ...] = ("valid", "test")
@@ -212,3 +215,18 @@ class EvalProtocol:
         candidates are then independent of the batch size.
         """
         return np.random.default_rng(self.seed)
+
+
+def protocol_from_config(config: "RunConfig", target: str) -> EvalProtocol:
+    """The evaluation protocol a run config names, for ``target`` "valid" or "test"."""
+    e = config.eval
+    return EvalProtocol(
+        target=target,
+        candidates=e.candidates,
+        num_negatives=e.num_negatives,
+        exclude_seen=e.exclude_seen,
+        max_history=config.data.max_len,
+        hr_ks=tuple(e.hr_ks),
+        ndcg_ks=tuple(e.ndcg_ks),
+        seed=e.seed,
+    )

@@ -12,44 +12,19 @@ A run directory holds everything needed to resume training or to serve without t
     log.jsonl           one line per epoch
     results.json        validation history and the test metrics of the chosen checkpoint, with their protocol
 
-Every file is written to a temporary name in the same directory and renamed into place, so a crash never leaves a
-half-written checkpoint behind.
+Every file is written through ``genrec.io.atomic_write`` (temporary name, fsync, rename, fsync of the directory), so
+neither a crash nor a power loss leaves a half-written checkpoint behind.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename tmp_path onto ``path`` (same directory, so the rename is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    def _w(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-
-    atomic_write(path, _w)
+from genrec.io import atomic_write, write_json  # noqa: F401  (write_json: re-exported for run-directory writers)
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:

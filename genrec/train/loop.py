@@ -29,26 +29,12 @@ from genrec.data.popularity import write_popularity
 from genrec.data.sequences import leave_one_out, save_id_maps
 from genrec.data.stochastic_length import expected_kept, expected_sparsity
 from genrec.eval.evaluate import evaluate, model_score_fn
-from genrec.eval.protocol import EvalProtocol
+from genrec.eval.protocol import protocol_from_config
 from genrec.models import build_model
 from genrec.train.checkpoint import load_state, load_weights, save_state, save_weights, write_json
 from genrec.train.loss import sampled_softmax_loss
 
 log = logging.getLogger("genrec.train")
-
-
-def protocol_from_config(config: RunConfig, target: str) -> EvalProtocol:
-    e = config.eval
-    return EvalProtocol(
-        target=target,
-        candidates=e.candidates,
-        num_negatives=e.num_negatives,
-        exclude_seen=e.exclude_seen,
-        max_history=config.data.max_len,
-        hr_ks=tuple(e.hr_ks),
-        ndcg_ks=tuple(e.ndcg_ks),
-        seed=e.seed,
-    )
 
 
 @dataclass
