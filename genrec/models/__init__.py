@@ -31,7 +31,6 @@ def build_model(config: ModelConfig, num_items: int, max_len: int) -> nn.Module:
                 num_time_buckets=config.num_time_buckets,
                 attention_norm=config.attention_norm,
                 attention_impl=config.attention_impl,
-                init=config.init,
             )
         )
     if config.name == "sasrec":

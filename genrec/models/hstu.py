@@ -16,12 +16,10 @@ Recommendations", ICML 2024 (arXiv 2402.17152), §3.1. Reference code: meta-recs
 
 Input: item_embedding · sqrt(d) + learned absolute position embedding, dropout, padding zeroed.
 
-Initialisation (``init="reference"``, the default) follows the research code: item embeddings N(0, 0.02) truncated,
-W_uvqk N(0, 0.02), W_o xavier-uniform with nn.Linear's default bias, rab weights N(0, 0.02), and the position
-embedding xavier-normal (the reference's ``HSTU.reset_params`` overrides the preprocessor's own sqrt(1/d) init with
-xavier-normal on its [211, d] table; ours is [max_len, d], so std sqrt(2 / (max_len + d)): 0.089 vs 0.088 on ML-1M).
-``init="genrec-v1"`` is what sessions 1-2 used (position embedding truncated-normal with std sqrt(1/d), W_o bias
-zero); it is kept so that the rows measured with it can be reproduced.
+Initialisation follows the research code: item embeddings N(0, 0.02) truncated, W_uvqk N(0, 0.02), W_o
+xavier-uniform with nn.Linear's default bias, rab weights N(0, 0.02), and the position embedding xavier-normal (the
+reference's ``HSTU.reset_params`` overrides the preprocessor's own sqrt(1/d) init with xavier-normal on its [211, d]
+table; ours is [max_len, d], so std sqrt(2 / (max_len + d)): 0.089 vs 0.088 on ML-1M).
 
 Deliberate deviations from the reference research code (each keeps the math, changes bookkeeping):
 - N in ``A / N`` is the configured maximum length (``max_len``, 200 for ML-1M) rather than the padded tensor width
@@ -65,7 +63,6 @@ class HSTUConfig:
     num_time_buckets: int = 128
     attention_norm: str = "max_len"  # "max_len" | "length"
     attention_impl: str = "padded"  # "padded" (this file, the reference) | "jagged" (genrec.ops.jagged, parity-tested)
-    init: str = "reference"  # "reference" | "genrec-v1" (see the module docstring)
 
 
 def time_buckets(query_times: torch.Tensor, timestamps: torch.Tensor, num_buckets: int) -> torch.Tensor:
@@ -162,8 +159,6 @@ class HSTULayer(nn.Module):
         self.uvqk = nn.Parameter(torch.empty(d, 2 * self.h * (self.dv + self.dqk)).normal_(0, 0.02))
         self.out = nn.Linear(self.h * self.dv, d)  # bias keeps nn.Linear's U(±1/sqrt(h·dv)) init, as in the reference
         nn.init.xavier_uniform_(self.out.weight)
-        if config.init == "genrec-v1":
-            nn.init.zeros_(self.out.bias)
         self.rab = HSTURelativeBias(config)
         self.dropout = nn.Dropout(config.linear_dropout)
 
@@ -192,8 +187,6 @@ class HSTU(nn.Module):
             raise ValueError(f"attention_norm must be 'max_len' or 'length', got {config.attention_norm!r}")
         if config.attention_impl not in ("padded", "jagged"):
             raise ValueError(f"attention_impl must be 'padded' or 'jagged', got {config.attention_impl!r}")
-        if config.init not in ("reference", "genrec-v1"):
-            raise ValueError(f"init must be 'reference' or 'genrec-v1', got {config.init!r}")
         self.config = config
         d = config.embedding_dim
         self.item_emb = nn.Embedding(config.num_items + 1, d, padding_idx=0)
@@ -201,10 +194,7 @@ class HSTU(nn.Module):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
         self.pos_emb = nn.Embedding(config.max_len, d)  # [max_len, d]
-        if config.init == "reference":
-            nn.init.xavier_normal_(self.pos_emb.weight)  # std sqrt(2 / (max_len + d)), 0.089 for ML-1M
-        else:
-            nn.init.trunc_normal_(self.pos_emb.weight, std=math.sqrt(1.0 / d))
+        nn.init.xavier_normal_(self.pos_emb.weight)  # std sqrt(2 / (max_len + d)), 0.089 for ML-1M
         self.input_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(HSTULayer(config) for _ in range(config.num_blocks))
 

@@ -172,8 +172,5 @@ def test_reference_init_matches_the_research_code_scales():
     # W_o keeps nn.Linear's default bias, U(±1/sqrt(h·dv)): not zero
     bias = model.layers[0].out.bias
     assert bias.abs().max().item() > 0.05 and bias.abs().max().item() <= 1 / math.sqrt(50)
-    old = HSTU(HSTUConfig(num_items=500, max_len=200, embedding_dim=50, num_blocks=2, init="genrec-v1"))
-    assert old.pos_emb.weight.std().item() == pytest.approx(math.sqrt(1 / 50), rel=0.05)
-    assert torch.count_nonzero(old.layers[0].out.bias) == 0
-    with pytest.raises(ValueError, match="init"):
-        HSTU(HSTUConfig(num_items=5, init="xavier"))
+    with pytest.raises(TypeError, match="init"):  # one initialisation only: no option to select another
+        HSTUConfig(num_items=5, init="reference")
