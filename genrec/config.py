@@ -7,21 +7,28 @@ A run config has four sections::
     train:  optimiser, loss, epochs, early stopping, seed        -> TrainConfig
     eval:   the evaluation protocol used for selection and test  -> EvalConfig
 
-Unknown keys and wrongly typed values are rejected when the config is loaded, so a typo in a YAML file or in a
-``--set`` override fails before any training starts. The fully resolved config is written next to every run and
-inside every checkpoint (``RunConfig.to_dict``).
+Every config is checked when it is built (from YAML, from ``--set`` overrides, from a dict or directly in Python):
+unknown keys, wrongly typed values, values outside a field's choices (``typing.Literal``) and meaningless numbers
+(``train.epochs=0``, ``model.dropout=1.5``) raise ``ConfigError`` naming the field, the value and what is allowed,
+so a typo fails before any data is read or any run file is written. The fully resolved config is written next to
+every run and inside every checkpoint (``RunConfig.to_dict``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+
+ColumnRole = Literal["user", "item", "timestamp", "rating", "event"]  # genrec.data.readers.read_table's arguments
 
 
 @dataclass
@@ -32,19 +39,29 @@ class DataConfig:
     data_dir: str | None = None  # searched before $GENREC_DATA_DIR and the cache dir
     path: str | None = None  # for dataset="table" / "sequences": the file to read
     timestamps_path: str | None = None  # for dataset="sequences": optional position-aligned timestamp file
-    columns: dict[str, Any] = field(default_factory=dict)  # for dataset="table": user/item/timestamp/... -> column
+    # for dataset="table": role -> source column (a header name, or a 0-based position); user and item are required
+    columns: dict[ColumnRole, str | int] = field(default_factory=dict)
     sep: str | None = None
     header: bool = True
-    on_bad_rows: str = "error"  # "error" | "skip"
+    on_bad_rows: Literal["error", "skip"] = "error"
     max_len: int = 200  # most recent items kept per sequence (history window)
     min_seq_len: int = 3  # users with fewer interactions cannot be split leave-one-out and are dropped (counted)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "data")
+        _check(self.dataset != "", "data.dataset", self.dataset, "must name a dataset")
+        _at_least(self, "data", max_len=2, min_seq_len=3)
+        if self.dataset == "table":
+            missing = [role for role in ("user", "item") if role not in self.columns]
+            _check(not missing, "data.columns", self.columns, f"must name the {' and '.join(map(repr, missing))} "
+                   "column(s) for data.dataset=table, e.g. {user: user_id, item: item_id, timestamp: ts}")  # fmt: skip
 
 
 @dataclass
 class ModelConfig:
     """Architecture. Fields not used by a model are ignored by it (e.g. ``ffn_dim`` for HSTU)."""
 
-    name: str = "hstu"  # "hstu" | "sasrec"
+    name: Literal["hstu", "sasrec"] = "hstu"
     embedding_dim: int = 50
     num_blocks: int = 2
     num_heads: int = 1
@@ -56,9 +73,21 @@ class ModelConfig:
     use_time_bias: bool = True  # HSTU: log-bucketed time-gap term of the relative attention bias
     use_position_bias: bool = True  # HSTU: position-offset term of the relative attention bias
     num_time_buckets: int = 128
-    attention_norm: str = "max_len"  # HSTU: divide SiLU(QK^T + rab) by "max_len" (reference) or "length" (row's true length)
-    attention_impl: str = "padded"  # HSTU: "padded" (plain reference path) or "jagged" (genrec.ops.jagged, same math)
-    init: str = "reference"  # HSTU: "reference" (the research code's init) or "genrec-v1" (sessions 1-2; see hstu.py)
+    # HSTU: divide SiLU(QK^T + rab) by "max_len" (reference) or "length" (row's true length)
+    attention_norm: Literal["max_len", "length"] = "max_len"
+    # HSTU: "padded" (plain reference path) or "jagged" (genrec.ops.jagged, same math)
+    attention_impl: Literal["padded", "jagged"] = "padded"
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "model")
+        _at_least(self, "model", embedding_dim=1, num_blocks=0, num_heads=1, attention_dim=1, linear_dim=1, ffn_dim=1,
+                  num_time_buckets=1)  # fmt: skip
+        for name in ("dropout", "linear_dropout"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, f"model.{name}", value, "must be in [0, 1)")
+        if self.name == "sasrec":
+            _check(self.embedding_dim % self.num_heads == 0, "model.num_heads", self.num_heads,
+                   f"must divide model.embedding_dim ({self.embedding_dim}) for sasrec")  # fmt: skip
 
 
 @dataclass
@@ -69,19 +98,34 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.0
     num_negatives: int = 128
-    negatives: str = "per_sequence"  # "shared" | "per_sequence" | "per_position" (reference) | "full"; train/loss.py
+    # "shared" | "per_sequence" | "per_position" (reference) | "full" (whole catalogue); see train/loss.py
+    negatives: Literal["shared", "per_sequence", "per_position", "full"] = "per_sequence"
     temperature: float = 0.05
     patience: int = 20  # epochs without validation improvement before stopping
     time_budget_minutes: float = 0.0  # stop after the first epoch that ends past this wall-clock budget (0 = none)
-    select_metric: str = "NDCG@10"  # validation metric for early stopping / checkpoint choice
+    select_metric: str = "NDCG@10"  # validation metric for early stopping / checkpoint choice: HR@k, NDCG@k or MRR
     seed: int = 42
     num_threads: int = 0  # torch intra-op threads; 0 = leave PyTorch's default
-    device: str = "cpu"
+    device: str = "cpu"  # a torch device: "cpu", "cuda", "cuda:1", "mps", ...
     eval_batch_size: int = 128
     max_steps_per_epoch: int = 0  # 0 = whole epoch; >0 only for smoke tests
     length_buckets: int = 0  # >0: sort rows by length within chunks of this many batches (faster, costs quality)
-    autocast: str = "none"  # "none" | "bfloat16": run the encoder under torch.autocast (loss stays float32)
+    autocast: Literal["none", "bfloat16"] = "none"  # "bfloat16": run the encoder under torch.autocast (loss in fp32)
     stochastic_length_alpha: float = 0.0  # >0: Stochastic Length (HSTU paper §3.3) on training rows, alpha in (1, 2]
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "train")
+        _at_least(self, "train", epochs=1, batch_size=1, num_negatives=1, patience=1, num_threads=0, eval_batch_size=1,
+                  max_steps_per_epoch=0, length_buckets=0, weight_decay=0.0, time_budget_minutes=0.0)  # fmt: skip
+        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(self.temperature > 0, "train.temperature", self.temperature, "must be > 0")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), "train.betas", list(self.betas), "must both be in [0, 1)")
+        alpha = self.stochastic_length_alpha
+        _check(alpha == 0 or 1.0 < alpha <= 2.0, "train.stochastic_length_alpha", alpha, "must be 0 (off) or in (1, 2]")
+        _check(_DEVICE.fullmatch(self.device) is not None, "train.device", self.device,
+               "is not a device name; expected cpu, cuda, cuda:N, mps, xpu or xpu:N")  # fmt: skip
+        _check(_METRIC.fullmatch(self.select_metric) is not None, "train.select_metric", self.select_metric,
+               "is not a metric; expected HR@k, NDCG@k (k among eval.hr_ks / eval.ndcg_ks) or MRR")  # fmt: skip
 
 
 @dataclass
@@ -91,13 +135,20 @@ class EvalConfig:
     # and select the epoch on the test item itself (there is no validation split).
     # "refit": train on s[:-1] for exactly train.epochs epochs (a number chosen beforehand by a "valid" run), no
     # selection, and report the test item once for the last epoch (refit on train + validation).
-    selection: str = "valid"
-    candidates: str = "full"  # "full" | "sampled"
+    selection: Literal["valid", "test-peeking", "refit"] = "valid"
+    candidates: Literal["full", "sampled"] = "full"
     num_negatives: int = 100
     exclude_seen: bool = True
     hr_ks: tuple[int, ...] = (1, 10, 50, 200)
     ndcg_ks: tuple[int, ...] = (10, 50, 200)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "eval")
+        _at_least(self, "eval", num_negatives=1)
+        for name in ("hr_ks", "ndcg_ks"):
+            ks = getattr(self, name)
+            _check(all(k >= 1 for k in ks), f"eval.{name}", list(ks), "must all be >= 1")
 
 
 @dataclass
@@ -108,16 +159,59 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"
 
+    def __post_init__(self) -> None:
+        _check_fields(self, "")
+        _check(self.output_dir != "", "output_dir", self.output_dir, "must name a directory")
+        metrics = [f"HR@{k}" for k in self.eval.hr_ks] + [f"NDCG@{k}" for k in self.eval.ndcg_ks] + ["MRR"]
+        _check(self.train.select_metric in metrics, "train.select_metric", self.train.select_metric,
+               f"is not one of {', '.join(map(repr, metrics))} (the cut-offs come from eval.hr_ks / eval.ndcg_ks)")  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, where: str = "config") -> "RunConfig":
-        return _build(cls, raw, where)
+        """Build and check a config from plain data; errors are prefixed with ``where`` (e.g. the file name)."""
+        try:
+            return _build(cls, raw, "")
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
 
 class ConfigError(ValueError):
     """A config file or override that does not match the dataclasses."""
+
+
+# Keys that configs written by earlier versions may hold: key -> the one value still accepted (it is dropped).
+_RETIRED: dict[type, dict[str, Any]] = {
+    ModelConfig: {"init": "reference"},  # one initialisation only: the research code's
+}
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
+_METRIC = re.compile(r"(HR|NDCG)@[1-9]\d*|MRR")
+
+
+def _check(ok: bool, where: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {value!r} {what}")
+
+
+def _at_least(obj: Any, section: str, **minimum: float) -> None:
+    for name, low in minimum.items():
+        value = getattr(obj, name)
+        _check(value >= low, f"{section}.{name}", value, f"must be >= {low}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_fields(obj: Any, section: str) -> None:
+    """Check every field of a config dataclass against its annotation (converting lists to tuples in place)."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        where = f"{section}.{f.name}" if section else f.name
+        setattr(obj, f.name, _coerce(hints[f.name], getattr(obj, f.name), where))
 
 
 def _to_plain(value: Any) -> Any:
@@ -129,35 +223,46 @@ def _to_plain(value: Any) -> Any:
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
+    """A config dataclass from a mapping; ``where`` is the section's dotted name ("" for the whole config)."""
+    label = where or "top level"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+        raise ConfigError(f"{label}: expected a mapping, got {raw!r}")
+    raw = dict(raw)
+    for key, accepted in _RETIRED.get(cls, {}).items():
+        if key in raw:
+            value = raw.pop(key)
+            _check(value == accepted, f"{where}.{key}", value,
+                   f"is no longer supported: {where}.{key} was removed ({accepted!r} is the only behaviour left)")  # fmt: skip
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names), key=str)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in raw.items()}
-    return cls(**kwargs)
+        raise ConfigError(f"{label}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    return cls(**raw)  # __post_init__ checks and converts every field
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert lists to tuples where declared."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
+        return value if isinstance(value, tp) else _build(tp, value, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) or value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
         errors = []
         for arg in args:
-            if arg is type(None):
-                continue
             try:
                 return _coerce(arg, value, where)
             except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError("; ".join(errors))
+                errors.append(str(exc).split(": expected ", 1)[-1].split(", got ", 1)[0])
+        if len(errors) == 1:
+            return _coerce(args[0], value, where)  # raises with the one reason
+        raise ConfigError(f"{where}: expected {' or '.join(errors)}, got {value!r}")
     if tp is Any:
         return value
     if origin is tuple:
@@ -172,7 +277,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        key_type, value_type = typing.get_args(tp)
+        return {_coerce(key_type, k, where): _coerce(value_type, v, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
@@ -212,7 +318,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(text)
+        try:
+            node[parts[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({' '.join(str(exc).split())})") from None
     return out
 
 
@@ -223,7 +332,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         where = str(path)
         with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
+            try:
+                raw = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     raw = apply_overrides(raw, overrides or [])
