@@ -39,5 +39,7 @@ def prepare_data(config: DataConfig) -> PreparedData:
     bad = int(frame.attrs.get("bad_rows", 0) or 0)
     if bad:
         notes.append(f"skipped {bad:,} malformed rows (on_bad_rows=skip)")
-    seqs = build_sequences(frame, min_seq_len=config.min_seq_len, notes=notes)
+    # ``duplicates`` ("drop" | "keep"): what to do with exact duplicate (user, item, timestamp) rows.
+    duplicates = getattr(config, "duplicates", "drop")
+    seqs = build_sequences(frame, min_seq_len=config.min_seq_len, notes=notes, duplicates=duplicates)
     return PreparedData(seqs, titles, files)

@@ -8,6 +8,11 @@ timestamp keep their file order (the reference preprocessing uses pandas' unstab
 test targets). A user with any missing timestamp keeps file order, which the readers define as time order, and is
 flagged ``has_time = False`` so that time-aware models switch their time term off for that user.
 
+Duplicate rule: rows that repeat an earlier row's (user, item, timestamp) exactly are logging duplicates, not
+consumptions: ``duplicates="drop"`` (the default) keeps the first and counts the rest in a data note;
+``duplicates="keep"`` keeps them (also counted). The same item at another time is a repeat consumption and is always
+kept. Rows without a timestamp are never treated as duplicates (nothing tells a duplicate from a repeat there).
+
 Leave-one-out split of a user's sequence ``s`` (length n >= 3):
 
     train: s[:-2]                      (autoregressive next-item targets inside it)
@@ -106,15 +111,29 @@ class SequenceData:
         )
 
 
-def build_sequences(interactions: pd.DataFrame, *, min_seq_len: int = 3, notes: list[str] | None = None) -> SequenceData:
+DUPLICATE_POLICIES = ("drop", "keep")
+
+
+def build_sequences(
+    interactions: pd.DataFrame,
+    *,
+    min_seq_len: int = 3,
+    notes: list[str] | None = None,
+    duplicates: str = "drop",
+) -> SequenceData:
     """Group an interactions table (file order; columns user, item[, timestamp]) into per-user sequences.
 
     Users appear in order of first appearance, items get internal ids in order of first appearance among kept
     users. Users with fewer than ``min_seq_len`` interactions are dropped and the count is recorded in ``notes``.
+    ``duplicates``: "drop" (default) or "keep" rows that repeat an earlier row's (user, item, timestamp); either
+    way their number is recorded in ``notes`` (see the module docstring).
     """
+    if duplicates not in DUPLICATE_POLICIES:
+        raise ValueError(f"duplicates must be 'drop' or 'keep', got {duplicates!r}")
     notes = list(notes or [])
     if len(interactions) == 0:
         raise ValueError("build_sequences: the interactions table is empty")
+    interactions = _handle_duplicates(interactions, duplicates, notes)
     user_codes, user_ids = pd.factorize(interactions["user"].astype(str), sort=False)
     n_rows = len(interactions)
     if "timestamp" in interactions.columns:
@@ -157,6 +176,38 @@ def build_sequences(interactions: pd.DataFrame, *, min_seq_len: int = 3, notes: 
         item_map=IdMap([str(x) for x in item_ids]),
         notes=notes,
     )
+
+
+def _handle_duplicates(interactions: pd.DataFrame, policy: str, notes: list[str]) -> pd.DataFrame:
+    """Drop (or only count) rows whose (user, item, timestamp) repeats an earlier row; rows without a timestamp
+    are never duplicates."""
+    if "timestamp" not in interactions.columns:
+        return interactions
+    known = interactions["timestamp"].notna().to_numpy()
+    if not known.any():
+        return interactions
+    key = pd.DataFrame(
+        {
+            "user": interactions["user"].astype(str).to_numpy(),
+            "item": interactions["item"].astype(str).to_numpy(),
+            "timestamp": interactions["timestamp"].to_numpy(),
+        }
+    )
+    dup = key.duplicated().to_numpy() & known
+    n = int(dup.sum())
+    if n == 0:
+        return interactions
+    if policy == "keep":
+        notes.append(
+            f"kept {n:,} exact duplicate rows (same user, item and timestamp as an earlier row; duplicates=keep): "
+            "they repeat items in the histories and targets"
+        )
+        return interactions
+    notes.append(
+        f"dropped {n:,} exact duplicate rows (same user, item and timestamp as an earlier row; the first is kept; "
+        "duplicates=drop)"
+    )
+    return interactions[~dup]
 
 
 @dataclass

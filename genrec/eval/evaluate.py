@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from genrec.data.batches import history_batch, split_histories
-from genrec.data.sequences import SequenceData, leave_one_out
+from genrec.data.sequences import SequenceData, Split, leave_one_out
 from genrec.eval.metrics import RankAccumulator, sample_candidates, target_ranks
 from genrec.eval.protocol import EvalProtocol
 
@@ -33,11 +33,26 @@ def baseline_score_fn(recommender) -> ScoreFn:
     return lambda histories, history_times, query_times, has_time: recommender.score(histories)
 
 
+def repeat_targets(data: SequenceData, split: Split, max_history: int) -> np.ndarray:
+    """[U] bool: the user's target also occurs in the history the protocol sees (its last ``max_history`` items)."""
+    assert split.target_pos is not None
+    targets = data.items[split.target_pos]
+    lo = np.maximum(split.starts, split.ends - max_history)
+    return np.fromiter(
+        (t in data.items[a:b] for t, a, b in zip(targets, lo, split.ends)), dtype=bool, count=len(targets)
+    )
+
+
 def evaluate(score_fn: ScoreFn, data: SequenceData, protocol: EvalProtocol, batch_size: int = 512) -> dict[str, float]:
-    """Metrics of ``protocol`` (target valid/test, full or sampled candidates, seen-item exclusion)."""
+    """Metrics of ``protocol`` (target valid/test, full or sampled candidates, seen-item exclusion).
+
+    Repeat targets (the target also occurs in the history; see :meth:`EvalProtocol.describe`) are counted in
+    ``"repeat_targets"`` when there are any; with ``exclude_seen`` those users are left out of every metric and of
+    ``"count"``.
+    """
     split = leave_one_out(data, protocol.target)
     acc = RankAccumulator()
-    rng = np.random.default_rng(protocol.seed)
+    rng = protocol.rng()
     # Rows go in order of history length so that each padded batch wastes little work; metrics are order-free.
     order = np.argsort(np.minimum(split.ends - split.starts, protocol.max_history), kind="stable")
     if protocol.users != "all":
@@ -45,6 +60,16 @@ def evaluate(score_fn: ScoreFn, data: SequenceData, protocol: EvalProtocol, batc
         order = order[timed if protocol.users == "with-timestamps" else ~timed]
         if len(order) == 0:
             raise ValueError(f"protocol {protocol.name}: no user to evaluate")
+    repeats = repeat_targets(data, split, protocol.max_history)[order]
+    n_repeats = int(repeats.sum())
+    if protocol.exclude_seen and n_repeats:
+        order = order[~repeats]
+        if len(order) == 0:
+            raise ValueError(
+                f"protocol {protocol.name}: every target also occurs in its history (repeat consumption), and with "
+                "exclude_seen such users are left out, so no user is left to evaluate; evaluate with "
+                "eval.exclude_seen=false, or check the data for duplicate rows"
+            )
     for lo in range(0, len(order), batch_size):
         rows = order[lo : lo + batch_size]
         hist, htimes, qtimes, has_time, targets = split_histories(data, split, rows, protocol.max_history)
@@ -61,4 +86,7 @@ def evaluate(score_fn: ScoreFn, data: SequenceData, protocol: EvalProtocol, batc
             whole = [data.sequence(u) for u in split.users[rows]]
             candidates = sample_candidates(whole, targets, data.num_items, protocol.num_negatives, rng)
         acc.add(target_ranks(scores, targets_t, exclude, candidates))
-    return acc.compute(protocol)
+    metrics = acc.compute(protocol)
+    if n_repeats:
+        metrics["repeat_targets"] = n_repeats
+    return metrics

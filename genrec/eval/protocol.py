@@ -5,9 +5,16 @@ short stable key (``"loo-test/full/exclude-seen/hist200"``) and :meth:`EvalProto
 is the plain-English sentence printed next to every result, so that numbers measured under
 different protocols (full vs sampled candidates, valid vs test target, ...) are never mixed.
 
-The default protocol reproduces the HSTU reference evaluation (see
-``/work/shared/reference/hstu.md`` §2): leave-one-out on the last item, full-catalogue ranking,
-items of the (truncated) history removed from the candidates, history window 200.
+The default protocol reproduces the HSTU reference evaluation: leave-one-out on the last item,
+full-catalogue ranking, items of the (truncated) history removed from the candidates, history
+window 200.
+
+Repeat consumption (a target that also occurs in the history the protocol sees): with
+``exclude_seen`` the history's items are not candidates, so such a target could only be ranked by
+breaking that rule; those users are left out of the metrics and counted as ``repeat_targets``.
+Without ``exclude_seen`` they are ranked like any other user (and still counted).  Either way a
+model cannot gain by echoing the history, and duplicating rows cannot inflate a metric (exact
+duplicate rows are also dropped when the sequences are built, see :mod:`genrec.data.sequences`).
 
 Conventions shared with :mod:`genrec.eval.metrics`: item ids are contiguous ints
 ``1..num_items``; 0 is padding and is never a candidate.
@@ -72,8 +79,10 @@ class EvalProtocol:
             plus ``num_negatives`` items drawn uniformly *without replacement* from the items the
             user never interacted with (anywhere in the whole sequence), seeded by ``seed``.
         num_negatives: negatives per user for ``candidates="sampled"`` (ignored otherwise).
-        exclude_seen: remove the items of the truncated history from the candidates; the
-            target itself is never removed, even if it also occurs in the history.
+        exclude_seen: remove the items of the truncated history from the candidates. A user
+            whose target also occurs in that history (a repeat target) is then left out of the
+            metrics and counted in ``repeat_targets``; without ``exclude_seen`` such users are
+            ranked like the others (and counted too).
         max_history: the history is truncated to its most recent ``max_history`` items (this
             is both the model input window and the exclusion window).
         hr_ks: cut-offs for HR@k (hit rate = recall@k with one relevant item).
@@ -125,6 +134,12 @@ class EvalProtocol:
         users = "" if self.users == "all" else f"/users-{self.users}"
         return f"loo-{self.target}/{cands}/{seen}/hist{self.max_history}{users}"
 
+    @property
+    def repeat_targets(self) -> str:
+        """How a target that also occurs in the history is treated: ``"left-out"`` (with
+        ``exclude_seen``) or ``"ranked"``."""
+        return "left-out" if self.exclude_seen else "ranked"
+
     def describe(self) -> str:
         """One plain-English paragraph stating exactly what the metrics measure."""
         which = (
@@ -143,10 +158,11 @@ class EvalProtocol:
                 f"(seed {self.seed})"
             )
         seen = (
-            ", with the items of the history removed from the candidates (the target is always "
-            "kept)."
+            ", with the items of the history removed from the candidates; users whose target also "
+            "occurs in the history (repeat consumption) are left out and counted as repeat_targets."
             if self.exclude_seen
-            else ", history items included."
+            else ", history items included; users whose target also occurs in the history (repeat "
+            "consumption) are ranked like the others and counted as repeat_targets."
         )
         users = "" if self.users == "all" else f" Only users {self.users.replace('-', ' ')} are evaluated."
         return (
@@ -160,23 +176,29 @@ class EvalProtocol:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (tuples become lists) including the derived ``"name"``."""
+        """JSON-safe dict (tuples become lists) including the derived ``"name"`` and
+        ``"repeat_targets"`` (the repeat-consumption rule)."""
         d: dict[str, Any] = dataclasses.asdict(self)
         d["hr_ks"] = list(self.hr_ks)
         d["ndcg_ks"] = list(self.ndcg_ks)
         d["name"] = self.name
+        d["repeat_targets"] = self.repeat_targets
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalProtocol:
         """Inverse of :meth:`to_dict`; ``"name"`` is checked against the fields if present."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known - {"name"}
+        unknown = set(d) - known - {"name", "repeat_targets"}
         if unknown:
             raise ValueError(f"unknown EvalProtocol fields: {sorted(unknown)}")
         proto = cls(**{k: v for k, v in d.items() if k in known})
         if "name" in d and d["name"] != proto.name:
             raise ValueError(f"name {d['name']!r} does not match the fields ({proto.name!r})")
+        if "repeat_targets" in d and d["repeat_targets"] != proto.repeat_targets:
+            raise ValueError(
+                f"repeat_targets {d['repeat_targets']!r} does not match exclude_seen ({proto.repeat_targets!r})"
+            )
         return proto
 
     def with_target(self, target: str) -> EvalProtocol:

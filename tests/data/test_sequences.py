@@ -99,3 +99,29 @@ def test_stochastic_length_training_rows_are_kept_items_in_order():
         times = np.concatenate([a.timestamps[r, :n].numpy(), a.query_times[r, n - 1 : n].numpy()])
         assert np.all(np.diff(times) >= 0) and set(times.tolist()) <= set(ts_window.tolist())
     assert cut > 0 and int(a.lengths.sum()) < int(full.lengths.sum())
+
+
+def test_exact_duplicate_rows_are_dropped_by_default_and_counted():
+    rows = [("a", "x", 1), ("a", "y", 2), ("a", "z", 3), ("b", "x", 1), ("b", "z", 2), ("b", "y", 3)]
+    original = build_sequences(_frame(rows))
+    doubled = build_sequences(_frame([r for r in rows for _ in range(2)]))
+    assert doubled.items.tolist() == original.items.tolist()
+    assert doubled.offsets.tolist() == original.offsets.tolist()
+    assert doubled.timestamps.tolist() == original.timestamps.tolist()
+    assert any("dropped 6 exact duplicate rows" in n for n in doubled.notes)
+    assert not any("duplicate" in n for n in original.notes)
+
+
+def test_duplicates_keep_and_repeat_consumption():
+    rows = [("a", "x", 1), ("a", "y", 2), ("a", "y", 2), ("a", "x", 5)]
+    kept = build_sequences(_frame(rows), duplicates="keep")
+    assert kept.item_map.to_external(kept.sequence(0)) == ["x", "y", "y", "x"]
+    assert any("kept 1 exact duplicate rows" in n for n in kept.notes)
+    dropped = build_sequences(_frame(rows))
+    # the same item at another time is a repeat consumption, not a duplicate
+    assert dropped.item_map.to_external(dropped.sequence(0)) == ["x", "y", "x"]
+    # without timestamps a repeated row cannot be told from a repeat consumption: nothing is dropped
+    untimed = build_sequences(_frame(rows, with_time=False))
+    assert untimed.lengths.tolist() == [4] and not any("duplicate" in n for n in untimed.notes)
+    with pytest.raises(ValueError, match="duplicates must be 'drop' or 'keep'"):
+        build_sequences(_frame(rows), duplicates="first")

@@ -1,10 +1,15 @@
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
+from genrec.config import DataConfig
+from genrec.data.dataset import prepare_data
 from genrec.data.sequences import build_sequences
 from genrec.eval.evaluate import baseline_score_fn, evaluate
 from genrec.eval.protocol import EvalProtocol
+
+from ..conftest import synthetic_interactions
 
 
 class _Oracle:
@@ -41,3 +46,78 @@ def test_oracle_gets_perfect_metrics_and_user_subsets_count():
     untimed = evaluate(baseline_score_fn(_Oracle(data, "test")), data, EvalProtocol(max_history=50, users="without-timestamps"))
     assert (timed["count"], untimed["count"]) == (4, 3)
     assert EvalProtocol(users="with-timestamps").name.endswith("/users-with-timestamps")
+
+
+class _RepeatScorer:
+    """A fixed scorer that favours repeating the last item of the history (what a model learns from duplicated
+    rows), then the item after it, then a deterministic pseudo-random order."""
+
+    def __init__(self, num_items: int):
+        self.base = torch.from_numpy(np.random.default_rng(7).random(num_items + 1)).float()
+
+    def score(self, histories):
+        out = self.base.repeat(len(histories), 1)
+        for r, h in enumerate(histories):
+            last = int(np.asarray(h)[-1])
+            out[r, last] = 10.0
+            out[r, last % (len(self.base) - 1) + 1] = 5.0
+        return out
+
+
+def _with_every_row_duplicated(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.loc[frame.index.repeat(2)].reset_index(drop=True)
+
+
+def _metrics(data, **protocol):
+    scorer = baseline_score_fn(_RepeatScorer(data.num_items))
+    return evaluate(scorer, data, EvalProtocol(max_history=50, **protocol))
+
+
+@pytest.mark.parametrize("protocol", [
+    {"target": "test"},
+    {"target": "valid"},
+    {"target": "test", "exclude_seen": False},
+    {"target": "test", "candidates": "sampled", "num_negatives": 10, "seed": 3},
+])
+def test_every_row_duplicated_gives_the_same_metrics(protocol):
+    frame = synthetic_interactions()
+    original = _metrics(build_sequences(frame), **protocol)
+    doubled = _metrics(build_sequences(_with_every_row_duplicated(frame)), **protocol)
+    assert doubled == original
+
+
+def test_duplicated_table_file_through_prepare_data(tmp_path):
+    frame = synthetic_interactions()
+    path = tmp_path / "log.csv"
+    _with_every_row_duplicated(frame).to_csv(path, index=False)
+    config = DataConfig(dataset="table", path=str(path), columns={"user": "user", "item": "item", "timestamp": "timestamp"})
+    data = prepare_data(config).sequences
+    assert any(f"dropped {len(frame):,} exact duplicate rows" in n for n in data.notes)
+    assert _metrics(data) == _metrics(build_sequences(frame))
+
+
+def _repeat_data():
+    """u0's test target (x) also occurs in its history; u1 and u2 have no repeat."""
+    rows = [("u0", "x", 1), ("u0", "y", 2), ("u0", "x", 3)]
+    rows += [(f"u{u}", f"i{u}{k}", k) for u in (1, 2) for k in range(4)]
+    return build_sequences(pd.DataFrame(rows, columns=["user", "item", "timestamp"]))
+
+
+def test_repeat_targets_are_left_out_under_exclude_seen_and_counted():
+    data = _repeat_data()
+    oracle = baseline_score_fn(_Oracle(data, "test"))
+    m = evaluate(oracle, data, EvalProtocol(max_history=50))
+    assert m["count"] == 2 and m["repeat_targets"] == 1 and m["HR@1"] == 1.0
+    # without the exclusion every user is ranked, and the repeats are still counted
+    m = evaluate(oracle, data, EvalProtocol(max_history=50, exclude_seen=False))
+    assert m["count"] == 3 and m["repeat_targets"] == 1
+    # a target seen only before the history window is no repeat: it was never excluded
+    m = evaluate(baseline_score_fn(_RepeatScorer(data.num_items)), data, EvalProtocol(max_history=1))
+    assert m["count"] == 3 and "repeat_targets" not in m
+
+
+def test_only_repeat_targets_is_an_error_that_names_the_way_out():
+    rows = [("u0", "x", 1), ("u0", "y", 2), ("u0", "x", 3)]
+    data = build_sequences(pd.DataFrame(rows, columns=["user", "item", "timestamp"]))
+    with pytest.raises(ValueError, match="every target also occurs in its history.*exclude_seen"):
+        evaluate(baseline_score_fn(_Oracle(data, "test")), data, EvalProtocol(max_history=50))

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from genrec.eval.metrics import sample_candidates
 from genrec.eval.protocol import EvalProtocol
 
 
@@ -72,9 +73,23 @@ def test_with_target() -> None:
         p.with_target("train")
 
 
-def test_frozen() -> None:
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        EvalProtocol().target = "valid"  # type: ignore[misc]
+def test_replace_is_validated_like_the_constructor() -> None:
+    # Recommender.evaluate / the CLI change a stored protocol with dataclasses.replace: a bad value must not slip in
+    p = EvalProtocol(candidates="sampled")
+    with pytest.raises(ValueError, match="num_negatives"):
+        dataclasses.replace(p, num_negatives=0)
+    with pytest.raises(ValueError, match="candidates"):
+        dataclasses.replace(p, candidates="popular")
+    assert dataclasses.replace(p, hr_ks=[5]).hr_ks == (5,)
+
+
+def test_repeat_consumption_rule_is_stated() -> None:
+    excluded, kept = EvalProtocol(), EvalProtocol(exclude_seen=False)
+    assert excluded.to_dict()["repeat_targets"] == "left-out" and kept.to_dict()["repeat_targets"] == "ranked"
+    assert "also occurs in the history (repeat consumption) are left out" in excluded.describe()
+    assert "are ranked like the others" in kept.describe()
+    with pytest.raises(ValueError, match="repeat_targets"):
+        EvalProtocol.from_dict({**excluded.to_dict(), "repeat_targets": "ranked"})
 
 
 @pytest.mark.parametrize(
@@ -127,6 +142,12 @@ def test_split_sequence_too_short() -> None:
 
 
 def test_rng_is_seeded() -> None:
-    a = EvalProtocol(seed=5).rng().integers(0, 1000, 5)
-    b = EvalProtocol(seed=5).rng().integers(0, 1000, 5)
-    assert a.tolist() == b.tolist()
+    histories = [np.array([1, 2, 3]), np.array([4, 5])]
+    targets = [3, 5]
+
+    def negatives(seed: int) -> list[list[int]]:
+        mask = sample_candidates(histories, targets, 500, 20, EvalProtocol(seed=seed).rng())
+        return [np.flatnonzero(row).tolist() for row in mask.numpy()]
+
+    assert negatives(5) == negatives(5)  # one seed: the same negatives
+    assert negatives(5) != negatives(6)  # another seed: other negatives
