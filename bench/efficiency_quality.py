@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides for every variant (e.g. a budget)")
     p.add_argument("--baseline", nargs="*", default=None,
                    help="fp32 run names under runs/quality/<dataset>/ to compare with, averaged (default: hstu)")
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--data-dir", default=None,
+                   help="where the dataset files are (else $GENREC_DATA_DIR, then the cache directory)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--table", action="store_true", help="only print the table")
     args = p.parse_args(argv)

@@ -25,7 +25,7 @@ SETTINGS = {
 }
 
 
-def run(name: str, epochs: int, threads: int, config: str, data_dir: str) -> dict:
+def run(name: str, epochs: int, threads: int, config: str, data_dir: str | None) -> dict:
     import torch
 
     from genrec.config import load_config
@@ -36,7 +36,8 @@ def run(name: str, epochs: int, threads: int, config: str, data_dir: str) -> dic
     run_dir = ROOT / "runs" / "negatives" / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a continuation of an older log
     overrides = SETTINGS[name] + [
-        f"train.epochs={epochs}", f"train.patience={epochs}", f"output_dir={run_dir}", f"data.data_dir={data_dir}"
+        f"train.epochs={epochs}", f"train.patience={epochs}", f"output_dir={run_dir}",
+        *([f"data.data_dir={data_dir}"] if data_dir else []),
     ]  # fmt: skip
     cfg = load_config(ROOT / config, overrides)
     train(cfg, progress=False)
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the runs go one after the other)")
     p.add_argument("--config", default="configs/ml-1m/hstu.yaml")
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--data-dir", default=None,
+                   help="where the dataset files are (else $GENREC_DATA_DIR, then the cache directory)")
     p.add_argument("--settings", nargs="*", default=list(SETTINGS))
     p.add_argument("--out", default="results/negatives.json")
     args = p.parse_args(argv)

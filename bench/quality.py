@@ -2,16 +2,18 @@
 
 Every row is one model on one dataset, evaluated under a named protocol (leave-one-out, full catalogue, items of the
 history excluded). Neural models are selected on the validation item (early stopping); their test row is measured
-once, at the chosen epoch. Rows go to ``results/quality.json`` and the README table is regenerated from it.
+once, at the chosen epoch. Rows go to ``results/quality.json`` and the table in ``docs/reproducing-hstu.md`` is
+regenerated from it.
 
     python bench/quality.py run --dataset ml-1m --model hstu --threads 2   # one row pair (valid + test)
     python bench/quality.py refit --dataset ml-1m --name hstu               # refit on train+valid, test once
     python bench/quality.py seeds --dataset ml-1m --names A B C --row "hstu (3 seeds)"   # mean ± sd row
     python bench/quality.py baselines                                      # popularity + transition chain
-    python bench/quality.py table                                          # rewrite the README table
+    python bench/quality.py table                                          # rewrite the docs table
     python bench/quality.py all                                            # everything, sequentially (hours)
 
-Run directories go under ``runs/quality/<dataset>/<model>``; data comes from --data-dir (default ../shared/data).
+Run directories go under ``runs/quality/<dataset>/<name>``; the data is found through --data-dir, else
+``$GENREC_DATA_DIR``, else the cache directory (``genrec data fetch ml-1m``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from readme_table import write_between_markers
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "quality.json"
-README = ROOT / "README.md"
+DOC = ROOT / "docs" / "reproducing-hstu.md"
 DATASETS = {"ml-1m": "ml-1m", "amazon-beauty": "amazon-beauty"}
 MODELS = ("sasrec", "hstu", "hstu-large")
 
@@ -88,7 +90,8 @@ def run_model(
         torch.set_num_threads(threads)
     config_path = ROOT / "configs" / dataset / f"{model}.yaml"
     name = name or model
-    overrides = [f"data.data_dir={data_dir}", f"output_dir={ROOT / 'runs' / 'quality' / dataset / name}", *extra]
+    overrides = [*([f"data.data_dir={data_dir}"] if data_dir else []), f"output_dir={ROOT / 'runs' / 'quality' / dataset / name}",
+                 *extra]
     cfg = load_config(config_path, overrides)
     res = train(cfg, resume=resume, progress=False)
     common = {
@@ -125,7 +128,7 @@ def refit_model(dataset: str, data_dir: str, threads: int, extra: list[str], nam
     epochs = int(json.loads((run_dir / "results.json").read_text())["best_epoch"])
     row_name = f"{name} (refit on train+valid)"
     cfg = load_config(run_dir / "config.yaml", [
-        f"data.data_dir={data_dir}", f"output_dir={ROOT / 'runs' / 'quality' / dataset / row_name}",
+        *([f"data.data_dir={data_dir}"] if data_dir else []), f"output_dir={ROOT / 'runs' / 'quality' / dataset / row_name}",
         "eval.selection=refit", f"train.epochs={epochs}", f"train.patience={epochs + 1}", "train.time_budget_minutes=0",
         *extra,
     ])  # fmt: skip
@@ -217,6 +220,8 @@ def seed_summary(dataset: str, names: list[str], row_name: str) -> list[dict]:
         "metrics": {k: float(v.mean()) for k, v in values.items()},
         "metrics_sd": {k: float(v.std(ddof=1)) for k, v in values.items()},
         "notes": [f"mean and sample sd over {len(names)} runs that differ only in train.seed"],
+        **({"data_copy": members[0]["data_copy"]} if len({m.get("data_copy") for m in members}) == 1
+           and members[0].get("data_copy") else {}),
     }]  # fmt: skip
 
 
@@ -243,6 +248,7 @@ def render_table(rows: list[dict]) -> str:
             cells = [(f"{m[k]:.4f}" + (f" ± {sd[k]:.4f}" if k in sd and k in ("HR@10", "NDCG@10") else "")) if k in m
                      else "–" for k in ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "HR@200", "NDCG@200", "MRR")]
             label = r["model"] + (" †" if r.get("selection") == "test-peeking" else "")
+            label += " ‡" if r.get("data_copy") else ""  # measured on an older copy of the data (footnote)
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['epoch'] or '–'} | {sec} |")
         for p in PUBLISHED:
             if p["dataset"] != dataset:
@@ -253,6 +259,8 @@ def render_table(rows: list[dict]) -> str:
         if any(r.get("selection") == "test-peeking" for r in test):
             lines.append("\n† the reference code's protocol, for comparison only: trained on all but the last item, epoch "
                          "chosen on the test item itself (no validation split).")
+        for copy in sorted({r["data_copy"] for r in test if r.get("data_copy")}):
+            lines.append(f"\n‡ measured on {copy}.")
         lines.append("")
     return "\n".join(lines)
 
@@ -260,7 +268,7 @@ def render_table(rows: list[dict]) -> str:
 def write_table() -> None:
     rows = _load_rows()
     table = render_table(rows)
-    write_between_markers(README, TABLE_START, TABLE_END, table)
+    write_between_markers(DOC, TABLE_START, TABLE_END, table)
     print(table)
 
 
@@ -274,19 +282,22 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     r.add_argument("--name", help="row name and run directory (default: the model name)")
     for s in (r, sub.add_parser("baselines"), sub.add_parser("all")):
-        s.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+        s.add_argument("--data-dir", default=None,
+                       help="where the dataset files are (else $GENREC_DATA_DIR, then the cache directory)")
         s.add_argument("--threads", type=int, default=0)
     fz = sub.add_parser("finalize", help="test the best checkpoint of a run stopped by hand")
     fz.add_argument("--dataset", choices=list(DATASETS), required=True)
     fz.add_argument("--run-dir", required=True)
     fz.add_argument("--name", required=True)
-    fz.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    fz.add_argument("--data-dir", default=None,
+                   help="where the dataset files are (else $GENREC_DATA_DIR, then the cache directory)")
     fz.add_argument("--threads", type=int, default=0)
     rf = sub.add_parser("refit", help="refit a finished run on train+valid for its best epoch count, test once")
     rf.add_argument("--dataset", choices=list(DATASETS), required=True)
     rf.add_argument("--name", required=True, help="the finished run to refit (runs/quality/<dataset>/<name>)")
     rf.add_argument("--set", nargs="*", default=[], help="config overrides")
-    rf.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    rf.add_argument("--data-dir", default=None,
+                   help="where the dataset files are (else $GENREC_DATA_DIR, then the cache directory)")
     rf.add_argument("--threads", type=int, default=0)
     sd = sub.add_parser("seeds", help="one mean ± sd row over finished runs that differ only in their seed")
     sd.add_argument("--dataset", choices=list(DATASETS), required=True)
@@ -312,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             _save_rows(run_baselines(d, args.data_dir, MAX_LEN[d]))
             for m in MODELS:
                 _save_rows(run_model(d, m, args.data_dir, args.threads, []))
-    if args.cmd in ("run", "refit", "finalize", "seeds", "baselines", "all", "table") and README.exists():
+    if args.cmd in ("run", "refit", "finalize", "seeds", "baselines", "all", "table") and DOC.exists():
         write_table()
     return 0
 

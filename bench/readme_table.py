@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmarks: write a generated markdown table into README.md between two HTML-comment
-markers; write result rows as JSON."""
+"""Helpers shared by the benchmarks: write a generated markdown table into a documentation page (README.md or a page
+under docs/) between two HTML-comment markers; write result rows as JSON."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 def write_between_markers(readme: Path, start: str, end: str, table: str) -> bool:
-    """Replace the text between ``start`` and ``end`` in ``readme`` with ``table``; False if a marker is missing."""
+    """Replace the text between ``start`` and ``end`` in the markdown page ``readme`` with ``table``; False if the
+    page or a marker is missing."""
     if not readme.exists():
         return False
     text = readme.read_text()

@@ -1,6 +1,6 @@
 """HSTU speed, side by side (not a test): fast paths of genrec.ops against the plain path and against PyTorch's fused
 SDPA Transformer pieces. Paper §5 claims (HSTU faster than FlashAttention-2 Transformers; ragged attention 2-5x;
-M-FALCON) measured on this machine's CPU.
+M-FALCON) measured on the CPU this runs on; every row records torch's version, the thread count and the CPU model.
 
 Every ratio row is measured in one run, the two sides interleaved round by round (so load drifts hit both), and
 each time is the median of ``--reps`` rounds after one warm-up. Ratios are "x" = time(baseline) / time(fast): > 1
@@ -9,7 +9,7 @@ means the fast side is faster. Forward+backward means one forward and one ``back
     python bench/speed.py                       # full run, writes results/speed.json (minutes)
     python bench/speed.py --quick --out /tmp/speed.json   # seconds-long smoke run with small shapes
     python bench/speed.py --sections loss training   # some sections only: their rows replace those of the same name
-    python bench/speed.py --table                    # rewrite the README table from results/speed.json
+    python bench/speed.py --table                    # rewrite the table in docs/performance.md from results/speed.json
 
 Rows (``name``, ``value``, ``unit``, ``detail``):
 - ``attention/...``: HSTU attention (4 heads × 64, relative bias with position and time terms) plain and blocked vs
@@ -19,6 +19,8 @@ Rows (``name``, ``value``, ``unit``, ``detail``):
 - ``jagged/...``: whole-encoder forward+backward, jagged vs padded plain, on ML-1M training lengths (cap 200,
   128 random rows, HSTU-large ML-1M config) and on a synthetic long tail (cap 4096, 8 rows of which one at the
   cap, see ``long_tail_lengths``). Full mode: the padded side of this row needs ~5 GB (B·N² int64 buckets/index).
+  ML-1M lengths come from the ML-1M files found through ``--data-dir`` / ``$GENREC_DATA_DIR`` / the cache
+  (``genrec data fetch ml-1m``); without them a synthetic ML-1M-like stand-in is used and the rows say so.
 - ``mfalcon/...``: rank 1024 candidates for a 512-item history (d = 256, 4 layers, 4 × 64, max_len 1024): M-FALCON
   (cache build + cached microbatches of 64) vs per-candidate ``HSTU.encode`` vs one pass per microbatch without
   cache. Per-candidate time is measured on ``--per-candidate`` candidates and scaled linearly to 1024 (its cost
@@ -33,7 +35,8 @@ Rows (``name``, ``value``, ``unit``, ``detail``):
 
 - ``epoch/...``: one ML-1M training epoch (no evaluation) of the SASRec, HSTU and HSTU-large configs, and HSTU-large
   without the native kernel, with bf16 autocast and with shared negatives, one after the other; HSTU vs SASRec, and
-  HSTU-large against the issue's 50 s baseline.
+  HSTU-large against a fixed 50 s reference: one epoch of a plain-PyTorch HSTU-large (padded attention, no native
+  kernels) trained with per-batch shared negatives.
 
 Not here: quality (NDCG) of bf16 and Stochastic Length needs whole trainings (``bench/efficiency_quality.py``).
 """
@@ -42,9 +45,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import json
-import math
+import os
 import platform
 import statistics
 import sys
@@ -72,8 +74,11 @@ from genrec.ops.mfalcon import (  # noqa: E402
 )
 from genrec.train.loss import sampled_softmax_loss  # noqa: E402
 
-ML1M_SEQUENCES = ROOT.parent / "shared" / "data" / "movielens-1m" / "ml-1m_user_sequences_by_time.txt.gz"
+DATA_DIR: str | None = None  # --data-dir; None: $GENREC_DATA_DIR, then the cache directory
 ROWS: list[dict] = []
+PLAIN_BASELINE_SECONDS = 50.0
+PLAIN_BASELINE = (f"{PLAIN_BASELINE_SECONDS:.0f} s (one epoch of a plain-PyTorch HSTU-large with shared negatives, "
+                  "a fixed reference figure)")
 SECTIONS = ("attention", "layer", "jagged", "mfalcon", "training", "loss", "epochs", "stochastic_length")
 
 
@@ -134,14 +139,18 @@ def fwd_bwd(fn, *inputs):
 
 def ml1m_training_lengths(cap: int = 200) -> tuple[np.ndarray, str]:
     """Input length of every ML-1M user's training row: min(n - 3, cap) (leave-one-out: valid and test items are
-    held out, and the last training item is only a target). Synthetic stand-in if the file is missing."""
-    if ML1M_SEQUENCES.exists():
-        with gzip.open(ML1M_SEQUENCES, "rt") as fh:
-            n = np.array([len(line.split()) - 1 for line in fh if line.strip()])
+    held out, and the last training item is only a target). Synthetic stand-in if ML-1M is not found."""
+    from genrec.config import DataConfig
+    from genrec.data.dataset import prepare_data
+
+    try:
+        n = prepare_data(DataConfig(dataset="ml-1m", data_dir=DATA_DIR, max_len=cap)).sequences.lengths
         return np.minimum(n - 3, cap), f"ML-1M real lengths ({len(n)} users)"
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        print(f"ML-1M not found ({str(exc).splitlines()[0]}): synthetic ML-1M-like lengths", file=sys.stderr)
     rng = np.random.default_rng(0)  # ML-1M-like: >= 20 ratings, long tail (median ~96, ~37% of users over cap)
     n = np.minimum(20 + np.ceil(rng.lognormal(4.3, 1.1, size=6040)), 2314).astype(int)
-    return np.minimum(n - 3, cap), "synthetic ML-1M-like lengths (file not found): 20 + lognormal(4.3, 1.1)"
+    return np.minimum(n - 3, cap), "synthetic ML-1M-like lengths (ML-1M not found): 20 + lognormal(4.3, 1.1)"
 
 
 def long_tail_lengths(count: int, cap: int, seed: int = 0, with_cap_row: bool = True) -> np.ndarray:
@@ -409,7 +418,8 @@ def bench_loss_paths(rows: int, reps: int) -> None:
 
 def bench_epochs(threads: int, max_steps: int = 0) -> None:
     """Wall-clock time of one ML-1M training epoch (no evaluation) of each frozen config, run one after the other in
-    this process: SASRec, HSTU, HSTU-large, and HSTU-large with per-batch shared negatives (the issue's baseline)."""
+    this process: SASRec, HSTU, HSTU-large, HSTU-large without the native kernel, with bf16 autocast, and with
+    per-batch shared negatives (the loss of the plain-PyTorch reference figure)."""
     import tempfile
 
     from genrec.config import load_config
@@ -417,7 +427,6 @@ def bench_epochs(threads: int, max_steps: int = 0) -> None:
     from genrec.ops import native
     from genrec.train.loop import train
 
-    data_dir = ROOT.parent / "shared" / "data"
     cases = [("sasrec", "sasrec", []), ("hstu", "hstu", []), ("hstu-large", "hstu-large", []),
              ("hstu-large/torch-passes", "hstu-large", []), ("hstu-large/bf16", "hstu-large", ["train.autocast=bfloat16"]),
              ("hstu-large/shared-negatives", "hstu-large", ["train.negatives=shared"])]  # fmt: skip
@@ -427,8 +436,8 @@ def bench_epochs(threads: int, max_steps: int = 0) -> None:
         torch_passes = name.endswith("/torch-passes")  # the blocked engine without the native kernel
         with tempfile.TemporaryDirectory() as tmp, (native.disabled() if torch_passes else contextlib.nullcontext()):
             cfg = load_config(ROOT / "configs" / "ml-1m" / f"{cfg_name}.yaml", [
-                f"data.data_dir={data_dir}", f"output_dir={tmp}", "train.epochs=1", f"train.num_threads={threads}",
-                f"train.max_steps_per_epoch={max_steps}", *extra])  # fmt: skip
+                *([f"data.data_dir={DATA_DIR}"] if DATA_DIR else []), f"output_dir={tmp}", "train.epochs=1",
+                f"train.num_threads={threads}", f"train.max_steps_per_epoch={max_steps}", *extra])  # fmt: skip
             data = data or prepare_data(cfg.data)
             train(cfg, data=data, progress=False)
             times[name] = json.loads(open(Path(tmp) / "log.jsonl").readline())["train_seconds"]
@@ -438,10 +447,10 @@ def bench_epochs(threads: int, max_steps: int = 0) -> None:
     if max_steps:  # a smoke run: partial epochs say nothing about the ratios
         return
     row("epoch/ml-1m/hstu_vs_sasrec", times["sasrec"] / times["hstu"], "x", "SASRec epoch time / HSTU epoch time")
-    row("epoch/ml-1m/hstu-large_vs_50s", 50.0 / times["hstu-large"], "x",
-        "50 s (the issue's plain-PyTorch HSTU-large epoch with shared negatives) / this HSTU-large epoch")
-    row("epoch/ml-1m/hstu-large-bf16_vs_50s", 50.0 / times["hstu-large/bf16"], "x",
-        "50 s (the issue's plain-PyTorch HSTU-large epoch with shared negatives) / this HSTU-large epoch, bf16 autocast")
+    row("epoch/ml-1m/hstu-large_vs_50s", PLAIN_BASELINE_SECONDS / times["hstu-large"], "x",
+        f"{PLAIN_BASELINE} / this HSTU-large epoch")
+    row("epoch/ml-1m/hstu-large-bf16_vs_50s", PLAIN_BASELINE_SECONDS / times["hstu-large/bf16"], "x",
+        f"{PLAIN_BASELINE} / this HSTU-large epoch, bf16 autocast")
     row("epoch/ml-1m/hstu-large_native_vs_torch_passes", times["hstu-large/torch-passes"] / times["hstu-large"], "x",
         "HSTU-large epoch with the attention's PyTorch elementwise passes / with the native kernel")
 
@@ -459,16 +468,30 @@ def bench_stochastic_length() -> None:
 # ---------------------------------------------------------------------------------------------------------- main
 
 TABLE_START, TABLE_END = "<!-- speed-table:start -->", "<!-- speed-table:end -->"
+DOC = ROOT / "docs" / "performance.md"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows) and the logical CPU count."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
 
 
 def markdown(rows: list[dict]) -> str:
-    """The README table: every row of results/speed.json, its value and its detail (without the machine note)."""
-    lines = ["| row | value | what was timed | measured |", "|---|---:|---|---|"]
+    """The docs/performance.md table: every row of results/speed.json, its value, its detail (without the torch
+    note) and the CPU it ran on (rows written before the CPU was recorded say so)."""
+    lines = ["| row | value | what was timed | measured | CPU |", "|---|---:|---|---|---|"]
     for r in rows:
         v = r["value"]
         value = f"{v:.2f}x" if r["unit"] == "x" else (f"{v:.3f} {r['unit']}" if v < 10 else f"{v:,.0f} {r['unit']}")
         what = r["detail"].split(" [torch")[0].replace("|", "/")
-        lines.append(f"| `{r['name']}` | {value} | {what} | {r.get('measured', 'earlier')} |")
+        cpu = r.get("cpu", "x86-64, model not recorded")
+        lines.append(f"| `{r['name']}` | {value} | {what} | {r.get('measured', 'earlier')} | {cpu} |")
     return "\n".join(lines)
 
 
@@ -480,15 +503,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "results" / "speed.json"))
     p.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS), help="default: all")
     p.add_argument("--replace", action="store_true", help="overwrite --out instead of merging rows into it")
-    p.add_argument("--table", action="store_true", help="only rewrite the README table from results/speed.json")
+    p.add_argument("--table", action="store_true", help="only rewrite the docs/performance.md table from results/speed.json")
+    p.add_argument("--data-dir", default=None, help="where ML-1M is (else $GENREC_DATA_DIR, then the cache directory)")
     args = p.parse_args(argv)
     if args.table:
         from readme_table import write_between_markers
 
         table = markdown(json.loads((ROOT / "results" / "speed.json").read_text()))
-        write_between_markers(ROOT / "README.md", TABLE_START, TABLE_END, table)
+        write_between_markers(DOC, TABLE_START, TABLE_END, table)
         print(table)
         return 0
+    global DATA_DIR
+    DATA_DIR = args.data_dir
     torch.set_num_threads(args.threads)
     reps = args.reps or (2 if args.quick else 5)
     quick = {
@@ -513,12 +539,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in args.sections:
         (quick if args.quick else full)[name]()
-    meta = f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}"
+    cpu = cpu_model()
+    meta = f"torch {torch.__version__}, {args.threads} threads, {cpu}"
     for r in ROWS:
         r["detail"] += f" [{meta}{', quick' if args.quick else ''}]"
     measured = time.strftime("%Y-%m-%d")
     for r in ROWS:
         r["measured"] = measured
+        r["cpu"] = cpu
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # rows of the sections not run this time stay (a section's rows are replaced by name)
@@ -532,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.resolve() == (ROOT / "results" / "speed.json").resolve() and not args.quick:
         from readme_table import write_between_markers
 
-        write_between_markers(ROOT / "README.md", TABLE_START, TABLE_END, markdown(rows))
+        write_between_markers(DOC, TABLE_START, TABLE_END, markdown(rows))
     return 0
 
 

@@ -1,8 +1,10 @@
-"""Does HSTU's time bias matter on ML-1M, given that the copy here has timestamps for users 1..2999 only?
+"""How much does HSTU's time bias matter on ML-1M? (A benchmark, not a test.)
 
 Trains the ML-1M HSTU config with the time term switched off (``model.use_time_bias=false``, everything else equal)
 and evaluates it and the main HSTU run (``runs/quality/ml-1m/hstu``, trained by ``bench/quality.py``) on the test
-split, separately for the users with timestamps and those without. Writes ``results/time_ablation.json``.
+split, separately for the users with timestamps and those without (on a copy of ML-1M where only some users have
+timestamps; with the official files every user has them and the second group is empty). Writes
+``results/time_ablation.json``.
 
     python bench/time_ablation.py --threads 1                       # trains the no-time run, then evaluates
     python bench/time_ablation.py --runs runs/quality/ml-1m/hstu runs/quality/ml-1m/sasrec --out results/time_subsets.json
@@ -29,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--data-dir", default=None,
+                   help="where the dataset files are (else $GENREC_DATA_DIR, then the cache directory)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--patience", type=int, default=20, help="early-stopping patience of the no-time run (as the main run)")
     p.add_argument("--time-budget-minutes", type=float, default=0.0, help="wall-clock budget of the no-time run (0: none)")
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [("hstu (time bias on where timestamps exist)", Path(args.main_run)), ("hstu, time bias off", no_time_dir)]
     if not args.runs and not (no_time_dir / "results.json").exists():
         cfg = load_config(ROOT / "configs/ml-1m/hstu.yaml",
-                          [f"data.data_dir={args.data_dir}", "model.use_time_bias=false",
+                          [*([f"data.data_dir={args.data_dir}"] if args.data_dir else []), "model.use_time_bias=false",
                            f"train.patience={args.patience}", f"train.time_budget_minutes={args.time_budget_minutes}",
                            f"output_dir={no_time_dir}"])  # fmt: skip
         train(cfg, progress=False)
