@@ -1,53 +1,113 @@
-"""Dropout for the jagged encoder's [T, d] activations with a counter-based random stream (the native kernel).
+"""Dropout with a counter-based random stream: one definition, computed by the native kernel or by PyTorch.
 
 Same distribution as ``torch.nn.functional.dropout`` (each element kept with probability 1 - p and scaled by
-1 / (1 - p)); a different random stream. torch's CPU ``bernoulli_`` draws every element serially from one Mersenne
-Twister: the nine dropout calls of an HSTU-large ML-1M training step (0.7 M activations each) took ~50 ms of a
-~560 ms step at 2 threads. The kernel (``genrec_dropout`` in ``hstu_tiles.c``) hashes (seed, element index) with
-splitmix64 instead, like the Philox streams of GPU dropout: vectorised, split across torch's threads, and the
-backward pass regenerates the mask from the seed rather than storing it.
+1 / (1 - p)); a different random stream, defined as (like the Philox streams of GPU dropout)::
 
-The seed of each call is drawn from torch's default generator, so ``torch.manual_seed`` and a checkpoint's saved RNG
-state reproduce a run exactly. Without the kernel (``GENREC_NATIVE=0``, no compiler, ``native=False``), or for
-tensors it does not take (not CPU, not fp32 / bf16), this is ``F.dropout``.
+    seed       = torch.randint(2**63 - 1, (1,))          one draw from torch's default generator per call
+    u(i)       = top 24 bits of splitmix64(seed + (i + 1) · 0x9E3779B97F4A7C15)     i = flat index in x
+    keep(i)    = u(i) >= round(p · 2^24)
+    out[i]     = x[i] · (keep(i) ? 1 / (1 - p) : 0)         in fp32 (bf16 / fp16 inputs: rounded back once)
+
+The mask depends only on the seed and the element index, so the backward pass regenerates it from the seed instead
+of storing it, and the result does not depend on the thread count. ``genrec_dropout`` in ``hstu_tiles.c`` computes it
+vectorised across torch's threads (torch's CPU ``bernoulli_`` draws every element serially from one Mersenne
+Twister, which makes it a visible share of a training step); ``_torch_dropout`` below computes the same bits with
+int64 tensor operations wherever the kernel is not used (``GENREC_NATIVE=0``, no C compiler, ``native=False``,
+other devices or dtypes). A run therefore draws the same masks, bit for bit, on a machine with a compiler and on one
+without (tested), and ``torch.manual_seed`` / a checkpoint's saved RNG state reproduce it either way.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from genrec.ops import native as native_lib
 
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _SEED_HIGH = 2**63 - 1
+_MASK64 = (1 << 64) - 1
+
+
+def _i64(c: int) -> int:
+    """A 64-bit constant as the signed int64 with the same bits (torch has no general uint64 arithmetic)."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN = _i64(0x9E3779B97F4A7C15)
+_MIX1 = _i64(0xBF58476D1CE4E5B9)
+_MIX2 = _i64(0x94D049BB133111EB)
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic: sign bits are masked off)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def keep_mask(seed: int, n: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """keep(i) for i = 0 .. n-1 as a bool tensor [n]: the PyTorch twin of the kernel's stream (int64 arithmetic
+    wraps modulo 2^64 like the kernel's uint64)."""
+    z = torch.arange(1, n + 1, dtype=torch.int64, device=device).mul_(_GOLDEN).add_(_i64(seed & _MASK64))
+    z = (z ^ _shr(z, 30)).mul_(_MIX1)
+    z = (z ^ _shr(z, 27)).mul_(_MIX2)
+    z = z ^ _shr(z, 31)
+    return _shr(z, 40) >= _threshold(p)
+
+
+def _threshold(p: float) -> int:
+    """round(p · 2^24) as the kernel computes it: in fp32, from p rounded to fp32."""
+    return int((torch.tensor(p, dtype=torch.float32) * 16777216.0 + 0.5).item())
+
+
+def _scale(p: float) -> torch.Tensor:
+    """1 / (1 - p) in fp32, as the kernel computes it."""
+    one = torch.tensor(1.0, dtype=torch.float32)
+    return one / (one - torch.tensor(p, dtype=torch.float32))
+
+
+def _torch_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The stream applied with PyTorch operations: the same bits as the kernel for fp32 and bf16."""
+    x = x.contiguous()
+    factor = torch.where(keep_mask(seed, x.numel(), p, x.device), _scale(p).to(x.device), 0.0).view(x.shape)
+    if x.dtype == torch.float64:
+        return x * factor.to(torch.float64)
+    return (x.to(torch.float32) * factor).to(x.dtype)  # fp32 math, one rounding back for bf16 / fp16
+
+
+def _native_dropout(lib, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lib.dropout(x, out, p, seed)
+    return out
 
 
 class _CounterDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float, seed: int, lib) -> torch.Tensor:
         ctx.p, ctx.seed, ctx.lib = p, seed, lib
-        return _apply(lib, x, p, seed)
+        return _native_dropout(lib, x, p, seed) if lib is not None else _torch_dropout(x, p, seed)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         # d out / d x = the same mask · 1 / (1 - p): the mask is regenerated from the seed
-        return _apply(ctx.lib, grad, ctx.p, ctx.seed), None, None, None
+        lib = ctx.lib if ctx.lib is not None and _kernel_takes(grad) else None
+        g = _native_dropout(lib, grad, ctx.p, ctx.seed) if lib is not None else _torch_dropout(grad, ctx.p, ctx.seed)
+        return g, None, None, None
 
 
-def _apply(lib, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    lib.genrec_dropout(x.data_ptr(), out.data_ptr(), x.numel(), _DTYPES[x.dtype], p, seed)
-    return out
+def _kernel_takes(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in native_lib.DROPOUT_DTYPES
 
 
 def dropout(x: torch.Tensor, p: float, training: bool, native: bool | None = None) -> torch.Tensor:
-    """``F.dropout(x, p, training)`` in distribution; ``native``: None = the kernel when it loads, False = never."""
+    """Counter-based dropout of x (any shape; see the module docstring). ``native``: None = the C kernel for CPU
+    fp32 / bf16 tensors when it loads, False = the PyTorch twin (the same bits)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, got {p}")
     if not training or p == 0.0:
         return x
-    lib = native_lib.load() if native is not False else None
-    if lib is None or not 0.0 < p < 1.0 or x.device.type != "cpu" or x.dtype not in _DTYPES:
-        return F.dropout(x, p, training=True)
-    seed = int(torch.randint(_SEED_HIGH, (1,)).item())
+    if p == 1.0:
+        return x * 0.0
+    if not x.is_floating_point():
+        raise TypeError(f"dropout needs a floating-point tensor, got {x.dtype}")
+    seed = int(torch.randint(_SEED_HIGH, (1,)).item())  # drawn the same way whichever path runs
+    lib = native_lib.load() if native is not False and _kernel_takes(x) else None
     return _CounterDropout.apply(x, p, seed, lib)

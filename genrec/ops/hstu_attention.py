@@ -77,6 +77,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from genrec.ops import native as native_mod
 # Scores (C·h·block²) per chunk of tiles: 256K fp32 = 1 MiB, this CPU's L2 (measured best of 256K / 1M here).
 DEFAULT_TILE_ELEMS = 1 << 18
 LONG_BUCKET_PAIRS = 1 << 23
@@ -252,10 +253,10 @@ class TileBuckets:
             out = torch.empty(len(qi), layout.block, layout.block, dtype=dtype)
             slot_qt, slot_t = slot_qt.to(torch.long).contiguous(), slot_t.to(torch.long).contiguous()
             timed = block_time.to(torch.uint8).contiguous()
-            if lib.genrec_time_buckets_tiles(slot_qt.data_ptr(), slot_t.data_ptr(), timed.data_ptr(), qi.data_ptr(),
-                                             ki.data_ptr(), len(qi), layout.block, num_buckets, out.data_ptr(),
-                                             0 if dtype == torch.long else 1):
-                raise MemoryError("the time-bucket kernel could not allocate its scratch buffers")
+            lib.time_buckets(native_mod.BucketArgs(
+                slot_qt=slot_qt.data_ptr(), slot_t=slot_t.data_ptr(), timed=timed.data_ptr(), qi=qi.data_ptr(),
+                ki=ki.data_ptr(), out=out.data_ptr(), n=len(qi), B=layout.block, nb=num_buckets,
+                out_dtype=0 if dtype == torch.long else 1))
             self.chunks = list(torch.split(out, [len(c.qi) for c in layout.chunks]))
             return
         for c in layout.chunks:
@@ -361,67 +362,63 @@ class _Tiles:
             self.bufs = None
             self._buf_elems = most * Bs * Bs
 
-    def _loop_common(self, q, v):
-        """The C loop's arguments after out / grad tensors (the tile list is built once per layout)."""
+    def _loop_args(self, q, k, v, norm) -> native_mod.AttnArgs:
+        """The C loop's arguments common to forward and backward (the tile list is built once per layout)."""
         qi, ki, delta, _, gstart = self.layout.key_groups
         ptr = self.buckets.loop_addresses if self.ts_pad is not None else None
-        bdt = 0 if ptr is None or self.buckets.chunks[0].dtype == torch.long else 1
         pos = self.pos_vec
         Bs, H, dk, dv = self.layout.block, q.shape[-3], q.shape[-1], v.shape[-1]
         if self.rows is None:  # the engine's own [nblk, H, Bs, d] blocks
             blk = torch.arange(q.shape[0]) * (H * Bs)
             self.rows = (blk * dk, blk * dv, Bs * dk, dk, Bs * dv, dv)
         qbase, vbase, qhs, qrs, vhs, vrs = self.rows
-        return ((qbase.data_ptr(), vbase.data_ptr(), qhs, qrs, vhs, vrs, q.numel(), v.numel(), H, Bs, dk, dv,
-                 qi.data_ptr(), ki.data_ptr(), delta.data_ptr(), gstart.data_ptr(), len(gstart) - 1,
-                 pos.data_ptr() if pos is not None else None, pos.shape[0] if pos is not None else 1,
-                 ptr.data_ptr() if ptr is not None else None, bdt,
-                 self.ts_pad.data_ptr() if self.ts_pad is not None else None))
+        return native_mod.AttnArgs(
+            q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), norm=norm.data_ptr(),
+            pos=pos.data_ptr() if pos is not None else None,
+            ts=self.ts_pad.data_ptr() if self.ts_pad is not None else None,
+            qi=qi.data_ptr(), ki=ki.data_ptr(), delta=delta.data_ptr(),
+            bucket=ptr.data_ptr() if ptr is not None else None, gstart=gstart.data_ptr(),
+            qbase=qbase.data_ptr(), vbase=vbase.data_ptr(), qhs=qhs, qrs=qrs, vhs=vhs, vrs=vrs,
+            qnumel=q.numel(), vnumel=v.numel(), ngroups=len(gstart) - 1, H=H, B=Bs, dim_qk=dk, dim_v=dv,
+            P=pos.shape[0] if pos is not None else 1, nts=self.ts_pad.numel() if self.ts_pad is not None else 0,
+            bucket_dtype=0 if ptr is None or self.buckets.chunks[0].dtype == torch.long else 1,
+            panel=loop_panel(Bs))
 
     def loop_forward(self, q, k, v, norm, out) -> None:
         """out += Σ_tiles w · v / norm (fp32, contiguous; norm [nblk]), in one C call."""
         if not self.layout.chunks:
             return
-        failed = self.lib.genrec_attn_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), norm.data_ptr(),
-                                              out.data_ptr(), *self._loop_common(q, v), loop_panel(self.layout.block))
-        self._loop_done(failed)
+        args = self._loop_args(q, k, v, norm)
+        args.out = out.data_ptr()
+        self.lib.attn_forward(args)
 
     def loop_backward(self, q, k, v, norm, grad_out, dq, dk, dv, dpos, dts) -> None:
         """dq, dk, dv (fp32) += the tiles' gradients for dL/d(out) = grad_out; dpos [P] / dts [num_buckets + 2] +=
         the bias gradients (either may be None), in one C call."""
         if not self.layout.chunks:
             return
-        nts = self.ts_pad.numel() if self.ts_pad is not None else 0
-        failed = self.lib.genrec_attn_backward(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), norm.data_ptr(), grad_out.data_ptr(), dq.data_ptr(),
-            dk.data_ptr(), dv.data_ptr(),
-            *self._loop_common(q, v), nts, loop_panel(self.layout.block),
-            dpos.data_ptr() if dpos is not None else None, dts.data_ptr() if dts is not None else None)
-        self._loop_done(failed)
-
-    @staticmethod
-    def _loop_done(failed: int) -> None:
-        if failed:
-            raise MemoryError("the C attention loop could not allocate its per-thread buffers")
+        args = self._loop_args(q, k, v, norm)
+        args.go, args.dq, args.dk, args.dv = grad_out.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
+        args.dpos = dpos.data_ptr() if dpos is not None else None
+        args.dts = dts.data_ptr() if dts is not None else None
+        self.lib.attn_backward(args)
 
     def _native(self, n: int, c: TileChunk, s: torch.Tensor, dw=None, dpos=None, dts=None) -> None:
         """Run the kernel on chunk n in place: forward (dw None: s <- w) or backward (s <- w, dw <- ds, bias
         gradients added into dpos / dts). The kernel splits large chunks across torch's OpenMP threads itself
         (an earlier split across a Python thread pool measured slower: 557 vs 533 ms per HSTU-large step at 2
         threads, and ~3x slower with other processes on the cores)."""
-        C, H, Bs = s.shape[0], s.shape[1], s.shape[2]
-        pos = self.pos_tiles[c.delta].data_ptr() if self.pos_tiles is not None else None
         b = self.buckets.chunks[n] if self.ts_pad is not None else None
-        bucket, ts = (b.data_ptr(), self.ts_pad.data_ptr()) if b is not None else (None, None)
-        bdt = 0 if (b is None or b.dtype == torch.long) else 1
-        args = (_NATIVE_DTYPES[s.dtype], C, H, Bs, pos, bucket, bdt, ts)
-        if dw is None:
-            self.lib.hstu_tiles_forward(s.data_ptr(), *args, int(c.delta == 0))
-            return
-        nts = self.ts_pad.numel() if b is not None else 0
-        self.lib.hstu_tiles_backward(
-            s.data_ptr(), dw.data_ptr(), *args, nts, int(c.delta == 0), dpos.data_ptr() if dpos is not None else None,
-            dts.data_ptr() if (dts is not None and b is not None) else None)
+        bwd = dw is not None
+        self.lib.tile_pass(native_mod.TileArgs(
+            s=s.data_ptr(), dw=dw.data_ptr() if bwd else None,
+            pos=self.pos_tiles[c.delta].data_ptr() if self.pos_tiles is not None else None,
+            bucket=b.data_ptr() if b is not None else None, ts=self.ts_pad.data_ptr() if b is not None else None,
+            dpos=dpos.data_ptr() if bwd and dpos is not None else None,
+            dts=dts.data_ptr() if bwd and dts is not None and b is not None else None,
+            C=s.shape[0], dtype=_NATIVE_DTYPES[s.dtype], H=s.shape[1], B=s.shape[2],
+            bucket_dtype=0 if (b is None or b.dtype == torch.long) else 1,
+            nts=self.ts_pad.numel() if b is not None else 0, diag=int(c.delta == 0)))
 
     def _buf(self, i: int, like: torch.Tensor, numel: int | None = None) -> torch.Tensor:
         """Reusable buffer i of ``like``'s dtype for the native path (0: scores / w, 1: dL/dw / ds, 2: a product
@@ -575,8 +572,6 @@ def native_lib(native: bool | None):
     RuntimeError when it is unavailable)."""
     if native is False:
         return None
-    from genrec.ops import native as native_mod
-
     lib = native_mod.load()
     if lib is None and native:
         raise RuntimeError("native=True but the native HSTU kernel is unavailable (see the genrec.native log)")

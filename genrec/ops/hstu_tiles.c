@@ -1,9 +1,161 @@
 /* genrec's native CPU kernels, built and loaded by genrec/ops/native.py:
- *   hstu_tiles_forward / hstu_tiles_backward  fused elementwise passes of the blocked HSTU attention (below)
- *   genrec_time_buckets_tiles                 time-bucket ids of the attention tiles (end of file)
+ *   genrec_tile_pass                          fused elementwise passes of the blocked HSTU attention (below)
+ *   genrec_time_buckets_tiles                 time-bucket ids of the attention tiles
  *   genrec_dropout                            dropout with a counter-based random stream (genrec/ops/dropout.py)
  *   genrec_attn_forward / genrec_attn_backward the whole fp32 tile loop of the blocked attention (end of file)
  *
+ * Every kernel takes one pointer to an argument struct (declared just below). native.py mirrors each struct as a
+ * ctypes.Structure and, when it loads the library, compares genrec_abi_version() and every struct's size, field
+ * names and field offsets (genrec_struct_layout) with its own: a library that does not match is not used.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+/* ------------------------------------------------------------------------------------------------------------------
+ * Argument structs. Each is written once as a list of (type, name) fields, from which both the struct and its
+ * layout description (genrec_struct_layout) are generated; native.py declares the same fields in the same order.
+ * A field changed here must change there too (the load-time check refuses the library otherwise); bump
+ * GENREC_ABI_VERSION when a kernel's meaning changes without its fields changing.
+ * ---------------------------------------------------------------------------------------------------------------- */
+#define GENREC_ABI_VERSION 2
+
+/* genrec_tile_pass: the elementwise passes of one chunk of tiles (shapes: see the next section). */
+#define GENREC_TILE_ARGS(X)                                                                                          \
+    X(void *, s)              /* [C, H, B, B] scores q·kᵀ (no bias), fp32 or bf16 (dtype 0 / 1); becomes w */      \
+    X(void *, dw)             /* [C, H, B, B] dL/dw, becomes ds; NULL: forward */                                  \
+    X(const float *, pos)     /* [B, B] position bias of the chunk's block distance, or NULL */                     \
+    X(const void *, bucket)   /* [C, B, B] time-bucket ids (int64 or uint8: bucket_dtype 0 / 1), or NULL */         \
+    X(const float *, ts)      /* [nts] time-bias weights by bucket id (the last entry is 0: rows without time) */   \
+    X(float *, dpos)          /* [B, B] += position-bias gradient (backward), or NULL */                            \
+    X(float *, dts)           /* [nts] += time-bias gradient (backward), or NULL */                                 \
+    X(int64_t, C)             /* tiles in the chunk */                                                              \
+    X(int, dtype)                                                                                                   \
+    X(int, H)                                                                                                       \
+    X(int, B)                                                                                                       \
+    X(int, bucket_dtype)                                                                                            \
+    X(int, nts)                                                                                                     \
+    X(int, diag) /* 1: diagonal tiles (query block == key block), key column c > query row r is masked */
+
+/* genrec_time_buckets_tiles: the time-bucket ids of n tiles. */
+#define GENREC_BUCKET_ARGS(X)                                                                                        \
+    X(const int64_t *, slot_qt) /* [nblk, B] query time of every slot */                                            \
+    X(const int64_t *, slot_t)  /* [nblk, B] timestamp of every slot */                                             \
+    X(const uint8_t *, timed)   /* [nblk] whether the block's row has timestamps */                                 \
+    X(const int64_t *, qi)      /* [n] query block of each tile */                                                  \
+    X(const int64_t *, ki)      /* [n] key block of each tile */                                                    \
+    X(void *, out)              /* [n, B, B] ids, int64 or uint8 (out_dtype 0 / 1) */                               \
+    X(int64_t, n)                                                                                                   \
+    X(int, B)                                                                                                       \
+    X(int, nb) /* number of time buckets: ids 0 .. nb, and nb + 1 for rows without time */                          \
+    X(int, out_dtype)
+
+/* genrec_dropout: y = x · mask / (1 - p) over n elements (x and y do not overlap). */
+#define GENREC_DROPOUT_ARGS(X)                                                                                       \
+    X(const void *, x)                                                                                              \
+    X(void *, y)                                                                                                    \
+    X(int64_t, n)                                                                                                   \
+    X(uint64_t, seed)                                                                                               \
+    X(float, p)                                                                                                     \
+    X(int, dtype) /* 0: fp32, 1: bf16 */
+
+/* genrec_attn_forward / genrec_attn_backward: the whole fp32 tile loop (layout: see the last section). */
+#define GENREC_ATTN_ARGS(X)                                                                                          \
+    X(const float *, q)                                                                                             \
+    X(const float *, k)                                                                                             \
+    X(const float *, v)                                                                                             \
+    X(const float *, go)     /* dL/d(out) (backward) */                                                            \
+    X(const float *, norm)   /* [nblk] each block's normaliser */                                                  \
+    X(const float *, pos)    /* [P] position weights, or NULL */                                                   \
+    X(const float *, ts)     /* [nts] time weights (last entry 0), or NULL */                                      \
+    X(float *, out)          /* forward: += Σ w·v / norm */                                                        \
+    X(float *, dq)           /* backward: the gradients, added into */                                             \
+    X(float *, dk)                                                                                                  \
+    X(float *, dv)                                                                                                  \
+    X(float *, dpos)         /* [P] or NULL */                                                                     \
+    X(float *, dts)          /* [nts] or NULL */                                                                   \
+    X(const int64_t *, qi)   /* [tiles] query block, sorted by key block */                                        \
+    X(const int64_t *, ki)   /* [tiles] key block */                                                               \
+    X(const int64_t *, delta) /* [tiles] block distance */                                                         \
+    X(const int64_t *, bucket) /* [tiles] address of each tile's [B, B] bucket ids, or NULL */                     \
+    X(const int64_t *, gstart) /* [ngroups + 1] first tile of each key-block group */                              \
+    X(const int64_t *, qbase) /* [nblk] first element of block b in q, k, dq, dk */                                \
+    X(const int64_t *, vbase) /* [nblk] first element of block b in v, go, out, dv */                              \
+    X(int64_t, qhs)                                                                                                 \
+    X(int64_t, qrs)                                                                                                 \
+    X(int64_t, vhs)                                                                                                 \
+    X(int64_t, vrs)                                                                                                 \
+    X(int64_t, qnumel)                                                                                              \
+    X(int64_t, vnumel)                                                                                              \
+    X(int64_t, ngroups)                                                                                             \
+    X(int, H)                                                                                                       \
+    X(int, B)                                                                                                       \
+    X(int, dim_qk)                                                                                                  \
+    X(int, dim_v)                                                                                                   \
+    X(int, P)                                                                                                       \
+    X(int, nts)                                                                                                     \
+    X(int, bucket_dtype)                                                                                            \
+    X(int, panel)
+
+#define GENREC_FIELD(type, name) type name;
+typedef struct { GENREC_TILE_ARGS(GENREC_FIELD) } genrec_tile_args;
+typedef struct { GENREC_BUCKET_ARGS(GENREC_FIELD) } genrec_bucket_args;
+typedef struct { GENREC_DROPOUT_ARGS(GENREC_FIELD) } genrec_dropout_args;
+typedef struct { GENREC_ATTN_ARGS(GENREC_FIELD) } genrec_attn_args;
+
+int genrec_abi_version(void) { return GENREC_ABI_VERSION; }
+
+/* Layout of argument struct `which` (0 tile, 1 bucket, 2 dropout, 3 attn): out[0] = its size, out[1 + f] = the
+ * offset of field f (up to n entries in all); *names = the field names, space-separated. Returns the number of
+ * fields, or -1 for an unknown struct. */
+#define GENREC_NAME(type, name) #name " "
+#define GENREC_OFFSET(type, name)                                                                                   \
+    if (++f < n) out[f] = (int64_t)offsetof(S, name);
+int genrec_struct_layout(int which, int64_t *out, int n, const char **names) {
+    int f = 0;
+    switch (which) {
+    case 0: {
+        typedef genrec_tile_args S;
+        *names = GENREC_TILE_ARGS(GENREC_NAME);
+        if (n > 0) out[0] = (int64_t)sizeof(S);
+        GENREC_TILE_ARGS(GENREC_OFFSET)
+        break;
+    }
+    case 1: {
+        typedef genrec_bucket_args S;
+        *names = GENREC_BUCKET_ARGS(GENREC_NAME);
+        if (n > 0) out[0] = (int64_t)sizeof(S);
+        GENREC_BUCKET_ARGS(GENREC_OFFSET)
+        break;
+    }
+    case 2: {
+        typedef genrec_dropout_args S;
+        *names = GENREC_DROPOUT_ARGS(GENREC_NAME);
+        if (n > 0) out[0] = (int64_t)sizeof(S);
+        GENREC_DROPOUT_ARGS(GENREC_OFFSET)
+        break;
+    }
+    case 3: {
+        typedef genrec_attn_args S;
+        *names = GENREC_ATTN_ARGS(GENREC_NAME);
+        if (n > 0) out[0] = (int64_t)sizeof(S);
+        GENREC_ATTN_ARGS(GENREC_OFFSET)
+        break;
+    }
+    default:
+        return -1;
+    }
+    return f;
+}
+
+/* ------------------------------------------------------------------------------------------------------------------
  * Fused elementwise passes of genrec's blocked HSTU attention (genrec/ops/hstu_attention.py):
  *
  * The blocked engine computes each chunk of tiles with batched matmuls (ATen / MKL); between them sit elementwise
@@ -27,15 +179,6 @@
  * 2e7 points), written so that the compiler vectorises the loops with -fno-trapping-math and without -ffast-math
  * (which would change the process's floating-point state).
  */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 typedef union {
     float f;
@@ -255,14 +398,10 @@ static void tiles(void *s, void *dw, int dtype, int64_t C, int H, int B, const f
     }
 }
 
-void hstu_tiles_forward(void *s, int dtype, int64_t C, int H, int B, const float *pos, const void *bucket,
-                        int bucket_dtype, const float *ts, int diag) {
-    tiles(s, NULL, dtype, C, H, B, pos, bucket, bucket_dtype, ts, 0, diag, NULL, NULL);
-}
-
-void hstu_tiles_backward(void *s, void *dw, int dtype, int64_t C, int H, int B, const float *pos, const void *bucket,
-                         int bucket_dtype, const float *ts, int nts, int diag, float *dpos, float *dts) {
-    tiles(s, dw, dtype, C, H, B, pos, bucket, bucket_dtype, ts, nts, diag, dpos, dts);
+/* Forward (a->dw == NULL) or backward of one chunk of tiles. */
+void genrec_tile_pass(const genrec_tile_args *a) {
+    tiles(a->s, a->dw, a->dtype, a->C, a->H, a->B, a->pos, a->bucket, a->bucket_dtype, a->ts, a->nts, a->diag,
+          a->dw ? a->dpos : NULL, a->dw ? a->dts : NULL);
 }
 
 /* ------------------------------------------------------------------------------------------------------------------
@@ -286,15 +425,20 @@ static inline uint32_t uniform24(uint64_t seed, uint64_t i) { /* splitmix64 of t
 }
 
 /* x and y [n] do not overlap. dtype 0: fp32, 1: bf16. */
-void genrec_dropout(const void *x, void *y, int64_t n, int dtype, float p, uint64_t seed) {
+void genrec_dropout(const genrec_dropout_args *a) {
+    const void *x = a->x;
+    void *y = a->y;
+    const int64_t n = a->n;
+    const float p = a->p;
+    const uint64_t seed = a->seed;
     const uint32_t threshold = (uint32_t)(p * 16777216.0f + 0.5f);
     const float scale = 1.0f / (1.0f - p);
-    if (dtype == 0) {
+    if (a->dtype == 0) {
         const float *restrict xf = (const float *)x;
         float *restrict yf = (float *)y;
 #pragma omp parallel for schedule(static) if (n >= (1 << 16))
         for (int64_t i = 0; i < n; ++i) yf[i] = xf[i] * (uniform24(seed, (uint64_t)i) >= threshold ? scale : 0.0f);
-    } else {
+    } else if (a->dtype == 1) {
         const uint16_t *restrict xb = (const uint16_t *)x;
         uint16_t *restrict yb = (uint16_t *)y;
 #pragma omp parallel for schedule(static) if (n >= (1 << 16))
@@ -416,9 +560,12 @@ static inline void store_ids(void *out, int out_dtype, int64_t off, const int32_
 
 /* Tile i pairs query block qi[i] (query times slot_qt[qi[i]], timed[qi[i]]) with key block ki[i] (timestamps
  * slot_t[ki[i]]); out [n, B, B]. One call for a whole layout; returns 1 when scratch could not be allocated. */
-int genrec_time_buckets_tiles(const int64_t *slot_qt, const int64_t *slot_t, const uint8_t *timed,
-                               const int64_t *qi, const int64_t *ki, int64_t n, int B, int nb, void *out,
-                               int out_dtype) {
+int genrec_time_buckets_tiles(const genrec_bucket_args *a) {
+    const int64_t *slot_qt = a->slot_qt, *slot_t = a->slot_t, *qi = a->qi, *ki = a->ki;
+    const uint8_t *timed = a->timed;
+    const int64_t n = a->n;
+    const int B = a->B, nb = a->nb, out_dtype = a->out_dtype;
+    void *out = a->out;
     const int64_t tile = (int64_t)B * B;
     int64_t *thr = (int64_t *)malloc(sizeof(int64_t) * ((size_t)nb + 1));
     if (!thr) return 1;
@@ -501,15 +648,7 @@ static void mm(int ta, int tb, int M, int N, int K, float alpha, const float *A,
     g_sgemm(&a, &b, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
 }
 
-typedef struct {
-    const float *q, *k, *v, *go, *norm, *pos, *ts;
-    const int64_t *qi, *ki, *delta, *bucket, *gstart;
-    /* where block b's rows are: head h, row r of block b starts at element qbase[b] + h·qhs + r·qrs of q, k, dq, dk
-     * (and vbase[b] + h·vhs + r·vrs of v, go, out, dv); qnumel / vnumel: elements of q and of v */
-    const int64_t *qbase, *vbase;
-    int64_t qhs, qrs, vhs, vrs, qnumel, vnumel, ngroups;
-    int H, B, dk, dv, P, nts, bucket_dtype, panel;
-} attn_args;
+typedef genrec_attn_args attn_args;
 
 /* bias[c] = pos[clamp(base - c)] + ts[bucket row[c]] for c < n */
 static void bias_row2(float *restrict bias, int n, int64_t base, const float *pos, int P, const void *brow, int bdt,
@@ -543,7 +682,7 @@ static void dpos_row(float *restrict dpos, int n, int64_t base, int P, const flo
 /* One pass over all tiles. Forward (dq == NULL): out[qi] += w · v. Backward: dv[ki] += wᵀ go, dq[qi] += ds k,
  * dk[ki] += dsᵀ q, and the bias gradients. */
 static int attn_pass(const attn_args *a, float *out, float *dq, float *dk, float *dv, float *dpos, float *dts) {
-    const int H = a->H, B = a->B, dkd = a->dk, dvd = a->dv;
+    const int H = a->H, B = a->B, dkd = a->dim_qk, dvd = a->dim_v;
     const int64_t qsz = a->qnumel, osz = a->vnumel, qhs = a->qhs, vhs = a->vhs;
     const int qrs = (int)a->qrs, vrs = (int)a->vrs;
     const int bwd = dq != NULL;
@@ -684,25 +823,10 @@ static int attn_pass(const attn_args *a, float *out, float *dq, float *dk, float
     return failed;
 }
 
-/* Both return 0, or 1 when a thread could not allocate its buffers (the results are then incomplete). */
-int genrec_attn_forward(const float *q, const float *k, const float *v, const float *norm, float *out,
-                        const int64_t *qbase, const int64_t *vbase, int64_t qhs, int64_t qrs, int64_t vhs,
-                        int64_t vrs, int64_t qnumel, int64_t vnumel, int H, int B, int dk, int dv,
-                        const int64_t *qi, const int64_t *ki, const int64_t *delta, const int64_t *gstart,
-                        int64_t ngroups, const float *pos, int P, const int64_t *bucket, int bucket_dtype,
-                        const float *ts, int panel) {
-    attn_args a = {q, k, v, NULL, norm, pos, ts, qi, ki, delta, bucket, gstart, qbase, vbase, qhs, qrs, vhs, vrs,
-                   qnumel, vnumel, ngroups, H, B, dk, dv, P, 0, bucket_dtype, panel};
-    return attn_pass(&a, out, NULL, NULL, NULL, NULL, NULL);
-}
+/* Both return 0, or 1 when a thread could not allocate its buffers (the results are then incomplete). Forward
+ * reads q, k, v, norm and adds into out; backward reads q, k, v, norm, go and adds into dq, dk, dv, dpos, dts. */
+int genrec_attn_forward(const genrec_attn_args *a) { return attn_pass(a, a->out, NULL, NULL, NULL, NULL, NULL); }
 
-int genrec_attn_backward(const float *q, const float *k, const float *v, const float *norm, const float *go,
-                         float *dq, float *dk, float *dv, const int64_t *qbase, const int64_t *vbase, int64_t qhs,
-                         int64_t qrs, int64_t vhs, int64_t vrs, int64_t qnumel, int64_t vnumel, int H, int B,
-                         int dkd, int dvd, const int64_t *qi, const int64_t *ki, const int64_t *delta,
-                         const int64_t *gstart, int64_t ngroups, const float *pos, int P, const int64_t *bucket,
-                         int bucket_dtype, const float *ts, int nts, int panel, float *dpos, float *dts) {
-    attn_args a = {q, k, v, go, norm, pos, ts, qi, ki, delta, bucket, gstart, qbase, vbase, qhs, qrs, vhs, vrs,
-                   qnumel, vnumel, ngroups, H, B, dkd, dvd, P, nts, bucket_dtype, panel};
-    return attn_pass(&a, NULL, dq, dk, dv, dpos, dts);
+int genrec_attn_backward(const genrec_attn_args *a) {
+    return attn_pass(a, NULL, a->dq, a->dk, a->dv, a->dpos, a->dts);
 }
