@@ -98,8 +98,9 @@ def table() -> str:
     for r in rows:
         sl = r.get("stochastic_length") or {}
         dropped = sl.get("measured_position_sparsity")
+        rel = r.get("relative_ndcg10")  # None: no fp32 baseline to compare with (the row's notes say why)
         lines.append(f"| {r['dataset']} | {r['variant']} | {r['metrics']['HR@10']:.4f} | {r['metrics']['NDCG@10']:.4f} | "
-                     f"{100 * r['relative_ndcg10']:+.1f}% | {'' if dropped is None else f'{100 * dropped:.1f}%'} | "
+                     f"{'–' if rel is None else f'{100 * rel:+.1f}%'} | {'' if dropped is None else f'{100 * dropped:.1f}%'} | "
                      f"{r['epoch']} | {r['seconds_per_epoch']:.1f} |")  # fmt: skip
     return "\n".join(lines)
 
