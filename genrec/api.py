@@ -34,7 +34,8 @@ Saved directory (``save`` / ``load``; the same files ``genrec train`` writes, so
     ``InvalidInputError`` (the fallback is unavailable).
 
 Thread safety: inference runs under ``torch.inference_mode()`` and reads only state fixed at ``fit`` / ``load``
-time, so one fitted Recommender may serve many threads (the HTTP service runs it in a worker thread).
+time, so one fitted Recommender may serve many threads. (The HTTP service runs the model on its event loop by
+default; ``genrec serve --model-thread`` moves it to a worker thread.)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -63,9 +65,9 @@ from genrec.data.popularity import (
     read_popularity,
     write_popularity,
 )
-from genrec.data.sequences import IdMap, SequenceData, load_item_map
+from genrec.data.sequences import load_item_map
+from genrec.io import atomic_write
 from genrec.models import build_model
-from genrec.io import atomic_write, write_json
 
 ItemId = Union[str, int]
 HistoryEvent = Union[ItemId, tuple, Mapping]
@@ -246,7 +248,10 @@ class Recommender:
     trailing underscore after ``fit`` or ``load``).
 
     Args:
-        config: the run configuration (defaults: ``RunConfig()``, i.e. HSTU on ML-1M's settings).
+        config: the run configuration. Default ``RunConfig()`` (see :mod:`genrec.config`): dataset ``ml-1m``, HSTU
+            with 2 blocks of width 50 and a 200-item history, trained with 128 sampled negatives shared per sequence
+            (``train.negatives="per_sequence"``; the shipped configs use ``"per_position"``), selected and
+            evaluated with full-catalogue leave-one-out. The files under ``configs/`` hold tuned settings.
         **overrides: per-section changes merged into ``config``: ``model={"embedding_dim": 64}``,
             ``train={"epochs": 20}``, ``data={"max_len": 50}``, ``eval={...}``, ``output_dir="runs/x"``. Unknown
             sections, keys and wrongly typed values raise ``ConfigError`` here, before any training.
@@ -275,20 +280,36 @@ class Recommender:
 
     # -- fit / save / load -----------------------------------------------------------------------------------------
 
-    def fit(self, interactions: Any, output_dir: str | Path | None = None, *, progress: bool = False) -> "Recommender":
+    def fit(
+        self,
+        interactions: Any,
+        output_dir: str | Path | None = None,
+        *,
+        columns: Mapping[str, Any] | None = None,
+        progress: bool = False,
+    ) -> "Recommender":
         """Train on ``interactions`` and keep the best-validation weights (the usual leave-one-out selection).
 
         Args:
-            interactions: a pandas DataFrame with columns ``user``, ``item`` and optionally ``timestamp`` (file order
-                is time order where timestamps are missing), or a ``genrec.data.dataset.PreparedData``.
+            interactions: a pandas DataFrame (one row per interaction) or a ``genrec.data.dataset.PreparedData``.
+                Without a timestamp, row order is time order. Timestamps may be integer Unix seconds or
+                ``datetime64`` values (any unit, naive = UTC, or timezone-aware); they are stored as Unix seconds,
+                the unit ``recommend`` / ``rank`` then take. Exact duplicate (user, item, timestamp) rows are
+                dropped and counted in the data notes.
             output_dir: where the run directory goes (checkpoint, logs, results, popularity). None: a temporary
                 directory, removed afterwards (call ``save`` to keep the model).
+            columns: which DataFrame column plays which role, like ``data.columns`` of a config:
+                ``{"user": "uid", "item": "movie", "timestamp": "ts"}``. Roles left out default to the columns
+                named ``user``, ``item`` and ``timestamp``; ``"timestamp": None`` trains without time. An unknown
+                role, a column that does not exist or that appears twice, and a time-like column (datetime dtype or
+                a name such as ``ts``, ``time``, ``date``) that no role uses raise ``ValueError`` before training.
+                Missing ids or timestamps raise ``BadRowError`` naming the row.
             progress: show tqdm progress bars.
         """
         from genrec.train.loop import train
 
         config = self.resolved_config()
-        data, config = _prepared_data(interactions, config)
+        data, config = _prepared_data(interactions, config, columns)
         if output_dir is None:
             context: Any = tempfile.TemporaryDirectory(prefix="genrec-fit-")
         else:
@@ -685,22 +706,72 @@ def _warn_unknown(results: Sequence[Result]) -> None:
         warnings.warn(f"ignored {len(unknown)} unknown item id(s): {shown}", UnknownItemWarning, stacklevel=3)
 
 
-def _prepared_data(interactions: Any, config: RunConfig):
+FRAME_ROLES = ("user", "item", "timestamp")
+_TIME_LIKE_NAME = re.compile(r"(^|[_\W])(ts|time|times|timestamp|datetime|date|when)([_\W]|$)|_at$", re.IGNORECASE)
+
+
+def _frame_roles(frame: Any, columns: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Role -> column label for ``fit`` on a DataFrame (see ``Recommender.fit``); a timestamp role of None is
+    left out."""
+    import pandas as pd
+
+    if columns is None:
+        columns = {}
+    if not isinstance(columns, Mapping):
+        raise TypeError(f"columns must be a mapping of role -> column name, got {type(columns).__name__}")
+    unknown = [str(k) for k in columns if k not in FRAME_ROLES]
+    if unknown:
+        raise ValueError(f"columns: unknown role {unknown[0]!r}; the roles are {', '.join(FRAME_ROLES)}")
+    roles = {"user": columns.get("user", "user"), "item": columns.get("item", "item")}
+    for role in ("user", "item"):
+        if roles[role] is None:
+            raise ValueError(f"columns: the {role} role needs a column")
+    if "timestamp" in columns:
+        if columns["timestamp"] is not None:
+            roles["timestamp"] = columns["timestamp"]
+        return roles
+    if "timestamp" in list(frame.columns):
+        roles["timestamp"] = "timestamp"
+        return roles
+    used = set(map(str, roles.values()))
+    for label in frame.columns:
+        if str(label) in used:
+            continue
+        dtype = frame[label].dtype if list(frame.columns).count(label) == 1 else None
+        if (dtype is not None and pd.api.types.is_datetime64_any_dtype(dtype)) or _TIME_LIKE_NAME.search(str(label)):
+            raise ValueError(
+                f"interactions: column {label!r} looks like a time column, but no column is used as the timestamp; "
+                f"pass columns={{'timestamp': {label!r}, ...}} to use it, or columns={{'timestamp': None, ...}} to "
+                "train without time (row order is then time order)"
+            )
+    return roles
+
+
+def _prepared_data(interactions: Any, config: RunConfig, columns: Mapping[str, Any] | None = None):
     """(PreparedData, config) for ``fit``: a DataFrame becomes sequences; the config records an in-memory table."""
     import pandas as pd
 
     from genrec.data.dataset import PreparedData
+    from genrec.data.readers import read_frame
     from genrec.data.sequences import build_sequences
 
     if isinstance(interactions, PreparedData):
+        if columns is not None:
+            raise ValueError("columns= applies to a DataFrame, not to PreparedData")
         return interactions, config
     if isinstance(interactions, pd.DataFrame):
-        missing = {"user", "item"} - set(interactions.columns)
-        if missing:
-            raise ValueError(f"interactions need columns user, item[, timestamp]; missing {sorted(missing)}")
-        columns = [c for c in ("user", "item", "timestamp") if c in interactions.columns]
-        seqs = build_sequences(interactions[columns], min_seq_len=config.data.min_seq_len)
-        data_cfg = dataclasses.replace(config.data, dataset="table", path=None, columns={c: c for c in columns})
+        roles = _frame_roles(interactions, columns)
+        frame = read_frame(interactions, on_bad_rows=config.data.on_bad_rows, **roles)
+        notes = []
+        if frame.attrs.get("bad_rows"):
+            notes.append(f"skipped {frame.attrs['bad_rows']:,} malformed rows (on_bad_rows=skip)")
+        seqs = build_sequences(
+            frame,
+            min_seq_len=config.data.min_seq_len,
+            notes=notes,
+            duplicates=getattr(config.data, "duplicates", "drop"),
+        )
+        data_cfg = dataclasses.replace(config.data, dataset="table", path=None, columns=dict(roles))
         return PreparedData(seqs, None, []), dataclasses.replace(config, data=data_cfg)
     raise TypeError(f"fit() takes a pandas DataFrame or a PreparedData, got {type(interactions).__name__}")
 

@@ -8,10 +8,17 @@ import threading
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from genrec.api import POPULARITY_FILE, InvalidInputError, NotFittedError, Recommender, UnknownItemWarning
+from genrec.api import (
+    POPULARITY_FILE,
+    InvalidInputError,
+    NotFittedError,
+    Recommender,
+    UnknownItemWarning,
+)
 from genrec.config import ConfigError, RunConfig
 from genrec.data.sequences import build_sequences
 from genrec.eval.evaluate import model_score_fn
@@ -232,3 +239,66 @@ def test_fit_without_output_dir_then_save(tmp_path):
     assert Recommender.load(out).recommend(["i1"], k=3) == rec.recommend(["i1"], k=3)
     with pytest.raises(ValueError, match="columns"):
         Recommender(**TINY).fit(frame.rename(columns={"item": "sku"}))
+
+
+# -- fit on a DataFrame: timestamps, column mapping, missing ids ------------------------------------------------------
+
+ONE_EPOCH = {**TINY, "train": {**TINY["train"], "epochs": 1}}
+
+
+@pytest.fixture(scope="module")
+def seconds_model():
+    frame = synthetic_interactions(num_users=20, seed=1)
+    return frame, Recommender(**ONE_EPOCH).fit(frame)
+
+
+@pytest.mark.parametrize("unit", ["ns", "us", "s"])
+@pytest.mark.parametrize("tz", [None, "Asia/Tokyo"])
+def test_fit_stores_datetime_timestamps_as_unix_seconds(seconds_model, unit, tz):
+    frame, expected = seconds_model
+    dated = frame.assign(timestamp=pd.to_datetime(frame["timestamp"], unit="s").dt.as_unit(unit))
+    if tz is not None:
+        dated["timestamp"] = dated["timestamp"].dt.tz_localize("UTC").dt.tz_convert(tz)
+    rec = Recommender(**ONE_EPOCH).fit(dated)
+    assert rec.model_id_ == expected.model_id_  # the same weights: the same sequences, times and time gaps
+    # the model takes timestamps in the unit it was trained in: seconds
+    history = [(i, int(t)) for i, t in zip(frame["item"][:3], frame["timestamp"][:3])]
+    assert rec.recommend(history, k=3) == expected.recommend(history, k=3)
+
+
+def test_fit_with_a_column_mapping_equals_the_renamed_frame(seconds_model):
+    frame, expected = seconds_model
+    renamed = frame.rename(columns={"user": "uid", "item": "movie", "timestamp": "ts"})
+    rec = Recommender(**ONE_EPOCH).fit(renamed, columns={"user": "uid", "item": "movie", "timestamp": "ts"})
+    assert rec.model_id_ == expected.model_id_
+    assert rec.config_.data.columns == {"user": "uid", "item": "movie", "timestamp": "ts"}
+
+
+def test_fit_column_errors_are_raised_before_training(seconds_model):
+    frame, _ = seconds_model
+    renamed = frame.rename(columns={"user": "uid", "item": "movie", "timestamp": "ts"})
+    rec = Recommender(**ONE_EPOCH)
+    with pytest.raises(ValueError, match="'ts' looks like a time column"):  # a time column is never ignored silently
+        rec.fit(renamed.rename(columns={"uid": "user", "movie": "item"}))
+    with pytest.raises(ValueError, match="unknown role 'time'"):
+        rec.fit(renamed, columns={"user": "uid", "item": "movie", "time": "ts"})
+    with pytest.raises(ValueError, match="no column 'timestamp' for timestamp"):
+        rec.fit(renamed, columns={"user": "uid", "item": "movie", "timestamp": "timestamp"})
+    with pytest.raises(ValueError, match="no column 'user' for user"):
+        rec.fit(renamed, columns={"item": "movie", "timestamp": "ts"})
+    doubled = pd.concat([renamed, renamed[["ts"]]], axis=1)
+    with pytest.raises(ValueError, match="'ts' for timestamp is ambiguous: 2 columns"):
+        rec.fit(doubled, columns={"user": "uid", "item": "movie", "timestamp": "ts"})
+    with pytest.raises(ValueError, match="given for both user and item"):
+        rec.fit(renamed, columns={"user": "uid", "item": "uid", "timestamp": "ts"})
+    # an explicit None trains without time
+    untimed = rec.fit(renamed, columns={"user": "uid", "item": "movie", "timestamp": None})
+    assert untimed.config_.data.columns == {"user": "uid", "item": "movie"}
+
+
+@pytest.mark.parametrize("column, value, row", [("item", float("nan"), 4), ("user", None, 2), ("item", "", 7)])
+def test_fit_rejects_missing_ids_with_the_row_number(column, value, row):
+    frame = synthetic_interactions(num_users=20, seed=1).astype({"item": object, "user": object})
+    frame.loc[row - 1, column] = value
+    with pytest.raises(ValueError, match=rf"DataFrame:{row}: missing or invalid {column} id .*row {row} of the DataFrame"):
+        Recommender(**ONE_EPOCH).fit(frame)

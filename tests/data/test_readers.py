@@ -13,6 +13,7 @@ import pytest
 from genrec.data.readers import (
     BadRowError,
     SkippedRowsWarning,
+    read_frame,
     read_ml100k,
     read_movielens_csv,
     read_movielens_dat,
@@ -453,3 +454,45 @@ def test_no_warning_on_clean_input(tmp_path):
         warnings.simplefilter("error")
         read_movielens_dat(write(tmp_path / "ratings.dat", ML_DAT))
         read_sequences(write(tmp_path / "Beauty.txt", SEQ))
+
+
+# ----------------------------------------------------------------------------- DataFrames
+
+
+def test_read_frame_converts_datetimes_of_any_unit_and_zone_to_seconds():
+    stamps = pd.to_datetime(["2020-01-01 00:00:00", "2020-01-02 00:00:01.700"], format="ISO8601")
+    expected = [1577836800, 1577923201]  # sub-second parts are floored
+    for unit in ("s", "ms", "us", "ns"):
+        frame = pd.DataFrame({"u": ["a", "a"], "i": [1, 2], "t": stamps.as_unit(unit)})
+        assert read_frame(frame, user="u", item="i", timestamp="t")["timestamp"].tolist() == expected
+        aware = frame.assign(t=frame["t"].dt.tz_localize("UTC").dt.tz_convert("America/New_York"))
+        assert read_frame(aware, user="u", item="i", timestamp="t")["timestamp"].tolist() == expected
+    ints = pd.DataFrame({"u": [1, 1], "i": [3.0, 4.0], "t": expected})
+    df = read_frame(ints, user="u", item="i", timestamp="t")
+    assert df["user"].tolist() == ["1", "1"] and df["item"].tolist() == ["3", "4"]
+    assert_interaction_dtypes(df)
+
+
+def test_read_frame_names_the_row_of_a_missing_value():
+    frame = pd.DataFrame({"u": ["a", "b", None], "i": [1.0, float("nan"), 3.0]}, index=[10, 20, 30])
+    with pytest.raises(BadRowError, match=r"DataFrame:2: missing or invalid item id \(column 'i'\): missing .*row 2 of the DataFrame, index 20"):
+        read_frame(frame, user="u", item="i")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedRowsWarning)
+        df = read_frame(frame, user="u", item="i", on_bad_rows="skip")
+    assert df["user"].tolist() == ["a"] and df.attrs["bad_rows"] == 2
+    timed = pd.DataFrame({"u": ["a", "a"], "i": [1, 2], "t": pd.to_datetime([None, "2020-01-01"])})
+    with pytest.raises(BadRowError, match="DataFrame:1: missing or non-integer timestamp"):
+        read_frame(timed, user="u", item="i", timestamp="t")
+
+
+def test_read_frame_column_errors():
+    frame = pd.DataFrame([[1, 2, 3]], columns=["u", "i", "i"])
+    with pytest.raises(ValueError, match=r"no column 'x' for user; the columns are \['u', 'i', 'i'\]"):
+        read_frame(frame, user="x", item="u")
+    with pytest.raises(ValueError, match="'i' for item is ambiguous: 2 columns"):
+        read_frame(frame, user="u", item="i")
+    with pytest.raises(ValueError, match="given for both user and item"):
+        read_frame(frame, user="u", item="u")
+    with pytest.raises(TypeError):
+        read_frame([[1, 2]], user=0, item=1)

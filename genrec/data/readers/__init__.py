@@ -42,7 +42,7 @@ from genrec.data.readers.movielens import (
     read_titles,
 )
 from genrec.data.readers.sequences import read_sequences
-from genrec.data.readers.table import read_table
+from genrec.data.readers.table import read_frame, read_table
 
 __all__ = [
     "BadRowError",
@@ -51,6 +51,7 @@ __all__ = [
     "read_ml100k",
     "read_movielens_csv",
     "read_table",
+    "read_frame",
     "read_sequences",
     "read_titles",
 ]

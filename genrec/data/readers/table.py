@@ -30,6 +30,7 @@ from genrec.data.readers.delimited import (
 
 _PARQUET_EXT = (".parquet", ".pq")
 
+
 def _parquet_table(path: PathLike, cols: Sequence[_Col], header: bool, on_bad_rows: str):
     import pyarrow.parquet as pq
 
@@ -47,10 +48,31 @@ def _parquet_table(path: PathLike, cols: Sequence[_Col], header: bool, on_bad_ro
                 raise ValueError(f"{path}: column {col.key!r} not found; columns are {names}")
             chosen[col.out] = col.key
     table = pf.read(columns=sorted(set(chosen.values()), key=names.index))
-    n_rows = table.num_rows
+    arrays = {col.out: (table.column(chosen[col.out]).to_pandas(), chosen[col.out]) for col in cols}
+    return _typed_table(path, arrays, cols, on_bad_rows, lambda r: f"Parquet row {r + 1}")
+
+
+def _show(value) -> str:
+    """A cell value for messages: plain Python repr, missing values named as such."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and np.isnan(value)):
+        return f"missing ({value!r})"
+    return repr(value)
+
+
+def _typed_table(source, arrays: dict, cols: Sequence[_Col], on_bad_rows: str, where) -> pd.DataFrame:
+    """Validate and convert typed columns (Parquet, DataFrame) to the readers' output.
+
+    ``arrays`` maps each output name to ``(values as a pandas Series, source column label)``;
+    ``where(r)`` describes 0-based row ``r`` for messages.  A bad row is reported as
+    ``"<source>:<r + 1>: <reason> (<where(r)>)"``.
+    """
+    n_rows = len(next(iter(arrays.values()))[0]) if arrays else 0
     bad_mask = np.zeros(n_rows, dtype=bool)  # updated in place by flag()
     first: tuple[int, str] | None = None
     out = {}
+    path = source
 
     def flag(ok: np.ndarray, reason_of) -> None:
         nonlocal first
@@ -58,15 +80,16 @@ def _parquet_table(path: PathLike, cols: Sequence[_Col], header: bool, on_bad_ro
         if newbad.any():
             r = int(np.flatnonzero(newbad)[0])
             if first is None or r + 1 < first[0]:
-                first = (r + 1, f"{reason_of(r)} (Parquet row {r + 1})")
+                first = (r + 1, f"{reason_of(r)} ({where(r)})")
         np.logical_or(bad_mask, newbad, out=bad_mask)
 
     for col in _ordered(cols):
-        arr = table.column(chosen[col.out]).to_pandas()
-        label = f"{col.label} (column {chosen[col.out]!r})"
+        arr, name = arrays[col.out]
+        arr = arr.reset_index(drop=True)
+        label = f"{col.label} (column {name!r})"
         null = arr.isna().to_numpy()
         if pd.api.types.is_bool_dtype(arr.dtype) and col.kind != "str":
-            raise ValueError(f"{path}: column {chosen[col.out]!r} is boolean; expected {col.label}")
+            raise ValueError(f"{path}: column {name!r} is boolean; expected {col.label}")
         if col.kind in ("id", "str"):
             if pd.api.types.is_integer_dtype(arr.dtype):
                 vals = arr.astype("Int64").astype(str)
@@ -80,7 +103,7 @@ def _parquet_table(path: PathLike, cols: Sequence[_Col], header: bool, on_bad_ro
             else:
                 vals = arr.astype(str).str.strip()
                 ok = ~null & (vals.str.len() > 0).to_numpy(dtype=bool, na_value=False)
-            flag(ok, lambda r, a=arr, lab=label: f"missing or invalid {lab}: {a.iloc[r]!r}")
+            flag(ok, lambda r, a=arr, lab=label: f"missing or invalid {lab}: {_show(a.iloc[r])}")
             out[col.out] = vals.reset_index(drop=True)
         elif col.kind == "float":
             if pd.api.types.is_numeric_dtype(arr.dtype):
@@ -91,7 +114,7 @@ def _parquet_table(path: PathLike, cols: Sequence[_Col], header: bool, on_bad_ro
                 f = np.full(n_rows, np.nan)
                 f[okf] = s[okf].astype("float64").to_numpy()
             ok = np.isfinite(f)
-            flag(ok, lambda r, a=arr, lab=label: f"{lab} {a.iloc[r]!r} is not a finite number")
+            flag(ok, lambda r, a=arr, lab=label: f"{lab} {_show(a.iloc[r])} is not a finite number")
             out[col.out] = f
         else:  # timestamp
             if pd.api.types.is_datetime64_any_dtype(arr.dtype):
@@ -117,7 +140,7 @@ def _parquet_table(path: PathLike, cols: Sequence[_Col], header: bool, on_bad_ro
                 secs = np.zeros(n_rows, dtype=np.int64)
                 if ok.any():
                     secs[ok] = np.asarray(_convert(kind, s[ok]), dtype=np.int64)
-            flag(ok, lambda r, a=arr, lab=label: f"missing or non-integer {lab}: {a.iloc[r]!r}")
+            flag(ok, lambda r, a=arr, lab=label: f"missing or non-integer {lab}: {_show(a.iloc[r])}")
             out[col.out] = pd.array(secs, dtype="Int64")
 
     n_bad = int(bad_mask.sum())
@@ -194,3 +217,71 @@ def read_table(
         on_bad_rows=on_bad_rows,
     )
 
+
+
+def read_frame(
+    frame: pd.DataFrame,
+    *,
+    user,
+    item,
+    timestamp=None,
+    rating=None,
+    event=None,
+    on_bad_rows: str = "error",
+    source: str = "DataFrame",
+) -> pd.DataFrame:
+    """Interactions from an in-memory :class:`pandas.DataFrame`, checked like :func:`read_table`.
+
+    ``user``/``item``/``timestamp``/``rating``/``event`` are column labels of ``frame``
+    (``timestamp``, ``rating`` and ``event`` are optional).  A label that is not a column, that
+    names more than one column, or that is given for two roles raises ``ValueError``.
+
+    Values: ids may be strings, integers or integral floats (``3.0`` becomes ``"3"``); a
+    missing id (None, NaN, empty string) is a bad row.  ``timestamp`` may be integer Unix
+    seconds, integral floats, ISO-8601 strings, or ``datetime64`` values in any unit, naive
+    (meaning UTC) or timezone-aware: datetimes are converted to integer Unix seconds
+    (sub-second parts are floored).  A missing timestamp is a bad row: to train without time,
+    leave the timestamp out.  Bad rows raise :class:`BadRowError` reading
+    ``"<source>:<n>: <reason> (row <n> of the DataFrame, index <label>)"``, ``n`` being the
+    1-based row position; with ``on_bad_rows="skip"`` they are dropped with a warning.
+
+    Returns the readers' standard table (``user, item[, timestamp, rating, event]``) in row
+    order, with ``attrs["source"] = source``.
+    """
+    _check_policy(on_bad_rows)
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(f"read_frame takes a pandas DataFrame, got {type(frame).__name__}")
+    cols = [_Col("user", user, "id", "user id"), _Col("item", item, "id", "item id")]
+    for out, key, kind, label in (
+        ("timestamp", timestamp, "ts", "timestamp"),
+        ("rating", rating, "float", "rating"),
+        ("event", event, "str", "event"),
+    ):
+        if key is not None:
+            cols.append(_Col(out, key, kind, label))
+    names = list(frame.columns)
+    used: dict = {}
+    arrays = {}
+    for col in cols:
+        try:
+            hits = [j for j, name in enumerate(names) if name == col.key]
+        except (TypeError, ValueError):
+            hits = []
+        if not hits:
+            raise ValueError(f"{source}: no column {col.key!r} for {col.out}; the columns are {names}")
+        if len(hits) > 1:
+            raise ValueError(
+                f"{source}: column {col.key!r} for {col.out} is ambiguous: {len(hits)} columns have that name"
+            )
+        if hits[0] in used:
+            raise ValueError(f"{source}: column {col.key!r} is given for both {used[hits[0]]} and {col.out}")
+        used[hits[0]] = col.out
+        arrays[col.out] = (frame.iloc[:, hits[0]], col.key)
+    index = frame.index
+
+    def where(r: int) -> str:
+        return f"row {r + 1} of the DataFrame, index {_show(index[r])}"
+
+    if len(frame) == 0:
+        raise ValueError(f"{source}: the DataFrame has no rows")
+    return _typed_table(source, arrays, cols, on_bad_rows, where)
