@@ -16,6 +16,11 @@ Recommendations", ICML 2024 (arXiv 2402.17152), §3.1. Reference code: meta-recs
 
 Input: item_embedding · sqrt(d) + learned absolute position embedding, dropout, padding zeroed.
 
+Each line above is one function of ``genrec.ops.hstu_math`` (``input_norm``, ``project`` / ``split_uvqk``,
+``hstu_attention``, ``gated_residual``, ``relative_bias`` / ``rab_index`` / ``time_buckets``); this file holds the
+parameters and wires them in that order. The fast paths (``genrec.ops.jagged``, ``genrec.ops.mfalcon``) call the
+same functions with the same parameters, and this padded path is their reference.
+
 Initialisation follows the research code: item embeddings N(0, 0.02) truncated, W_uvqk N(0, 0.02), W_o
 xavier-uniform with nn.Linear's default bias, rab weights N(0, 0.02), and the position embedding xavier-normal (the
 reference's ``HSTU.reset_params`` overrides the preprocessor's own sqrt(1/d) init with xavier-normal on its [211, d]
@@ -41,10 +46,27 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from genrec.data.batches import Batch
+from genrec.ops.hstu_math import (  # the layer's math, shared with the fast paths; re-exported for callers
+    bucket_lookup,
+    from_heads,
+    gated_residual,
+    hstu_attention,
+    input_norm,
+    output_normalize,
+    project,
+    rab_index,
+    relative_bias,
+    split_uvqk,
+    time_buckets,
+    to_heads,
+)
+from genrec.ops.jagged import jagged_encode_batch, jagged_pays
+
+__all__ = ["HSTU", "HSTUConfig", "HSTULayer", "HSTURelativeBias", "bucket_lookup", "hstu_attention", "rab_index",
+           "time_buckets"]
 
 
 @dataclass
@@ -65,44 +87,9 @@ class HSTUConfig:
     attention_impl: str = "padded"  # "padded" (this file, the reference) | "jagged" (genrec.ops.jagged, parity-tested)
 
 
-def time_buckets(query_times: torch.Tensor, timestamps: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """Log-bucketed time gaps. query_times, timestamps [B, N] -> buckets [B, N(query), N(key)] long in 0..num_buckets."""
-    gap = (query_times.unsqueeze(2) - timestamps.unsqueeze(1)).abs().clamp(min=1).to(torch.float32)  # [B, N, N]
-    return (torch.log(gap) / 0.301).floor().clamp(0, num_buckets).long()
-
-
-class _BucketLookup(torch.autograd.Function):
-    """weights[buckets] with a bincount backward.
-
-    Autograd's default backward for this gather is an accumulating index_put over B·N² elements, which is several
-    times slower on CPU than one weighted bincount over the same elements. Same values, same gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, weights: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(buckets)
-        ctx.num = weights.shape[0]
-        return weights[buckets]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (buckets,) = ctx.saved_tensors
-        g = torch.bincount(buckets.reshape(-1), weights=grad.reshape(-1).float(), minlength=ctx.num)
-        return g.to(grad.dtype), None
-
-
-def bucket_lookup(weights: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-    """weights [K], buckets (any shape, long in 0..K-1) -> weights[buckets]."""
-    return _BucketLookup.apply(weights, buckets)
-
-
 class HSTURelativeBias(nn.Module):
-    """rab(i, j) = w_pos[i - j] + w_time[bucket_ij] (one scalar per query/key pair, shared across heads).
-
-    Both terms are read with one gather from a small [max_len, num_time_buckets + 2] table of their sums, indexed by
-    ``offset · (num_time_buckets + 2) + bucket`` (see ``rab_index``); the last column has no time weight and serves
-    rows without timestamps. One gather per layer instead of two gathers, a mask and two adds over B·N² elements.
-    """
+    """rab(i, j) = w_pos[i - j] + w_time[bucket_ij], one scalar per query/key pair shared by the heads
+    (``genrec.ops.hstu_math.relative_bias``)."""
 
     def __init__(self, config: HSTUConfig) -> None:
         super().__init__()
@@ -111,42 +98,10 @@ class HSTURelativeBias(nn.Module):
         self.ts_w = nn.Parameter(torch.empty(config.num_time_buckets + 1).normal_(0, 0.02))  # [num_buckets + 1]
 
     def forward(self, offsets: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        """offsets [N, N] long (i - j, clamped to >= 0); index [B, N, N] from ``rab_index`` or None (no time term)
-        -> rab [B, N, N], or [1, N, N] without a time term (broadcast over the batch)."""
-        pos = self.pos_w if self.use_position else torch.zeros_like(self.pos_w)
-        if index is None:
-            return pos[offsets].unsqueeze(0)
-        table = pos.unsqueeze(1) + F.pad(self.ts_w, (0, 1)).unsqueeze(0)  # [max_len, num_buckets + 2]
-        return bucket_lookup(table.reshape(-1), index)
-
-
-def rab_index(offsets: torch.Tensor, buckets: torch.Tensor, has_time: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """Flat index into HSTURelativeBias's table: offsets [N, N], buckets [B, N, N], has_time [B] -> [B, N, N] long.
-    Rows without timestamps point at the table's last column, which carries no time weight."""
-    width = num_buckets + 2
-    buckets = torch.where(has_time.view(-1, 1, 1), buckets, torch.full_like(buckets, num_buckets + 1))
-    return offsets.unsqueeze(0) * width + buckets
-
-
-def hstu_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rab: torch.Tensor, causal: torch.Tensor, norm: torch.Tensor
-) -> torch.Tensor:
-    """Pointwise causal HSTU attention, the plain PyTorch reference path.
-
-    q, k [B, h, N, d_qk]; v [B, h, N, d_v]; rab [B or 1, N, N]; causal [N, N] float (1 where j <= i, else 0);
-    norm [B or 1] float -> out [B, h, N, d_v]:
-
-        out_i = (1 / norm) · Σ_{j <= i} SiLU(q_i·k_j + rab_ij) · v_j
-
-    The normaliser is applied to the [.., N, d_v] output rather than to the N×N weights (same value, less work), and
-    the adds and the mask run in place on the fresh score tensor (autograd saves q, k and the SiLU input, not the
-    tensors overwritten).
-    """
-    scores = torch.matmul(q, k.transpose(-1, -2))  # [B, h, N, N]
-    scores.add_(rab.unsqueeze(1))
-    weights = F.silu(scores, inplace=not (torch.is_grad_enabled() and scores.requires_grad))
-    weights.mul_(causal)
-    return torch.matmul(weights, v) / norm.view(-1, 1, 1, 1)
+        """offsets [N, N] or [B, Nq, Nk] long (i - j, clamped to >= 0); index from ``rab_index`` or None (no time
+        term) -> rab [B, Nq, Nk], or [1, N, N] for [N, N] offsets without a time term (broadcast over the batch)."""
+        rab = relative_bias(self.pos_w, self.ts_w, offsets, index, self.use_position)
+        return rab if rab.dim() == 3 else rab.unsqueeze(0)
 
 
 class HSTULayer(nn.Module):
@@ -163,19 +118,33 @@ class HSTULayer(nn.Module):
         self.dropout = nn.Dropout(config.linear_dropout)
 
     def forward(
-        self, x: torch.Tensor, offsets: torch.Tensor, index: torch.Tensor | None, causal: torch.Tensor, norm: torch.Tensor
+        self, x: torch.Tensor, offsets: torch.Tensor, index: torch.Tensor | None, mask: torch.Tensor, norm: torch.Tensor
     ) -> torch.Tensor:
-        B, N, _ = x.shape
-        h, dqk, dv = self.h, self.dqk, self.dv
-        uvqk = F.silu(F.layer_norm(x, x.shape[-1:], eps=1e-6) @ self.uvqk)  # [B, N, 2h(dv+dqk)]
-        u, v, q, k = torch.split(uvqk, [h * dv, h * dv, h * dqk, h * dqk], dim=-1)
-        q = q.view(B, N, h, dqk).transpose(1, 2)  # [B, h, N, dqk]
-        k = k.view(B, N, h, dqk).transpose(1, 2)
-        v = v.view(B, N, h, dv).transpose(1, 2)  # [B, h, N, dv]
-        rab = self.rab(offsets, index)  # [B or 1, N, N]
-        av = hstu_attention(q, k, v, rab, causal, norm).transpose(1, 2).reshape(B, N, h * dv)  # [B, N, h·dv]
-        gated = u * F.layer_norm(av, av.shape[-1:], eps=1e-6)
-        return x + self.out(self.dropout(gated))
+        """x [B, N, d]; offsets, index: the relative bias's (``HSTURelativeBias.forward``); mask [N, N] float
+        (causal); norm [B or 1] -> [B, N, d]."""
+        u, v, q, k = split_uvqk(project(input_norm(x), self.uvqk), self.h, self.dv, self.dqk)  # [B, N, h·dim] each
+        av = hstu_attention(to_heads(q, self.h), to_heads(k, self.h), to_heads(v, self.h),  # [B, h, N, dv]
+                            self.rab(offsets, index), mask, norm)
+        return gated_residual(x, u, from_heads(av), self.out, self.dropout)
+
+    def forward_last(
+        self, x: torch.Tensor, last: torch.Tensor, offsets: torch.Tensor, index: torch.Tensor | None,
+        mask: torch.Tensor, norm: torch.Tensor,
+    ) -> torch.Tensor:
+        """``forward`` for one query row per sequence: x [B, N, d]; last [B] the query position of each row;
+        offsets, index [B, 1, N] of that row; mask [B, 1, 1, N] -> [B, d], equal to ``forward(...)[b, last[b]]``.
+        Keys and values are projected at every position, the gate U and the query only at ``last``: half the
+        projection work of the full layer, and O(N) attention instead of O(N²)."""
+        h, dv, dqk = self.h, self.dv, self.dqk
+        w_u, w_v, w_q, w_k = split_uvqk(self.uvqk, h, dv, dqk)  # column blocks [d, ·] of W_uvqk
+        rows = torch.arange(x.shape[0], device=x.device)
+        x_hat = input_norm(x)  # [B, N, d]
+        x_hat_last = x_hat[rows, last].unsqueeze(1)  # [B, 1, d]
+        q = to_heads(project(x_hat_last, w_q), h)  # [B, h, 1, dqk]
+        k, v = to_heads(project(x_hat, w_k), h), to_heads(project(x_hat, w_v), h)  # [B, h, N, ·]
+        av = hstu_attention(q, k, v, self.rab(offsets, index), mask, norm)  # [B, h, 1, dv]
+        return gated_residual(x[rows, last], project(x_hat_last[:, 0], w_u), from_heads(av)[:, 0], self.out,
+                              self.dropout)
 
 
 class HSTU(nn.Module):
@@ -200,28 +169,35 @@ class HSTU(nn.Module):
 
     def encode(self, batch: Batch) -> torch.Tensor:
         """batch.item_ids [B, N] -> L2-normalised sequence embeddings [B, N, d] (padding rows are zero)."""
-        return F.normalize(self._hidden(batch, len(self.layers)), dim=-1, eps=1e-6)
+        return output_normalize(self._hidden(batch, len(self.layers)))
 
     def encode_last(self, batch: Batch) -> torch.Tensor:
         """The L2-normalised embedding at each row's last real position [B, d], all that retrieval and serving use.
 
-        Equals ``encode(batch)[b, lengths[b] - 1]`` (tested) with less work: the last layer runs its attention for
-        that one query row per sequence, O(N) instead of O(N²)."""
+        Equals ``encode(batch)[b, lengths[b] - 1]`` (tested) with less work: the last layer runs for that one query
+        row per sequence (``HSTULayer.forward_last``)."""
         x = self._hidden(batch, len(self.layers) - 1)  # [B, N, d]
-        return F.normalize(self._last_row(self.layers[-1], x, batch), dim=-1, eps=1e-6)
+        B, N, _ = x.shape
+        last = (batch.lengths - 1).clamp(min=0)  # [B]
+        pos = torch.arange(N, device=x.device)
+        offsets = (last.view(B, 1, 1) - pos.view(1, 1, N)).clamp(min=0)  # [B, 1, N] i - j
+        rows = torch.arange(B, device=x.device)
+        index = self._rab_index(offsets, batch, batch.query_times[rows, last].view(B, 1))  # [B, 1, N] or None
+        mask = (pos.view(1, 1, 1, N) <= last.view(B, 1, 1, 1)).to(x.dtype)  # [B, 1, 1, N]
+        y = self.layers[-1].forward_last(x, last, offsets, index, mask, self._norm(batch, x.dtype))
+        return output_normalize(y)
 
     def _hidden(self, batch: Batch, num_layers: int) -> torch.Tensor:
         """Input embeddings then the first ``num_layers`` layers -> [B, N, d] (not normalised; padding rows zero)."""
         ids = batch.item_ids
-        B, N = ids.shape
+        N = ids.shape[1]
         if N > self.config.max_len:
             raise ValueError(f"sequence width {N} exceeds max_len {self.config.max_len}")
-        if self.config.attention_impl == "jagged" and num_layers > 0:
-            from genrec.ops.jagged import jagged_encode_batch, jagged_pays  # the fast path, tested equal to below
-
-            # small inference batches with little padding are cheaper on the plain path (see jagged_pays)
-            if jagged_pays(batch.lengths, N, torch.is_grad_enabled()):
-                return jagged_encode_batch(self, batch, num_layers=num_layers, normalize=False)
+        # the fast path, tested equal to the rest of this function; small inference batches with little padding are
+        # cheaper on the plain path (see jagged_pays)
+        if (self.config.attention_impl == "jagged" and num_layers > 0
+                and jagged_pays(batch.lengths, N, torch.is_grad_enabled())):
+            return jagged_encode_batch(self, batch, num_layers=num_layers, normalize=False)
         d = self.config.embedding_dim
         valid = (torch.arange(N, device=ids.device).unsqueeze(0) < batch.lengths.unsqueeze(1)).unsqueeze(-1)  # [B,N,1]
         x = self.item_emb(ids) * math.sqrt(d) + self.pos_emb.weight[:N].unsqueeze(0)
@@ -230,15 +206,20 @@ class HSTU(nn.Module):
             return x
         pos = torch.arange(N, device=ids.device)
         offsets = (pos.view(N, 1) - pos.view(1, N)).clamp(min=0)  # [N, N] i - j
-        index = None  # [B, N, N] into each layer's rab table, when some row has timestamps
-        if self.config.use_time_bias and bool(batch.has_time.any()):
-            nb = self.config.num_time_buckets
-            index = rab_index(offsets, time_buckets(batch.query_times, batch.timestamps, nb), batch.has_time, nb)
+        index = self._rab_index(offsets, batch, batch.query_times)  # [B, N, N] or None
         causal = torch.ones(N, N, device=ids.device).tril()  # [N, N]
         norm = self._norm(batch, x.dtype)
         for layer in self.layers[:num_layers]:
             x = layer(x, offsets, index, causal, norm) * valid
         return x
+
+    def _rab_index(self, offsets: torch.Tensor, batch: Batch, query_times: torch.Tensor) -> torch.Tensor | None:
+        """Index into every layer's bias table for queries at ``query_times`` [B, Nq] against all of the batch's
+        keys (offsets [Nq, Nk] or [B, Nq, Nk]); None when the time term is off or no row has timestamps."""
+        if not (self.config.use_time_bias and bool(batch.has_time.any())):
+            return None
+        nb = self.config.num_time_buckets
+        return rab_index(offsets, time_buckets(query_times, batch.timestamps, nb), batch.has_time, nb)
 
     def _norm(self, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
         """The attention normaliser: [1] (max_len) or [B] (each row's length)."""
@@ -246,37 +227,7 @@ class HSTU(nn.Module):
             return torch.full((1,), float(self.config.max_len), device=batch.lengths.device)
         return batch.lengths.clamp(min=1).to(dtype)
 
-    def _last_row(self, layer: "HSTULayer", x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """``layer`` at the last real position of every row only: x [B, N, d] (input of the layer) -> [B, d].
-
-        Same math as ``HSTULayer.forward`` for query i = lengths - 1: keys and values of every position, the query,
-        the gate U and the relative bias of that one row. Only V and K are projected at every position (U and Q at
-        the last one): half the projection work of the full layer."""
-        B, N, d = x.shape
-        h, dqk, dv = layer.h, layer.dqk, layer.dv
-        rows = torch.arange(B, device=x.device)
-        last = (batch.lengths - 1).clamp(min=0)  # [B]
-        w_u, w_v, w_q, w_k = torch.split(layer.uvqk, [h * dv, h * dv, h * dqk, h * dqk], dim=-1)  # [d, ·] each
-        xn = F.layer_norm(x, (d,), eps=1e-6)  # [B, N, d]
-        v = F.silu(xn @ w_v).view(B, N, h, dv).transpose(1, 2)  # [B, h, N, dv]
-        k = F.silu(xn @ w_k).view(B, N, h, dqk).transpose(1, 2)  # [B, h, N, dqk]
-        xn_last = xn[rows, last]  # [B, d]
-        u_last = F.silu(xn_last @ w_u)  # [B, h·dv]
-        q = F.silu(xn_last @ w_q).view(B, h, 1, dqk)  # [B, h, 1, dqk]
-        pos = torch.arange(N, device=x.device)
-        offsets = (last.view(B, 1) - pos.view(1, N)).clamp(min=0)  # [B, N] i - j
-        rab = layer.rab.pos_w[offsets] if layer.rab.use_position else torch.zeros(B, N, device=x.device)
-        if self.config.use_time_bias and bool(batch.has_time.any()):
-            qt = batch.query_times[rows, last].view(B, 1)
-            buckets = time_buckets(qt, batch.timestamps, self.config.num_time_buckets)[:, 0]  # [B, N]
-            rab = rab + layer.rab.ts_w[buckets] * batch.has_time.view(B, 1).to(rab.dtype)
-        scores = torch.matmul(q, k.transpose(-1, -2)) + rab.view(B, 1, 1, N)  # [B, h, 1, N]
-        weights = F.silu(scores) * (pos.view(1, 1, 1, N) <= last.view(B, 1, 1, 1))
-        av = (torch.matmul(weights, v) / self._norm(batch, x.dtype).view(-1, 1, 1, 1)).reshape(B, h * dv)
-        gated = u_last * F.layer_norm(av, (h * dv,), eps=1e-6)
-        return x[rows, last] + layer.out(layer.dropout(gated))
-
     def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised item embeddings for ``ids`` (any shape) or, if None, the whole table [num_items + 1, d]."""
         w = self.item_emb.weight if ids is None else self.item_emb(ids)
-        return F.normalize(w, dim=-1, eps=1e-6)
+        return output_normalize(w)

@@ -1,5 +1,8 @@
-"""Fast paths for HSTU (paper §5): blocked attention, jagged sequences, M-FALCON candidate ranking.
+"""Building blocks and fast paths of HSTU (paper §3.1 and §5).
 
-Each module keeps the plain PyTorch path of ``genrec.models.hstu`` as its reference and is parity-tested against
-it (tests/ops). Nothing here changes ``genrec.models.hstu``; see each module for how to call it.
+``hstu_math``: the layer's math as functions of tensors and weights, the one definition shared by the model
+(``genrec.models.hstu``, the padded reference path) and by the fast paths, each parity-tested against that
+reference (tests/ops): ``hstu_attention`` (blocked attention engine), ``jagged`` (jagged batches), ``mfalcon``
+(cached candidate ranking). ``dropout`` and ``native`` hold the counter-based dropout and the optional C kernels.
+Nothing here imports ``genrec.models``: the fast paths take a model's or layer's parameters (duck-typed objects).
 """

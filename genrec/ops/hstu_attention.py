@@ -2,8 +2,8 @@
 
 Paper: Zhai et al., ICML 2024, §3.1 (pointwise aggregated attention) and §5 (fused ragged attention kernels; the
 reference ships them in Triton/CUDA, ``ops/triton/triton_hstu_attention.py``). This is a pure-PyTorch CPU version of
-the same idea. The math is that of the plain reference ``genrec.models.hstu.hstu_attention`` with the bias of
-``HSTURelativeBias``::
+the same idea. The math is that of the plain reference ``genrec.ops.hstu_math.hstu_attention`` with the bias of
+``genrec.ops.hstu_math.relative_bias``::
 
     out_i  = (1 / norm) · Σ_{j <= i} SiLU(q_i·k_j + rab_ij) · v_j
     rab_ij = pos_w[i - j] + ts_w[bucket(query_time_i - t_j)]      (time term only in rows that have timestamps)
@@ -78,6 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from genrec.ops import native as native_mod
+
 # Scores (C·h·block²) per chunk of tiles: 256K fp32 = 1 MiB, this CPU's L2 (measured best of 256K / 1M here).
 DEFAULT_TILE_ELEMS = 1 << 18
 LONG_BUCKET_PAIRS = 1 << 23
@@ -232,7 +233,7 @@ class TileBuckets:
 
     slot_t, slot_qt [num_blocks, block] long: key timestamp / query time of every slot; block_time [num_blocks]
     bool: whether the block's row has timestamps (rows without get id ``num_buckets + 1``, which carries no weight).
-    The ids equal ``genrec.models.hstu.time_buckets`` (same fp32 operations in the same order).
+    The ids equal ``genrec.ops.hstu_math.time_buckets`` (same fp32 operations in the same order).
 
     lib: the native kernel (``genrec.ops.native.load()``) computes the ids of all tiles in one call instead of
     eight PyTorch passes per chunk (same fp32 formula with its own log polynomial: on 1.8 M gaps sampled around
@@ -278,7 +279,7 @@ class TileBuckets:
         return ptr[self.layout.key_groups[3]].contiguous()
 
     @staticmethod
-    def build(layout, slot_t, slot_qt, block_time, num_buckets, lib=None) -> "TileBuckets | None":
+    def build(layout, slot_t, slot_qt, block_time, num_buckets, lib=None) -> TileBuckets | None:
         """None when no row has timestamps (then the time term is 0 everywhere)."""
         if block_time is None or not bool(block_time.any()):
             return None
@@ -630,9 +631,9 @@ def blocked_hstu_attention(
 ) -> torch.Tensor:
     """Padded-batch entry point with the plain path's result::
 
-        hstu_attention(q, k, v, rab, causal, norm)   with   rab = HSTURelativeBias(offsets, rab_index(...))
+        hstu_attention(q, k, v, rab, causal, norm)   with   rab = relative_bias(pos_w, ts_w, offsets, rab_index(...))
 
-    q, k [B, h, N, dqk]; v [B, h, N, dv]; pos_w [P >= N] (``HSTURelativeBias.pos_w``; None = no position term);
+    q, k [B, h, N, dqk]; v [B, h, N, dv]; pos_w [P >= N] (a layer's ``rab.pos_w``; None = no position term);
     ts_w [num_buckets + 1] (``.ts_w``; None = no time term); timestamps, query_times [B, N] long; has_time [B] bool;
     norm [B or 1]; lengths [B] (None = every row is N long); block (None: ``choose_block``); native, loop: as
     ``blocked_attention`` -> out [B, h, N, dv].

@@ -455,7 +455,7 @@ void genrec_dropout(const genrec_dropout_args *a) {
  * for tile i = (query block qi[i], key block ki[i]): qt = slot_qt[qi[i]], t = slot_t[ki[i]] ([B] int64 each: query
  * time of each query slot, timestamp of each key slot); out [n, B, B] int64 or uint8 (out_dtype 0 / 1). The gap is
  * rounded to fp32 and log evaluated in fp32 with a Cephes polynomial (within an ulp or so of libm), as
- * genrec.models.hstu.time_buckets does with torch's fp32 log: the ids agree except for gaps whose log / 0.301 lies
+ * genrec.ops.hstu_math.time_buckets does with torch's fp32 log: the ids agree except for gaps whose log / 0.301 lies
  * within an ulp of an integer, where even torch's vectorised and scalar logs can disagree. Most rows take the
  * equivalent threshold count of bucket_row instead of a log per pair (9 -> 6 ms for one 4096 sequence).
  * ---------------------------------------------------------------------------------------------------------------- */

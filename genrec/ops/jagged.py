@@ -40,7 +40,15 @@ from genrec.ops.hstu_attention import (
     choose_block,
     native_lib,
 )
-
+from genrec.ops.hstu_math import (
+    gated_residual,
+    hstu_attention,
+    input_norm,
+    output_normalize,
+    rab_index,
+    relative_bias,
+    time_buckets,
+)
 
 # ---------------------------------------------------------------------------------------------------------- layout
 
@@ -256,25 +264,25 @@ def jagged_hstu_attention(
 def jagged_hstu_attention_reference(
     q, k, v, offsets, pos_w, ts_w, timestamps, query_times, has_time, num_buckets, norm
 ) -> torch.Tensor:
-    """Plain reference: one sequence at a time through ``genrec.models.hstu.hstu_attention`` (same arguments as
+    """Plain reference: one sequence at a time through ``genrec.ops.hstu_math.hstu_attention`` (same arguments as
     ``jagged_hstu_attention``). Also ∝ Σ nᵢ², but one Python iteration and full n×n scores per sequence."""
-    from genrec.models.hstu import hstu_attention, rab_index, time_buckets
-
     outs = []
     norm = torch.as_tensor(norm, dtype=torch.float32).reshape(-1)
     for s in range(len(offsets) - 1):
         a, b = int(offsets[s]), int(offsets[s + 1])
         n = b - a
         idx = torch.arange(n)
-        off = (idx.view(n, 1) - idx.view(1, n)).clamp(min=0)  # [n, n]
-        rab = pos_w[off] if pos_w is not None else torch.zeros(n, n)
+        off = (idx.view(1, n, 1) - idx.view(1, 1, n)).clamp(min=0)  # [1, n, n]
+        index = None
         if ts_w is not None and has_time is not None and bool(has_time[s]):
-            buckets = time_buckets(query_times[a:b].view(1, n), timestamps[a:b].view(1, n), num_buckets)[0]
-            rab = rab + ts_w[buckets]
+            index = rab_index(off, time_buckets(query_times[a:b].view(1, n), timestamps[a:b].view(1, n), num_buckets),
+                              None, num_buckets)
+        pos = pos_w if pos_w is not None else torch.zeros(n)
+        rab = relative_bias(pos, ts_w, off, index, use_position=pos_w is not None)  # [1, n, n]
         causal = torch.ones(n, n).tril()
         ns = norm[s if norm.numel() > 1 else 0].view(1)
         qs, ks, vs = (x[a:b].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, h, n, d]
-        outs.append(hstu_attention(qs, ks, vs, rab.unsqueeze(0), causal, ns)[0].transpose(0, 1))  # [n, h, dv]
+        outs.append(hstu_attention(qs, ks, vs, rab, causal, ns)[0].transpose(0, 1))  # [n, h, dv]
     return torch.cat(outs, 0)
 
 
@@ -309,18 +317,20 @@ def jagged_context(
 
 
 def jagged_hstu_layer(layer, x: torch.Tensor, ctx: JaggedContext) -> torch.Tensor:
-    """One ``HSTULayer`` (its own parameters) on jagged x [T, d] -> [T, d]; the math of ``HSTULayer.forward``."""
-    T, d = x.shape
+    """One HSTU layer on jagged x [T, d] -> [T, d]: ``HSTULayer.forward``'s steps (``genrec.ops.hstu_math``) with the
+    projection split straight into blocks and the blocked attention engine. ``layer``: any object with the layer's
+    parameters ``h``, ``dqk``, ``dv``, ``uvqk`` [d, 2h(dv + dqk)], ``out`` (W_o), ``dropout.p``, ``training`` and
+    ``rab.pos_w`` / ``rab.ts_w`` / ``rab.use_position``."""
+    T = x.shape[0]
     h, dqk, dv = layer.h, layer.dqk, layer.dv
-    pre = F.layer_norm(x, (d,), eps=1e-6) @ layer.uvqk  # [T, 2h(dv + dqk)] = U | V | Q | K before their SiLU
+    pre = input_norm(x) @ layer.uvqk  # [T, 2h(dv + dqk)] = U | V | Q | K before their SiLU
     jb = ctx.jb
     u, v, q, k = split_uvqk(pre, jb, h, dv, dqk, silu=True)  # SiLU'd: u [T, h·dv]; v, q, k [num_blocks, h, block, ·]
     pos_w = layer.rab.pos_w if layer.rab.use_position else None
     ts_w = layer.rab.ts_w if ctx.buckets is not None else None
     out = blocked_attention(q, k, v, jb.layout, ctx.norm, pos_w, ts_w, ctx.buckets, ctx.native)  # [nblk, h, Bs, dv]
     av = from_blocks(out, jb).reshape(T, h * dv)
-    gated = u * F.layer_norm(av, (h * dv,), eps=1e-6)
-    return x + layer.out(dropout(gated, layer.dropout.p, layer.training, ctx.native))
+    return gated_residual(x, u, av, layer.out, lambda t: dropout(t, layer.dropout.p, layer.training, ctx.native))
 
 
 def jagged_encode(
@@ -335,7 +345,8 @@ def jagged_encode(
     normalize: bool = True,
 ) -> torch.Tensor:
     """``HSTU.encode`` on a jagged batch, with ``model``'s parameters (the first ``num_layers`` layers, default all;
-    ``normalize=False`` skips the final L2 normalisation).
+    ``normalize=False`` skips the final L2 normalisation). ``model``: any object with the encoder's ``config``,
+    ``item_emb``, ``pos_emb``, ``input_dropout``, ``training`` and ``layers`` (see ``jagged_hstu_layer``).
 
     values [T] item ids (no padding); offsets [B + 1]; timestamps, query_times [T] long (as ``Batch``: the time of
     each item / of the item each position predicts); has_time [B] bool (None: True iff timestamps are given)
@@ -353,7 +364,7 @@ def jagged_encode(
     x = dropout(x, model.input_dropout.p, model.training, ctx.native)
     for layer in model.layers[:num_layers]:
         x = jagged_hstu_layer(layer, x, ctx)
-    return F.normalize(x, dim=-1, eps=1e-6) if normalize else x
+    return output_normalize(x) if normalize else x
 
 
 def jagged_pays(lengths: torch.Tensor, width: int, grad: bool) -> bool:

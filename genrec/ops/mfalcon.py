@@ -39,7 +39,18 @@ import torch
 import torch.nn.functional as F
 
 from genrec.data.batches import Batch
-from genrec.models.hstu import time_buckets
+from genrec.ops.hstu_math import (
+    gated_residual,
+    hstu_attention,
+    input_norm,
+    output_normalize,
+    project,
+    rab_index,
+    relative_bias,
+    split_uvqk,
+    time_buckets,
+    to_heads,
+)
 
 
 @dataclass
@@ -80,30 +91,21 @@ def _history_arrays(model, history_ids, history_times, request_time, has_time):
     return ids, ts, qt, request_time, bool(has_time)
 
 
-def _rab(layer, offsets: torch.Tensor, buckets: torch.Tensor | None) -> torch.Tensor:
-    """HSTURelativeBias's value for given offsets and buckets (None: no time term), any shape."""
-    rab = layer.rab.pos_w[offsets] if layer.rab.use_position else torch.zeros(offsets.shape)
-    return rab if buckets is None else rab + layer.rab.ts_w[buckets]
+def _rab(layer, offsets: torch.Tensor, buckets: torch.Tensor | None, num_buckets: int) -> torch.Tensor:
+    """The layer's relative bias for given offsets and buckets (None: no time term), any shape."""
+    index = rab_index(offsets, buckets, None, num_buckets) if buckets is not None else None
+    return relative_bias(layer.rab.pos_w, layer.rab.ts_w, offsets, index, layer.rab.use_position)
 
 
 def _uvqk(layer, x: torch.Tensor):
-    """x [M, d] -> u [M, h·dv], v [h, M, dv], q [h, M, dqk], k [h, M, dqk] (HSTULayer's projection)."""
-    h, dqk, dv = layer.h, layer.dqk, layer.dv
-    uvqk = F.silu(F.layer_norm(x, x.shape[-1:], eps=1e-6) @ layer.uvqk)
-    u, v, q, k = torch.split(uvqk, [h * dv, h * dv, h * dqk, h * dqk], dim=-1)
-    return u, _heads(v, h), _heads(q, h), _heads(k, h)
-
-
-def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
-    """[M, h·dim] -> [h, M, dim]."""
-    return t.reshape(t.shape[0], h, -1).transpose(0, 1)
+    """x [M, d] -> u [M, h·dv], v [h, M, dv], q [h, M, dqk], k [h, M, dqk] (the layer's projection)."""
+    u, v, q, k = split_uvqk(project(input_norm(x), layer.uvqk), layer.h, layer.dv, layer.dqk)
+    return u, to_heads(v, layer.h), to_heads(q, layer.h), to_heads(k, layer.h)
 
 
 def _finish(layer, x: torch.Tensor, u: torch.Tensor, av: torch.Tensor) -> torch.Tensor:
-    """Residual output of HSTULayer: x + W_o · dropout(U ⊙ LN(AV)); av [h, M, dv]."""
-    M = x.shape[0]
-    av = av.transpose(0, 1).reshape(M, -1)
-    return x + layer.out(layer.dropout(u * F.layer_norm(av, av.shape[-1:], eps=1e-6)))
+    """The layer's residual output x + W_o · dropout(U ⊙ LN(AV)); av [h, M, dv]."""
+    return gated_residual(x, u, av.transpose(0, 1).reshape(x.shape[0], -1), layer.out, layer.dropout)
 
 
 def _embed(model, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -124,6 +126,7 @@ def build_history_cache(
     n = len(ids)
     use_time = cfg.use_time_bias and has_time
     norm = float(cfg.max_len) if cfg.attention_norm == "max_len" else float(n + 1)  # "length": the n + 1 sequence
+    norm_t = torch.tensor([norm])
     pos = torch.arange(n)
     hist_off = (pos.view(n, 1) - pos.view(1, n)).clamp(min=0)  # [n, n]
     hist_buckets = time_buckets(qt.view(1, n), ts.view(1, n), cfg.num_time_buckets)[0] if use_time else None
@@ -139,14 +142,14 @@ def build_history_cache(
     keys, values, cand_rab, self_rab = [], [], [], []
     for layer in model.layers:
         u, v, q, k = _uvqk(layer, x)
-        weights = F.silu(q @ k.transpose(1, 2) + _rab(layer, hist_off, hist_buckets)) * causal  # [h, n, n]
-        x = _finish(layer, x, u, (weights @ v) / norm)
+        rab = _rab(layer, hist_off, hist_buckets, cfg.num_time_buckets).view(1, n, n)
+        x = _finish(layer, x, u, hstu_attention(q[None], k[None], v[None], rab, causal, norm_t)[0])  # [h, n, dv]
         keys.append(k)
         values.append(v)
-        cand_rab.append(_rab(layer, cand_off, cand_buckets))
-        self_rab.append(_rab(layer, torch.tensor(0), self_bucket))
+        cand_rab.append(_rab(layer, cand_off, cand_buckets, cfg.num_time_buckets))
+        self_rab.append(_rab(layer, torch.tensor(0), self_bucket, cfg.num_time_buckets))
     return HistoryCache(n, request_time, has_time, norm, keys, values, cand_rab, self_rab,
-                        F.normalize(x, dim=-1, eps=1e-6))
+                        output_normalize(x))
 
 
 def score_candidates(model, cache: HistoryCache, candidates, microbatch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +170,7 @@ def score_candidates(model, cache: HistoryCache, candidates, microbatch: int = 6
             w_hist = F.silu(q @ k_hist.transpose(1, 2) + c_rab)  # [h, b, n]: every candidate sees the history
             w_self = F.silu((q * k).sum(-1, keepdim=True) + s_rab)  # [h, b, 1]: ... and itself, no other candidate
             x = _finish(layer, x, u, (w_hist @ v_hist + w_self * v) / cache.norm)
-        outs.append(F.normalize(x, dim=-1, eps=1e-6))
+        outs.append(output_normalize(x))
     outputs = torch.cat(outs, 0) if outs else torch.zeros(0, model.config.embedding_dim)
     scores = (outputs * model.item_vectors(candidates)).sum(-1)  # [m]; a ranking head would replace this line
     return outputs, scores
@@ -184,7 +187,7 @@ def score_candidates_uncached(
     candidates = torch.as_tensor(candidates, dtype=torch.long)
     n = len(ids)
     use_time = cfg.use_time_bias and has_time
-    norm = float(cfg.max_len) if cfg.attention_norm == "max_len" else float(n + 1)
+    norm_t = torch.tensor([float(cfg.max_len) if cfg.attention_norm == "max_len" else float(n + 1)])
     outs = []
     for start in range(0, len(candidates), microbatch):
         c = candidates[start : start + microbatch]
@@ -197,12 +200,13 @@ def score_candidates_uncached(
         buckets = time_buckets(qt_all.view(1, L), t_all.view(1, L), cfg.num_time_buckets)[0] if use_time else None
         i = torch.arange(L)
         mask = ((i.view(L, 1) >= i.view(1, L)) & (i.view(1, L) < n)) | (i.view(L, 1) == i.view(1, L))  # [L, L]
+        mask = mask.to(torch.float32)
         x = _embed(model, torch.cat([ids, c]), pos)  # [L, d]
         for layer in model.layers:
             u, v, q, k = _uvqk(layer, x)
-            weights = F.silu(q @ k.transpose(1, 2) + _rab(layer, offsets, buckets)) * mask  # [h, L, L]
-            x = _finish(layer, x, u, (weights @ v) / norm)
-        outs.append(F.normalize(x[n:], dim=-1, eps=1e-6))
+            rab = _rab(layer, offsets, buckets, cfg.num_time_buckets).view(1, L, L)
+            x = _finish(layer, x, u, hstu_attention(q[None], k[None], v[None], rab, mask, norm_t)[0])  # [h, L, dv]
+        outs.append(output_normalize(x[n:]))
     outputs = torch.cat(outs, 0)
     return outputs, (outputs * model.item_vectors(candidates)).sum(-1)
 
