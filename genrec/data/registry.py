@@ -3,7 +3,9 @@
 Search path (:func:`resolve_data_dir`): the explicit ``data_dir`` argument (``--data-dir``),
 then every directory in ``$GENREC_DATA_DIR`` (``os.pathsep``-separated), then the cache
 directory (``$GENREC_CACHE_DIR``, default ``~/.cache/genrec``), where
-:func:`fetch_dataset` puts downloads.
+:func:`fetch_dataset` puts downloads.  A dataset with a ``bundled`` copy (``ml-latest-small``,
+shipped as package data in ``genrec/data/bundled/``, licence terms included) is found there
+last, so it needs no data directory at all, while a copy in the search path still wins.
 
 Each :class:`DatasetSpec` lists ``local_layouts``: alternative sets of file paths,
 relative to a search directory, in preference order; the first directory (in search
@@ -48,6 +50,7 @@ from genrec.data.readers import (
 )
 
 __all__ = [
+    "BUNDLED_DIR",
     "RemoteFile",
     "DatasetSpec",
     "LoadedDataset",
@@ -59,6 +62,10 @@ __all__ = [
     "load_dataset",
     "fetch_dataset",
 ]
+
+
+# Datasets shipped as package data (see genrec/data/bundled/README.md).
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,8 @@ class DatasetSpec:
     licence: str
     remote: tuple[RemoteFile, ...]
     local_layouts: tuple[tuple[str, ...], ...]
+    # A copy shipped with genrec: True when BUNDLED_DIR holds the first layout (searched last).
+    bundled: bool = False
 
 
 @dataclass
@@ -185,6 +194,7 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         remote=(RemoteFile("ml-latest-small.zip", _GROUPLENS + "ml-latest-small.zip", None),),
         local_layouts=(("ml-latest-small/ratings.csv",), ("movielens-latest-small/ratings.csv",)),
+        bundled=True,
     ),
     "amazon-beauty": DatasetSpec(
         name="amazon-beauty",
@@ -221,6 +231,7 @@ _PUBLISHED: dict[str, tuple[int, int, int | None]] = {
     "ml-1m": (1_000_209, 6_040, 3_706),
     "ml-100k": (100_000, 943, 1_682),
     "ml-20m": (20_000_263, 138_493, None),
+    "ml-latest-small": (100_836, 610, 9_724),  # the September 2018 release (the bundled copy)
     "amazon-beauty": (198_502, 22_363, 12_101),
 }
 
@@ -262,6 +273,14 @@ def _search_path(data_dir=None) -> list[tuple[Path, str]]:
             seen.add(key)
             out.append((path, origin))
     return out
+
+
+def _search_for(spec: DatasetSpec, data_dir=None) -> list[tuple[Path, str]]:
+    """The search path for ``spec``: :func:`resolve_data_dir`'s directories, then the bundled copy if any."""
+    search = _search_path(data_dir)
+    if spec.bundled:
+        search.append((BUNDLED_DIR, "bundled with genrec"))
+    return search
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -574,7 +593,7 @@ def load_dataset(name: str, data_dir=None, on_bad_rows: str = "error") -> Loaded
     if on_bad_rows not in ("error", "skip"):
         raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
     spec = _get_spec(name)
-    search = _search_path(data_dir)
+    search = _search_for(spec, data_dir)
     found = _find(spec, search)
     if found is None:
         raise _not_found(spec, search)
@@ -586,6 +605,10 @@ def load_dataset(name: str, data_dir=None, on_bad_rows: str = "error") -> Loaded
         raise ValueError(f"no loader for {main.name} (dataset {name!r})")
     files = [str(main)]
     notes: list[str] = []
+    if spec.bundled and base == BUNDLED_DIR:
+        notes.append(
+            f"the copy of {name} bundled with genrec ({folder}); its licence terms are in {folder / 'README.txt'}"
+        )
     df, titles = loader(folder, main, on_bad_rows, files, notes)
     tie = _tie_note(df)
     if tie:

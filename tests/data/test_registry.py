@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from genrec.data.registry import (
+    BUNDLED_DIR,
     DATASETS,
     DatasetDownloadError,
     DatasetNotFoundError,
@@ -24,15 +25,9 @@ from genrec.data.registry import (
     load_dataset,
     resolve_data_dir,
 )
+from genrec.data.sequences import build_sequences
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-
-
-def shared_or_skip(folder: str) -> Path:
-    path = SHARED / folder
-    if not path.is_dir():
-        pytest.skip(f"shared dataset folder not found at {path.resolve()}")
-    return SHARED
+from ..conftest import real_data_or_skip
 
 
 @pytest.fixture(autouse=True)
@@ -211,8 +206,30 @@ def test_search_order_prefers_explicit_dir(tmp_path, monkeypatch):
         folder.mkdir(parents=True)
         (folder / "ratings.csv").write_text(f"userId,movieId,rating,timestamp\n1,1,4.0,{ts}\n")
     monkeypatch.setenv("GENREC_DATA_DIR", str(tmp_path / "env"))
-    assert load_dataset("ml-latest-small", tmp_path / "explicit").interactions["timestamp"].tolist() == [1]
-    assert load_dataset("ml-latest-small").interactions["timestamp"].tolist() == [2]
+    with pytest.warns(UserWarning, match="published totals"):
+        assert load_dataset("ml-latest-small", tmp_path / "explicit").interactions["timestamp"].tolist() == [1]
+    with pytest.warns(UserWarning, match="published totals"):
+        assert load_dataset("ml-latest-small").interactions["timestamp"].tolist() == [2]
+
+
+def test_bundled_ml_latest_small_needs_no_data_directory(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the September 2018 release: the published totals
+        ds = load_dataset("ml-latest-small")
+    folder = BUNDLED_DIR / "ml-latest-small"
+    assert ds.files == [str(folder / "ratings.csv"), str(folder / "movies.csv")]
+    df = ds.interactions
+    assert len(df) == 100_836 and df["user"].nunique() == 610 and df["item"].nunique() == 9_724
+    assert df["timestamp"].notna().all() and df["rating"].notna().all()
+    assert len(ds.titles) == 9_742 and ds.titles["1"] == "Toy Story (1995)"
+    assert any("bundled with genrec" in n and "README.txt" in n for n in ds.notes)
+    assert "Usage License" in (folder / "README.txt").read_text(encoding="utf-8")  # the licence travels with it
+    # a copy in a data directory wins over the bundled one
+    own = tmp_path / "mine" / "ml-latest-small"
+    own.mkdir(parents=True)
+    (own / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,5\n")
+    with pytest.warns(UserWarning, match="published totals"):
+        assert load_dataset("ml-latest-small", tmp_path / "mine").files == [str(own / "ratings.csv")]
 
 
 # ----------------------------------------------------------------------------- fetching
@@ -296,11 +313,35 @@ def test_fetch_rejects_unsafe_zip(tmp_path, monkeypatch):
 
 
 def test_real_ml1m():
-    data = shared_or_skip("movielens-1m")
+    """The complete ML-1M release layout (ml-1m/ratings.dat) is preferred over the development layout."""
+    data = real_data_or_skip("ml-1m", "ratings.dat").parents[1]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # counts match the published totals: no warning
         ds = load_dataset("ml-1m", data_dir=data)
     df = ds.interactions
+    assert ds.files == [str(data / "ml-1m" / "ratings.dat"), str(data / "ml-1m" / "movies.dat")]
+    assert len(df) == 1_000_209
+    assert df["user"].nunique() == 6_040 and df["item"].nunique() == 3_706
+    assert df["timestamp"].notna().all() and df["rating"].notna().all()
+    assert len(ds.titles) == 3_883 and ds.titles["1"] == "Toy Story (1995)"
+    assert (df["user"].iloc[0], df["item"].iloc[0], int(df["timestamp"].iloc[0])) == ("1", "1193", 978300760)
+    notes = "\n".join(ds.notes)
+    assert "1,000,209 ratings with timestamps" in notes
+    for wrong in ("<NA>", "without timestamps", "only for", "development layout"):
+        assert wrong not in notes
+    seqs = build_sequences(df)
+    assert seqs.has_time.all() and seqs.num_users == 6_040 and seqs.lengths.sum() == 1_000_209
+    assert "users with timestamps 6,040/6,040" in seqs.summary()
+
+
+def test_real_ml1m_development_layout():
+    """The superseded movielens-1m/ folder still loads when given directly: timestamps for users 1..2999 only."""
+    folder = real_data_or_skip("movielens-1m", "ml-1m_user_sequences_by_time.txt.gz").parent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = load_dataset("ml-1m", data_dir=folder)
+    df = ds.interactions
+    assert ds.files[0].endswith("movielens-1m/ml-1m_user_sequences_by_time.txt.gz")
     assert len(df) == 1_000_209
     assert df["user"].nunique() == 6_040 and df["item"].nunique() == 3_706
     assert int(df["timestamp"].notna().sum()) == 487_650
@@ -313,7 +354,7 @@ def test_real_ml1m():
 
 
 def test_real_amazon_beauty():
-    data = shared_or_skip("amazon-beauty-s3rec")
+    data = real_data_or_skip("amazon-beauty-s3rec")
     ds = load_dataset("amazon-beauty", data_dir=data)
     df = ds.interactions
     assert len(df) == 198_502 and df["user"].nunique() == 22_363 and df["item"].nunique() == 12_101
@@ -321,11 +362,18 @@ def test_real_amazon_beauty():
     assert ds.titles is None
 
 
-def test_real_ml100k_and_latest_small():
-    data = shared_or_skip("movielens-100k")
+def test_real_ml100k():
+    data = real_data_or_skip("movielens-100k")
     ds = load_dataset("ml-100k", data_dir=data)
     assert len(ds.interactions) == 100_000 and len(ds.titles) == 1_682
     assert ds.interactions["timestamp"].notna().all()
-    if (SHARED / "movielens-latest-small").is_dir():
-        ds = load_dataset("ml-latest-small", data_dir=data)
-        assert len(ds.interactions) == 100_836 and len(ds.titles) == 9_742
+
+
+def test_real_ml_latest_small_copy_equals_the_bundled_one():
+    data = real_data_or_skip("movielens-latest-small")
+    ds = load_dataset("ml-latest-small", data_dir=data)
+    assert ds.files[0] == str(data / "ratings.csv")  # an explicit copy wins over the bundled one
+    bundled = load_dataset("ml-latest-small")
+    assert len(ds.interactions) == 100_836 and len(ds.titles) == 9_742
+    pd.testing.assert_frame_equal(ds.interactions, bundled.interactions, check_like=False)
+    assert ds.titles == bundled.titles
