@@ -1,6 +1,6 @@
 """The ``genrec`` command: a thin layer over the library.
 
-    genrec train --config configs/ml-1m/hstu.yaml [--set train.lr=0.002 ...] [--resume]
+    genrec train --config configs/ml-1m/hstu.yaml [--set train.lr=0.002 --set train.epochs=50 ...] [--resume|--overwrite]
     genrec evaluate --checkpoint runs/ml-1m/hstu [--target test] [--candidates sampled]
     genrec recommend --checkpoint runs/ml-1m/hstu --history 1193,661,914 -k 10
     genrec serve --checkpoint runs/ml-1m/hstu [--host 127.0.0.1 --port 8000] [--workers 2]
@@ -29,7 +29,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
     config = load_config(args.config, overrides)
-    results = train(config, resume=args.resume, progress=not args.no_progress)
+    results = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     _print_results(results)
     return 0
 
@@ -163,26 +163,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("--config", required=True, help="YAML run config, e.g. configs/ml-1m/hstu.yaml")
-    t.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. train.lr=0.002")
+    t.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE", default=[],
+                   help="override config values, e.g. --set train.lr=0.002 train.epochs=50; may be repeated, "
+                        "every value applies (later ones win for the same key)")  # fmt: skip
     t.add_argument("--data-dir", help="directory holding the dataset files (else $GENREC_DATA_DIR, the cache dir)")
     t.add_argument("--output-dir", help="run directory (overrides output_dir)")
-    t.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
-    t.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in the output directory from its checkpoint.pt (same model and data)")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="replace the run in the output directory (its run files are removed first); without this "
+                           "or --resume, a directory that already holds a run is refused")  # fmt: skip
+    t.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (there are none anyway when stderr is not a terminal)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate a trained run directory")
     e.add_argument("--checkpoint", required=True, help="run directory written by genrec train")
-    e.add_argument("--data-dir")
-    e.add_argument("--target", choices=["valid", "test"], default="test")
-    e.add_argument("--candidates", choices=["full", "sampled"], default=None, help="default: the run's protocol")
-    e.add_argument("--num-negatives", type=int, default=None)
-    e.add_argument("--users", choices=["all", "with-timestamps", "without-timestamps"], default="all")
+    e.add_argument("--data-dir", help="directory holding the dataset files, if not where the run found them")
+    e.add_argument("--target", choices=["valid", "test"], default="test",
+                   help="which held-out item to rank: the validation item or the test item (default)")
+    e.add_argument("--candidates", choices=["full", "sampled"], default=None,
+                   help="rank against the full catalogue or sampled negatives (default: the run's protocol)")
+    e.add_argument("--num-negatives", type=int, default=None,
+                   help="negatives per user with --candidates sampled (default: the run's eval.num_negatives)")
+    e.add_argument("--users", choices=["all", "with-timestamps", "without-timestamps"], default="all",
+                   help="evaluate every user (default), or only those with / without timestamps")
     e.set_defaults(func=_cmd_evaluate)
 
     r = sub.add_parser("recommend", help="top-k items for a history of raw item ids")
-    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--checkpoint", required=True, help="run directory written by genrec train")
     r.add_argument("--history", required=True, help="comma-separated raw item ids, oldest first")
-    r.add_argument("-k", type=int, default=10)
+    r.add_argument("-k", type=int, default=10, help="how many items to recommend (default 10)")
     r.add_argument("--include-seen", action="store_true", help="allow items already in the history")
     r.set_defaults(func=_cmd_recommend)
 
@@ -205,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_serve)
 
     x = sub.add_parser("export", help="export the encoder and scorer (torch.export .pt2) with a parity check")
-    x.add_argument("--checkpoint", required=True)
-    x.add_argument("--format", default="torch-export", choices=["torch-export"])
+    x.add_argument("--checkpoint", required=True, help="run directory written by genrec train")
+    x.add_argument("--format", default="torch-export", choices=["torch-export"],
+                   help="export format (torch-export: torch.export programs, .pt2)")
     x.add_argument("--output", required=True, help="new directory for encoder.pt2, scorer.pt2, manifest.json")
     x.add_argument("--max-batch", type=int, default=4096, help="largest batch the exported programs accept")
     x.set_defaults(func=_cmd_export)
@@ -214,9 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="download and verify a dataset into the cache dir")
-    f.add_argument("name")
-    f.add_argument("--cache-dir")
-    f.add_argument("--force", action="store_true")
+    f.add_argument("name", help="registry name of the dataset (see `genrec data list`)")
+    f.add_argument("--cache-dir", help="where to put the files (default $GENREC_CACHE_DIR, else ~/.cache/genrec)")
+    f.add_argument("--force", action="store_true", help="download again even if the files are already there")
     f.set_defaults(func=_cmd_data_fetch)
     ls = dsub.add_parser("list", help="known datasets")
     ls.set_defaults(func=_cmd_data_list)
@@ -232,9 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, OSError, KeyError) as exc:
-        # Bad input (config, data file, checkpoint, ids) or a failed download: a clear message, no traceback.
-        print(f"genrec: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, FloatingPointError) as exc:
+        # Bad input (config, data file, checkpoint, ids), a failed download or a diverged training run: one line
+        # naming what and which file, no traceback.
+        message = " ".join(str(exc).split()) if not isinstance(exc, KeyError) else str(exc)
+        print(f"genrec: error: {message}", file=sys.stderr)
         return 2
 
 
