@@ -13,11 +13,17 @@ A run directory holds everything needed to resume training or to serve without t
     results.json        validation history and the test metrics of the chosen checkpoint, with their protocol
 
 Every file is written through ``genrec.io.atomic_write`` (temporary name, fsync, rename, fsync of the directory), so
-neither a crash nor a power loss leaves a half-written checkpoint behind.
+neither a crash nor a power loss leaves a half-written checkpoint behind. A process killed inside a write can leave
+its temporary file (``.<name>.<random>.tmp``); ``remove_stale_temporaries`` clears those when a run starts.
+
+A file that cannot be loaded (not written by genrec, truncated, or holding objects other than tensors and plain
+containers) raises ``CheckpointError`` naming the file, never a pickle traceback.
 """
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +32,34 @@ from safetensors.torch import load_file, save_file
 
 from genrec.io import atomic_write, write_json  # noqa: F401  (write_json: re-exported for run-directory writers)
 
+# The files ``genrec train`` writes into a run directory (``--overwrite`` removes exactly these).
+RUN_FILES = (
+    "config.yaml", "item_ids.json", "titles.json", "popularity.json", "checkpoint.pt", "best.safetensors", "best.json",
+    "log.jsonl", "results.json",
+)  # fmt: skip
+STATE_KEYS = ("model", "optimizer", "torch_rng", "train_state")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be loaded; the message names the file."""
+
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The training state saved by ``save_state``, loaded with ``weights_only=True`` (loading never runs code)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (pickle, zip and EOF errors all mean: not a loadable checkpoint)
+        raise CheckpointError(f"{path}: not a loadable genrec checkpoint ({_reason(exc)})") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a genrec training checkpoint (missing {', '.join(missing)})")
+    return state
 
 
 def save_weights(path: str | Path, model: torch.nn.Module) -> None:
@@ -41,4 +68,44 @@ def save_weights(path: str | Path, model: torch.nn.Module) -> None:
 
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
-    model.load_state_dict(load_file(str(path)))
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (safetensors header and I/O errors)
+        raise CheckpointError(f"{path}: not a loadable safetensors file ({_reason(exc)})") from None
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: the weights do not fit the configured model ({_reason(exc)})") from None
+
+
+def check_shapes(path: str | Path, saved: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Raise ``CheckpointError`` unless ``saved`` has exactly the model's parameter names and shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in saved.items()}
+    problems = [f"{k} missing" for k in expected if k not in got]
+    problems += [f"{k} unexpected" for k in got if k not in expected]
+    problems += [f"{k} {got[k]} vs {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointError(f"{path}: the saved weights do not fit the configured model ({shown})")
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[str]:
+    """Delete the ``.<run file>.<random>.tmp`` files a killed write left in ``directory``; return their names."""
+    pattern = re.compile(r"\.(%s)\..+\.tmp" % "|".join(map(re.escape, RUN_FILES)))
+    removed = []
+    for entry in Path(directory).iterdir():
+        if pattern.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink()
+            removed.append(entry.name)
+    return sorted(removed)
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason for a load failure (torch's unpickling errors span several lines and suggest unsafe flags)."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "it holds objects other than tensors and plain containers, so it is not loaded"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return first[:200]

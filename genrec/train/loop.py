@@ -6,12 +6,20 @@ only; the test target is evaluated once, for the chosen checkpoint, at the end.
 Reproducibility: the data order of epoch e comes from ``numpy.random.default_rng([seed, e])`` and the torch RNG
 (dropout, negative sampling) is re-seeded from ``(seed, e)`` at the start of every epoch. A run resumed from the
 checkpoint of epoch e therefore replays epochs e+1.. exactly as the uninterrupted run would.
+
+Run directories: everything is checked (config, data, and on resume the checkpoint against the stored config) before
+the first file is written. A directory that already holds a run is refused unless the call resumes it or asks to
+overwrite it, so two runs never mix in one ``log.jsonl``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +30,28 @@ import torch
 from tqdm import tqdm
 
 from genrec import __version__
-from genrec.config import RunConfig, save_config
+from genrec.config import ConfigError, RunConfig, load_config, save_config
 from genrec.data.batches import training_batch
 from genrec.data.dataset import PreparedData, prepare_data
 from genrec.data.popularity import write_popularity
-from genrec.data.sequences import leave_one_out, save_id_maps
+from genrec.data.registry import DATASETS
+from genrec.data.sequences import leave_one_out, load_item_map, save_id_maps
 from genrec.data.stochastic_length import expected_kept, expected_sparsity
 from genrec.eval.evaluate import evaluate, model_score_fn
 from genrec.eval.protocol import protocol_from_config
 from genrec.models import build_model
-from genrec.train.checkpoint import load_state, load_weights, save_state, save_weights, write_json
+from genrec.io import atomic_write
+from genrec.train.checkpoint import (
+    RUN_FILES,
+    CheckpointError,
+    check_shapes,
+    load_state,
+    load_weights,
+    remove_stale_temporaries,
+    save_state,
+    save_weights,
+    write_json,
+)
 from genrec.train.loss import sampled_softmax_loss
 
 log = logging.getLogger("genrec.train")
@@ -69,11 +89,39 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919) % (2**63 - 1)
 
 
-def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None = None, progress: bool = True) -> dict:
-    """Train ``config`` into ``config.output_dir`` and return the results dict (also written to results.json)."""
+def train(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    data: PreparedData | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train ``config`` into ``config.output_dir`` and return the results dict (also written to results.json).
+
+    Args:
+        resume: continue the run in ``output_dir`` from its ``checkpoint.pt``. Its stored model and data sections
+            must equal ``config``'s (epochs, patience and the time budget may change).
+        overwrite: replace the run in ``output_dir``: its run files (``RUN_FILES``) are removed first; other files
+            in the directory are left alone. Without ``resume`` or ``overwrite``, a directory that holds a run is
+            refused.
+        data: already prepared data (``config.data`` is then only recorded).
+        progress: tqdm bars while stderr is a terminal (per-epoch log lines either way).
+    """
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
+    config = with_absolute_paths(config)
     tc = config.train
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        check_dataset_name(config.data.dataset)
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not resume and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a run ({', '.join(existing)}): pass --resume to continue it or --overwrite to "
+            "replace it (or choose another --output-dir)"
+        )
+    saved = _resume_state(out, config) if resume else None
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
         log.info("torch.set_num_threads(%d)", tc.num_threads)
@@ -84,30 +132,9 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
     log.info("data: %s", seqs.summary())
     for note in seqs.notes:
         log.info("data note: %s", note)
+    if saved is not None:
+        _check_same_items(out, seqs)
 
-    save_config(config, out / "config.yaml")
-    save_id_maps(seqs, out)
-    write_popularity(seqs, out)  # the serving fallback for histories without a known item
-    if data.titles:
-        write_json(out / "titles.json", data.titles)
-
-    torch.manual_seed(tc.seed)
-    model = build_model(config.model, seqs.num_items, config.data.max_len).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    state = TrainState()
-    ckpt_path = out / "checkpoint.pt"
-    if resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        saved = load_state(ckpt_path)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["torch_rng"])
-        state = TrainState(**saved["train_state"])
-        log.info("resumed from %s after epoch %d", ckpt_path, state.epoch)
-
-    if tc.autocast not in ("none", "bfloat16"):
-        raise ValueError(f"train.autocast must be 'none' or 'bfloat16', got {tc.autocast!r}")
     use_bf16 = tc.autocast == "bfloat16"
     if config.eval.selection == "valid":
         valid_protocol = protocol_from_config(config, "valid")
@@ -117,20 +144,16 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
         valid_protocol = protocol_from_config(config, "test")
         train_split = leave_one_out(seqs, "train+valid")
         log.warning("eval.selection=test-peeking: training on s[:-1] and selecting on the TEST item (reference protocol)")
-    elif config.eval.selection == "refit":
-        # Refit on train + validation for a number of epochs chosen beforehand on validation; nothing is selected here.
+    else:  # "refit": train on train + validation for a number of epochs chosen beforehand; nothing is selected here
         valid_protocol = None
         train_split = leave_one_out(seqs, "train+valid")
         log.info("eval.selection=refit: training on s[:-1] for exactly %d epochs; the last epoch is the model", tc.epochs)
-    else:
-        raise ValueError(f"eval.selection must be 'valid', 'test-peeking' or 'refit', got {config.eval.selection!r}")
     if valid_protocol is not None:
         log.info("selection protocol: %s — %s", valid_protocol.name, valid_protocol.describe())
     train_lengths = np.minimum(train_split.ends - train_split.starts - 1, config.data.max_len)
+    _check_training_positions(train_lengths, seqs, config)
     sl_alpha = tc.stochastic_length_alpha
     if sl_alpha:
-        if not 1.0 < sl_alpha <= 2.0:
-            raise ValueError(f"train.stochastic_length_alpha must be 0 (off) or in (1, 2], got {sl_alpha}")
         window = train_lengths + 1  # items per training row before SL
         kept = np.array([expected_kept(int(n), config.data.max_len, sl_alpha) for n in window])
         mean_positions = float((kept - 1).mean())
@@ -142,6 +165,41 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
     # Every position weighs the same in every batch (see sampled_softmax_loss): sum / (B × mean positions per row).
     loss_normalizer = float(tc.batch_size * mean_positions)
     time_notes = _time_notes(config, seqs)
+
+    torch.manual_seed(tc.seed)
+    model = build_model(config.model, seqs.num_items, config.data.max_len).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    state = TrainState()
+    ckpt_path = out / "checkpoint.pt"
+    if saved is not None:
+        check_shapes(ckpt_path, saved["model"], model)
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            torch.set_rng_state(saved["torch_rng"])
+            state = TrainState(**saved["train_state"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"{ckpt_path}: cannot resume from it ({str(exc).strip().splitlines()[0]})") from None
+
+    # Everything is checked: from here on the run directory is written.
+    out.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temporaries(out)
+    if stale:
+        log.info("removed %d temporary file(s) left by an interrupted write: %s", len(stale), ", ".join(stale))
+    if overwrite and existing:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        log.info("--overwrite: removed the previous run's files from %s", out)
+    save_config(config, out / "config.yaml")
+    save_id_maps(seqs, out)
+    write_popularity(seqs, out)  # the serving fallback for histories without a known item
+    if data.titles:
+        write_json(out / "titles.json", data.titles)
+    if saved is not None:
+        # log.jsonl holds exactly the epochs the checkpoint covers (a run killed after logging an epoch but before
+        # its checkpoint would otherwise log that epoch twice).
+        _write_log(out / "log.jsonl", state.history)
+        log.info("resumed from %s after epoch %d", ckpt_path, state.epoch)
 
     started = time.monotonic()
     out_of_time = False
@@ -155,8 +213,8 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
         t0 = time.perf_counter()
         total, tokens, positions = 0.0, 0, 0
         sl_rng = np.random.default_rng([tc.seed, epoch, 1]) if sl_alpha else None
-        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False)
-        for rows in bar:
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not (progress and _is_terminal(sys.stderr)), leave=False)
+        for step, rows in enumerate(bar, start=1):
             batch = training_batch(seqs, train_split, rows, config.data.max_len, sl_alpha, sl_rng).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 user = model.encode(batch)
@@ -165,10 +223,16 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
                 user, batch.targets, model.item_vectors, seqs.num_items, tc.num_negatives, tc.temperature, tc.negatives,
                 normalizer=loss_normalizer,
             )
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"epoch {epoch}, step {step}: the training loss is {loss_value}; stopped before updating the "
+                    f"weights or writing this epoch's checkpoint ({out} keeps the last finished epoch, if any). "
+                    "Lower train.lr, or check the data and the model settings"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_value = loss.item()
             total += loss_value * len(rows)
             tokens += int(batch.lengths.sum())
             positions += int(train_lengths[rows].sum())  # without Stochastic Length
@@ -256,6 +320,92 @@ def train(config: RunConfig, *, resume: bool = False, data: PreparedData | None 
     }
     write_json(out / "results.json", results)
     return results
+
+
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """``config`` with data.path, data.timestamps_path and data.data_dir made absolute (from the current directory),
+    so the saved config finds the same files from any working directory."""
+    changes = {}
+    for name in ("path", "timestamps_path", "data_dir"):
+        value = getattr(config.data, name)
+        if value:
+            changes[name] = os.path.abspath(os.path.expanduser(value))
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, **changes)) if changes else config
+
+
+def check_dataset_name(name: str) -> None:
+    """Raise ``ConfigError`` unless ``name`` is a registry dataset, "table" or "sequences"."""
+    if name not in DATASETS and name not in ("table", "sequences"):
+        known = ", ".join(repr(n) for n in [*DATASETS, "table", "sequences"])
+        raise ConfigError(f"data.dataset: {name!r} is not one of {known} (`genrec data list` describes them)")
+
+
+def _resume_state(out: Path, config: RunConfig) -> dict[str, Any]:
+    """Load the checkpoint of the run in ``out`` and check that ``config`` continues that run (nothing is written)."""
+    ckpt_path = out / "checkpoint.pt"
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    stored_path = out / "config.yaml"
+    if not stored_path.exists():
+        raise FileNotFoundError(f"--resume: {stored_path} not found, so the run it continues is unknown")
+    stored = with_absolute_paths(load_config(stored_path))
+    differences = []
+    for section in ("model", "data"):
+        old, new = getattr(stored, section), getattr(config, section)
+        for f in dataclasses.fields(old):
+            if section == "data" and f.name == "data_dir":  # where the files are found may change
+                continue
+            a, b = getattr(old, f.name), getattr(new, f.name)
+            if a != b:
+                differences.append(f"{section}.{f.name}: {a!r} -> {b!r}")
+    if stored.eval.selection != config.eval.selection:  # it decides the training split
+        differences.append(f"eval.selection: {stored.eval.selection!r} -> {config.eval.selection!r}")
+    if differences:
+        raise ConfigError(
+            f"--resume: {out} was trained with a different configuration ({'; '.join(differences)}); resume with the "
+            "run's own model and data settings, or train into a new --output-dir"
+        )
+    return load_state(ckpt_path)
+
+
+def _check_same_items(out: Path, seqs) -> None:
+    """On resume the data must give the same item ids as the run's item_ids.json (else the weights mean nothing)."""
+    path = out / "item_ids.json"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: {path} not found")
+    if load_item_map(out).external != seqs.item_map.external:
+        raise ValueError(f"--resume: the data no longer gives the item ids in {path}; the run cannot continue on it")
+
+
+def _check_training_positions(train_lengths: np.ndarray, seqs, config: RunConfig) -> None:
+    """Refuse data with no next-item target in any training sequence (the loss would be undefined every epoch)."""
+    if int(train_lengths.sum()) > 0:
+        return
+    held_out = 2 if config.eval.selection == "valid" else 1  # items kept out of training per user
+    need = held_out + 2  # one more than the held-out items and a single training item
+    raise ValueError(
+        f"no training positions: every user has at most {int(seqs.lengths.max())} interactions, so after "
+        f"leave-one-out (eval.selection={config.eval.selection}, {held_out} item(s) held out per user) each training "
+        f"sequence has a single item and no next item to learn. Users need at least {need} interactions: set "
+        f"data.min_seq_len={need} to keep only those, or use more data"
+    )
+
+
+def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    """Write one JSON line per epoch of ``history``, atomically."""
+
+    def _w(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in history)
+
+    atomic_write(path, _w)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def _position_sparsity(history: list[dict]) -> float | None:

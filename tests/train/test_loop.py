@@ -207,3 +207,49 @@ def test_refit_trains_fixed_epochs_on_train_plus_valid_and_tests_once(tmp_path):
     sel = train(_config(tmp_path, "sel", extra=["train.epochs=1"]), progress=False)
     assert log[0]["positions"] > json.loads(open(tmp_path / "sel" / "log.jsonl").readline())["positions"]
     assert sel["valid"] is not None
+
+
+def test_data_without_training_positions_is_refused_before_training(tmp_path):
+    frame = synthetic_interactions()
+    frame = frame.groupby("user", sort=False).head(3)  # every user: exactly 3 events
+    frame.to_csv(tmp_path / "three.csv", index=False)
+    cfg = _config(tmp_path, "three", extra=[f"data.path={tmp_path / 'three.csv'}"])
+    with pytest.raises(ValueError, match=r"no training positions.*data\.min_seq_len=4"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "three").exists()  # refused before any run file
+
+
+def test_non_finite_loss_stops_the_run_without_writing_its_checkpoint(tmp_path):
+    # a step of size 1e30 leaves weights whose activations overflow: the second step's loss is nan
+    cfg = _config(tmp_path, "diverged", extra=["train.lr=1e30"])
+    with pytest.raises(FloatingPointError, match=r"epoch 1, step 2: the training loss is nan.*train\.lr"):
+        train(cfg, progress=False)
+    run = tmp_path / "diverged"
+    assert not (run / "checkpoint.pt").exists() and not (run / "best.safetensors").exists()
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_sequence", "per_position", "full"])
+def test_more_negatives_than_items_trains(tmp_path, mode):
+    path = tmp_path / "five.csv"
+    synthetic_interactions(num_items=5).to_csv(path, index=False)
+    cfg = _config(tmp_path, f"five-{mode}", extra=[f"data.path={path}", f"train.negatives={mode}",
+                                                   "train.num_negatives=128", "train.epochs=1"])  # fmt: skip
+    res = train(cfg, progress=False)
+    assert res["data"]["summary"].split(", ")[1] == "5 items"
+    log = [json.loads(line) for line in open(tmp_path / f"five-{mode}" / "log.jsonl")]
+    assert np.isfinite(log[0]["loss"]) and log[0]["loss"] > 0
+
+
+@pytest.mark.parametrize("draws", [5, 6, 128])  # as many draws as rows, and more
+def test_sampled_logits_with_more_draws_than_rows(draws):
+    g = torch.Generator().manual_seed(draws)
+    u = torch.randn(7, 4, generator=g, requires_grad=True)
+    table = torch.randn(5, 4, generator=g, requires_grad=True)
+    ids = torch.randint(0, 5, (7, draws), generator=g)
+    w = torch.randn(7, draws, generator=g)
+    out = sampled_logits(u, table, ids)
+    ref = torch.einsum("md,mkd->mk", u, table[ids])
+    assert torch.allclose(out, ref, atol=1e-5)
+    gu, gt = torch.autograd.grad((out * w).sum(), (u, table))
+    ru, rt = torch.autograd.grad((ref * w).sum(), (u, table))
+    assert torch.allclose(gu, ru, atol=1e-5) and torch.allclose(gt, rt, atol=1e-5)
