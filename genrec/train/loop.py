@@ -100,8 +100,8 @@ def train(
     """Train ``config`` into ``config.output_dir`` and return the results dict (also written to results.json).
 
     Args:
-        resume: continue the run in ``output_dir`` from its ``checkpoint.pt``. Its stored model and data sections
-            must equal ``config``'s (epochs, patience and the time budget may change).
+        resume: continue the run in ``output_dir`` from its ``checkpoint.pt``. The run's stored model and data
+            sections and ``eval.selection`` must equal ``config``'s (train settings such as ``epochs`` may change).
         overwrite: replace the run in ``output_dir``: its run files (``RUN_FILES``) are removed first; other files
             in the directory are left alone. Without ``resume`` or ``overwrite``, a directory that holds a run is
             refused.
@@ -126,6 +126,8 @@ def train(
         torch.set_num_threads(tc.num_threads)
         log.info("torch.set_num_threads(%d)", tc.num_threads)
     device = torch.device(tc.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={tc.device!r}, but this PyTorch build sees no CUDA device (use train.device=cpu)")
 
     data = data or prepare_data(config.data)
     seqs = data.sequences

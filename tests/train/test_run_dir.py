@@ -157,3 +157,11 @@ def test_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path
         atomic_write(target, half_write)
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_refused_before_reading_data(tmp_path):
+    cfg = _config(tmp_path, "run", ["train.device=cuda", "data.path=/nonexistent/inter.csv"])
+    with pytest.raises(ValueError, match="train.device='cuda'.*no CUDA"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
