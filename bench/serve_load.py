@@ -328,9 +328,7 @@ def main() -> int:
                 server0, client0 = cpu_seconds(proc.pid), time.process_time()
                 row = asyncio.run(run_level(url, bodies, c, args.requests, args.max_seconds, args.client))
                 server1, client1 = cpu_seconds(proc.pid), time.process_time()
-                if args.workers > 1:
-                    time.sleep(1.0)  # each worker shares its metrics every 0.5 s (genrec.serve.app.SharedMetrics)
-                passes1, answered1 = batch_stats(url)
+                passes1, answered1 = batch_stats(url)  # summed over the workers, up to date (genrec.serve.metrics)
                 n = max(row["requests"], 1)
                 row["mean_batch"] = (answered1 - answered0) / max(passes1 - passes0, 1.0)
                 row["server_cpu_ms"] = 1000 * (server1 - server0) / n

@@ -78,15 +78,12 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
-    import shutil
-    import tempfile
 
     import torch
-    import uvicorn
 
     from genrec.api import Recommender
     from genrec.serve.app import create_app
-    from genrec.serve.workers import serve_workers
+    from genrec.serve.workers import run_server, serve_workers
 
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
@@ -95,7 +92,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         threads = max(1, (os.cpu_count() or 1) // args.workers)
     if threads > 0:
         torch.set_num_threads(threads)
-    rec = Recommender.load(args.checkpoint)  # in the supervisor too: a bad checkpoint fails here, before any worker
+    try:
+        rec = Recommender.load(args.checkpoint)  # in the supervisor too: a bad checkpoint fails here, before workers
+    except KeyboardInterrupt:  # Ctrl-C while the model loads, before the server handles signals
+        return 130
     if args.host not in LOOPBACK_HOSTS:
         logging.getLogger("genrec.serve").warning(
             "binding to %s: the service is reachable from other machines and has no authentication", args.host
@@ -107,22 +107,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "max_queue": args.max_queue,
         "max_body_bytes": args.max_body_bytes,
     }
-    run = {"host": args.host, "port": args.port, "log_level": args.log_level, "access_log": args.access_log}
-    if args.workers == 1:
-        uvicorn.run(create_app(rec, **app_settings), **run)
+    if args.workers == 1:  # until SIGINT / SIGTERM, then a graceful shutdown
+        run_server(create_app(rec, **app_settings), host=args.host, port=args.port, log_level=args.log_level,
+                   access_log=args.access_log)  # fmt: skip
         return 0
-    # N worker processes, each with its own model copy, batcher and SO_REUSEPORT socket (genrec.serve.workers);
-    # they share their metrics through a temporary directory that lives as long as this process.
+    # N worker processes, each with its own model copy, batcher and SO_REUSEPORT socket (genrec.serve.workers).
     del rec
-    metrics_dir = tempfile.mkdtemp(prefix="genrec-serve-metrics-")
-    settings = json.dumps({
-        "checkpoint": str(args.checkpoint), "threads": threads, "metrics_dir": metrics_dir, "workers": args.workers,
-        "app": app_settings,
-    })  # fmt: skip
-    try:
-        return serve_workers(args.workers, args.host, args.port, settings, args.log_level, args.access_log)
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+    settings = {"checkpoint": str(args.checkpoint), "threads": threads, "app": app_settings}
+    return serve_workers(args.workers, args.host, args.port, settings, args.log_level, args.access_log)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

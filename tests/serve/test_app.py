@@ -1,4 +1,6 @@
-"""The HTTP service, through a real uvicorn server on a free loopback port."""
+"""The HTTP service through a real uvicorn server on a free loopback port: answers equal the Python API's, bounds,
+fuzzing, micro-batching, metrics. (Status codes of bad requests: test_errors.py; docs: test_docs.py; processes and
+signals: test_workers.py.)"""
 
 from __future__ import annotations
 
@@ -7,71 +9,21 @@ import copy
 import gc
 import json
 import logging
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from genrec.api import Recommender
-from genrec.cli import build_parser, main
-from genrec.serve.app import MAX_HISTORY, Metrics, MicroBatcher, Overloaded, SharedMetrics, create_app
+from genrec.serve.app import create_app
+from genrec.serve.batching import MicroBatcher, Overloaded
+from genrec.serve.schemas import MAX_HISTORY
 
-from ..conftest import synthetic_interactions
-
-TINY = {
-    "data": {"max_len": 12},
-    "model": {"embedding_dim": 8, "num_blocks": 1, "num_heads": 2, "attention_dim": 4, "linear_dim": 4},
-    "train": {"epochs": 3, "batch_size": 8, "num_negatives": 16, "eval_batch_size": 16, "lr": 0.01, "num_threads": 1},
-}
-KNOWN = [f"i{j}" for j in range(30)]
-
-
-@contextmanager
-def running(app):
-    """Serve ``app`` with uvicorn in a thread on a free loopback port; yields the base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    rec = Recommender(**TINY).fit(synthetic_interactions())
-    return rec.save(tmp_path_factory.mktemp("serve") / "model")
-
-
-@pytest.fixture(scope="module")
-def rec(model_dir) -> Recommender:
-    return Recommender.load(model_dir)
-
-
-@pytest.fixture(scope="module")
-def client(rec):
-    with running(create_app(rec)) as url, httpx.Client(base_url=url, timeout=30) as c:
-        yield c
+from .conftest import KNOWN, running
 
 
 def _items(body: dict) -> tuple[list[str], list[float]]:
@@ -138,73 +90,35 @@ def test_long_history_keeps_recent_items(client, rec):
     assert any("most recent 12" in w for w in got["warnings"])
 
 
-@pytest.mark.parametrize(
-    "body, where",
-    [
-        ({"history": ["i1"], "k": 1001}, "k"),
-        ({"history": ["i1"], "k": 0}, "k"),
-        ({"history": ["i1"], "k": "10"}, "k"),
-        ({"history": ["i1"], "k": 2.5}, "k"),
-        ({"history": ["i1"] * (MAX_HISTORY + 1)}, "history"),
-        ({"history": [1.5]}, "history"),
-        ({"history": [{"item": "i1", "ts": "yesterday"}]}, "history"),
-        ({"history": [{"item": "i1", "ts": 2**60}]}, "history"),
-        ({"history": [{"item": "x" * 300}]}, "history"),
-        ({"history": "i1"}, "history"),
-        ({"histroy": ["i1"]}, "histroy"),
-        ({"history": ["i1"], "exclude": ["i2"] * 10_001}, "exclude"),
-        ({"history": ["i1"], "exclude_seen": "yes"}, "exclude_seen"),
-        ([1, 2], "body"),
-    ],
-)
-def test_bad_requests_get_422_with_the_reason(client, body, where):
-    r = client.post("/v1/recommend", json=body)
-    assert r.status_code == 422, r.text
-    detail = r.json()["detail"]
-    assert detail and all(d["msg"] for d in detail)
-    assert any(where in [str(x) for x in d["loc"]] for d in detail), detail
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of a Prometheus text exposition (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
 
 
-def test_rank_bounds_and_malformed_json(client):
-    r = client.post("/v1/rank", json={"history": [], "candidates": ["i1"] * 10_001})
-    assert r.status_code == 422 and "candidates" in r.text
-    assert client.post("/v1/rank", json={"history": []}).status_code == 422  # candidates are required
-    r = client.post("/v1/recommend", content=b'{"history": [', headers={"content-type": "application/json"})
-    assert r.status_code == 422 and "JSON" in r.text
-    assert client.post("/v1/recommend", content=b"\xff\xfe\x00").status_code == 422
-    assert client.get("/v1/recommend").status_code == 405
-
-
-def test_oversized_bodies_get_413(client):
-    big = json.dumps({"history": ["i1"] * 300_000}).encode()  # ~1.8 MB > 1 MiB
-    r = client.post("/v1/recommend", content=big, headers={"content-type": "application/json"})
-    assert r.status_code == 413
-
-    def chunks():  # no content-length: the limit is enforced on the bytes received
-        yield b'{"history": ['
-        for _ in range(40):
-            yield b'"i1",' * 10_000
-        yield b'"i1"]}'
-
-    r = client.post("/v1/recommend", content=chunks(), headers={"content-type": "application/json"})
-    assert r.status_code == 413
-    assert client.get("/healthz").status_code == 200  # and the server is fine
-
-
-def test_healthz_docs_and_metrics(client, rec):
-    health = client.get("/healthz").json()
-    assert health["status"] == "ok" and health["model_id"] == rec.model_id_ and health["popularity_fallback"]
-    assert client.get("/docs").status_code == 200
-    assert "/v1/recommend" in client.get("/openapi.json").json()["paths"]
-    client.post("/v1/recommend", json={"history": ["i1"]})
-    client.post("/v1/recommend", json={"k": 0})
-    r = client.get("/metrics")
+def test_healthz_and_metrics(rec):
+    with running(create_app(rec)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        health = client.get("/healthz").json()
+        assert health["status"] == "ok" and health["model_id"] == rec.model_id_ and health["popularity_fallback"]
+        for _ in range(3):
+            assert client.post("/v1/recommend", json={"history": ["i1"]}).status_code == 200
+        assert client.post("/v1/recommend", json={"k": 0}).status_code == 422
+        assert client.get("/no/such/path").status_code == 404
+        r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
-    assert f'genrec_model_info{{model_id="{rec.model_id_}",model="hstu",num_items="30",workers="1"}} 1' in text
-    assert re.search(r'genrec_requests_total\{path="/v1/recommend",status="200"\} \d+', text)
-    assert re.search(r'genrec_requests_total\{path="/v1/recommend",status="422"\} \d+', text)
-    assert 'genrec_request_duration_seconds_bucket{path="/v1/recommend",le="+Inf"}' in text
+    info = {"model_id": rec.model_id_, "model": "hstu", "num_items": "30", "workers": "1"}
+    assert _sample(text, "genrec_model_info", **info) == 1
+    assert _sample(text, "genrec_requests_total", path="/v1/recommend", status="200") == 3
+    assert _sample(text, "genrec_requests_total", path="/v1/recommend", status="422") == 1
+    assert _sample(text, "genrec_requests_total", path="/healthz", status="200") == 1
+    assert _sample(text, "genrec_requests_total", path="other", status="404") == 1  # not one series per path
+    assert _sample(text, "genrec_request_duration_seconds_count", path="/v1/recommend") == 4
+    assert _sample(text, "genrec_request_duration_seconds_bucket", path="/v1/recommend", le="+Inf") == 4
+    assert _sample(text, "genrec_batch_size_count") == 3 and _sample(text, "genrec_batch_size_sum") == 3
     assert "# TYPE genrec_batch_size histogram" in text
     for line in text.splitlines():  # every sample line is `name{labels} value`
         assert line.startswith("#") or re.fullmatch(r'[a-z_]+(\{[^}]*\})? [0-9.e+-]+', line), line
@@ -327,14 +241,6 @@ def test_the_server_never_writes_to_the_model_directory(model_dir):
     assert snapshot() == before and model_dir.stat().st_mtime_ns == dir_mtime
 
 
-def test_genrec_serve_binds_loopback_by_default(model_dir, monkeypatch):
-    assert build_parser().parse_args(["serve", "--checkpoint", "x"]).host == "127.0.0.1"
-    seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
-    assert main(["serve", "--checkpoint", str(model_dir), "--port", "8123"]) == 0
-    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123 and seen["app"].title == "genrec"
-
-
 def test_startup_freezes_the_long_lived_objects_out_of_the_collector(rec):
     """gc.freeze() at startup: full collections no longer walk torch, the model and the maps (they were ~100 ms
     event-loop stalls, the p99 tail); freeze_gc=False leaves the process's collector alone."""
@@ -348,128 +254,6 @@ def test_startup_freezes_the_long_lived_objects_out_of_the_collector(rec):
             assert gc.get_freeze_count() > 1000
     finally:
         gc.unfreeze()
-
-
-def test_shared_metrics_sum_the_workers_snapshots(tmp_path):
-    a, b = Metrics({"model_id": "m"}), Metrics({"model_id": "m"})
-    for _ in range(3):
-        a.observe_request("/v1/recommend", 200, 0.004)
-    a.observe_batch(3)
-    b.observe_request("/v1/recommend", 200, 0.2)
-    b.observe_request("/v1/rank", 422, 0.001)
-    b.observe_batch(1)
-    mine = SharedMetrics(tmp_path, a)
-    other = SharedMetrics(tmp_path, b)
-    other.path = tmp_path / "999999.json"  # another worker's file
-    other.write()
-    mine.write()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.path.name, "999999.json"])
-    text = mine.render()
-    assert 'genrec_requests_total{path="/v1/recommend",status="200"} 4' in text
-    assert 'genrec_requests_total{path="/v1/rank",status="422"} 1' in text
-    assert 'genrec_request_duration_seconds_bucket{path="/v1/recommend",le="0.005"} 3' in text
-    assert 'genrec_request_duration_seconds_bucket{path="/v1/recommend",le="0.25"} 4' in text
-    assert "genrec_batch_size_count 2" in text and "genrec_batch_size_sum 4.0" in text
-    (tmp_path / "bad.json").write_text("{not json")  # unreadable files are skipped, never a failed scrape
-    assert 'genrec_requests_total{path="/v1/recommend",status="200"} 4' in mine.render()
-    assert a.render().count("genrec_requests_total{") == 1  # alone: its own counts only
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def _workers(pid: int) -> list[int]:
-    """The worker processes of a ``genrec serve --workers`` supervisor (multiprocessing's spawned children, not its
-    resource tracker)."""
-    kids = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
-    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
-
-
-def _serve_two_workers(model_dir: Path, tmp_path: Path) -> tuple[subprocess.Popen, str]:
-    """``genrec serve --workers 2`` on a free port (temporary files under ``tmp_path``), once both workers are up
-    (each has written its first metrics snapshot, which it does when its app starts) and it answers /healthz:
-    (the supervisor process, its base URL)."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "genrec.cli", "serve", "--checkpoint", str(model_dir), "--port",
-                             str(port), "--workers", "2", "--log-level", "warning"],
-                            env={**os.environ, "TMPDIR": str(tmp_path)}, start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    snapshots = lambda: len(list(tmp_path.glob("genrec-serve-metrics-*/*.json")))  # noqa: E731
-    while len(_workers(proc.pid)) < 2 or snapshots() < 2 or not _healthy(url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError("genrec serve --workers 2 did not start")
-        time.sleep(0.2)
-    return proc, url
-
-
-def test_genrec_serve_with_two_worker_processes(model_dir, rec, tmp_path):
-    """``genrec serve --workers 2``: real worker processes on one port answer like the Python API, /metrics counts
-    the requests of both, and the shared metrics directory goes away with the server."""
-    proc, url = _serve_two_workers(model_dir, tmp_path)
-    try:
-        (expected,) = rec.recommend_batch([HISTORIES[0]], k=5)
-        n = 12
-        for _ in range(n):  # a new connection each: the kernel hands them to either worker
-            body = httpx.post(f"{url}/v1/recommend", json={"history": HISTORIES[0], "k": 5}, timeout=30).json()
-            items, scores = _items(body)
-            assert items == expected.items and scores == pytest.approx(expected.scores, abs=1e-5)
-        pattern = r'genrec_requests_total\{path="/v1/recommend",status="200"\} (\d+)'
-        deadline, seen = time.monotonic() + 10, None
-        while time.monotonic() < deadline:  # the other worker's counts arrive within its sharing interval
-            text = httpx.get(f"{url}/metrics", timeout=5).text
-            seen = int(m.group(1)) if (m := re.search(pattern, text)) else 0
-            if seen == n:
-                break
-            time.sleep(0.2)
-        assert seen == n
-        assert 'workers="2"' in text
-        assert len(list(tmp_path.glob("genrec-serve-metrics-*/*.json"))) == 2  # one snapshot file per worker
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
-    assert proc.returncode == 0
-    assert not list(tmp_path.glob("genrec-serve-metrics-*"))
-
-
-def test_genrec_serve_workers_stop_together_when_one_dies(model_dir, tmp_path):
-    """A worker that dies takes the service down with a nonzero exit (restarts are the process manager's job),
-    rather than leaving a half-capacity server behind."""
-    proc, _ = _serve_two_workers(model_dir, tmp_path)
-    try:
-        os.kill(_workers(proc.pid)[0], signal.SIGKILL)
-        assert proc.wait(timeout=60) != 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert not list(tmp_path.glob("genrec-serve-metrics-*"))
-
-
-def test_genrec_serve_workers_need_a_free_explicit_port(model_dir, capsys):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        assert main(["serve", "--checkpoint", str(model_dir), "--port", str(port), "--workers", "2"]) == 2
-        assert "Address already in use" in capsys.readouterr().err
-    assert main(["serve", "--checkpoint", str(model_dir), "--port", "0", "--workers", "2"]) == 2
-    assert "explicit --port" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("settle_yields, expected", [(0, [1, 7]), (3, [8])])
@@ -490,9 +274,22 @@ def test_micro_batcher_lets_requests_on_their_way_join_the_pass(settle_yields, e
     async def scenario() -> None:
         await batcher.start()
         assert await asyncio.gather(request(0, 0), *(request(q, 2) for q in range(1, 8))) == list(range(8))
-        t0 = time.perf_counter()
+        steps = 0
+        answered = False
+
+        async def count_loop_steps() -> None:  # one event-loop step per iteration while the lone request waits
+            nonlocal steps
+            while not answered:
+                steps += 1
+                await asyncio.sleep(0)
+
+        counter = asyncio.ensure_future(count_loop_steps())
         assert await request(9, 0) == 9
-        assert time.perf_counter() - t0 < 0.05
+        answered = True
+        await counter
+        # A lone request waits for the worker's settle_yields idle steps and the hand-offs, never for a timer (a
+        # 1 ms sleep would let the loop spin hundreds of steps).
+        assert steps <= settle_yields + 3, steps
         await batcher.stop()
 
     batcher = MicroBatcher(run, max_batch=64, max_wait_s=0.0, max_queue=64, inline=True, settle_yields=settle_yields)
