@@ -30,16 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from genrec.data.batches import Batch
-from genrec.ops.dropout import dropout
-from genrec.ops.hstu_attention import (
+from genrec.ops.block_layout import (
     DEFAULT_TILE_ELEMS,
     BlockLayout,
     TileBuckets,
     block_layout,
-    blocked_attention,
     choose_block,
-    native_lib,
 )
+from genrec.ops.dropout import dropout
+from genrec.ops.hstu_attention import blocked_attention, native_lib
 from genrec.ops.hstu_math import (
     gated_residual,
     hstu_attention,
@@ -142,11 +141,11 @@ class _SplitUVQK(torch.autograd.Function):
 
     Autograd's own backward of the column slices (``uvqk[:, :a]``, and one per block part) zero-fills a full-size
     [T, 2h(dv + dqk)] gradient for every slice and adds them up; this one writes d(uvqk) once: U's gradient into its
-    columns, the three block gradients gathered back to tokens with one index_select. (Measured: the zero-fills took
-    ~3 ms of a 65 ms HSTU layer forward+backward at N = 1024, d = 256.) With ``silu`` the activation's backward
-    runs in place on that gradient instead of on a fresh [T, 2h(dv + dqk)] tensor (the forward applies F.silu to the
-    whole contiguous input first: SiLU on the strided column blocks, fused into the copies, ran a slow
-    non-vectorised path and made an ML-1M HSTU-large encoder step ~7% slower)."""
+    columns, the three block gradients gathered back to tokens with one index_select (four full-size zero-fills and
+    adds per layer are a visible share of a layer's backward). With ``silu`` the activation's backward runs in place
+    on that gradient instead of on a fresh [T, 2h(dv + dqk)] tensor. The forward applies F.silu to the whole
+    contiguous input first: SiLU on the strided column blocks, fused into the copies, takes ATen's non-vectorised
+    strided path."""
 
     @staticmethod
     def forward(ctx, uvqk: torch.Tensor, jb: JaggedBlocks, u_cols: int, parts: tuple[tuple[int, int], ...],
@@ -371,13 +370,12 @@ def jagged_pays(lengths: torch.Tensor, width: int, grad: bool) -> bool:
     """Whether ``HSTU`` with ``attention_impl="jagged"`` should run a batch of rows with ``lengths`` (padded to
     ``width``) through this jagged encoder rather than its padded path; both give the same outputs.
 
-    With gradients (training), always for more than one row: one HSTU-large ML-1M step is 2.3x faster jagged. Without
-    (serving, evaluation), the jagged layout's fixed cost per batch (block layout, time-bucket tiles, scatter and
-    gather) pays only with several rows or much padding. Measured per request on the ML-1M HSTU config, one thread,
-    freed memory kept as ``genrec serve`` keeps it (``bench/serve_forward.py``), padded vs jagged: 200-event
-    histories, 1.06 vs 1.34 ms at 2 rows, 0.91 vs 0.99 at 4, 0.78 vs 0.75 at 8, 0.78 vs 0.64 at 16; histories of
-    20-200 events, 0.82 vs 0.86 at 4 rows, 0.75 vs 0.53 at 8, 0.63 vs 0.41 at 16. Hence: jagged for 8 rows or more,
-    or more than 2 rows padded to over 3x their real attention pairs."""
+    With gradients (training), always for more than one row: the backward pass doubles the attention work that the
+    jagged layout saves, and training batches are large. Without (serving, evaluation), the jagged layout's fixed
+    cost per batch (block layout, time-bucket tiles, scatter and gather) pays only with several rows or much padding:
+    jagged for 8 rows or more, or for more than 2 rows padded to over 3x their real attention pairs. The thresholds
+    come from per-request timings of both paths on the ML-1M HSTU config (``bench/serve_forward.py``; figures in
+    docs/performance.md)."""
     B = len(lengths)
     if B <= 1:
         return False

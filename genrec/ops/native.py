@@ -195,7 +195,7 @@ def compiler_command() -> tuple[list[str] | None, str]:
 
 def compiler_id(cmd: list[str]) -> str:
     """The compiler's resolved path and its ``--version`` output (part of the cache key)."""
-    res = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=60, check=False)
     return f"{shutil.which(cmd[0])}\n{' '.join(cmd)}\n{res.stdout}{res.stderr}"
 
 
@@ -220,7 +220,8 @@ def build(cmd: list[str], flags: list[str], source: Path = SOURCE, directory: Pa
     fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-{key}-", suffix=".so", dir=directory)
     os.close(fd)
     try:
-        res = subprocess.run([*cmd, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=600)
+        res = subprocess.run([*cmd, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=600,
+                             check=False)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} {' '.join(flags)} failed ({res.returncode}): "
                                f"{res.stderr.strip()[:2000]}")

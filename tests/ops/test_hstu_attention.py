@@ -5,7 +5,8 @@ import torch
 
 from genrec.models.hstu import HSTUConfig, HSTURelativeBias, hstu_attention, rab_index, time_buckets
 from genrec.ops import native as native_mod
-from genrec.ops.hstu_attention import BLOCK_SIZES, block_layout, blocked_hstu_attention, choose_block
+from genrec.ops.block_layout import BLOCK_SIZES, block_layout, choose_block
+from genrec.ops.hstu_attention import blocked_hstu_attention
 from tests.ops import max_diff
 
 NB = 128  # time buckets
@@ -149,14 +150,14 @@ def test_native_kernel_matches_torch_passes_in_bf16_and_long_buckets():
     LONG_BUCKET_PAIRS causal pairs)."""
     if native_mod.load() is None:
         pytest.skip("the native HSTU kernel could not be built here (no C compiler?): see the genrec.native log")
-    import genrec.ops.hstu_attention as ha
+    import genrec.ops.block_layout as block_layout_mod
 
     q, k, v, bias, t, qt, ht, _ = _inputs(2, 2, 70, dqk=16, dv=16, has_time=[True, False])
     norm = torch.tensor([70.0])
     w = torch.randn(2, 2, 70, 16)
     for dtype, long_pairs in ((torch.float32, 0), (torch.bfloat16, 1 << 23)):
-        old = ha.LONG_BUCKET_PAIRS
-        ha.LONG_BUCKET_PAIRS = long_pairs  # 0: every batch stores uint8 bucket ids
+        old = block_layout_mod.LONG_BUCKET_PAIRS
+        block_layout_mod.LONG_BUCKET_PAIRS = long_pairs  # 0: every batch stores uint8 bucket ids
         try:
             runs = []
             for nat in (False, True):
@@ -165,7 +166,7 @@ def test_native_kernel_matches_torch_passes_in_bf16_and_long_buckets():
                 grads = _grads(out.float(), w, [qq, kk, vv, bias.pos_w, bias.ts_w])
                 runs.append((out.detach().float(), grads))
         finally:
-            ha.LONG_BUCKET_PAIRS = old
+            block_layout_mod.LONG_BUCKET_PAIRS = old
         tol = 1e-5 if dtype == torch.float32 else 0.02
         (ref, ref_g), (out, out_g) = runs
         assert max_diff(out, ref) <= tol * max(1.0, float(ref.abs().max()))
@@ -274,7 +275,7 @@ def test_native_time_bucket_ids_equal_torch_ids():
     every bucket boundary equal except within an ulp of the boundary."""
     import math
 
-    from genrec.ops.hstu_attention import TileBuckets
+    from genrec.ops.block_layout import TileBuckets
 
     lib = native_mod.load()
     if lib is None:
