@@ -43,13 +43,18 @@ def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def keep_mask(seed: int, n: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """keep(i) for i = 0 .. n-1 as a bool tensor [n]: the PyTorch twin of the kernel's stream (int64 arithmetic
-    wraps modulo 2^64 like the kernel's uint64)."""
-    z = torch.arange(1, n + 1, dtype=torch.int64, device=device).mul_(_GOLDEN).add_(_i64(seed & _MASK64))
-    z = (z ^ _shr(z, 30)).mul_(_MIX1)
-    z = (z ^ _shr(z, 27)).mul_(_MIX2)
-    z = z ^ _shr(z, 31)
-    return _shr(z, 40) >= _threshold(p)
+    """keep(i) for i = 0 .. n-1 as a bool tensor [n]: the PyTorch twin of the kernel's stream. int64 arithmetic wraps
+    modulo 2^64 like the kernel's uint64; the steps run in place on two [n] buffers."""
+    z = torch.arange(1, n + 1, dtype=torch.int64, device=device)  # the counter i + 1
+    z.mul_(_GOLDEN).add_(_i64(seed & _MASK64))
+    t = torch.empty_like(z)
+    for shift, mix in ((30, _MIX1), (27, _MIX2), (31, None)):  # z ^= z >> shift (logical); z *= mix
+        torch.bitwise_right_shift(z, shift, out=t)
+        t.bitwise_and_((1 << (64 - shift)) - 1)
+        z.bitwise_xor_(t)
+        if mix is not None:
+            z.mul_(mix)
+    return _shr(z, 40) >= _threshold(p)  # the top 24 bits
 
 
 def _threshold(p: float) -> int:
@@ -66,7 +71,7 @@ def _scale(p: float) -> torch.Tensor:
 def _torch_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The stream applied with PyTorch operations: the same bits as the kernel for fp32 and bf16."""
     x = x.contiguous()
-    factor = torch.where(keep_mask(seed, x.numel(), p, x.device), _scale(p).to(x.device), 0.0).view(x.shape)
+    factor = (keep_mask(seed, x.numel(), p, x.device) * _scale(p).to(x.device)).view(x.shape)  # 1 / (1 - p) or 0
     if x.dtype == torch.float64:
         return x * factor.to(torch.float64)
     return (x.to(torch.float32) * factor).to(x.dtype)  # fp32 math, one rounding back for bf16 / fp16

@@ -14,7 +14,7 @@ from genrec.ops.dropout import dropout
 @pytest.fixture
 def lib():
     if native_mod.load() is None:
-        pytest.skip("the native kernel could not be built here (no C compiler?): see the genrec.native log")
+        pytest.skip("native kernels unavailable (GENREC_NATIVE=0 or no C compiler): see the genrec.native log")
     return native_mod.load()
 
 
@@ -22,7 +22,7 @@ def lib():
 def native(request):
     """``dropout``'s ``native`` argument for each implementation of the stream (the kernel's only where it builds)."""
     if request.param == "native" and native_mod.load() is None:
-        pytest.skip("the native kernel could not be built here (no C compiler?): see the genrec.native log")
+        pytest.skip("native kernels unavailable (GENREC_NATIVE=0 or no C compiler): see the genrec.native log")
     return None if request.param == "native" else False
 
 
