@@ -587,7 +587,8 @@ def load_dataset(name: str, data_dir=None, on_bad_rows: str = "error") -> Loaded
 
     ``interactions`` is what the readers return (columns ``user, item`` and, where the
     source has them, ``timestamp``/``rating``), in file order.  See ``notes`` for what the
-    copy contains (e.g. ML-1M's development layout has timestamps for users 1..2999 only).
+    copy contains (e.g. the superseded ML-1M development layout, ``movielens-1m/``, has
+    timestamps for users 1..2999 only; the official ``ml-1m/ratings.dat`` has them for all).
     Raises :class:`DatasetNotFoundError` listing every path looked for.
     """
     if on_bad_rows not in ("error", "skip"):
