@@ -302,3 +302,13 @@ def test_fit_rejects_missing_ids_with_the_row_number(column, value, row):
     frame.loc[row - 1, column] = value
     with pytest.raises(ValueError, match=rf"DataFrame:{row}: missing or invalid {column} id .*row {row} of the DataFrame"):
         Recommender(**ONE_EPOCH).fit(frame)
+
+
+def test_fit_on_a_table_with_every_row_duplicated_equals_the_original(seconds_model):
+    frame, expected = seconds_model
+    doubled = frame.loc[frame.index.repeat(2)].reset_index(drop=True)
+    rec = Recommender(**ONE_EPOCH).fit(doubled)
+    assert rec.model_id_ == expected.model_id_
+    assert rec.results_["test"]["metrics"] == expected.results_["test"]["metrics"]
+    assert rec.results_["valid"]["metrics"] == expected.results_["valid"]["metrics"]
+    assert any(f"dropped {len(frame):,} exact duplicate rows" in n for n in rec.results_["data"]["notes"])
