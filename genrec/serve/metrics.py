@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -73,11 +74,15 @@ class ServiceMetrics:
             multiprocess_mode="livemax",
         )  # fmt: skip
         model_info.labels(**info).set(1)
+        self._series: dict[tuple[str, int], tuple[Any, Any]] = {}  # (route, status) -> (counter, histogram) children
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
-        label = route_label(path)
-        self._requests.labels(label, str(status)).inc()
-        self._latency.labels(label).observe(seconds)
+        key = (route_label(path), status)
+        series = self._series.get(key)
+        if series is None:  # bounded: the routes times the status codes the service answers
+            series = self._series[key] = (self._requests.labels(key[0], str(status)), self._latency.labels(key[0]))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def observe_batch(self, size: int) -> None:
         self._batches.observe(size)
