@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=list(quality.DATASETS))
     p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--set", nargs="*", default=[], help="extra config overrides for every variant (e.g. a budget)")
+    p.add_argument("--set", nargs="*", action="extend", default=[], help="extra config overrides for every variant (e.g. a budget)")
     p.add_argument("--baseline", nargs="*", default=None,
                    help="fp32 run names under runs/quality/<dataset>/ to compare with, averaged (default: hstu)")
     p.add_argument("--data-dir", default=None,

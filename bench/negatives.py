@@ -40,7 +40,7 @@ def run(name: str, epochs: int, threads: int, config: str, data_dir: str | None)
         *([f"data.data_dir={data_dir}"] if data_dir else []),
     ]  # fmt: skip
     cfg = load_config(ROOT / config, overrides)
-    train(cfg, progress=False)
+    train(cfg, overwrite=True, progress=False)
     rows = [json.loads(line) for line in open(run_dir / "log.jsonl")]
     return {
         "setting": name,

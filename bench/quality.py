@@ -93,7 +93,7 @@ def run_model(
     overrides = [*([f"data.data_dir={data_dir}"] if data_dir else []), f"output_dir={ROOT / 'runs' / 'quality' / dataset / name}",
                  *extra]
     cfg = load_config(config_path, overrides)
-    res = train(cfg, resume=resume, progress=False)
+    res = train(cfg, resume=resume, overwrite=not resume, progress=False)
     common = {
         "dataset": dataset,
         "model": name,
@@ -132,7 +132,7 @@ def refit_model(dataset: str, data_dir: str, threads: int, extra: list[str], nam
         "eval.selection=refit", f"train.epochs={epochs}", f"train.patience={epochs + 1}", "train.time_budget_minutes=0",
         *extra,
     ])  # fmt: skip
-    res = train(cfg, progress=False)
+    res = train(cfg, overwrite=True, progress=False)
     return [{
         "dataset": dataset, "model": row_name, "config": str((run_dir / "config.yaml").relative_to(ROOT)),
         "selection": "refit", "overrides": extra, "epoch": res["best_epoch"], "epochs_run": res["epochs_run"],
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run")
     r.add_argument("--dataset", choices=list(DATASETS), required=True)
     r.add_argument("--model", choices=MODELS, required=True)
-    r.add_argument("--set", nargs="*", default=[], help="config overrides")
+    r.add_argument("--set", nargs="*", action="extend", default=[], help="config overrides (may be repeated)")
     r.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     r.add_argument("--name", help="row name and run directory (default: the model name)")
     for s in (r, sub.add_parser("baselines"), sub.add_parser("all")):
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     rf = sub.add_parser("refit", help="refit a finished run on train+valid for its best epoch count, test once")
     rf.add_argument("--dataset", choices=list(DATASETS), required=True)
     rf.add_argument("--name", required=True, help="the finished run to refit (runs/quality/<dataset>/<name>)")
-    rf.add_argument("--set", nargs="*", default=[], help="config overrides")
+    rf.add_argument("--set", nargs="*", action="extend", default=[], help="config overrides (may be repeated)")
     rf.add_argument("--data-dir", default=None,
                    help="where the dataset files are (else $GENREC_DATA_DIR, then the cache directory)")
     rf.add_argument("--threads", type=int, default=0)

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                           [*([f"data.data_dir={args.data_dir}"] if args.data_dir else []), "model.use_time_bias=false",
                            f"train.patience={args.patience}", f"train.time_budget_minutes={args.time_budget_minutes}",
                            f"output_dir={no_time_dir}"])  # fmt: skip
-        train(cfg, progress=False)
+        train(cfg, overwrite=True, progress=False)
     rows = []
     missing = [str(run) for _, run in runs if not (run / "results.json").exists()]
     if missing:
