@@ -286,6 +286,7 @@ class Recommender:
         output_dir: str | Path | None = None,
         *,
         columns: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
         progress: bool = False,
     ) -> "Recommender":
         """Train on ``interactions`` and keep the best-validation weights (the usual leave-one-out selection).
@@ -304,6 +305,8 @@ class Recommender:
                 role, a column that does not exist or that appears twice, and a time-like column (datetime dtype or
                 a name such as ``ts``, ``time``, ``date``) that no role uses raise ``ValueError`` before training.
                 Missing ids or timestamps raise ``BadRowError`` naming the row.
+            overwrite: replace a run that ``output_dir`` already holds (otherwise such a directory is refused with
+                ``FileExistsError``, so two runs never mix their files).
             progress: show tqdm progress bars.
         """
         from genrec.train.loop import train
@@ -316,7 +319,7 @@ class Recommender:
             context = contextlib.nullcontext(str(output_dir))
         with context as run_dir:
             config = dataclasses.replace(config, output_dir=str(run_dir))
-            results = train(config, data=data, progress=progress)
+            results = train(config, data=data, overwrite=overwrite, progress=progress)
             write_popularity(data.sequences, run_dir)
             self._load_state(Path(run_dir))
         self.results_ = results
@@ -769,7 +772,7 @@ def _prepared_data(interactions: Any, config: RunConfig, columns: Mapping[str, A
             frame,
             min_seq_len=config.data.min_seq_len,
             notes=notes,
-            duplicates=getattr(config.data, "duplicates", "drop"),
+            duplicates=config.data.duplicates,
         )
         data_cfg = dataclasses.replace(config.data, dataset="table", path=None, columns=dict(roles))
         return PreparedData(seqs, None, []), dataclasses.replace(config, data=data_cfg)

@@ -35,12 +35,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_results(results: dict) -> None:
+    from genrec.eval.evaluate import INTEGER_METRICS
+
     test = results["test"]
     print(f"\n{results['dataset']} / {results['model']}: best validation epoch {results['best_epoch']} "
           f"of {results['epochs_run']} ({results['seconds_per_epoch'] or 0:.1f} s/epoch)")  # fmt: skip
     print(f"protocol: {test['protocol']['name']}")
     for k, v in test["metrics"].items():
-        print(f"  {k:>9} {v:.4f}" if k != "count" else f"  {k:>9} {int(v)}")
+        print(f"  {k:>9} {int(v)}" if k in INTEGER_METRICS else f"  {k:>9} {v:.4f}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

@@ -45,6 +45,7 @@ class DataConfig:
     header: bool = True
     on_bad_rows: Literal["error", "skip"] = "error"
     max_len: int = 200  # most recent items kept per sequence (history window)
+    duplicates: Literal["drop", "keep"] = "drop"  # exact duplicate (user, item, timestamp) rows: drop (counted in a data note) or keep
     min_seq_len: int = 3  # users with fewer interactions cannot be split leave-one-out and are dropped (counted)
 
     def __post_init__(self) -> None:
@@ -69,7 +70,7 @@ class ModelConfig:
     linear_dim: int = 50  # HSTU d_v per head
     ffn_dim: int = 50  # SASRec point-wise feed-forward width
     dropout: float = 0.2  # input (embedding) dropout
-    linear_dropout: float = 0.2  # HSTU dropout on U * LN(AV) ; SASRec dropout inside blocks
+    linear_dropout: float = 0.2  # HSTU only: dropout on U * LN(AV) (SASRec uses `dropout` everywhere)
     use_time_bias: bool = True  # HSTU: log-bucketed time-gap term of the relative attention bias
     use_position_bias: bool = True  # HSTU: position-offset term of the relative attention bias
     num_time_buckets: int = 128

@@ -40,6 +40,6 @@ def prepare_data(config: DataConfig) -> PreparedData:
     if bad:
         notes.append(f"skipped {bad:,} malformed rows (on_bad_rows=skip)")
     # ``duplicates`` ("drop" | "keep"): what to do with exact duplicate (user, item, timestamp) rows.
-    duplicates = getattr(config, "duplicates", "drop")
+    duplicates = config.duplicates
     seqs = build_sequences(frame, min_seq_len=config.min_seq_len, notes=notes, duplicates=duplicates)
     return PreparedData(seqs, titles, files)

@@ -16,11 +16,10 @@ Beauty timestamp file (``Beauty_time_org_rank.txt``).
 
 Checksums of the GroupLens zips (``ml-1m``, ``ml-100k``, ``ml-20m``) are the sha256 values
 that TensorFlow Datasets registers for those URLs (``url_checksums/movielens.txt``; the
-ml-1m size there, 5,917,549 bytes, agrees with the size recorded in the project's data
-README).  ``ml-latest-small.zip`` has ``sha256=None``: GroupLens says that "development"
+ml-1m size there is 5,917,549 bytes).  ``ml-latest-small.zip`` has ``sha256=None``: GroupLens says that "development"
 archive may change over time, so a pinned hash could go stale; it is downloaded
 unverified (with a warning that prints its sha256).  The Amazon Beauty files are pinned
-to the sha256 of the copies documented in the data README.
+to the sha256 of the published copies.
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from genrec.io import write_json
+
 PAD = 0
 
 
@@ -243,8 +245,7 @@ def leave_one_out(data: SequenceData, name: str) -> Split:
 
 
 def save_id_maps(data: SequenceData, directory: str | Path) -> None:
-    with open(Path(directory) / "item_ids.json", "w", encoding="utf-8") as fh:
-        json.dump(data.item_map.to_json(), fh)
+    write_json(Path(directory) / "item_ids.json", data.item_map.to_json())
 
 
 def load_item_map(directory: str | Path) -> IdMap:

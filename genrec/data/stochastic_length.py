@@ -1,7 +1,7 @@
 """Stochastic Length (SL): sparsify long training sequences so that attention costs O(N^α·d) instead of O(N²·d).
 
 Paper: Zhai et al., ICML 2024, §3.3 and §5 (sparsity table for α ∈ {1.6, 1.8, 2.0}); the reference repository does
-not ship it (``../shared/reference/hstu.md`` §5). The rule, for a training sequence of n items and maximum
+not ship it. The rule, for a training sequence of n items and maximum
 sequence length N::
 
     n <= N^{α/2}:  keep the sequence whole

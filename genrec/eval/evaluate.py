@@ -33,6 +33,10 @@ def baseline_score_fn(recommender) -> ScoreFn:
     return lambda histories, history_times, query_times, has_time: recommender.score(histories)
 
 
+# Metrics that are counts of users, not rates: printed as integers.
+INTEGER_METRICS = ("count", "repeat_targets")
+
+
 def repeat_targets(data: SequenceData, split: Split, max_history: int) -> np.ndarray:
     """[U] bool: the user's target also occurs in the history the protocol sees (its last ``max_history`` items)."""
     assert split.target_pos is not None

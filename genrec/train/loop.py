@@ -37,7 +37,7 @@ from genrec.data.popularity import write_popularity
 from genrec.data.registry import DATASETS
 from genrec.data.sequences import leave_one_out, load_item_map, save_id_maps
 from genrec.data.stochastic_length import expected_kept, expected_sparsity
-from genrec.eval.evaluate import evaluate, model_score_fn
+from genrec.eval.evaluate import INTEGER_METRICS, evaluate, model_score_fn
 from genrec.eval.protocol import protocol_from_config
 from genrec.models import build_model
 from genrec.io import atomic_write
@@ -428,4 +428,4 @@ def _time_notes(config: RunConfig, seqs) -> list[str]:
 
 
 def _fmt(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "count")
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in INTEGER_METRICS)

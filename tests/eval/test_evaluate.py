@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from genrec.config import DataConfig
+from genrec.config import ConfigError, DataConfig, load_config
 from genrec.data.dataset import prepare_data
 from genrec.data.sequences import build_sequences
 from genrec.eval.evaluate import baseline_score_fn, evaluate
@@ -94,6 +94,12 @@ def test_duplicated_table_file_through_prepare_data(tmp_path):
     data = prepare_data(config).sequences
     assert any(f"dropped {len(frame):,} exact duplicate rows" in n for n in data.notes)
     assert _metrics(data) == _metrics(build_sequences(frame))
+    # data.duplicates=keep (a config value, checked when loaded) keeps them, still counted
+    kept = prepare_data(load_config(None, ["data.dataset=table", f"data.path={path}", "data.duplicates=keep",
+                                           "data.columns={user: user, item: item, timestamp: timestamp}"]).data)
+    assert len(kept.sequences.items) > len(data.items)
+    with pytest.raises(ConfigError, match="duplicates"):
+        load_config(None, ["data.duplicates=merge"])
 
 
 def _repeat_data():
