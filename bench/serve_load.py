@@ -3,11 +3,11 @@
 Starts ``genrec serve`` on a free loopback port in a subprocess, drives ``POST /v1/recommend`` (top-10) over real
 HTTP/1.1 from asyncio callers, one keep-alive connection each, and reports p50/p99 latency,
 throughput and errors (any non-200 or transport failure) per concurrency level. The levels run ``--rounds`` times,
-interleaved (1, 8, 32, 1, 8, 32, ...), so that a drift in this shared machine's speed hits all of them; the ratio of
+interleaved (1, 8, 32, 1, 8, 32, ...), so that a drift in the machine's speed hits all of them; the ratio of
 throughputs is the median of the rounds' ratios. Rows go to ``results/serve.json``
 (a JSON list of ``{"concurrency", "requests", "errors", "p50_ms", "p99_ms", "rps", ...}``, plus each round's req/s,
 the mean batch and the CPU time per request of server and client), the markdown table is printed
-and written into README.md between ``<!-- serve-table:start -->`` and ``<!-- serve-table:end -->`` when present.
+and written into docs/serving.md between ``<!-- serve-table:start -->`` and ``<!-- serve-table:end -->`` when present.
 
     python bench/serve_load.py --checkpoint runs/ml-1m/hstu --workers 2          # 3 rounds x 1,000 requests per level
     python bench/serve_load.py --checkpoint DIR --requests 100 --rounds 1 --max-seconds 5   # smoke run
@@ -47,7 +47,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "serve.json"
-README = ROOT / "README.md"
+DOC = ROOT / "docs" / "serving.md"
 TABLE_START, TABLE_END = "<!-- serve-table:start -->", "<!-- serve-table:end -->"
 JSON_HEADERS = {"content-type": "application/json"}
 
@@ -283,7 +283,7 @@ def markdown(rows: list[dict], mean_batch: dict[int, float], caption: str) -> st
 
 
 def write_readme(table: str) -> None:
-    write_between_markers(README, TABLE_START, TABLE_END, table)
+    write_between_markers(DOC, TABLE_START, TABLE_END, table)
 
 
 def main() -> int:
@@ -297,7 +297,8 @@ def main() -> int:
     p.add_argument("--history-len", type=int, default=0, help="events per history (0 = the model's max_len)")
     p.add_argument("--histories", choices=["synthetic", "dataset"], default="synthetic",
                    help="synthetic: --history-len events drawn by popularity; dataset: real users' test histories")
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"), help="for --histories dataset")
+    p.add_argument("--data-dir", default=None,
+                   help="for --histories dataset (default: $GENREC_DATA_DIR, then the cache dir)")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--server-threads", type=int, default=1, help="torch threads per server worker")
     p.add_argument("--workers", type=int, default=1, help="server worker processes (genrec serve --workers)")
@@ -307,7 +308,7 @@ def main() -> int:
     p.add_argument("--client", choices=["raw", "httpx"], default="raw", help="HTTP client (see the docstring)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--no-readme", action="store_true", help="do not write the README table")
+    p.add_argument("--no-readme", action="store_true", help="do not write the table into docs/serving.md")
     args = p.parse_args()
 
     port = free_port()

@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a trained model over HTTP (FastAPI + uvicorn)")
     s.add_argument("--checkpoint", required=True, help="run directory written by genrec train (read only)")
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--max-batch", type=int, default=64, help="most requests per forward pass")
     s.add_argument("--max-wait-ms", type=float, default=0.0, help="batch wait (0: take the queue)")
     s.add_argument("--model-thread", action="store_true",
@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads per worker (0 = PyTorch's default; with --workers N, cores / N)")
     s.add_argument("--workers", type=int, default=1,
                    help="worker processes on the port, each with its own model, batcher and socket (metrics summed)")
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level")
     s.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
     s.set_defaults(func=_cmd_serve)
 
