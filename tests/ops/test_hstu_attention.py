@@ -228,6 +228,7 @@ def test_native_off_by_environment(monkeypatch):
 
 def test_native_build_failure_falls_back(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(native_mod, "_STATE", {})
+    monkeypatch.delenv("GENREC_NATIVE", raising=False)
     monkeypatch.setenv("GENREC_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     assert native_mod.load() is None
