@@ -56,6 +56,17 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     _fsync_dir(path.parent)
 
 
+def cache_dir() -> Path:
+    """genrec's cache root: ``$GENREC_CACHE_DIR``, else ``$XDG_CACHE_HOME/genrec``, else ``~/.cache/genrec``.
+
+    Downloaded datasets live directly under it, built native kernels under ``native/``."""
+    root = os.environ.get("GENREC_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg).expanduser() / "genrec" if xdg else Path.home() / ".cache" / "genrec"
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
 

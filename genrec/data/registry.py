@@ -47,6 +47,7 @@ from genrec.data.readers import (
     read_sequences,
     read_titles,
 )
+from genrec.io import cache_dir
 
 __all__ = [
     "BUNDLED_DIR",
@@ -249,9 +250,8 @@ _COMPANIONS: dict[str, tuple[str, ...]] = {
 
 
 def default_cache_dir() -> Path:
-    """``$GENREC_CACHE_DIR`` or ``~/.cache/genrec``."""
-    env = os.environ.get("GENREC_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "genrec"
+    """``$GENREC_CACHE_DIR``, else ``$XDG_CACHE_HOME/genrec``, else ``~/.cache/genrec`` (``genrec.io.cache_dir``)."""
+    return cache_dir()
 
 
 def _search_path(data_dir=None) -> list[tuple[Path, str]]:

@@ -54,6 +54,8 @@ from pathlib import Path
 
 import torch
 
+from genrec.io import cache_dir as genrec_cache_dir
+
 log = logging.getLogger("genrec.native")
 
 SOURCE = Path(__file__).with_name("hstu_tiles.c")
@@ -156,11 +158,7 @@ class Kernels:
 def cache_dir() -> Path:
     """Where built libraries are kept: ``$GENREC_CACHE_DIR/native``, else ``$XDG_CACHE_HOME/genrec/native``, else
     ``~/.cache/genrec/native``."""
-    root = os.environ.get("GENREC_CACHE_DIR")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = os.path.join(xdg, "genrec") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "genrec")
-    return Path(root).expanduser() / "native"
+    return genrec_cache_dir() / "native"
 
 
 def cpu_id() -> str:

@@ -74,6 +74,9 @@ def test_resolve_data_dir_order(tmp_path, monkeypatch):
     assert resolve_data_dir() == [tmp_path / "e1", tmp_path / "e2", tmp_path / "cache"]
     monkeypatch.delenv("GENREC_CACHE_DIR")
     monkeypatch.delenv("GENREC_DATA_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the same cache root as the native kernels
+    assert resolve_data_dir() == [tmp_path / "xdg" / "genrec"]
+    monkeypatch.delenv("XDG_CACHE_HOME")
     assert resolve_data_dir() == [Path.home() / ".cache" / "genrec"]
 
 
