@@ -12,8 +12,9 @@ B·max(n)². Each sequence wastes at most ``block - 1`` slots.
 
 Same outputs as the padded path (``HSTU.encode``), tested to 1e-5 in fp32, including the relative bias (position
 and time terms) and rows without timestamps. Deviations: none in the math; ``jagged_encode`` applies the encoder's
-dropout rates to [T, ·] tensors with ``genrec.ops.dropout`` (the native kernel's counter-based stream when it loads,
-else ``F.dropout``), so in training mode the random masks differ from the padded path's (same distribution).
+dropout rates to [T, ·] tensors with ``genrec.ops.dropout`` (one counter-based stream, computed by the native kernel
+when it loads and bit for bit by its PyTorch twin otherwise, so the masks do not depend on the kernel), so in
+training mode the random masks differ from the padded path's ``nn.Dropout`` (same distribution).
 
 Public: ``lengths_to_offsets``, ``padded_to_jagged``, ``jagged_to_padded``, ``JaggedBlocks`` / ``jagged_blocks``,
 ``jagged_hstu_attention`` (+ the per-sequence plain reference ``jagged_hstu_attention_reference``),
