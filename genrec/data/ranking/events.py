@@ -1,0 +1,620 @@
+"""Per-user chronological events -> time-based splits -> :class:`~genrec.data.ranking_batch.RankingBatch` batches.
+
+This module is dataset-agnostic: the dataset loaders (:mod:`genrec.data.ranking.sources`) turn raw logs into an
+*event table* and call :func:`build_ranking_dataset`. Synthetic tables (tests, user code) go through the same path.
+
+Event table (one row per logged event, in file order), columns:
+
+    user        str    external user id
+    item        str    external item id
+    timestamp   int    Unix seconds
+    actions     int    action bitmask of the event (bit a = ``actions[a]`` happened)
+    candidate   bool   the event is an impression that can be asked about (a candidate); e.g. a Taobao page view
+    task:<t>    0/1    for each task t: the event *is* an observed outcome of task t at its own time (an ML-1M
+                       rating >= 4 for ``like``; a Taobao ``buy`` row for ``buy``)
+    order       int    optional finer tie-break inside one second (e.g. KuaiRand milliseconds)
+
+Ordering: each user's events are sorted by (timestamp, order, file position) with a stable sort, so equal
+timestamps keep file order.
+
+Labels of a candidate (``labels_from_later_events``):
+
+* False (ML-1M, KuaiRand): the candidate's own ``task:<t>`` values (the rating, the click, ...).
+* True (Taobao): task t is 1 when the same user has a ``task:<t>`` event on the same item at a time ``>=`` the
+  candidate's time and before the end of the candidate's split part (and within ``label_window_s`` when given). The
+  training part's labels therefore never look at a validation- or test-period event (pages viewed just before the
+  cut are censored, as in any delayed-feedback log). A label event is never in its own candidate's history, because
+  history is strictly earlier in time (below).
+
+Splits (``split``):
+
+* ``"user-last"``: per user, the last ``n_eval`` candidates are test, the ``n_eval`` before them validation, all
+  earlier events training. Users with fewer than ``min_events`` (default ``2 * n_eval + 1``) candidates have no
+  validation or test rows; all their events are training events. Other users' training events may be later in
+  wall-clock time than a user's test events, so a model trained on this split has seen "the future" of other users
+  (the usual leave-last-out caveat); ``"global-time"`` avoids it.
+* ``"global-time"``: cuts ``T_valid < T_test``; training = events before ``T_valid``, validation = ``[T_valid,
+  T_test)``, test = at or after ``T_test``. The cuts are given (``time_cuts``) or chosen as quantiles of all event
+  timestamps (``quantiles``, default 0.8 and 0.9; the cut is the smallest timestamp at or above the quantile, so
+  every training event time < T_valid <= every validation time < T_test <= every test time).
+
+Rows (one :class:`RankingBatch` row = one user, one history, up to C candidates):
+
+* Each part's candidates, per user in time order, are cut into consecutive chunks of up to C
+  (``max_candidates``); each chunk is a row. Training rows come from training candidates, validation rows from
+  validation candidates, test rows from test candidates.
+* History of a row = the user's events (of any part and any kind, e.g. Taobao carts too) that are strictly before
+  the row's earliest candidate **in time** (and therefore also in sort order); events sharing that second are left
+  out, whatever their file order, because file order inside one second is not a reliable time order. The most
+  recent ``max_history`` events are kept. A test row's history thus holds all earlier training and validation
+  events; a validation row's history all earlier training events (and, with ``global-time``, the user's earlier
+  validation events).
+
+Dense "hand-made" features (for DLRM-style models), per (row, candidate); every statistic is computed from
+**training-part events strictly before the row's earliest candidate time** (t0), so nothing at or after the
+candidates' time, and no validation or test event, can reach them:
+
+    user_count_log       log1p(#training candidates of the user before t0)
+    user_rate:<task>     (s + a * p) / (n + a): s = #training task-<task> events of the user before t0, n = that
+                         count, a = ``smoothing`` (10), p = the global training rate before t0, (S + 1) / (N + 2)
+    item_count_log       log1p(#training candidates of the item before t0)
+    item_rate:<task>     as user_rate, over the item's events
+    recency_log_s        log1p(candidate time - the row's most recent history event time); 0 when the history is
+                         empty (a real gap is >= 1 s, because history is strictly earlier)
+    hour_sin, hour_cos   hour of day of the candidate's time (``tz_offset_s`` east of UTC), on the unit circle
+    <extra item columns> per-item dense columns supplied by the loader (ML-1M: genre multi-hot), static metadata
+
+Rates are clipped to [0, 1] (a Taobao user may buy items never viewed in the log). Using causal, time-prefix
+statistics (rather than whole-training-period totals) also keeps a training row's own label out of its features.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from genrec.data.ranking_batch import RankingBatch, RankingSchema
+from genrec.data.sequences import IdMap
+
+__all__ = ["PARTS", "SPLITS", "RankingRows", "RankingDataset", "build_ranking_dataset"]
+
+PARTS = ("train", "valid", "test")
+SPLITS = ("user-last", "global-time")
+_PART_ID = {p: i for i, p in enumerate(PARTS)}
+
+
+def _sorted_ids(values: np.ndarray) -> list[str]:
+    """Distinct external ids, numerically sorted when they are all integers, else lexicographically."""
+    uniq = pd.unique(pd.Series(values, dtype=str))
+    try:
+        return [str(v) for v in sorted(uniq, key=int)]
+    except ValueError:
+        return sorted(str(v) for v in uniq)
+
+
+def _codes(values: pd.Series, idmap: IdMap) -> np.ndarray:
+    """Internal ids (1..n) of ``values`` under ``idmap`` (vectorised; every value must be in the map)."""
+    cat = pd.Categorical(values.astype(str), categories=idmap.external)
+    codes = np.asarray(cat.codes, dtype=np.int64)
+    if (codes < 0).any():
+        raise ValueError(f"id {values[codes < 0].iloc[0]!r} is not in the id map")
+    return codes + 1
+
+
+@dataclass
+class RankingRows:
+    """The rows of one part for one candidate-chunk size C (all arrays [R] unless noted).
+
+    cands       [K]  event indices (into the dataset's sorted event arrays) of the part's candidates, user-major
+    start, size      row r's candidates are ``cands[start[r] : start[r] + size[r]]`` (1 <= size <= C)
+    user             internal user id of the row
+    t0               time of the row's earliest candidate
+    hist_end         history = sorted events ``[max(user_start, hist_end - L), hist_end)``; all have time < t0
+    user_start       index of the user's first event
+    """
+
+    part: str
+    max_candidates: int
+    cands: np.ndarray
+    start: np.ndarray
+    size: np.ndarray
+    user: np.ndarray
+    t0: np.ndarray
+    hist_end: np.ndarray
+    user_start: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+
+@dataclass
+class RankingDataset:
+    """A ranking dataset: sorted events with split parts and labels, and the statistics behind its dense features.
+
+    Build with :func:`build_ranking_dataset` (or :func:`genrec.data.ranking.load_ranking_dataset`). Event arrays are
+    [N], sorted by (user, time, tie-break, file position); ``user_offsets`` [U + 2] gives user u's events as
+    ``user_offsets[u] : user_offsets[u + 1]`` (u = 1..U; index 0 is an empty slot for the padding id).
+    """
+
+    name: str
+    schema: RankingSchema
+    split: str
+    user_map: IdMap
+    item_map: IdMap
+    user_offsets: np.ndarray
+    ev_user: np.ndarray  # [N] int64
+    ev_item: np.ndarray  # [N] int64
+    ev_time: np.ndarray  # [N] int64
+    ev_actions: np.ndarray  # [N] int64
+    ev_candidate: np.ndarray  # [N] bool
+    ev_part: np.ndarray  # [N] int8: 0 train, 1 valid, 2 test
+    ev_labels: np.ndarray  # [N, T] float32: candidate labels (0 for non-candidates)
+    hist_labels_available: bool  # labels are the events' own outcomes, so history events can carry them
+    time_cuts: tuple[int, int] | None
+    user_feature_table: np.ndarray  # [U + 1, F] int64
+    item_dense_table: np.ndarray  # [I + 1, E] float32
+    smoothing: float
+    tz_offset_s: int
+    default_max_candidates: int
+    notes: list[str] = field(default_factory=list)
+    # causal training statistics (see the module docstring); built by build_ranking_dataset
+    _stats: dict = field(default_factory=dict, repr=False)
+    _rows: dict = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ rows
+    def rows(self, part: str = "train", max_candidates: int | None = None) -> RankingRows:
+        """The rows of ``part`` with up to ``max_candidates`` (default: the dataset's) candidates each."""
+        if part not in _PART_ID:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+        C = int(max_candidates or self.default_max_candidates)
+        if C < 1:
+            raise ValueError(f"max_candidates must be >= 1, got {C}")
+        key = (part, C)
+        if key not in self._rows:
+            self._rows[key] = self._build_rows(part, C)
+        return self._rows[key]
+
+    def _build_rows(self, part: str, C: int) -> RankingRows:
+        cands = np.flatnonzero(self.ev_candidate & (self.ev_part == _PART_ID[part]))
+        users = self.ev_user[cands]
+        n = len(cands)
+        pos = np.arange(n, dtype=np.int64)
+        first = np.ones(n, dtype=bool)
+        first[1:] = users[1:] != users[:-1]
+        group_start = np.maximum.accumulate(np.where(first, pos, 0)) if n else pos
+        rank = pos - group_start
+        start = np.flatnonzero(rank % C == 0)
+        size = np.diff(np.append(start, n))
+        p0 = cands[start]
+        user = self.ev_user[p0]
+        t0 = self.ev_time[p0]
+        key = self._stats["user_key"]
+        hist_end = np.searchsorted(key, user * self._stats["M"] + (t0 - self._stats["tmin"]), side="left")
+        return RankingRows(part, C, cands, start, size, user, t0, hist_end, self.user_offsets[user])
+
+    # ------------------------------------------------------------------ features
+    def dense_features_for(
+        self, user: np.ndarray, t0: np.ndarray, item: np.ndarray, cand_time: np.ndarray, last_hist_time: np.ndarray
+    ) -> np.ndarray:
+        """Dense features [..., D] (``schema.dense_features``) for aligned arrays of the same shape.
+
+        ``t0`` is the row's earliest candidate time; ``last_hist_time`` the row's most recent history time (< 0 when
+        the history is empty). Only training events before ``t0`` are counted (see the module docstring).
+        """
+        s = self._stats
+        shape = item.shape
+        user, t0, item = user.reshape(-1), t0.reshape(-1), item.reshape(-1)
+        cand_time, last_hist_time = cand_time.reshape(-1), last_hist_time.reshape(-1)
+        M, tmin, a = s["M"], s["tmin"], self.smoothing
+        rel = np.clip(t0 - tmin, 0, M - 1)
+        # global prior before t0
+        g = np.searchsorted(s["g_time"], t0, side="left")
+        prior = (s["g_task"][g] + 1.0) / (s["g_imp"][g, None] + 2.0)  # [n, T]
+        # user: the user's training events before t0
+        u_lo = np.searchsorted(s["u_key"], user * M, side="left")
+        u_hi = np.searchsorted(s["u_key"], user * M + rel, side="left")
+        u_n = s["u_imp"][u_hi] - s["u_imp"][u_lo]
+        u_s = s["u_task"][u_hi] - s["u_task"][u_lo]
+        # item: the item's training events before t0
+        i_lo = np.searchsorted(s["i_key"], item * M, side="left")
+        i_hi = np.searchsorted(s["i_key"], item * M + rel, side="left")
+        i_n = s["i_imp"][i_hi] - s["i_imp"][i_lo]
+        i_s = s["i_task"][i_hi] - s["i_task"][i_lo]
+        u_rate = np.clip((u_s + a * prior) / (u_n[:, None] + a), 0.0, 1.0)
+        i_rate = np.clip((i_s + a * prior) / (i_n[:, None] + a), 0.0, 1.0)
+        gap = cand_time - last_hist_time
+        recency = np.where(last_hist_time >= 0, np.log1p(np.maximum(gap, 0)), 0.0)
+        hour = ((cand_time + self.tz_offset_s) % 86400) / 3600.0
+        angle = 2.0 * math.pi * hour / 24.0
+        cols = [
+            np.log1p(u_n)[:, None],
+            u_rate,
+            np.log1p(i_n)[:, None],
+            i_rate,
+            recency[:, None],
+            np.sin(angle)[:, None],
+            np.cos(angle)[:, None],
+            self.item_dense_table[item],
+        ]
+        out = np.concatenate(cols, axis=1).astype(np.float32)
+        return out.reshape(*shape, out.shape[1])
+
+    # ------------------------------------------------------------------ batches
+    def make_batch(self, rows: RankingRows, which: np.ndarray, max_history: int = 256,
+                   with_hist_labels: bool = False) -> RankingBatch:  # fmt: skip
+        """The :class:`RankingBatch` of rows ``which`` (indices into ``rows``)."""
+        if max_history < 1:
+            raise ValueError(f"max_history must be >= 1, got {max_history}")
+        if with_hist_labels and not self.hist_labels_available:
+            raise ValueError(
+                f"{self.name}: history labels are not available (a candidate's labels come from later events, "
+                "which may lie after a row's candidates)"
+            )
+        which = np.asarray(which, dtype=np.int64)
+        B = len(which)
+        user, t0 = rows.user[which], rows.t0[which]
+        hist_end, ustart = rows.hist_end[which], rows.user_start[which]
+        avail = hist_end - ustart
+        hist_len = np.minimum(avail, max_history)
+        L = max(1, int(hist_len.max()) if B else 1)
+        pos = np.arange(L)
+        hmask = pos[None, :] < hist_len[:, None]  # [B, L]
+        hidx = np.where(hmask, (hist_end - hist_len)[:, None] + pos[None, :], 0)
+        last_hist_time = np.where(avail > 0, self.ev_time[np.maximum(hist_end - 1, 0)], -1)
+
+        size, start = rows.size[which], rows.start[which]
+        C = max(1, int(size.max()) if B else 1)
+        cpos = np.arange(C)
+        cmask = cpos[None, :] < size[:, None]  # [B, C]
+        cidx = rows.cands[np.where(cmask, start[:, None] + cpos[None, :], 0)]
+        cand_items = np.where(cmask, self.ev_item[cidx], 0)
+        cand_times = np.where(cmask, self.ev_time[cidx], 0)
+        dense = self.dense_features_for(
+            np.broadcast_to(user[:, None], (B, C)),
+            np.broadcast_to(t0[:, None], (B, C)),
+            cand_items,
+            cand_times,
+            np.broadcast_to(last_hist_time[:, None], (B, C)),
+        )
+        dense = dense * cmask[:, :, None]
+        labels = self.ev_labels[cidx] * cmask[:, :, None]
+        hist_labels = None
+        if with_hist_labels:
+            hist_labels = torch.from_numpy(self.ev_labels[hidx] * hmask[:, :, None])
+        return RankingBatch(
+            user_ids=torch.from_numpy(user.astype(np.int64)),
+            hist_items=torch.from_numpy(np.where(hmask, self.ev_item[hidx], 0)),
+            hist_actions=torch.from_numpy(np.where(hmask, self.ev_actions[hidx], 0)),
+            hist_times=torch.from_numpy(np.where(hmask, self.ev_time[hidx], 0)),
+            hist_lengths=torch.from_numpy(hist_len.astype(np.int64)),
+            cand_items=torch.from_numpy(cand_items),
+            cand_times=torch.from_numpy(cand_times),
+            cand_mask=torch.from_numpy(cmask),
+            user_features=torch.from_numpy(self.user_feature_table[user]),
+            dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
+            labels=torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32)),
+            hist_labels=hist_labels,
+        )
+
+    def batches(
+        self,
+        part: str = "train",
+        batch_size: int = 128,
+        *,
+        shuffle: bool | None = None,
+        seed: int = 0,
+        max_history: int = 256,
+        max_candidates: int | None = None,
+        with_hist_labels: bool = False,
+        drop_last: bool = False,
+    ) -> Iterator[RankingBatch]:
+        """Batches of ``part``'s rows. ``shuffle`` defaults to True for ``"train"`` (a permutation from ``seed``)
+        and False otherwise (user order, then time). Each batch is padded to its own longest history (at most
+        ``max_history``, at least 1) and its own largest candidate count (at most ``max_candidates``)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        rows = self.rows(part, max_candidates)
+        order = np.arange(len(rows))
+        if shuffle if shuffle is not None else part == "train":
+            order = np.random.default_rng(seed).permutation(len(rows))
+        stop = len(order) - (len(order) % batch_size if drop_last else 0)
+        for i in range(0, stop, batch_size):
+            yield self.make_batch(rows, order[i : i + batch_size], max_history, with_hist_labels)
+
+    # ------------------------------------------------------------------ summaries
+    def counts(self, part: str, max_candidates: int | None = None) -> dict:
+        """Rows, candidates, users with rows, rows with an empty history, and the base rate of every task."""
+        rows = self.rows(part, max_candidates)
+        labels = self.ev_labels[rows.cands]
+        rates = labels.mean(axis=0) if len(labels) else np.full(self.schema.num_tasks, np.nan)
+        return {
+            "rows": len(rows),
+            "candidates": int(len(rows.cands)),
+            "users": int(len(np.unique(rows.user))),
+            "empty_history_rows": int((rows.hist_end == rows.user_start).sum()),
+            "base_rates": {t: float(r) for t, r in zip(self.schema.tasks, rates)},
+        }
+
+    def describe(self, max_candidates: int | None = None) -> str:
+        """A human summary: sizes, split, per-part counts and base rates, and the data notes."""
+        s = self.schema
+        lines = [
+            f"{self.name}: {s.num_users:,} users, {s.num_items:,} items, {len(self.ev_item):,} events "
+            f"({int(self.ev_candidate.sum()):,} candidates); split {self.split!r}"
+            + (f", cuts T_valid={self.time_cuts[0]}, T_test={self.time_cuts[1]}" if self.time_cuts else ""),
+            f"tasks {', '.join(s.tasks)}; actions {', '.join(s.actions)}; "
+            f"{len(s.user_features)} user features; {len(s.dense_features)} dense features",
+        ]
+        for part in PARTS:
+            c = self.counts(part, max_candidates)
+            rates = ", ".join(f"{t} {r:.4f}" for t, r in c["base_rates"].items())
+            lines.append(
+                f"  {part}: {c['rows']:,} rows, {c['candidates']:,} candidates, {c['users']:,} users, "
+                f"{c['empty_history_rows']:,} rows with empty history; base rates: {rates}"
+            )
+        lines += [f"note: {n}" for n in self.schema.notes]
+        return "\n".join(lines)
+
+
+def _check_events(events: pd.DataFrame, tasks: Sequence[str]) -> None:
+    need = ["user", "item", "timestamp", "actions", "candidate"] + [f"task:{t}" for t in tasks]
+    missing = [c for c in need if c not in events.columns]
+    if missing:
+        raise ValueError(f"event table lacks columns {missing}; it has {list(events.columns)}")
+    if len(events) == 0:
+        raise ValueError("event table is empty")
+    for col in ["timestamp", "actions"] + [f"task:{t}" for t in tasks]:
+        if not pd.api.types.is_integer_dtype(events[col].dtype) or events[col].isna().any():
+            raise ValueError(f"event table column {col!r} must be integers without missing values")
+    if (events["timestamp"] < 0).any():
+        raise ValueError("event table: timestamps must be non-negative Unix seconds")
+    for t in tasks:
+        bad = ~events[f"task:{t}"].isin((0, 1))
+        if bad.any():
+            raise ValueError(f"event table column 'task:{t}' must be 0/1 (row {int(np.flatnonzero(bad)[0])})")
+
+
+def build_ranking_dataset(
+    events: pd.DataFrame,
+    *,
+    name: str,
+    tasks: Sequence[str],
+    actions: Sequence[str],
+    split: str = "global-time",
+    n_eval: int = 10,
+    min_events: int | None = None,
+    time_cuts: tuple[int, int] | None = None,
+    quantiles: tuple[float, float] = (0.8, 0.9),
+    labels_from_later_events: bool = False,
+    label_window_s: int | None = None,
+    max_candidates: int = 10,
+    user_features: pd.DataFrame | None = None,
+    user_feature_sizes: Sequence[int] = (),
+    item_dense: pd.DataFrame | None = None,
+    smoothing: float = 10.0,
+    tz_offset_s: int = 0,
+    notes: Sequence[str] = (),
+) -> RankingDataset:
+    """Sort, split, label and index an event table (see the module docstring for every rule).
+
+    ``user_features``: indexed by external user id, one integer column per feature with ids 1..size (0 = unknown),
+    sizes in ``user_feature_sizes``; users missing from it get 0. ``item_dense``: indexed by external item id, float
+    columns appended to the dense features (items missing from it get 0). ``max_candidates`` is the default C of
+    :meth:`RankingDataset.rows` / :meth:`RankingDataset.batches`.
+    """
+    tasks, actions, notes = tuple(tasks), tuple(actions), list(notes)
+    _check_events(events, tasks)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if n_eval < 1 or max_candidates < 1:
+        raise ValueError("n_eval and max_candidates must be >= 1")
+    T = len(tasks)
+
+    user_map = IdMap(_sorted_ids(events["user"].to_numpy()))
+    item_map = IdMap(_sorted_ids(events["item"].to_numpy()))
+    u = _codes(events["user"], user_map)
+    it = _codes(events["item"], item_map)
+    t = events["timestamp"].to_numpy(dtype=np.int64)
+    tie = events["order"].to_numpy(dtype=np.int64) if "order" in events.columns else np.zeros(len(t), np.int64)
+    order = np.lexsort((np.arange(len(t)), tie, t, u))  # stable: equal times keep file order
+    u, it, t = u[order], it[order], t[order]
+    acts = events["actions"].to_numpy(dtype=np.int64)[order]
+    cand = events["candidate"].to_numpy(dtype=bool)[order]
+    task_ev = np.stack([events[f"task:{x}"].to_numpy(dtype=np.int64)[order] for x in tasks], axis=1)  # [N, T]
+    N, U, I = len(t), len(user_map), len(item_map)
+    offsets = np.searchsorted(u, np.arange(U + 2), side="left").astype(np.int64)
+
+    # ---------------------------------------------------------------- split parts
+    part = np.zeros(N, dtype=np.int8)
+    cuts: tuple[int, int] | None = None
+    if split == "user-last":
+        if labels_from_later_events or not cand.all():
+            raise ValueError(
+                f"{name}: the 'user-last' split needs every event to be a candidate with its own labels; "
+                "use split='global-time'"
+            )
+        min_events = 2 * n_eval + 1 if min_events is None else int(min_events)
+        if min_events < 2 * n_eval + 1:
+            raise ValueError(f"min_events must be >= 2 * n_eval + 1 = {2 * n_eval + 1}")
+        n_user = np.diff(offsets)[u]  # events of the event's user
+        from_end = offsets[u + 1] - 1 - np.arange(N)  # 0 for the user's last event
+        eligible = n_user >= min_events
+        part[eligible & (from_end < 2 * n_eval)] = 1
+        part[eligible & (from_end < n_eval)] = 2
+        n_short = int((np.diff(offsets)[1:] < min_events).sum())
+        notes.append(
+            f"split 'user-last': per user (time order, ties in file order) the last {n_eval} events are test "
+            f"candidates, the {n_eval} before them validation candidates, all earlier ones training; "
+            f"{n_short:,} users with fewer than {min_events} events have training events only"
+        )
+    else:
+        if time_cuts is None:
+            q1, q2 = quantiles
+            if not 0.0 < q1 < q2 < 1.0:
+                raise ValueError(f"quantiles must satisfy 0 < q_valid < q_test < 1, got {quantiles}")
+            cuts = (int(np.quantile(t, q1, method="higher")), int(np.quantile(t, q2, method="higher")))
+            how = f"the {q1:g} and {q2:g} quantiles of all {N:,} event timestamps"
+        else:
+            cuts = (int(time_cuts[0]), int(time_cuts[1]))
+            how = "given"
+        if not cuts[0] < cuts[1]:
+            raise ValueError(f"{name}: time cuts must satisfy T_valid < T_test, got {cuts}")
+        part[t >= cuts[0]] = 1
+        part[t >= cuts[1]] = 2
+        notes.append(
+            f"split 'global-time': training events have time < T_valid={cuts[0]}, validation events "
+            f"T_valid <= time < T_test={cuts[1]}, test events time >= T_test ({how})"
+        )
+
+    # ---------------------------------------------------------------- labels
+    if labels_from_later_events:
+        labels = _later_event_labels(u, it, t, cand, task_ev, part, cuts, label_window_s)
+    else:
+        labels = (task_ev * cand[:, None]).astype(np.float32)
+
+    # ---------------------------------------------------------------- causal training statistics
+    tmin = int(t.min())
+    M = int(t.max()) - tmin + 2
+    if max(U, I) + 2 >= (2**62) // M:
+        raise ValueError(f"{name}: time span too long to index ({M} s)")
+    train = part == 0
+    imp = (train & cand).astype(np.float64)
+    tsk = (task_ev * train[:, None]).astype(np.float64)
+    rel = t - tmin
+
+    def cum(x: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(x) + 1,) + x.shape[1:], dtype=np.float64)
+        np.cumsum(x, axis=0, out=out[1:])
+        return out
+
+    tr = np.flatnonzero(train)
+    i_order = tr[np.lexsort((rel[tr], it[tr]))]
+    g_order = tr[np.argsort(t[tr], kind="stable")]
+    stats = {
+        "M": M,
+        "tmin": tmin,
+        "user_key": u * M + rel,  # all events, sorted (history lookup)
+        "u_key": u[tr] * M + rel[tr],  # training events, sorted by (user, time)
+        "u_imp": cum(imp[tr]),
+        "u_task": cum(tsk[tr]),
+        "i_key": it[i_order] * M + rel[i_order],
+        "i_imp": cum(imp[i_order]),
+        "i_task": cum(tsk[i_order]),
+        "g_time": t[g_order],
+        "g_imp": cum(imp[g_order]),
+        "g_task": cum(tsk[g_order]),
+    }
+
+    # ---------------------------------------------------------------- side tables
+    F = len(user_feature_sizes)
+    uf_table = np.zeros((U + 1, F), dtype=np.int64)
+    uf_names: tuple[str, ...] = ()
+    if user_features is not None:
+        uf_names = tuple(str(c) for c in user_features.columns)
+        if len(uf_names) != F:
+            raise ValueError("user_features must have one column per entry of user_feature_sizes")
+        idx = user_map.to_internal(user_features.index.astype(str))
+        vals = user_features.to_numpy(dtype=np.int64)
+        if (vals < 0).any() or (vals > np.asarray(user_feature_sizes)[None, :]).any():
+            raise ValueError("user feature ids must lie in 0..size")
+        uf_table[idx[idx > 0]] = vals[idx > 0]
+    elif F:
+        raise ValueError("user_feature_sizes given without user_features")
+    extra_names: tuple[str, ...] = ()
+    item_table = np.zeros((I + 1, 0), dtype=np.float32)
+    if item_dense is not None:
+        extra_names = tuple(str(c) for c in item_dense.columns)
+        item_table = np.zeros((I + 1, len(extra_names)), dtype=np.float32)
+        idx = item_map.to_internal(item_dense.index.astype(str))
+        item_table[idx[idx > 0]] = item_dense.to_numpy(dtype=np.float32)[idx > 0]
+    dense_names = (
+        ("user_count_log",)
+        + tuple(f"user_rate:{x}" for x in tasks)
+        + ("item_count_log",)
+        + tuple(f"item_rate:{x}" for x in tasks)
+        + ("recency_log_s", "hour_sin", "hour_cos")
+        + extra_names
+    )
+    notes.append(
+        "dense features use training-part events strictly before each row's earliest candidate only "
+        f"(rates smoothed towards the global training rate with strength {smoothing:g}); hour of day at UTC"
+        + (f"{tz_offset_s / 3600:+g} h" if tz_offset_s else "")
+    )
+    notes.append(
+        "a row's history holds the user's events strictly earlier in time than its earliest candidate; "
+        "events in the same second are left out whatever their file order"
+    )
+    schema = RankingSchema(
+        num_items=I,
+        num_users=U,
+        tasks=tasks,
+        actions=actions,
+        user_features=uf_names,
+        user_feature_sizes=tuple(int(x) for x in user_feature_sizes),
+        dense_features=dense_names,
+        notes=tuple(notes),
+    )
+    return RankingDataset(
+        name=name,
+        schema=schema,
+        split=split,
+        user_map=user_map,
+        item_map=item_map,
+        user_offsets=offsets,
+        ev_user=u,
+        ev_item=it,
+        ev_time=t,
+        ev_actions=acts,
+        ev_candidate=cand,
+        ev_part=part,
+        ev_labels=labels,
+        hist_labels_available=not labels_from_later_events,
+        time_cuts=cuts,
+        user_feature_table=uf_table,
+        item_dense_table=item_table,
+        smoothing=float(smoothing),
+        tz_offset_s=int(tz_offset_s),
+        default_max_candidates=int(max_candidates),
+        notes=notes,
+        _stats=stats,
+    )
+
+
+def _later_event_labels(
+    u: np.ndarray,
+    it: np.ndarray,
+    t: np.ndarray,
+    cand: np.ndarray,
+    task_ev: np.ndarray,
+    part: np.ndarray,
+    cuts: tuple[int, int] | None,
+    window: int | None,
+) -> np.ndarray:
+    """[N, T] labels: candidate i has task k when the same (user, item) has a task-k event at a time in
+    ``[t_i, end of i's part)`` (and ``< t_i + window`` when given); 0 for non-candidates."""
+    assert cuts is not None
+    N, T = task_ev.shape
+    pair = pd.factorize(pd.MultiIndex.from_arrays([u, it]))[0].astype(np.int64)
+    tmin = int(t.min())
+    M = int(t.max()) - tmin + 2
+    key = pair * M + (t - tmin)
+    end = np.where(part == 0, cuts[0], np.where(part == 1, cuts[1], np.iinfo(np.int64).max))
+    if window is not None:
+        end = np.minimum(end, t + int(window))
+    labels = np.zeros((N, T), dtype=np.float32)
+    ci = np.flatnonzero(cand)
+    for k in range(T):
+        ev = np.flatnonzero(task_ev[:, k] == 1)
+        ev = ev[np.argsort(key[ev], kind="stable")]
+        ek = key[ev]
+        j = np.searchsorted(ek, key[ci], side="left")  # first task-k event of the pair at time >= t_i
+        ok = j < len(ev)
+        jj = np.where(ok, j, 0)
+        hit = ok & (pair[ev[jj]] == pair[ci]) & (t[ev[jj]] < end[ci]) if len(ev) else np.zeros(len(ci), bool)
+        labels[ci, k] = hit
+    return labels
