@@ -346,3 +346,132 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def save_config(config: RunConfig, path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------------ ranking runs
+#
+# A ranking run (``genrec.train.ranking.train_ranker``) has its own config with the same sections and the same
+# checking as a retrieval run; it shares none of the retrieval dataclasses, so neither can change the other.
+
+RankingModelName = Literal["hstu-ranker", "dlrm", "din", "popularity", "logreg"]
+RankingSelectMetric = Literal["NE", "AUC", "GAUC", "LogLoss"]
+# select metric -> (key in genrec.eval.ranking_metrics' reports, higher is better)
+RANKING_SELECT_METRICS: dict[str, tuple[str, bool]] = {
+    "NE": ("ne", False),
+    "AUC": ("auc", True),
+    "GAUC": ("gauc", True),
+    "LogLoss": ("log_loss", False),
+}
+
+
+@dataclass
+class RankingDataConfig:
+    """Which ranking dataset, which time split, and how rows are cut (``genrec.data.ranking``)."""
+
+    # a ranking dataset name: ml-1m, taobao-userbehavior-head (taobao), kuairand-27k-like-hate-subset (kuairand);
+    # checked against the ranking datasets before any data is read
+    dataset: str = "ml-1m"
+    data_dir: str | None = None  # searched before $GENREC_DATA_DIR and the cache dir
+    split: Literal["user-last", "global-time"] | None = None  # None: the dataset's default split
+    n_eval: int = 10  # user-last: validation and test candidates per user
+    max_history: int = 200  # most recent history events per row
+    max_candidates: int = 10  # candidates per row (C)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "data")
+        _check(self.dataset != "", "data.dataset", self.dataset, "must name a ranking dataset")
+        _at_least(self, "data", n_eval=1, max_history=1, max_candidates=1)
+
+
+@dataclass
+class RankingModelConfig:
+    """Which ranker and its hyper-parameters.
+
+    ``params`` go to the model's own config dataclass (``HSTURankerConfig``, ``DLRMRankerConfig``, ``DINConfig``) or
+    to the floor's constructor (popularity: ``prior_strength``; logreg: ``num_buckets``). Their names, types and
+    ranges are checked against that dataclass by ``genrec.train.ranking.build_ranker`` before any run file is written
+    (an unknown name or a wrong type raises ``ConfigError`` naming ``model.params.<name>``). Task weights are not a
+    model parameter: they are ``train.task_weights``.
+    """
+
+    name: RankingModelName = "hstu-ranker"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "model")
+        for key in self.params:
+            _check(isinstance(key, str) and key != "", "model.params", key, "is not a parameter name")
+        _check("task_weights" not in self.params, "model.params.task_weights", self.params.get("task_weights"),
+               "is set in train.task_weights (one weight per task, in the schema's task order)")  # fmt: skip
+
+
+@dataclass
+class RankingTrainConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    patience: int = 3  # epochs without validation improvement before stopping
+    # validation metric for early stopping and the kept weights, averaged over the tasks with a positive weight:
+    # NE and LogLoss lower is better, AUC and GAUC higher is better
+    select_metric: RankingSelectMetric = "NE"
+    task_weights: tuple[float, ...] | None = None  # loss weight per task (schema order); None = all 1
+    seed: int = 42
+    num_threads: int = 0  # torch intra-op threads; 0 = leave PyTorch's default
+    device: str = "cpu"
+    max_steps_per_epoch: int = 0  # 0 = whole epoch; >0 only for smoke tests
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "train")
+        _at_least(self, "train", epochs=1, batch_size=1, eval_batch_size=1, patience=1, num_threads=0,
+                  max_steps_per_epoch=0, weight_decay=0.0)  # fmt: skip
+        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), "train.betas", list(self.betas), "must both be in [0, 1)")
+        _check(_DEVICE.fullmatch(self.device) is not None, "train.device", self.device,
+               "is not a device name; expected cpu, cuda, cuda:N, mps, xpu or xpu:N")  # fmt: skip
+        if self.task_weights is not None:
+            w = self.task_weights
+            _check(len(w) > 0 and all(0.0 <= x < float("inf") for x in w) and any(x > 0 for x in w),
+                   "train.task_weights", list(w), "must be finite, non-negative and not all zero")  # fmt: skip
+
+
+@dataclass
+class RankingRunConfig:
+    data: RankingDataConfig = field(default_factory=RankingDataConfig)
+    model: RankingModelConfig = field(default_factory=RankingModelConfig)
+    train: RankingTrainConfig = field(default_factory=RankingTrainConfig)
+    output_dir: str = "runs/ranking"
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "")
+        _check(self.output_dir != "", "output_dir", self.output_dir, "must name a directory")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, where: str = "config") -> "RankingRunConfig":
+        """Build and check a ranking config from plain data; errors are prefixed with ``where``."""
+        try:
+            return _build(cls, raw, "")
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_ranking_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RankingRunConfig:
+    """Read a YAML ranking run config (or the defaults when ``path`` is None) and apply ``a.b=value`` overrides."""
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        with open(path, encoding="utf-8") as fh:
+            try:
+                raw = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    return RankingRunConfig.from_dict(raw, where=where)
