@@ -13,21 +13,36 @@ Example::
         batch.validate(ds.schema)
 """
 
-from genrec.data.ranking.criteo import CriteoData, TabularSplit, load_criteo, read_criteo
-from genrec.data.ranking.events import PARTS, SPLITS, RankingDataset, RankingRows, build_ranking_dataset
-from genrec.data.ranking.sources import RANKING_DATASETS, find_dataset_folder, load_ranking_dataset
+from genrec.data.ranking.criteo import (
+    CriteoData,
+    TabularSplit,
+    load_criteo,
+    read_criteo,
+)
+from genrec.data.ranking.events import (
+    PARTS,
+    SPLITS,
+    RankingDataset,
+    RankingRows,
+    build_ranking_dataset,
+)
+from genrec.data.ranking.sources import (
+    RANKING_DATASETS,
+    find_dataset_folder,
+    load_ranking_dataset,
+)
 
 __all__ = [
     "PARTS",
-    "SPLITS",
     "RANKING_DATASETS",
+    "SPLITS",
+    "CriteoData",
     "RankingDataset",
     "RankingRows",
+    "TabularSplit",
     "build_ranking_dataset",
     "find_dataset_folder",
-    "load_ranking_dataset",
-    "CriteoData",
-    "TabularSplit",
     "load_criteo",
+    "load_ranking_dataset",
     "read_criteo",
 ]

@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from genrec.data.ranking.sources import find_folder
 from genrec.data.readers import BadRowError
 from genrec.data.readers.common import _read_bytes
-from genrec.data.ranking.sources import find_folder
 
-__all__ = ["CRITEO_FILES", "TabularSplit", "CriteoData", "read_criteo", "load_criteo"]
+__all__ = ["CRITEO_FILES", "CriteoData", "TabularSplit", "load_criteo", "read_criteo"]
 
 CRITEO_FOLDER = "criteo-dac-head8k"
 CRITEO_FILES = {"train": "train.tsv", "valid": "dev.tsv", "test": "test.tsv"}
@@ -71,8 +71,8 @@ class CriteoData:
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        lines = [f"criteo: dense {len(self.dense_names)}, sparse {len(self.sparse_names)} fields, "
-                 f"vocabulary sizes {list(self.vocab_sizes)}"]  # fmt: skip
+        lines = [(f"criteo: dense {len(self.dense_names)}, sparse {len(self.sparse_names)} fields, "
+                 f"vocabulary sizes {list(self.vocab_sizes)}")]  # fmt: skip
         for part in ("train", "valid", "test"):
             s = getattr(self, part)
             oov = float((s.sparse == 0).float().mean()) if len(s) else float("nan")

@@ -71,8 +71,8 @@ statistics (rather than whole-training-period totals) also keeps a training row'
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -81,29 +81,25 @@ import torch
 from genrec.data.ranking_batch import RankingBatch, RankingSchema
 from genrec.data.sequences import IdMap
 
-__all__ = ["PARTS", "SPLITS", "RankingRows", "RankingDataset", "build_ranking_dataset"]
+__all__ = ["PARTS", "SPLITS", "RankingDataset", "RankingRows", "build_ranking_dataset"]
 
 PARTS = ("train", "valid", "test")
 SPLITS = ("user-last", "global-time")
 _PART_ID = {p: i for i, p in enumerate(PARTS)}
 
 
-def _sorted_ids(values: np.ndarray) -> list[str]:
-    """Distinct external ids, numerically sorted when they are all integers, else lexicographically."""
-    uniq = pd.unique(pd.Series(values, dtype=str))
+def _id_codes(values: pd.Series) -> tuple[IdMap, np.ndarray]:
+    """An :class:`IdMap` of the distinct external ids (numerically sorted when all are integers, else
+    lexicographically) and the internal id (1..n) of every value, vectorised."""
+    codes, uniques = pd.factorize(values, sort=False)
+    names = np.asarray([str(v) for v in uniques], dtype=object)
     try:
-        return [str(v) for v in sorted(uniq, key=int)]
+        rank = np.argsort(np.array([int(v) for v in names], dtype=np.int64), kind="stable")
     except ValueError:
-        return sorted(str(v) for v in uniq)
-
-
-def _codes(values: pd.Series, idmap: IdMap) -> np.ndarray:
-    """Internal ids (1..n) of ``values`` under ``idmap`` (vectorised; every value must be in the map)."""
-    cat = pd.Categorical(values.astype(str), categories=idmap.external)
-    codes = np.asarray(cat.codes, dtype=np.int64)
-    if (codes < 0).any():
-        raise ValueError(f"id {values[codes < 0].iloc[0]!r} is not in the id map")
-    return codes + 1
+        rank = np.argsort(names.astype(str), kind="stable")
+    position = np.empty(len(names), dtype=np.int64)
+    position[rank] = np.arange(len(names))
+    return IdMap(list(names[rank])), position[codes] + 1
 
 
 @dataclass
@@ -334,8 +330,8 @@ class RankingDataset:
         rates = labels.mean(axis=0) if len(labels) else np.full(self.schema.num_tasks, np.nan)
         return {
             "rows": len(rows),
-            "candidates": int(len(rows.cands)),
-            "users": int(len(np.unique(rows.user))),
+            "candidates": len(rows.cands),
+            "users": len(np.unique(rows.user)),
             "empty_history_rows": int((rows.hist_end == rows.user_start).sum()),
             "base_rates": {t: float(r) for t, r in zip(self.schema.tasks, rates)},
         }
@@ -347,8 +343,8 @@ class RankingDataset:
             f"{self.name}: {s.num_users:,} users, {s.num_items:,} items, {len(self.ev_item):,} events "
             f"({int(self.ev_candidate.sum()):,} candidates); split {self.split!r}"
             + (f", cuts T_valid={self.time_cuts[0]}, T_test={self.time_cuts[1]}" if self.time_cuts else ""),
-            f"tasks {', '.join(s.tasks)}; actions {', '.join(s.actions)}; "
-            f"{len(s.user_features)} user features; {len(s.dense_features)} dense features",
+            (f"tasks {', '.join(s.tasks)}; actions {', '.join(s.actions)}; "
+            f"{len(s.user_features)} user features; {len(s.dense_features)} dense features"),
         ]
         for part in PARTS:
             c = self.counts(part, max_candidates)
@@ -413,12 +409,9 @@ def build_ranking_dataset(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if n_eval < 1 or max_candidates < 1:
         raise ValueError("n_eval and max_candidates must be >= 1")
-    T = len(tasks)
 
-    user_map = IdMap(_sorted_ids(events["user"].to_numpy()))
-    item_map = IdMap(_sorted_ids(events["item"].to_numpy()))
-    u = _codes(events["user"], user_map)
-    it = _codes(events["item"], item_map)
+    user_map, u = _id_codes(events["user"])
+    item_map, it = _id_codes(events["item"])
     t = events["timestamp"].to_numpy(dtype=np.int64)
     tie = events["order"].to_numpy(dtype=np.int64) if "order" in events.columns else np.zeros(len(t), np.int64)
     order = np.lexsort((np.arange(len(t)), tie, t, u))  # stable: equal times keep file order

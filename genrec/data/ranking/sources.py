@@ -36,6 +36,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -44,8 +45,15 @@ from genrec.data.readers import BadRowError, read_frame, read_movielens_dat
 from genrec.data.readers.common import _read_bytes
 from genrec.data.registry import DatasetNotFoundError, resolve_data_dir
 
-__all__ = ["RANKING_DATASETS", "find_dataset_folder", "find_folder", "load_ranking_dataset", "ml1m_events", "taobao_events",
-           "kuairand_events"]  # fmt: skip
+__all__ = [
+    "RANKING_DATASETS",
+    "find_dataset_folder",
+    "find_folder",
+    "kuairand_events",
+    "load_ranking_dataset",
+    "ml1m_events",
+    "taobao_events",
+]  # fmt: skip
 
 BEIJING = 8 * 3600
 
@@ -297,9 +305,9 @@ def kuairand_events(path: Path) -> tuple[pd.DataFrame, list[str]]:
                            "actions": bits.astype(np.int64), "candidate": True,
                            **{f"task:{t}": value[t] for t in KUAI_TASKS}})  # fmt: skip
     notes = [
-        f"{path.name}: {len(events):,} impressions; rows were filtered to liked-or-hated impressions (and a "
+        (f"{path.name}: {len(events):,} impressions; rows were filtered to liked-or-hated impressions (and a "
         "15-core on likes), so every row is a like or a hate and click / like / hate base rates are far above "
-        "those of the full KuaiRand log; histories hold only each user's liked and hated impressions",
+        "those of the full KuaiRand log; histories hold only each user's liked and hated impressions"),
         "time_ms floored to Unix seconds, milliseconds kept as the tie-break inside a second",
     ]
     return events, notes
