@@ -16,7 +16,7 @@ Definitions (natural logarithms throughout):
   half (the Mann-Whitney U statistic divided by ``P * N``). Computed in O(n log n) from a sort, never from pairs.
 * **GAUC** -- per-user AUC averaged over the users who have both a positive and a negative, each weighted by the
   user's number of evaluated examples (Zhou et al. 2018, "Deep Interest Network for Click-Through Rate
-  Prediction", KDD, eq. 1, with impressions as weights). This *weighted* form is the default (``"gauc"``); the
+  Prediction", KDD, section 6 "Metrics", with impressions as weights). This *weighted* form is the default (``"gauc"``); the
   unweighted mean over users is ``"gauc_unweighted"``. Users with a single class have no AUC and are left out;
   ``"gauc_users"`` says how many users were counted. DLRM-v3 groups by request rather than by user: pass a
   request id as ``user_ids`` to get that.
@@ -30,8 +30,8 @@ Definitions (natural logarithms throughout):
   better. *Deliberate deviation*: the paper takes ``p`` from the training data; by default ``p`` here is the base
   rate of the *evaluated* labels (as torchrec's NE metric does), so NE does not depend on the training split.
   Pass ``base_rate=`` to use the training base rate instead.
-* **Calibration** -- ``sum(probs) / sum(labels)``: expected over observed positives; 1 is perfectly calibrated in
-  aggregate, above 1 over-predicts.
+* **Calibration** -- ``sum(probs) / sum(labels)``: expected over observed positives, i.e. the average predicted
+  rate over the empirical rate (He et al. 2014, section 2.1); 1 is calibrated in aggregate, above 1 over-predicts.
 
 Undefined values are never silently reported as numbers. The scalar functions (:func:`auc`, :func:`gauc`,
 :func:`normalized_entropy`, :func:`calibration`) raise :class:`UndefinedMetricError` (a ``ValueError``) with the
@@ -48,7 +48,11 @@ confidence interval (95% by default) of the resampled differences, and whether t
 drawn ``k`` times is ``k`` users with identical examples, so every metric becomes a *weighted* metric with per-user
 multiplicities as weights: log loss and NE reduce to per-user sums, GAUC to a weighted mean of fixed per-user AUCs,
 and AUC to a weighted AUC over the scores sorted once (a cumulative sum of negative weights, read at each positive's
-place). Nothing is re-sorted per resample, and resamples are processed in vectorised blocks.
+place, in exact integer arithmetic). Nothing is re-sorted per resample, and resamples are processed in vectorised
+blocks of bounded memory; every resample's value equals the metric computed on the explicitly resampled data set
+(each copy of a drawn user being a distinct user). The draws come from ``numpy.random.default_rng(seed)``:
+:func:`bootstrap_user_counts` returns them. A resample where a metric is undefined for either model (e.g. only one
+class drawn) is dropped from its interval and counted (``num_valid``).
 
 **Several seeds** (``probs_a`` / ``probs_b`` of shape ``[S, N]``): the statistic is the *seed-mean* difference
 ``mean_s metric(A_s) - mean_s metric(B_s)``, and every resample applies the same user draw to all seeds of both
@@ -150,13 +154,17 @@ def _user_index(user_ids: Any, n: int) -> tuple[np.ndarray, int]:
     u = _as_array(user_ids, "user_ids")
     if u.ndim != 1 or u.shape[0] != n:
         raise ValueError(f"user_ids: shape {u.shape}, expected ({n},)")
+    if np.issubdtype(u.dtype, np.floating) and not np.isfinite(u).all():
+        raise ValueError(f"user_ids: {int((~np.isfinite(u)).sum())} id(s) are NaN or infinite")
     _, inverse = np.unique(u, return_inverse=True)
     inverse = inverse.reshape(-1).astype(np.int64)
     return inverse, int(inverse.max()) + 1 if n else 0
 
 
 def _describe_single_class(y: np.ndarray) -> str:
-    value = int(y[0]) if y.size else None
+    if y.size == 0:
+        return "there is no example"
+    value = int(y[0])
     kind = "positives" if value == 1 else "negatives"
     return f"all {y.size:,} evaluated labels are {value} ({kind} only)"
 
@@ -286,6 +294,8 @@ def gauc(scores: Any, labels: Any, user_ids: Any, weighted: bool = True) -> tupl
     s = _check_scores(scores)
     y = _check_labels(labels)
     n = _same_length(scores=s, labels=y)
+    if n == 0:
+        raise ValueError("gauc: no examples")
     uidx, num_users = _user_index(user_ids, n)
     per_user = _per_user_auc(s, y, uidx, num_users)
     return _gauc_from_users(per_user, np.bincount(uidx, minlength=num_users).astype(np.float64), weighted)
@@ -518,18 +528,19 @@ def flatten_candidates(
 
 
 def _count_blocks(num_users: int, num_resamples: int, seed: int, block: int) -> Iterator[np.ndarray]:
-    """Blocks of [r, U] user multiplicities from one seeded stream; row k is the same whatever ``block`` is.
+    """Blocks of [r, U] int64 user multiplicities from one seeded stream; row k is the same whatever ``block`` is.
 
-    Each resample is one call drawing U user indices with replacement, so how resamples are grouped into blocks
-    (a memory bound) never changes which users a resample holds.
+    Resample k is row k of a stream of uniform doubles (one 64-bit draw each, no buffering), mapped to user
+    ``floor(x * U)``; so how resamples are grouped into blocks (a memory bound) never changes which users a
+    resample holds. (The mapping's bias is below U / 2**53.)
     """
     rng = np.random.default_rng(seed)
     done = 0
     while done < num_resamples:
         r = min(block, num_resamples - done)
-        draws = np.stack([rng.integers(0, num_users, size=num_users) for _ in range(r)])  # [r, U] user indices
+        draws = np.minimum((rng.random((r, num_users)) * num_users).astype(np.int64), num_users - 1)  # [r, U]
         flat = (draws + np.arange(r)[:, None] * num_users).ravel()
-        yield np.bincount(flat, minlength=r * num_users).reshape(r, num_users).astype(np.float64)
+        yield np.bincount(flat, minlength=r * num_users).reshape(r, num_users)
         done += r
 
 
@@ -538,7 +549,7 @@ def _block_size(num_examples: int, num_users: int) -> int:
 
 
 def bootstrap_user_counts(num_users: int, num_resamples: int, seed: int = 0) -> np.ndarray:
-    """[R, U] multiplicity of each user in each resample, exactly as :func:`paired_bootstrap` draws them.
+    """[R, U] int64 multiplicity of each user in each resample, exactly as :func:`paired_bootstrap` draws them.
 
     Column ``k`` is the ``k``-th smallest distinct user id among the evaluated examples.
     """
@@ -548,41 +559,53 @@ def bootstrap_user_counts(num_users: int, num_resamples: int, seed: int = 0) -> 
 
 
 class _ResampledAUC:
-    """AUC of one model's scores under per-user weights, for many weight vectors at once.
+    """AUC of one model's scores under per-user integer weights, for many weight vectors at once, exactly.
 
     Prepared once (O(n log n)): the negatives sorted by score with their users, and for each positive the number
-    of negatives scoring strictly below it (``lo``) and at most it (``hi``). For a block of multiplicities
-    ``counts [r, U]``, the weighted AUC of each row is::
+    of negatives scoring strictly below it (``lo``) and at most it (``hi``; differs only where a positive ties a
+    negative). For a block of multiplicities ``counts_t [U, r]`` (users by resamples), the AUC of each column is::
 
-        cum[k]  = total weight of the first k sorted negatives            # [r, n_neg + 1]
-        AUC     = sum_i w_i (cum[lo_i] + cum[hi_i]) / 2 / (W_pos W_neg)   # i over positives
+        cum[k]  = total multiplicity of the first k sorted negatives                   # [n_neg + 1, r]
+        2 * num = sum_i w_i (2 cum[lo_i])  +  sum_{i tied} w_i (cum[hi_i] - cum[lo_i])  # i over positives
+        AUC     = 2 * num / (2 * W_pos * W_neg)
 
-    which is exactly the AUC of the data with every user's examples repeated by its multiplicity.
+    which is the AUC of the data with every user's examples repeated by its multiplicity. Everything up to the
+    final division is integer arithmetic (int32 gathers and prefix sums where they cannot overflow, int64 sums),
+    so the value is exact, and the users-by-resamples layout makes every gather a contiguous row copy.
     """
 
-    def __init__(self, scores: np.ndarray, labels: np.ndarray, uidx: np.ndarray):
+    def __init__(self, scores: np.ndarray, labels: np.ndarray, uidx: np.ndarray, count: np.ndarray):
         pos = labels == 1.0
         neg_scores = scores[~pos]
         order = np.argsort(neg_scores, kind="stable")
         neg_sorted = neg_scores[order]
+        pos_order = np.argsort(scores[pos], kind="stable")  # positives in score order: cum is read front to back
+        pos_scores = scores[pos][pos_order]
         self.neg_users = uidx[~pos][order]  # [n_neg]
-        self.pos_users = uidx[pos]  # [n_pos]
-        self.lo = np.searchsorted(neg_sorted, scores[pos], side="left")  # [n_pos]
-        self.hi = np.searchsorted(neg_sorted, scores[pos], side="right")  # [n_pos]
-        self.ties = not np.array_equal(self.lo, self.hi)
+        self.pos_users = uidx[pos][pos_order]  # [n_pos]
+        self.lo = np.searchsorted(neg_sorted, pos_scores, side="left")  # [n_pos]
+        hi = np.searchsorted(neg_sorted, pos_scores, side="right")  # [n_pos]
+        self.tied = np.flatnonzero(hi != self.lo)  # positives that tie at least one negative
+        self.tied_lo, self.tied_hi, self.tied_users = self.lo[self.tied], hi[self.tied], self.pos_users[self.tied]
+        # A resample's total multiplicity-weighted count is at most U * (largest user); int32 if that fits.
+        bound = count.size * (count.max() if count.size else 0)
+        self.dtype = np.int32 if bound < 2**31 - 1 else np.int64
 
-    def __call__(self, counts: np.ndarray) -> np.ndarray:
-        r = counts.shape[0]
-        cum = np.zeros((r, self.neg_users.size + 1))
-        np.cumsum(counts[:, self.neg_users], axis=1, out=cum[:, 1:])  # [r, n_neg + 1]
-        w_pos = counts[:, self.pos_users]  # [r, n_pos]
-        if self.ties:
-            num = 0.5 * np.einsum("rp,rp->r", w_pos, cum[:, self.lo] + cum[:, self.hi])
-        else:
-            num = np.einsum("rp,rp->r", w_pos, cum[:, self.lo])
-        den = w_pos.sum(axis=1) * cum[:, -1]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    def __call__(self, counts_t: np.ndarray) -> np.ndarray:
+        """counts_t: [U, r] multiplicities (``self.dtype``) -> [r] AUC, NaN where a resample has one class."""
+        r = counts_t.shape[1]
+        cum = np.zeros((self.neg_users.size + 1, r), dtype=self.dtype)
+        np.cumsum(counts_t[self.neg_users], axis=0, out=cum[1:])  # [n_neg + 1, r]
+        w_pos = counts_t[self.pos_users]  # [n_pos, r]
+        num2 = 2 * np.einsum("pr,pr->r", w_pos, cum[self.lo], dtype=np.int64)  # [r]
+        if self.tied.size:
+            gap = cum[self.tied_hi].astype(np.int64) - cum[self.tied_lo]  # [n_tied, r] tied negatives
+            num2 += np.einsum("pr,pr->r", counts_t[self.tied_users], gap, dtype=np.int64)
+        den2 = 2 * w_pos.sum(axis=0, dtype=np.int64) * cum[-1].astype(np.int64)  # [r]
+        out = np.full(r, np.nan)
+        ok = den2 > 0
+        out[ok] = num2[ok] / den2[ok]
+        return out
 
 
 def resampled_auc(scores: Any, labels: Any, user_ids: Any, counts: Any) -> np.ndarray:
@@ -594,10 +617,13 @@ def resampled_auc(scores: Any, labels: Any, user_ids: Any, counts: Any) -> np.nd
     y = _check_labels(labels)
     n = _same_length(scores=s, labels=y)
     uidx, num_users = _user_index(user_ids, n)
-    c = _as_array(counts, "counts").astype(np.float64)
+    c = _as_array(counts, "counts")
     if c.ndim != 2 or c.shape[1] != num_users:
         raise ValueError(f"counts: expected [R, {num_users}], got shape {c.shape}")
-    return _ResampledAUC(s, y, uidx)(c)
+    if not np.issubdtype(c.dtype, np.integer) or (c < 0).any():
+        raise ValueError("counts: must be non-negative integers (user multiplicities)")
+    f = _ResampledAUC(s, y, uidx, np.bincount(uidx, minlength=num_users))
+    return f(np.ascontiguousarray(c.T, dtype=f.dtype))
 
 
 @dataclass(frozen=True)
@@ -712,7 +738,7 @@ def paired_bootstrap(
             raise UndefinedMetricError(f"model {name} (seed row {s}): {err}") from err
 
     # Resampled values: [R, model] per metric, block by block.
-    aucs = [_ResampledAUC(p, y, uidx) for _, _, p in models] if "auc" in metrics else []
+    aucs = [_ResampledAUC(p, y, uidx, count) for _, _, p in models] if "auc" in metrics else []
     gauc_terms = []  # per model: ([U] weight * AUC with NaN -> 0, [U] weight of counted users)
     for pu in per_user:
         valid = ~np.isnan(pu.auc)
@@ -720,12 +746,15 @@ def paired_bootstrap(
         gauc_terms.append((np.where(valid, w * np.nan_to_num(pu.auc), 0.0), w))
     ll_sums = np.stack([pu.log_loss_sum for pu in per_user], axis=1)  # [U, models]
     values: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
-    for counts in _count_blocks(num_users, num_resamples, seed, _block_size(y.size, num_users)):
+    for int_counts in _count_blocks(num_users, num_resamples, seed, _block_size(y.size, num_users)):
+        counts = int_counts.astype(np.float64)  # [r, U]
+        if aucs:
+            counts_t = np.ascontiguousarray(int_counts.T, dtype=aucs[0].dtype)  # [U, r]
         with np.errstate(invalid="ignore", divide="ignore"):
             n_r = counts @ count  # [r] examples in each resample
             ll = (counts @ ll_sums) / n_r[:, None]  # [r, models]
             if "auc" in metrics:
-                values["auc"].append(np.stack([f(counts) for f in aucs], axis=1))
+                values["auc"].append(np.stack([f(counts_t) for f in aucs], axis=1))
             if "gauc" in metrics:
                 values["gauc"].append(np.stack([(counts @ a) / (counts @ w) for a, w in gauc_terms], axis=1))
             if "ne" in metrics:

@@ -201,6 +201,15 @@ def test_bad_input_is_refused(probs, labels, match):
         ranking_metrics(probs, labels, [1] * len(probs))
 
 
+def test_empty_and_nan_user_inputs_are_refused():
+    with pytest.raises(UndefinedMetricError, match="there is no example"):
+        auc([], [])
+    with pytest.raises(ValueError, match="no examples"):
+        gauc([], [], [])
+    with pytest.raises(ValueError, match="user_ids: 1 id"):
+        gauc([0.1, 0.2], [0, 1], [1.0, float("nan")])
+
+
 def test_integer_mask_is_refused():
     with pytest.raises(ValueError, match="mask: must be boolean"):
         ranking_metrics([0.5, 0.2], [1, 0], [1, 1], mask=[1, 0])
@@ -341,7 +350,7 @@ def test_resampled_auc_equals_weighted_and_plain_auc():
     _, inverse = np.unique(u, return_inverse=True)
     for r in range(5):
         assert got[r] == pytest.approx(auc(p, y, weights=counts[r][inverse]), abs=1e-12)
-    assert resampled_auc(p, y, u, np.ones((1, 50)))[0] == pytest.approx(auc(p, y), abs=1e-12)
+    assert resampled_auc(p, y, u, np.ones((1, 50), dtype=np.int64))[0] == pytest.approx(auc(p, y), abs=1e-12)
 
 
 def test_bootstrap_is_reproducible_and_seeded():
