@@ -1,0 +1,372 @@
+"""HSTU ranker: multi-task candidate scoring from a user's (item, action, time) history.
+
+Paper: J. Zhai et al., "Actions Speak Louder than Words: Trillion-Parameter Sequential Transducers for Generative
+Recommendations", ICML 2024 (arXiv 2402.17152): §2 (ranking as sequential transduction over interleaved items and
+actions; the target-aware candidate setup) and §3 (the HSTU layer). Reference code: the DLRM-v3 ranker of
+meta-recsys/generative-recommenders (``generative_recommenders/modules/dlrm_hstu.py`` ``DlrmHSTU``,
+``modules/preprocessors.py`` / ``modules/action_encoder.py`` for the input tokens,
+``modules/contextual_interleave_preprocessor.py`` for the interleaved form, ``ops/pytorch/pt_hstu_attention.py``
+for the candidate mask, ``modules/multitask_module.py`` for the heads and loss).
+
+One example is one ``RankingBatch`` row (``genrec.data.ranking_batch``). The model reads it as one sequence::
+
+    [ prefix: one token per user feature | history tokens, oldest first | candidates ]
+
+- Prefix: each categorical user feature has its own embedding table, and its own linear projection turns the
+  embedding into a token (DLRM-v3's contextual features). ``use_contextual=False`` or a schema without user
+  features gives no prefix.
+- History, ``variant="summed"`` (DLRM-v3 as shipped): one token per event,
+  ``(item_emb(item) + Σ_{bits a set in the action bitmask} action_emb[a]) · sqrt(d) + pos_emb[recency]``.
+- History, ``variant="interleaved"`` (the paper's form): two tokens per event, ``item_emb(item) · sqrt(d) + pos``
+  then ``Σ_a action_emb[a] · sqrt(d) + pos``, so the sequence reads item_1, action_1, item_2, action_2, ...
+- Candidates: ``(item_emb(item) + unknown_action) · sqrt(d) + pos_emb[0]`` (summed; a learned "unknown action"
+  stands where a history token has its action, so a label is never an input) or ``item_emb(item) · sqrt(d) +
+  pos_emb[0]`` (interleaved: candidates are item tokens, exactly like a history event's item token).
+- Positions: ``recency`` = (events in the history) - (event index), 1 for the most recent event; every candidate
+  has recency 0 (DLRM-v3: all candidates share one position).
+- Mask (``genrec.ops.ranking_mask.target_aware_mask``, M-FALCON form): prefix and history are causal; each
+  candidate sees the prefix, the whole history and itself, never another candidate.
+- Layers: ``genrec.models.hstu.HSTULayer``, i.e. the math of ``genrec.ops.hstu_math`` (SiLU projection to U, V, Q,
+  K; pointwise SiLU attention with the relative bias rab; gated residual), called with this sequence's mask,
+  offsets and time index. There is no second copy of the layer math.
+- Relative bias: the position term uses offsets between *logical* positions (prefix f at f, history token k at
+  P + k, all candidates at P + number of history tokens); the time term buckets |query time - key time| with each
+  token's own time as its query time: a history event's time, a candidate's impression time (``cand_times``;
+  every history event is before it, so nothing after the candidate enters), and no time term for prefix keys.
+- Head (DLRM-v3's multitask module): ``logits = MLP(LN(h_c) ⊙ LN(W_i · item_emb(c)))`` with one shared tower,
+  Linear -> SwishLayerNorm -> Linear to T logits (one per task). ``h_c`` is the last layer's output at the
+  candidate. Each task's output bias starts at 0, or at logit(base rate) with ``task_base_rates`` (a ranker that
+  starts at the base rate does not spend its first steps learning it).
+- Loss: BCE-with-logits per task, averaged over real candidates, then ``Σ_t task_weights[t] · loss_t``.
+  The interleaved variant also trains at every real history position that has ``hist_labels``: the item_i token,
+  which sees only the prefix and the pairs before event i, predicts event i's task labels. Candidate and history
+  labels of a task are averaged together (each label counts once). The summed variant cannot do this without
+  leaking labels (token i contains action i), so it ignores ``hist_labels``.
+
+Deliberate deviations from the DLRM-v3 reference:
+- History truncation keeps the MOST RECENT ``max_history`` events (the reference's ``maybe_truncate_seq`` keeps
+  the earliest, dropping the events closest to the candidates).
+- Time enters as HSTU's relative attention bias (log buckets, ``hstu_math.time_buckets``), as in genrec's HSTU and
+  the paper's §3.1, not as the reference's ⌊sqrt(minutes)⌋-bucketed input embedding; the candidate's query time is
+  its own impression time rather than the last history timestamp (both are never after the candidate).
+- Each action bit adds a d-dimensional learned vector (a linear map of the bitmask) instead of concatenating
+  8-dimensional bit embeddings and running an MLP; items are a plain embedding table (no content MLP).
+- The user state is LayerNorm(h) with no time-of-day features (the reference's
+  ``TimestampLayerNormPostprocessor`` appends hour / weekday sin-cos features first); the candidate side is a
+  linear map of the shared item table followed by LayerNorm (the reference runs a separate MLP on item features).
+- The contextual prefix holds the schema's user features only (the reference's MovieLens configs also put the
+  user id there, and zero the prefix for users with fewer than 20 events; neither is done here).
+- The loss is a plain mean per task (the reference divides the BCE sum by the clamped weight sum, the same mean,
+  then multiplies by a constant 0.2, which only rescales the learning rate); task weights are configurable.
+- The attention normaliser N is the longest possible sequence, P + tokens_per_event · max_history + 1 (constant,
+  so a row's result never depends on its batch's padding), as genrec's HSTU divides by ``max_len``.
+- ``dense_features`` are not read (the reference's HSTU ranker has no per-candidate dense features either).
+- Logits of padding candidates are 0, and every candidate is scored in one pass over history + candidates
+  (O((P + W + C)²) attention); the cached micro-batched M-FALCON path of ``genrec.ops.mfalcon`` is not wired to
+  this model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genrec.data.ranking_batch import RankingBatch, RankingSchema
+from genrec.models.hstu import HSTUConfig, HSTULayer
+from genrec.ops.hstu_math import input_norm
+from genrec.ops.ranking_mask import (
+    logical_positions,
+    rab_index_per_key,
+    relative_offsets,
+    target_aware_mask,
+    token_valid,
+)
+
+__all__ = ["HSTURanker", "HSTURankerConfig", "keep_most_recent"]
+
+VARIANTS = ("summed", "interleaved")
+
+
+@dataclass
+class HSTURankerConfig:
+    """Hyperparameters; the sizes of the embedding tables and the number of tasks come from the ``RankingSchema``
+    given to ``HSTURanker``."""
+
+    embedding_dim: int = 64  # d
+    num_blocks: int = 2
+    num_heads: int = 2  # h
+    attention_dim: int = 32  # d_qk per head
+    linear_dim: int = 32  # d_v per head
+    dropout: float = 0.2  # on the input tokens
+    linear_dropout: float = 0.1  # on U ⊙ LN(AV), inside each layer
+    max_history: int = 200  # the most recent events kept
+    variant: str = "summed"  # "summed" (item + action in one token) | "interleaved" (item, action tokens)
+    use_contextual: bool = True  # one prefix token per user feature
+    use_time_bias: bool = True
+    use_position_bias: bool = True
+    num_time_buckets: int = 128
+    head_hidden_dim: int | None = None  # width of the shared head tower; None = embedding_dim
+    task_weights: tuple[float, ...] | None = None  # loss weight per task (schema order); None = all 1
+    task_base_rates: tuple[float, ...] | None = None  # initial output bias logit(rate) per task; None = bias 0
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        for name in ("embedding_dim", "num_blocks", "num_heads", "attention_dim", "linear_dim", "max_history",
+                     "num_time_buckets"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_hidden_dim is not None and self.head_hidden_dim < 1:
+            raise ValueError(f"head_hidden_dim must be >= 1, got {self.head_hidden_dim}")
+        for name in ("dropout", "linear_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.task_weights is not None:
+            self.task_weights = tuple(float(w) for w in self.task_weights)
+            if any(not math.isfinite(w) or w < 0 for w in self.task_weights):
+                raise ValueError(f"task_weights must be finite and >= 0, got {self.task_weights}")
+        if self.task_base_rates is not None:
+            self.task_base_rates = tuple(float(r) for r in self.task_base_rates)
+            if any(not 0.0 < r < 1.0 for r in self.task_base_rates):
+                raise ValueError(f"task_base_rates must be in (0, 1), got {self.task_base_rates}")
+
+    @property
+    def tokens_per_event(self) -> int:
+        return 2 if self.variant == "interleaved" else 1
+
+
+def keep_most_recent(batch: RankingBatch, max_history: int) -> RankingBatch:
+    """The batch with each row's history cut to its most recent ``max_history`` events, still left-aligned
+    (history columns [B, L] -> [B, min(L, max_history)]); unchanged when L <= max_history."""
+    L = batch.hist_items.shape[1]
+    if L <= max_history:
+        return batch
+    device = batch.hist_items.device
+    n = batch.hist_lengths  # [B]
+    kept = n.clamp(max=max_history)  # [B]
+    start = (n - max_history).clamp(min=0)  # [B] first kept event
+    slots = torch.arange(max_history, device=device)  # [M]
+    source = (start.unsqueeze(1) + slots.unsqueeze(0)).clamp(max=L - 1)  # [B, M] old column of each new slot
+    real = slots.unsqueeze(0) < kept.unsqueeze(1)  # [B, M]
+
+    def take(t: torch.Tensor) -> torch.Tensor:  # [B, L, ...] -> [B, M, ...], zero past each row's length
+        index = source.view(*source.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
+        mask = real.view(*real.shape, *([1] * (t.dim() - 2)))
+        return torch.gather(t, 1, index) * mask.to(t.dtype)
+
+    return dataclasses.replace(
+        batch,
+        hist_items=take(batch.hist_items),
+        hist_actions=take(batch.hist_actions),
+        hist_times=take(batch.hist_times),
+        hist_lengths=kept,
+        hist_labels=None if batch.hist_labels is None else take(batch.hist_labels),
+    )
+
+
+class SwishLayerNorm(nn.Module):
+    """x · sigmoid(LayerNorm(x)), the activation of DLRM-v3's head tower."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.norm(x))
+
+
+class HSTURanker(nn.Module):
+    """HSTU ranker: ``forward(batch) -> logits [B, C, T]``; ``loss(batch) -> (total, {task: loss})``."""
+
+    def __init__(self, schema: RankingSchema, config: HSTURankerConfig | None = None) -> None:
+        super().__init__()
+        config = config or HSTURankerConfig()
+        T = schema.num_tasks
+        for name in ("task_weights", "task_base_rates"):
+            value = getattr(config, name)
+            if value is not None and len(value) != T:
+                raise ValueError(f"{name} has {len(value)} values, but the schema has {T} tasks {schema.tasks}")
+        self.schema, self.config = schema, config
+        d = config.embedding_dim
+        self.num_prefix = len(schema.user_features) if config.use_contextual else 0  # P
+        # the longest sequence: P + tokens_per_event · max_history + one candidate position
+        self.max_len = self.num_prefix + config.tokens_per_event * config.max_history + 1
+        self.register_buffer("task_weights", torch.tensor(config.task_weights or (1.0,) * T), persistent=False)
+
+        # input tokens
+        self.item_emb = nn.Embedding(schema.num_items + 1, d, padding_idx=0)  # [num_items + 1, d]
+        nn.init.trunc_normal_(self.item_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.action_emb = nn.Parameter(torch.empty(schema.num_actions, d).normal_(0, 0.02))  # [A, d], one per bit
+        self.unknown_action = nn.Parameter(torch.empty(d).normal_(0, 0.02))  # [d], the candidates' action
+        self.pos_emb = nn.Embedding(config.max_history + 1, d)  # [max_history + 1, d], index = recency
+        nn.init.xavier_normal_(self.pos_emb.weight)
+        self.feature_emb = nn.ModuleList(
+            nn.Embedding(size + 1, d, padding_idx=0) for size in schema.user_feature_sizes[: self.num_prefix])
+        self.feature_proj = nn.ModuleList(nn.Linear(d, d) for _ in range(self.num_prefix))
+        self.input_dropout = nn.Dropout(config.dropout)
+
+        # the HSTU layers (genrec.models.hstu, whose math is genrec.ops.hstu_math)
+        layer_config = HSTUConfig(
+            num_items=schema.num_items, max_len=self.max_len, embedding_dim=d, num_blocks=config.num_blocks,
+            num_heads=config.num_heads, attention_dim=config.attention_dim, linear_dim=config.linear_dim,
+            dropout=config.dropout, linear_dropout=config.linear_dropout, use_time_bias=config.use_time_bias,
+            use_position_bias=config.use_position_bias, num_time_buckets=config.num_time_buckets)
+        self.layers = nn.ModuleList(HSTULayer(layer_config) for _ in range(config.num_blocks))
+
+        # the head: MLP(LN(user state) ⊙ LN(W_i item)) -> T logits, one shared tower
+        hidden = config.head_hidden_dim or d
+        self.item_tower = nn.Linear(d, d)
+        self.head = nn.Sequential(nn.Linear(d, hidden), SwishLayerNorm(hidden), nn.Linear(hidden, T))
+        with torch.no_grad():
+            bias = self.head[-1].bias
+            if config.task_base_rates is None:
+                bias.zero_()
+            else:
+                rates = torch.tensor(config.task_base_rates)
+                bias.copy_(torch.log(rates) - torch.log1p(-rates))  # logit(rate)
+
+    # ------------------------------------------------------------------------------------------------- public
+
+    def forward(self, batch: RankingBatch) -> torch.Tensor:
+        """Candidate logits [B, C, T] (0 at padding candidates)."""
+        return self._logits(batch)[0]
+
+    def history_logits(self, batch: RankingBatch) -> torch.Tensor:
+        """Interleaved variant only: the prediction for each history event's task labels from its item token,
+        which sees only the prefix and earlier (item, action) pairs -> [B, L', T] aligned with the history kept
+        (the most recent ``max_history`` events, left-aligned; L' = min(L, max_history)); 0 at padding."""
+        if self.config.variant != "interleaved":
+            raise ValueError("history_logits needs variant='interleaved': in the summed variant a history token "
+                             "contains its own action")
+        return self._logits(batch)[1]
+
+    def loss(self, batch: RankingBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(Σ_t task_weights[t] · loss_t, {task name: loss_t}) with loss_t the mean BCE-with-logits of task t over
+        the real candidates (and, for the interleaved variant, the real history events when ``hist_labels`` is
+        given)."""
+        if batch.labels is None:
+            raise ValueError("HSTURanker.loss needs batch.labels (per-task candidate labels)")
+        self._check(batch)
+        _check_labels("labels", batch.labels)
+        batch = keep_most_recent(batch, self.config.max_history)
+        cand_logits, hist_logits = self._logits(batch, truncated=True)  # [B, C, T], [B, L, T] or None
+        terms = [(cand_logits, batch.labels, batch.cand_mask)]
+        if hist_logits is not None and batch.hist_labels is not None:
+            _check_labels("hist_labels", batch.hist_labels)
+            L = batch.hist_items.shape[1]
+            real = torch.arange(L, device=batch.hist_lengths.device).unsqueeze(0) < batch.hist_lengths.unsqueeze(1)
+            terms.append((hist_logits, batch.hist_labels, real))
+        total_bce = cand_logits.new_zeros(self.schema.num_tasks)  # [T]
+        count = cand_logits.new_zeros(())
+        for logits, labels, real in terms:
+            bce = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")  # [B, ·, T]
+            total_bce = total_bce + (bce * real.unsqueeze(-1)).sum(dim=(0, 1))
+            count = count + real.sum()
+        per_task = total_bce / count.clamp(min=1)  # [T]
+        total = (per_task * self.task_weights).sum()
+        return total, {name: per_task[t] for t, name in enumerate(self.schema.tasks)}
+
+    # ------------------------------------------------------------------------------------------------- inside
+
+    def _logits(self, batch: RankingBatch, truncated: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(candidate logits [B, C, T], history logits [B, L, T] for the interleaved variant else None)."""
+        if not truncated:
+            self._check(batch)
+            batch = keep_most_recent(batch, self.config.max_history)
+        h = self._encode(batch)  # [B, P + W + C, d], zero at padding
+        P, L, C = self.num_prefix, batch.hist_items.shape[1], batch.cand_items.shape[1]
+        W = self.config.tokens_per_event * L
+        cand = self._score(h[:, P + W:], batch.cand_items) * batch.cand_mask.unsqueeze(-1)  # [B, C, T]
+        if self.config.variant != "interleaved":
+            return cand, None
+        real = torch.arange(L, device=h.device).unsqueeze(0) < batch.hist_lengths.unsqueeze(1)  # [B, L]
+        hist = self._score(h[:, P:P + W:2], batch.hist_items) * real.unsqueeze(-1)  # item tokens -> [B, L, T]
+        return cand, hist
+
+    def _score(self, state: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """The head: user state at a token [B, K, d] and the item asked about [B, K] -> logits [B, K, T]."""
+        item = input_norm(self.item_tower(self.item_emb(items)))  # [B, K, d]
+        return self.head(input_norm(state) * item)
+
+    def _encode(self, batch: RankingBatch) -> torch.Tensor:
+        """Tokens, then the HSTU layers with the target-aware mask -> [B, P + W + C, d] (zero at padding)."""
+        x, times, has_time = self._tokens(batch)  # [B, N, d], [B, N], [B, N]
+        P, C = self.num_prefix, batch.cand_items.shape[1]
+        W = x.shape[1] - P - C
+        hist_tokens = self.config.tokens_per_event * batch.hist_lengths  # [B] real history tokens
+        valid = token_valid(P, hist_tokens, W, batch.cand_mask)  # [B, N]
+        mask = target_aware_mask(valid, C).unsqueeze(1).to(x.dtype)  # [B, 1, N, N], broadcast over heads
+        offsets = relative_offsets(logical_positions(P, hist_tokens, W, C))  # [B, N, N]
+        index = None
+        if self.config.use_time_bias:
+            index = rab_index_per_key(offsets, times, times, has_time, self.config.num_time_buckets)  # [B, N, N]
+        norm = torch.full((1,), float(self.max_len), device=x.device)
+        keep = valid.unsqueeze(-1).to(x.dtype)  # [B, N, 1]
+        x = self.input_dropout(x) * keep
+        for layer in self.layers:
+            x = layer(x, offsets, index, mask, norm) * keep
+        return x
+
+    def _tokens(self, batch: RankingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input tokens [B, P + W + C, d], each token's time [B, N] long and whether it has one [B, N] bool."""
+        d = self.config.embedding_dim
+        scale = math.sqrt(d)
+        B, L = batch.hist_items.shape
+        C = batch.cand_items.shape[1]
+        device = batch.hist_items.device
+
+        # history: recency 1 for the most recent event, n for the oldest; 0 at padding (masked anyway)
+        slots = torch.arange(L, device=device).unsqueeze(0)  # [1, L]
+        recency = (batch.hist_lengths.unsqueeze(1) - slots).clamp(min=0)  # [B, L]
+        pos = self.pos_emb(recency)  # [B, L, d]
+        bits = (batch.hist_actions.unsqueeze(-1) >> torch.arange(self.schema.num_actions, device=device)) & 1
+        actions = bits.to(self.action_emb.dtype) @ self.action_emb  # [B, L, d], Σ of the set bits' vectors
+        items = self.item_emb(batch.hist_items)  # [B, L, d]
+        cand_items = self.item_emb(batch.cand_items)  # [B, C, d]
+        cand_pos = self.pos_emb.weight[0]  # [d], recency 0 shared by all candidates
+        if self.config.variant == "summed":
+            history = (items + actions) * scale + pos  # [B, L, d]
+            hist_times = batch.hist_times  # [B, L]
+            candidates = (cand_items + self.unknown_action) * scale + cand_pos  # [B, C, d]
+        else:
+            history = torch.stack([items * scale + pos, actions * scale + pos], dim=2).flatten(1, 2)  # [B, 2L, d]
+            hist_times = batch.hist_times.repeat_interleave(2, dim=1)  # [B, 2L]
+            candidates = cand_items * scale + cand_pos  # [B, C, d]
+
+        parts = [history, candidates]
+        time_parts = [hist_times, batch.cand_times]
+        if self.num_prefix:
+            prefix = torch.stack([proj(emb(batch.user_features[:, f])) for f, (emb, proj)
+                                  in enumerate(zip(self.feature_emb, self.feature_proj))], dim=1)  # [B, P, d]
+            parts.insert(0, prefix)
+            time_parts.insert(0, torch.zeros(B, self.num_prefix, dtype=torch.long, device=device))
+        x = torch.cat(parts, dim=1)  # [B, N, d]
+        times = torch.cat(time_parts, dim=1).long()  # [B, N]
+        has_time = torch.ones_like(times, dtype=torch.bool)
+        has_time[:, : self.num_prefix] = False  # prefix tokens have no time
+        return x, times, has_time
+
+    def _check(self, batch: RankingBatch) -> None:
+        """The batch against the schema, plus what embedding lookups would otherwise get wrong silently."""
+        batch.validate(self.schema)
+        if batch.hist_actions.numel():
+            bad = (batch.hist_actions < 0) | (batch.hist_actions >= (1 << self.schema.num_actions))
+            if bool(bad.any()):
+                raise ValueError(f"RankingBatch.hist_actions: a bitmask sets a bit beyond the schema's "
+                                 f"{self.schema.num_actions} actions {self.schema.actions}")
+        for f, (name, size) in enumerate(zip(self.schema.user_features, self.schema.user_feature_sizes)):
+            column = batch.user_features[:, f]
+            if column.numel() and (int(column.min()) < 0 or int(column.max()) > size):
+                raise ValueError(f"RankingBatch.user_features: feature {name!r} has an id outside 0..{size}")
+
+
+def _check_labels(name: str, labels: torch.Tensor) -> None:
+    if labels.numel() and bool(((labels < 0) | (labels > 1) | labels.isnan()).any()):
+        raise ValueError(f"RankingBatch.{name}: labels must be in [0, 1]")
