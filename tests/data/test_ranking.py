@@ -7,7 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from genrec.data.ranking import build_ranking_dataset, load_criteo, load_ranking_dataset, read_criteo
+from genrec.data.ranking import (
+    build_ranking_dataset,
+    load_criteo,
+    load_ranking_dataset,
+    read_criteo,
+)
 from genrec.data.ranking.sources import taobao_events
 from genrec.data.readers import BadRowError
 from genrec.data.registry import DatasetNotFoundError
@@ -148,7 +153,7 @@ def test_a_planted_future_event_reaches_neither_history_nor_dense_features():
     before, after = _row_features(base, "train"), _row_features(more, "train")
     checked = 0
     for key, (hist, dense) in before.items():
-        user, t0 = key
+        _user, t0 = key
         if t0 > 300 or key not in after:  # rows after t=300 legitimately see the event planted at t=300
             continue
         hist2, dense2 = after[key]
@@ -164,24 +169,29 @@ def test_a_planted_future_event_reaches_neither_history_nor_dense_features():
 
 
 def test_dense_features_count_only_training_events_before_the_row():
-    # user 1: three training likes/dislikes, then a validation-period candidate; user 2 rates item 7 later on
-    rows = [(1, 7, 10, 5), (1, 8, 20, 1), (1, 9, 30, 4), (2, 7, 40, 5), (1, 7, 1500, 4), (2, 8, 2500, 5)]
+    # user 1: three training ratings, a validation-period rating at t=1200, then the candidate at t=1500;
+    # user 2 rates item 7 in training and rates again in the test period
+    rows = [(1, 7, 10, 5), (1, 8, 20, 1), (1, 9, 30, 4), (2, 7, 40, 5), (1, 9, 1200, 1), (1, 7, 1500, 4)]
+    rows += [(2, 8, 2500, 5)]
     ds = ml_dataset(ml_frame(rows), split="global-time", time_cuts=(1000, 2000), smoothing=10.0)
     names = ds.schema.dense_features
-    (b,) = all_batches(ds, "valid")
-    d = dict(zip(names, b.dense_features[0, 0].tolist()))
+    (b,) = all_batches(ds, "valid", max_candidates=1)
+    assert b.cand_times[:, 0].tolist() == [1200, 1500]
+    d = dict(zip(names, b.dense_features[1, 0].tolist()))
     # global training before t0=1500: 4 events, 3 likes, 2 loves -> priors (3+1)/(4+2), (2+1)/(4+2)
     p_like, p_love = 4 / 6, 3 / 6
-    assert d["user_count_log"] == pytest.approx(np.log1p(3))
+    assert d["user_count_log"] == pytest.approx(np.log1p(3))  # the validation rating at t=1200 is not counted
     assert d["user_rate:like"] == pytest.approx((2 + 10 * p_like) / (3 + 10), rel=1e-5)
     assert d["user_rate:love"] == pytest.approx((1 + 10 * p_love) / (3 + 10), rel=1e-5)
     assert d["item_count_log"] == pytest.approx(np.log1p(2))  # item 7: users 1 and 2
     assert d["item_rate:like"] == pytest.approx((2 + 10 * p_like) / (2 + 10), rel=1e-5)
-    assert d["recency_log_s"] == pytest.approx(np.log1p(1500 - 30))
+    assert d["recency_log_s"] == pytest.approx(np.log1p(1500 - 1200))  # but the history holds it
+    assert b.hist_lengths.tolist() == [3, 4]
     angle = 2 * np.pi * (1500 % 86400) / 3600 / 24
     assert d["hour_sin"] == pytest.approx(np.sin(angle), abs=1e-6)
     # the test-period rating by user 2 (t=2500) changes nothing here
-    (b2,) = all_batches(ml_dataset(ml_frame(rows[:-1]), split="global-time", time_cuts=(1000, 2000)), "valid")
+    other = ml_dataset(ml_frame(rows[:-1]), split="global-time", time_cuts=(1000, 2000))
+    (b2,) = all_batches(other, "valid", max_candidates=1)
     assert torch.equal(b2.dense_features, b.dense_features)
 
 
