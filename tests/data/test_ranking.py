@@ -398,3 +398,17 @@ def test_taobao_day_split_real():
     print(ds.describe())
     for part in ("train", "valid", "test"):
         next(ds.batches(part, 32)).validate(ds.schema)
+
+
+def test_ml1m_global_time_real():
+    folder = real_data_or_skip("ml-1m", "ratings.dat").parent
+    ds = load_ranking_dataset("ml-1m", data_dir=folder, split="global-time", quantiles=(0.8, 0.9))
+    tv, tt = ds.time_cuts
+    t = ds.ev_time
+    assert t[ds.ev_part == 0].max() < tv <= t[ds.ev_part == 1].min()
+    assert t[ds.ev_part == 1].max() < tt <= t[ds.ev_part == 2].min()
+    assert abs((t < tv).mean() - 0.8) < 0.01 and abs((t < tt).mean() - 0.9) < 0.01
+    b = next(ds.batches("test", 256))
+    b.validate(ds.schema)
+    assert bool((b.cand_times[b.cand_mask] >= tt).all())
+    print(ds.describe())
