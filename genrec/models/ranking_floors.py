@@ -244,7 +244,7 @@ class LogisticRegressionRanker(nn.Module):
         check_ranking_batch(batch, self.schema)
         flat, rows = real_candidates(batch)
         D = batch.dense_features.shape[-1]
-        dense = batch.dense_features.reshape(-1, D)[flat]  # [N, D]
+        dense = batch.dense_features.flatten(0, 1)[flat]  # [N, D]
         ids = torch.cat(
             [batch.cand_items.reshape(-1, 1)[flat], batch.user_ids[rows].unsqueeze(1), batch.user_features[rows]],
             dim=1,

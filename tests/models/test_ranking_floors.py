@@ -50,7 +50,7 @@ def synthetic_batch(rows: int, seed: int, L: int = 6, C: int = 4, labels: bool =
     match = ((cand_items % 2) == taste.unsqueeze(1)).float()  # the candidate has the user's taste parity
     popular = ((cand_items <= 6).float() * 0.8 + 0.1 > torch.rand(B, C, generator=g)).float()
     lab = torch.stack([match, popular], dim=-1) * cand_mask.unsqueeze(-1)  # [B, C, 2]
-    dense = torch.stack([match + torch.randn(B, C, generator=g), torch.randn(B, C, generator=g)], dim=-1)
+    dense = torch.stack([match + 0.7 * torch.randn(B, C, generator=g), torch.randn(B, C, generator=g)], dim=-1)
     dense = dense * cand_mask.unsqueeze(-1)
     user_features = torch.stack([torch.randint(0, 6, (B,), generator=g), torch.randint(0, 4, (B,), generator=g)], 1)
     batch = RankingBatch(
@@ -272,7 +272,7 @@ def test_logistic_regression_learns_dense_and_id_signals() -> None:
     test = synthetic_batch(300, seed=21)
     with torch.no_grad():
         logits = model(test)
-    assert task_auc(logits, test, task=0) > 0.7  # from the dense feature
+    assert task_auc(logits, test, task=0) > 0.75  # from the dense feature (its own AUC is about 0.84)
     assert task_auc(logits, test, task=1) > 0.75  # from the candidate id
 
 
