@@ -1,0 +1,646 @@
+"""The ranking training loop: setup -> epochs (train, validate, checkpoint) -> test once at the best validation epoch.
+
+A ranker reads :class:`~genrec.data.ranking_batch.RankingBatch` rows and returns one logit per (candidate, task),
+``forward(batch) -> [B, C, T]``; ``loss(batch)`` is its training loss (a scalar, or ``(total, {task: loss})``).
+:func:`build_ranker` builds one from a :class:`~genrec.config.RankingModelConfig` and the dataset's
+:class:`~genrec.data.ranking_batch.RankingSchema`; :func:`train_ranker` trains it on the training part of a
+:class:`~genrec.data.ranking.RankingDataset`.
+
+Selection and test: after every epoch the validation part is scored and the selection value is the mean, over the
+tasks with a positive ``train.task_weights`` entry, of ``train.select_metric`` (NE or LogLoss: lower is better;
+AUC or GAUC: higher is better). Early stopping and the kept weights (``best.safetensors``) use that value only.
+The test part is scored once, at the end, with the best validation epoch's weights. A selection metric that is
+undefined on the validation labels (e.g. AUC of a task without a positive) is refused before training: it would
+be undefined at every epoch, and averaging over the other tasks would silently change what is selected.
+
+Every result is stored with its protocol (dataset, split, part, tasks, rows and candidates, base rates, and the
+definition of every metric) in ``results.json``. The test part's predictions go to ``test_predictions.npz``::
+
+    user_ids    [N]     int64    internal user id of each real test candidate (row-major over the test rows;
+                                 rows of an unknown user 0 get their own negative id, as in flatten_candidates)
+    item_ids    [N]     int64    internal item id of the candidate
+    cand_times  [N]     int64    Unix seconds of the candidate
+    probs       [N, T]  float32  predicted probability of each task
+    labels      [N, T]  float32  observed labels
+    tasks       [T]     str      task names
+
+so that models trained on the same data can be compared afterwards with
+:func:`genrec.eval.ranking_metrics.paired_bootstrap` without re-running them (:func:`load_predictions` checks that
+two files hold the same candidates).
+
+Reproducibility: the model is initialised after ``torch.manual_seed(train.seed)``; the order of the training rows
+of epoch e comes from a permutation seeded with ``(seed, e)`` and the torch RNG (dropout) is re-seeded from
+``(seed, e)`` at the start of every epoch, so a run resumed from the checkpoint of epoch e replays epochs e+1..
+exactly as the uninterrupted run would.
+
+Run directories: everything (config, data, model parameters, on resume the checkpoint against the stored config)
+is checked before the first file is written; a directory that already holds a run is refused unless the call
+resumes it (``resume=True``) or replaces it (``overwrite=True``). Files are written atomically
+(:mod:`genrec.io`, :mod:`genrec.train.checkpoint`): weights as safetensors, the training state as plain tensors and
+containers loaded with ``weights_only=True``.
+
+Rankers without trainable parameters that are fitted by counting (the popularity floor, ``fit(batches)``) are fitted
+once on the training part; that is their single "epoch".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from genrec import __version__
+from genrec.config import (
+    RANKING_SELECT_METRICS,
+    ConfigError,
+    RankingModelConfig,
+    RankingRunConfig,
+    _coerce,
+    load_ranking_config,
+    save_config,
+)
+from genrec.data.ranking import RANKING_DATASETS, RankingDataset, load_ranking_dataset
+from genrec.data.ranking_batch import RankingSchema
+from genrec.eval.ranking_metrics import PROB_EPS, flatten_candidates, multitask_ranking_metrics
+from genrec.io import atomic_write, write_json
+from genrec.models.ranking_floors import ItemPopularityRanker, LogisticRegressionRanker
+from genrec.train.checkpoint import CheckpointError, check_shapes, load_state, load_weights, save_state, save_weights
+
+log = logging.getLogger("genrec.train.ranking")
+
+# The files train_ranker writes into a run directory (``overwrite=True`` removes exactly these).
+RANKING_RUN_FILES = (
+    "config.yaml", "checkpoint.pt", "best.safetensors", "best.json", "log.jsonl", "results.json",
+    "test_predictions.npz",
+)  # fmt: skip
+DATASET_ALIASES = {"taobao": "taobao-userbehavior-head", "kuairand": "kuairand-27k-like-hate-subset"}
+
+# What every reported metric means (stored next to every result).
+METRIC_DEFINITIONS = {
+    "auc": "ROC AUC over every real candidate of the part (Mann-Whitney U / (P * N), a tie counts one half)",
+    "gauc": "per-user AUC averaged over users with both classes, each weighted by the user's candidates "
+    "(Zhou et al. 2018, eq. 1)",
+    "gauc_unweighted": "per-user AUC averaged over users with both classes, every user weighing the same",
+    "ne": "normalised entropy: log loss / entropy of the part's own base rate (He et al. 2014; 1 = predicting "
+    "the base rate, lower is better)",
+    "log_loss": f"mean binary cross-entropy, natural log, probabilities clipped into [{PROB_EPS:g}, 1 - {PROB_EPS:g}]",
+    "calibration": "sum of predicted probabilities / number of positive labels (1 = calibrated in aggregate)",
+}
+
+
+# ------------------------------------------------------------------------------------------------ model factory
+# name -> (ranker class, its config dataclass or None, the constructor's own parameters {name: type})
+_FLOOR_PARAMS: dict[str, dict[str, Any]] = {
+    "popularity": {"prior_strength": float},
+    "logreg": {"num_buckets": int},
+}
+
+
+def _rankers() -> dict[str, tuple[type[nn.Module], type | None]]:
+    return {
+        "popularity": (ItemPopularityRanker, None),
+        "logreg": (LogisticRegressionRanker, None),
+    }
+
+
+def available_rankers() -> tuple[str, ...]:
+    """The ranker names :func:`build_ranker` can build."""
+    return tuple(_rankers())
+
+
+def build_ranker(
+    model_config: RankingModelConfig,
+    schema: RankingSchema,
+    *,
+    task_weights: tuple[float, ...] | None = None,
+    seed: int = 0,
+    max_history: int | None = None,
+) -> nn.Module:
+    """A ranker for ``schema``: ``forward(batch) -> [B, C, T]`` logits and ``loss(batch)``.
+
+    ``model_config.params`` are checked against the model's config dataclass (names, types, and the dataclass's own
+    range checks); any problem raises :class:`~genrec.config.ConfigError` naming ``model.params.<name>``.
+    ``task_weights`` (one per task, ``train.task_weights``) weigh the tasks in the loss. ``seed`` fixes the
+    logistic regression's hash functions. ``max_history`` is the HSTU ranker's default history window (the data's
+    ``max_history``) when ``params`` do not set it.
+    """
+    rankers = _rankers()
+    name = model_config.name
+    if name not in rankers:
+        raise ConfigError(
+            f"model.name: {name!r} is not available in this installation; available: {', '.join(map(repr, rankers))}"
+        )
+    if task_weights is not None and len(task_weights) != schema.num_tasks:
+        raise ConfigError(
+            f"train.task_weights: {len(task_weights)} weights for the dataset's {schema.num_tasks} tasks "
+            f"{list(schema.tasks)}"
+        )
+    cls, config_cls = rankers[name]
+    params = dict(model_config.params)
+    if config_cls is None:
+        allowed = _FLOOR_PARAMS[name]
+        kwargs = _typed_params(params, allowed, name)
+        if name == "popularity":
+            return _construct(cls, name, schema, task_weights=task_weights, **kwargs)
+        return _construct(cls, name, schema, task_weights=task_weights, seed=seed, **kwargs)
+    hints = typing.get_type_hints(config_cls)
+    allowed = {f.name: hints[f.name] for f in dataclasses.fields(config_cls) if f.name != "task_weights"}
+    if "max_history" in allowed and "max_history" not in params and max_history is not None:
+        params["max_history"] = max_history
+    kwargs = _typed_params(params, allowed, name)
+    try:
+        config = config_cls(**kwargs, task_weights=task_weights)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model.params: {exc} (model.name={name!r})") from None
+    return _construct(cls, name, schema, config)
+
+
+def _typed_params(params: dict[str, Any], allowed: dict[str, Any], name: str) -> dict[str, Any]:
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ConfigError(f"model.params: unknown key(s) {unknown} for model.name={name!r}; allowed: {sorted(allowed)}")
+    return {key: _coerce(allowed[key], value, f"model.params.{key}") for key, value in params.items()}
+
+
+def _construct(cls: type[nn.Module], name: str, *args: Any, **kwargs: Any) -> nn.Module:
+    try:
+        return cls(*args, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model.params: {exc} (model.name={name!r})") from None
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+@dataclass
+class Predictions:
+    """Flat per-candidate predictions of one part (see the module docstring for the arrays)."""
+
+    tasks: tuple[str, ...]
+    user_ids: np.ndarray  # [N] int64
+    item_ids: np.ndarray  # [N] int64
+    cand_times: np.ndarray  # [N] int64
+    probs: np.ndarray  # [N, T] float32
+    labels: np.ndarray  # [N, T] float32
+
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        """``{task: genrec.eval.ranking_metrics.ranking_metrics report}``."""
+        return multitask_ranking_metrics(self.probs, self.labels, self.user_ids, self.tasks)
+
+    def save(self, path: str | Path) -> None:
+        """Write the arrays to an ``.npz`` file, atomically."""
+
+        def _w(tmp: str) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, user_ids=self.user_ids, item_ids=self.item_ids, cand_times=self.cand_times,
+                         probs=self.probs, labels=self.labels, tasks=np.array(self.tasks))  # fmt: skip
+
+        atomic_write(path, _w)
+
+
+def load_predictions(path: str | Path, like: Predictions | None = None) -> Predictions:
+    """Predictions saved by :meth:`Predictions.save`; with ``like``, ValueError unless both hold the same candidates
+    (users, items, times, labels and tasks), so a paired comparison pairs the same examples."""
+    with np.load(path, allow_pickle=False) as z:
+        pred = Predictions(tuple(str(t) for t in z["tasks"]), z["user_ids"], z["item_ids"], z["cand_times"],
+                           z["probs"], z["labels"])  # fmt: skip
+    if like is not None:
+        for name in ("user_ids", "item_ids", "cand_times", "labels"):
+            if not np.array_equal(getattr(pred, name), getattr(like, name)):
+                raise ValueError(f"{path}: {name} differ from the predictions it is compared with (other data?)")
+        if pred.tasks != like.tasks:
+            raise ValueError(f"{path}: tasks {pred.tasks} differ from {like.tasks}")
+    return pred
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    dataset: RankingDataset,
+    part: str,
+    *,
+    batch_size: int,
+    max_history: int,
+    max_candidates: int,
+    device: torch.device | str = "cpu",
+) -> Predictions:
+    """Score every row of ``part`` (in the dataset's fixed row order) in eval mode."""
+    model.eval()
+    chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("probs", "labels", "users", "items", "times")}
+    for batch in dataset.batches(part, batch_size, shuffle=False, max_history=max_history,
+                                 max_candidates=max_candidates):  # fmt: skip
+        logits = model(batch.to(device)).float().cpu()  # [B, C, T]
+        if not bool(torch.isfinite(logits[batch.cand_mask]).all()):
+            raise FloatingPointError(f"the model gave NaN or infinite logits on the {part} part")
+        probs, labels, users = flatten_candidates(torch.sigmoid(logits), batch.labels, batch.cand_mask, batch.user_ids)
+        chunks["probs"].append(probs.astype(np.float32))
+        chunks["labels"].append(labels.astype(np.float32))
+        chunks["users"].append(users)
+        chunks["items"].append(batch.cand_items[batch.cand_mask].numpy())
+        chunks["times"].append(batch.cand_times[batch.cand_mask].numpy())
+    T = dataset.schema.num_tasks
+    empty = {"probs": (0, T), "labels": (0, T)}
+    cat = {k: np.concatenate(v) if v else np.zeros(empty.get(k, 0)) for k, v in chunks.items()}
+    return Predictions(dataset.schema.tasks, cat["users"].astype(np.int64), cat["items"].astype(np.int64),
+                       cat["times"].astype(np.int64), cat["probs"].astype(np.float32),
+                       cat["labels"].astype(np.float32))  # fmt: skip
+
+
+def protocol(dataset: RankingDataset, part: str, config: RankingRunConfig) -> dict[str, Any]:
+    """What a result was measured on: dataset, split, part, tasks, row shape, counts, base rates, metric definitions."""
+    dc = config.data
+    counts = dataset.counts(part, dc.max_candidates)
+    return {
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "part": part,
+        "tasks": list(dataset.schema.tasks),
+        "n_eval": dc.n_eval if dataset.split == "user-last" else None,
+        "time_cuts": list(dataset.time_cuts) if dataset.time_cuts else None,
+        "max_history": dc.max_history,
+        "max_candidates": dc.max_candidates,
+        "rows": counts["rows"],
+        "candidates": counts["candidates"],
+        "users": counts["users"],
+        "base_rates": counts["base_rates"],
+        "unit": "every real candidate of every row of the part; GAUC and the bootstrap group by user",
+        "metrics": METRIC_DEFINITIONS,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ training
+@dataclass
+class RankingTrainState:
+    epoch: int = 0  # epochs finished
+    best_epoch: int = 0
+    best_value: float | None = None  # selection value of the best epoch (None before the first)
+    bad_epochs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919) % (2**63 - 1)
+
+
+def selection_value(metrics: dict[str, dict[str, Any]], select_metric: str, tasks: tuple[str, ...]) -> float:
+    """Mean over ``tasks`` of ``select_metric``; ValueError naming the task when it is undefined for one."""
+    key, _ = RANKING_SELECT_METRICS[select_metric]
+    values = []
+    for task in tasks:
+        value = metrics[task][key]
+        if not math.isfinite(value):
+            reason = metrics[task]["undefined"].get(key, "not a finite number")
+            raise ValueError(
+                f"train.select_metric={select_metric!r} is undefined on the validation part for task {task!r} "
+                f"({reason}); choose another train.select_metric, or give the task weight 0 in train.task_weights"
+            )
+        values.append(value)
+    return float(np.mean(values))
+
+
+def train_ranker(
+    config: RankingRunConfig,
+    *,
+    dataset: RankingDataset | None = None,
+    model: nn.Module | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train ``config`` into ``config.output_dir``; return the results dict (also written to ``results.json``).
+
+    Args:
+        dataset: an already built ranking dataset (``config.data.dataset`` and ``config.data.split`` must then name
+            it, or the split be None); by default the dataset is loaded from ``config.data``.
+        model: a ranker following the contract (``forward``, ``loss``) to train instead of building
+            ``config.model`` (results then name its class); on resume pass the same kind of model again.
+        overwrite: replace the run in ``output_dir`` (its run files, ``RANKING_RUN_FILES``, are removed first).
+        resume: continue the run in ``output_dir`` from its ``checkpoint.pt``; the stored model and data sections,
+            ``train.seed``, ``train.task_weights`` and ``train.select_metric`` must equal ``config``'s.
+        progress: a tqdm bar per epoch while stderr is a terminal (per-epoch log lines either way).
+    """
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
+    config = _with_absolute_paths(config)
+    dc, tc = config.data, config.train
+    out = Path(config.output_dir)
+    canonical = DATASET_ALIASES.get(dc.dataset, dc.dataset)
+    if dataset is None and canonical not in RANKING_DATASETS:
+        known = ", ".join(repr(n) for n in [*RANKING_DATASETS, *DATASET_ALIASES])
+        raise ConfigError(f"data.dataset: {dc.dataset!r} is not a ranking dataset; known: {known}")
+    existing = [name for name in RANKING_RUN_FILES if (out / name).exists()]
+    if existing and not resume and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a run ({', '.join(existing)}): pass resume=True (--resume) to continue it or "
+            "overwrite=True (--overwrite) to replace it, or choose another output directory"
+        )
+    saved = _resume_state(out, config) if resume else None
+    if tc.num_threads > 0:
+        torch.set_num_threads(tc.num_threads)
+    device = torch.device(tc.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={tc.device!r}, but this PyTorch build sees no CUDA device "
+                         "(use train.device=cpu)")  # fmt: skip
+
+    if dataset is None:
+        dataset = load_ranking_dataset(canonical, data_dir=dc.data_dir, split=dc.split, n_eval=dc.n_eval,
+                                       max_candidates=dc.max_candidates)  # fmt: skip
+    else:
+        _check_dataset_matches(dataset, config)
+    schema = dataset.schema
+    log.info("data: %s", dataset.describe(dc.max_candidates))
+    for part in ("train", "valid", "test"):
+        if len(dataset.rows(part, dc.max_candidates)) == 0:
+            raise ValueError(f"{dataset.name} (split {dataset.split!r}): the {part} part has no rows")
+    weights = tc.task_weights or (1.0,) * schema.num_tasks
+    if len(weights) != schema.num_tasks:
+        raise ConfigError(f"train.task_weights: {len(weights)} weights for the dataset's {schema.num_tasks} tasks "
+                          f"{list(schema.tasks)}")  # fmt: skip
+    select_tasks = tuple(t for t, w in zip(schema.tasks, weights) if w > 0)
+    model_name = config.model.name if model is None else type(model).__name__
+
+    torch.manual_seed(tc.seed)
+    if model is None:
+        model = build_ranker(config.model, schema, task_weights=tc.task_weights, seed=tc.seed,
+                             max_history=dc.max_history)  # fmt: skip
+    model = model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    fitted_by_counting = not trainable and hasattr(model, "fit")
+    if not trainable and not fitted_by_counting:
+        raise ValueError(f"{model_name}: the model has no trainable parameters and no fit(batches) method")
+    optimizer = (torch.optim.AdamW(trainable, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+                 if trainable else None)  # fmt: skip
+    with_hist_labels = bool(getattr(getattr(model, "config", None), "variant", None) == "interleaved"
+                            and dataset.hist_labels_available)  # fmt: skip
+    state = RankingTrainState()
+    ckpt_path = out / "checkpoint.pt"
+    if saved is not None:
+        check_shapes(ckpt_path, saved["model"], model)
+        try:
+            model.load_state_dict(saved["model"])
+            if optimizer is not None:
+                optimizer.load_state_dict(saved["optimizer"])
+            torch.set_rng_state(saved["torch_rng"])
+            state = RankingTrainState(**saved["train_state"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"{ckpt_path}: cannot resume from it ({str(exc).strip().splitlines()[0]})") from None
+
+    valid_protocol = protocol(dataset, "valid", config)
+    # The selection metric's definedness depends on the validation labels only: check it before writing anything.
+    _check_selection_defined(dataset, config, select_tasks)
+
+    # Everything is checked: from here on the run directory is written.
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
+    if overwrite and existing:
+        for name in RANKING_RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        log.info("overwrite: removed the previous run's files from %s", out)
+    save_config(config, out / "config.yaml")
+    if saved is not None:
+        _write_log(out / "log.jsonl", state.history)  # exactly the epochs the checkpoint covers
+        log.info("resumed from %s after epoch %d", ckpt_path, state.epoch)
+
+    epochs = 1 if fitted_by_counting else tc.epochs
+    higher_better = RANKING_SELECT_METRICS[tc.select_metric][1]
+    while state.epoch < epochs and state.bad_epochs < tc.patience:
+        epoch = state.epoch + 1
+        seed = _epoch_seed(tc.seed, epoch)
+        torch.manual_seed(seed)
+        batches = dataset.batches("train", tc.batch_size, shuffle=True, seed=seed, max_history=dc.max_history,
+                                  max_candidates=dc.max_candidates, with_hist_labels=with_hist_labels)  # fmt: skip
+        if tc.max_steps_per_epoch > 0:
+            batches = itertools.islice(batches, tc.max_steps_per_epoch)
+        t0 = time.perf_counter()
+        if fitted_by_counting:
+            model.fit(b.to(device) for b in batches)
+            row_loss: dict[str, Any] = {"loss": None, "task_losses": None, "fitted_by_counting": True}
+        else:
+            row_loss = _train_epoch(model, optimizer, batches, device, epoch, out, progress, schema.tasks)
+        train_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        valid = predict(model, dataset, "valid", batch_size=tc.eval_batch_size, max_history=dc.max_history,
+                        max_candidates=dc.max_candidates, device=device).metrics()  # fmt: skip
+        value = selection_value(valid, tc.select_metric, select_tasks)
+        eval_seconds = time.perf_counter() - t1
+        best = state.best_value
+        improved = best is None or (value > best if higher_better else value < best)
+        if improved:
+            state.best_value, state.best_epoch, state.bad_epochs = value, epoch, 0
+            save_weights(out / "best.safetensors", model)
+            write_json(out / "best.json", _json_safe({"epoch": epoch, "select_metric": tc.select_metric,
+                                                      "select_value": value, "protocol": valid_protocol,
+                                                      "metrics": valid}))  # fmt: skip
+        else:
+            state.bad_epochs += 1
+        row = {"epoch": epoch, **row_loss, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+               "select_value": value, "valid": _json_safe(valid)}  # fmt: skip
+        state.history.append(row)
+        state.epoch = epoch
+        with open(out / "log.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        log.info("epoch %d loss %s valid %s %.4f (best %.4f @ %d) %.1fs train %.1fs eval", epoch,
+                 "-" if row["loss"] is None else f"{row['loss']:.4f}", tc.select_metric, value, state.best_value,
+                 state.best_epoch, train_seconds, eval_seconds)  # fmt: skip
+        save_state(ckpt_path, {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else {},
+            "torch_rng": torch.get_rng_state(),
+            "train_state": dataclasses.asdict(state),
+            "genrec_version": __version__,
+        })  # fmt: skip
+
+    # Test once, with the best validation epoch's weights.
+    load_weights(out / "best.safetensors", model)
+    test_pred = predict(model, dataset, "test", batch_size=tc.eval_batch_size, max_history=dc.max_history,
+                        max_candidates=dc.max_candidates, device=device)  # fmt: skip
+    test = test_pred.metrics()
+    test_pred.save(out / "test_predictions.npz")
+    log.info("test @ best epoch %d: %s", state.best_epoch, _fmt(test))
+    best_row = state.history[state.best_epoch - 1]
+    done = [h["train_seconds"] for h in state.history]
+    results = {
+        "kind": "ranking",
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "model": model_name,
+        "tasks": list(schema.tasks),
+        "task_weights": list(weights),
+        "selection": {
+            "metric": tc.select_metric,
+            "direction": "higher is better" if higher_better else "lower is better",
+            "tasks": list(select_tasks),
+            "rule": "mean over these tasks of the metric on the validation part; early stopping after "
+            f"{tc.patience} epoch(s) without improvement; the test part is evaluated once, for the best epoch",
+        },
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch,
+        "stopped_early": state.bad_epochs >= tc.patience,
+        "fitted_by_counting": fitted_by_counting,
+        "seconds_per_epoch": float(np.median(done)) if done else None,
+        "valid": {"protocol": valid_protocol, "select_value": best_row["select_value"], "metrics": best_row["valid"]},
+        "test": {"protocol": protocol(dataset, "test", config), "metrics": test, "predictions": "test_predictions.npz"},
+        "data": {"summary": dataset.describe(dc.max_candidates), "notes": list(schema.notes)},
+        "config": config.to_dict(),
+        "genrec_version": __version__,
+    }
+    results = _json_safe(results)
+    write_json(out / "results.json", results)
+    return results
+
+
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, device: torch.device, epoch: int,
+                 out: Path, progress: bool, tasks: tuple[str, ...]) -> dict[str, Any]:  # fmt: skip
+    """One pass over the training batches; the candidate-weighted mean loss (and per-task losses when reported)."""
+    model.train()
+    total, count = 0.0, 0
+    task_sums: dict[str, float] | None = None
+    bar = tqdm(batches, desc=f"epoch {epoch}", disable=not (progress and _is_terminal(sys.stderr)), leave=False)
+    for step, batch in enumerate(bar, start=1):
+        batch = batch.to(device)
+        output = model.loss(batch)
+        loss, per_task = output if isinstance(output, tuple) else (output, None)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"epoch {epoch}, step {step}: the training loss is {value}; stopped before updating the weights or "
+                f"writing this epoch's checkpoint ({out} keeps the last finished epoch, if any). Lower train.lr, "
+                "or check the data and the model settings"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = int(batch.cand_mask.sum())
+        total += value * n
+        count += n
+        if per_task is not None:
+            task_sums = task_sums or {t: 0.0 for t in tasks}
+            for t in tasks:
+                if t in per_task:
+                    task_sums[t] += float(per_task[t]) * n
+        bar.set_postfix(loss=f"{value:.4f}")
+    if count == 0:
+        raise ValueError(f"epoch {epoch}: no training candidate was seen (empty training part?)")
+    task_losses = None if task_sums is None else {t: s / count for t, s in task_sums.items()}
+    return {"loss": total / count, "task_losses": task_losses}
+
+
+def _check_dataset_matches(dataset: RankingDataset, config: RankingRunConfig) -> None:
+    """A dataset passed in must be the one ``config.data`` names (the results are labelled with it)."""
+    dc = config.data
+    if DATASET_ALIASES.get(dc.dataset, dc.dataset) != dataset.name:
+        raise ConfigError(f"data.dataset: {dc.dataset!r}, but the dataset passed in is {dataset.name!r}")
+    if dc.split is not None and dc.split != dataset.split:
+        raise ConfigError(f"data.split: {dc.split!r}, but the dataset passed in is split {dataset.split!r}")
+
+
+def _check_selection_defined(dataset: RankingDataset, config: RankingRunConfig, tasks: tuple[str, ...]) -> None:
+    """Refuse a selection metric that the validation labels leave undefined (constant predictions decide it)."""
+    dc = config.data
+    rows = dataset.rows("valid", dc.max_candidates)
+    labels = dataset.ev_labels[rows.cands]  # [K, T]
+    users = dataset.ev_user[rows.cands]
+    probs = np.full(labels.shape, 0.5, dtype=np.float32)
+    metrics = multitask_ranking_metrics(probs, labels, users, dataset.schema.tasks)
+    key = RANKING_SELECT_METRICS[config.train.select_metric][0]
+    for task in tasks:
+        reason = metrics[task]["undefined"].get(key)
+        if reason is not None:
+            raise ValueError(
+                f"train.select_metric={config.train.select_metric!r} is undefined on the validation part for task "
+                f"{task!r} ({reason}); choose another train.select_metric, or give the task weight 0 in "
+                "train.task_weights"
+            )
+
+
+def _resume_state(out: Path, config: RankingRunConfig) -> dict[str, Any]:
+    """Load the checkpoint of the run in ``out`` and check that ``config`` continues that run (nothing is written)."""
+    ckpt_path = out / "checkpoint.pt"
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"resume: no checkpoint at {ckpt_path}")
+    stored_path = out / "config.yaml"
+    if not stored_path.exists():
+        raise FileNotFoundError(f"resume: {stored_path} not found, so the run it continues is unknown")
+    stored = _with_absolute_paths(load_ranking_config(stored_path))
+    differences = []
+    for section in ("model", "data"):
+        old, new = getattr(stored, section), getattr(config, section)
+        for f in dataclasses.fields(old):
+            if section == "data" and f.name == "data_dir":  # where the files are found may change
+                continue
+            if getattr(old, f.name) != getattr(new, f.name):
+                differences.append(f"{section}.{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}")
+    for name in ("seed", "task_weights", "select_metric"):
+        a, b = getattr(stored.train, name), getattr(config.train, name)
+        if a != b:
+            differences.append(f"train.{name}: {a!r} -> {b!r}")
+    if differences:
+        raise ConfigError(
+            f"resume: {out} was trained with a different configuration ({'; '.join(differences)}); resume with the "
+            "run's own settings, or train into a new output directory"
+        )
+    return load_state(ckpt_path)
+
+
+def _with_absolute_paths(config: RankingRunConfig) -> RankingRunConfig:
+    if not config.data.data_dir:
+        return config
+    data = dataclasses.replace(config.data, data_dir=os.path.abspath(os.path.expanduser(config.data.data_dir)))
+    return dataclasses.replace(config, data=data)
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Delete the ``.<run file>.<random>.tmp`` files a killed atomic write left behind."""
+    pattern = re.compile(r"\.(" + "|".join(map(re.escape, RANKING_RUN_FILES)) + r")\..+\.tmp")
+    for entry in directory.iterdir():
+        if pattern.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink()
+            log.info("removed %s, a temporary file left by an interrupted write", entry.name)
+
+
+def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    def _w(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in history)
+
+    atomic_write(path, _w)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN / infinity -> None (strict JSON); an undefined metric's reason is in its report's "undefined" entry."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _fmt(metrics: dict[str, dict[str, Any]]) -> str:
+    return "; ".join(
+        f"{task}: " + " ".join(f"{k}={r[k]:.4f}" for k in ("auc", "gauc", "ne", "log_loss", "calibration"))
+        for task, r in metrics.items()
+    )

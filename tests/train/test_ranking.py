@@ -1,0 +1,318 @@
+"""The ranking training loop (genrec.train.ranking) and the ranking run config, on a tiny synthetic event log."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from genrec.config import (
+    ConfigError,
+    RankingDataConfig,
+    RankingModelConfig,
+    RankingRunConfig,
+    RankingTrainConfig,
+    load_ranking_config,
+)
+from genrec.data.ranking import RankingDataset, build_ranking_dataset
+from genrec.eval.ranking_metrics import paired_bootstrap
+from genrec.models.ranking_floors import multitask_bce_loss
+from genrec.train.checkpoint import load_state
+from genrec.train.ranking import build_ranker, load_predictions, train_ranker
+
+TASKS = ("like", "love")
+
+
+def synthetic_events(num_users: int = 40, num_items: int = 30, events: int = 16, seed: int = 0,
+                     love: bool = True) -> pd.DataFrame:  # fmt: skip
+    """A log with a learnable signal: P(like) = sigmoid(item quality + user bias); love = like and a second draw."""
+    rng = np.random.default_rng(seed)
+    quality = rng.normal(0.0, 1.5, num_items + 1)
+    rows = []
+    for u in range(1, num_users + 1):
+        bias = rng.normal(0.0, 0.5)
+        t = 1_000_000 + int(rng.integers(0, 10_000))
+        for _ in range(events):
+            item = int(rng.integers(1, num_items + 1))
+            t += int(rng.integers(60, 3600))
+            p = 1.0 / (1.0 + np.exp(-(quality[item] + bias)))
+            like = int(rng.random() < p)
+            lv = int(love and like and rng.random() < p)
+            rows.append((str(u), str(item), t, 1 | (like << 1) | (lv << 2), True, like, lv))
+    return pd.DataFrame(rows, columns=["user", "item", "timestamp", "actions", "candidate", "task:like", "task:love"])
+
+
+def synthetic_dataset(**kw) -> RankingDataset:
+    return build_ranking_dataset(synthetic_events(**kw), name="synthetic", tasks=TASKS,
+                                 actions=("view", "like", "love"), split="user-last", n_eval=3,
+                                 max_candidates=3)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dataset() -> RankingDataset:
+    return synthetic_dataset()
+
+
+def make_config(tmp_path, name: str = "logreg", **train) -> RankingRunConfig:
+    params = {"num_buckets": 4096} if name == "logreg" else {}
+    settings = {"epochs": 3, "batch_size": 16, "lr": 0.01, "select_metric": "AUC", "patience": 5, "num_threads": 1}
+    settings.update(train)
+    return RankingRunConfig(
+        data=RankingDataConfig(dataset="synthetic", n_eval=3, max_history=12, max_candidates=3),
+        model=RankingModelConfig(name=name, params=params),
+        train=RankingTrainConfig(**settings),
+        output_dir=str(tmp_path / f"run-{name}"),
+    )
+
+
+class TinyRanker(nn.Module):
+    """A contract-following ranker with dropout (so the torch RNG matters): item embedding -> dropout -> T logits."""
+
+    def __init__(self, num_items: int, num_tasks: int, nan_after: int | None = None) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(num_items + 1, 8)
+        self.drop = nn.Dropout(0.3)
+        self.out = nn.Linear(8, num_tasks)
+        self.calls = 0
+        self.nan_after = nan_after
+
+    def forward(self, batch) -> torch.Tensor:
+        logits = self.out(self.drop(self.emb(batch.cand_items)))  # [B, C, T]
+        return logits * batch.cand_mask.unsqueeze(-1)
+
+    def loss(self, batch):
+        self.calls += 1
+        loss = multitask_bce_loss(self(batch), batch.labels, batch.cand_mask, (1.0,) * self.out.out_features)
+        if self.nan_after is not None and self.calls > self.nan_after:
+            loss = loss * float("nan")
+        return loss
+
+
+def read_log(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_training_improves_validation_auc(tmp_path, dataset):
+    config = make_config(tmp_path, epochs=4)
+    results = train_ranker(config, dataset=dataset, progress=False)
+    log = read_log(tmp_path / "run-logreg")
+    aucs = [row["select_value"] for row in log]
+    assert len(aucs) == 4
+    assert max(aucs) > aucs[0] + 0.01, aucs  # learning continues past the first epoch
+    assert results["best_epoch"] > 1
+    assert results["valid"]["select_value"] == pytest.approx(max(aucs))
+    assert results["test"]["metrics"]["like"]["auc"] > 0.6  # the item-quality signal is learned
+    # selection value = mean over tasks of the validation AUC
+    best = log[results["best_epoch"] - 1]
+    assert best["select_value"] == pytest.approx(np.mean([best["valid"][t]["auc"] for t in TASKS]))
+
+
+def test_results_store_protocol_and_test_predictions(tmp_path, dataset):
+    results = train_ranker(make_config(tmp_path, epochs=1), dataset=dataset, progress=False)
+    run = tmp_path / "run-logreg"
+    stored = json.loads((run / "results.json").read_text())
+    assert stored == results
+    for part in ("valid", "test"):
+        proto = stored[part]["protocol"]
+        assert (proto["dataset"], proto["split"], proto["part"], proto["tasks"]) == ("synthetic", "user-last", part,
+                                                                                      list(TASKS))  # fmt: skip
+        assert set(proto["metrics"]) >= {"auc", "gauc", "ne", "log_loss", "calibration"}
+    assert stored["selection"]["metric"] == "AUC" and stored["selection"]["tasks"] == list(TASKS)
+    pred = load_predictions(run / "test_predictions.npz")
+    counts = dataset.counts("test", 3)
+    assert pred.probs.shape == (counts["candidates"], 2) and pred.labels.shape == pred.probs.shape
+    assert pred.tasks == TASKS
+    assert ((pred.probs >= 0) & (pred.probs <= 1)).all()
+    # the saved predictions reproduce the stored test metrics exactly
+    again = pred.metrics()
+    for task in TASKS:
+        for key in ("auc", "gauc", "ne", "log_loss", "calibration"):
+            assert again[task][key] == pytest.approx(stored["test"]["metrics"][task][key], rel=0, abs=0)
+
+
+def test_saved_predictions_give_paired_bootstrap_between_models(tmp_path, dataset):
+    train_ranker(make_config(tmp_path, epochs=2), dataset=dataset, progress=False)
+    train_ranker(make_config(tmp_path, name="popularity"), dataset=dataset, progress=False)
+    a = load_predictions(tmp_path / "run-logreg" / "test_predictions.npz")
+    b = load_predictions(tmp_path / "run-popularity" / "test_predictions.npz", like=a)
+    diff = paired_bootstrap(a.probs[:, 0], b.probs[:, 0], a.labels[:, 0], a.user_ids, num_resamples=50)
+    assert diff["auc"].ci_low <= diff["auc"].diff <= diff["auc"].ci_high
+    # predictions of a different dataset are refused as a pair
+    other = train_ranker(dataclass_replace_output(make_config(tmp_path, epochs=1), tmp_path / "other"),
+                         dataset=synthetic_dataset(seed=1), progress=False)  # fmt: skip
+    assert other["test"]["protocol"]["part"] == "test"
+    with pytest.raises(ValueError, match="differ"):
+        load_predictions(tmp_path / "other" / "test_predictions.npz", like=a)
+
+
+def dataclass_replace_output(config: RankingRunConfig, path) -> RankingRunConfig:
+    return dataclasses.replace(config, output_dir=str(path))
+
+
+def test_popularity_floor_is_fitted_once(tmp_path, dataset):
+    results = train_ranker(make_config(tmp_path, name="popularity", epochs=5), dataset=dataset, progress=False)
+    assert results["fitted_by_counting"] and results["epochs_run"] == 1 and results["best_epoch"] == 1
+    assert results["test"]["metrics"]["like"]["auc"] > 0.6
+
+
+def test_test_part_is_evaluated_once_for_the_best_epoch(tmp_path, dataset, monkeypatch):
+    parts: list[str] = []
+    original = RankingDataset.batches
+
+    def recording(self, part="train", *args, **kwargs):
+        parts.append(part)
+        return original(self, part, *args, **kwargs)
+
+    monkeypatch.setattr(RankingDataset, "batches", recording)
+    results = train_ranker(make_config(tmp_path, epochs=3), dataset=dataset, progress=False)
+    assert parts.count("test") == 1
+    assert parts.count("valid") == 3 and parts.count("train") == 3
+    assert parts[-1] == "test"  # after the last epoch
+    assert all("test" not in row for row in read_log(tmp_path / "run-logreg"))
+    # the test metrics belong to the best validation epoch's weights
+    best = load_file(str(tmp_path / "run-logreg" / "best.safetensors"))
+    saved = json.loads((tmp_path / "run-logreg" / "best.json").read_text())
+    assert saved["epoch"] == results["best_epoch"]
+    assert set(best) >= {"bias", "hashed.weight"}
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, dataset):
+    schema = dataset.schema
+
+    def run(epochs: int, out: str, resume: bool = False) -> dict:
+        torch.manual_seed(0)
+        model = TinyRanker(schema.num_items, schema.num_tasks)
+        config = make_config(tmp_path, epochs=epochs, select_metric="NE", lr=0.05)
+        config = dataclass_replace_output(config, tmp_path / out)
+        return train_ranker(config, dataset=dataset, model=model, resume=resume, progress=False)
+
+    full = run(3, "full")
+    run(1, "split")
+    resumed = run(3, "split", resume=True)
+    a = load_state(tmp_path / "full" / "checkpoint.pt")
+    b = load_state(tmp_path / "split" / "checkpoint.pt")
+    assert set(a["model"]) == set(b["model"])
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    wa = load_file(str(tmp_path / "full" / "best.safetensors"))
+    wb = load_file(str(tmp_path / "split" / "best.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert full["test"]["metrics"] == resumed["test"]["metrics"]
+    assert read_log(tmp_path / "full") == [
+        {**row, "train_seconds": r2["train_seconds"], "eval_seconds": r2["eval_seconds"]}
+        for row, r2 in zip(read_log(tmp_path / "split"), read_log(tmp_path / "full"))
+    ]  # same epochs, same losses and validation metrics (only timings differ)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, dataset):
+    config = make_config(tmp_path, epochs=1)
+    train_ranker(config, dataset=dataset, progress=False)
+    changed = make_config(tmp_path, epochs=2, seed=7)
+    with pytest.raises(ConfigError, match="train.seed"):
+        train_ranker(changed, dataset=dataset, resume=True, progress=False)
+
+
+def test_existing_run_dir_is_refused_unless_overwrite_or_resume(tmp_path, dataset):
+    config = make_config(tmp_path, epochs=1)
+    train_ranker(config, dataset=dataset, progress=False)
+    before = (tmp_path / "run-logreg" / "results.json").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train_ranker(config, dataset=dataset, progress=False)
+    assert (tmp_path / "run-logreg" / "results.json").read_bytes() == before
+    with pytest.raises(ValueError, match="exclude each other"):
+        train_ranker(config, dataset=dataset, overwrite=True, resume=True, progress=False)
+    train_ranker(config, dataset=dataset, overwrite=True, progress=False)
+    assert len(read_log(tmp_path / "run-logreg")) == 1  # the old log was replaced, not appended to
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, dataset):
+    model = TinyRanker(dataset.schema.num_items, dataset.schema.num_tasks, nan_after=2)
+    with pytest.raises(FloatingPointError, match="epoch 1, step 3: the training loss is nan"):
+        train_ranker(make_config(tmp_path), dataset=dataset, model=model, progress=False)
+    assert not (tmp_path / "run-logreg" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run-logreg" / "results.json").exists()
+
+
+def test_undefined_selection_metric_is_refused_before_writing(tmp_path):
+    no_love = synthetic_dataset(love=False)  # the love task has no positive anywhere
+    with pytest.raises(ValueError, match="undefined on the validation part for task 'love'"):
+        train_ranker(make_config(tmp_path), dataset=no_love, progress=False)
+    assert not (tmp_path / "run-logreg").exists()
+    # with the task out of selection (weight 0) the run selects on 'like' alone
+    results = train_ranker(make_config(tmp_path, epochs=1, task_weights=[1.0, 0.0]), dataset=no_love, progress=False)
+    assert results["selection"]["tasks"] == ["like"]
+    assert results["test"]["metrics"]["love"]["auc"] is None  # undefined is stored as null, with its reason
+    assert "auc" in results["test"]["metrics"]["love"]["undefined"]
+
+
+def test_dataset_must_match_the_config(tmp_path, dataset):
+    config = make_config(tmp_path)
+    wrong = dataclasses.replace(config, data=dataclasses.replace(config.data, dataset="ml-1m"))
+    with pytest.raises(ConfigError, match="data.dataset"):
+        train_ranker(wrong, dataset=dataset, progress=False)
+    wrong = dataclasses.replace(config, data=dataclasses.replace(config.data, split="global-time"))
+    with pytest.raises(ConfigError, match="data.split"):
+        train_ranker(wrong, dataset=dataset, progress=False)
+    unknown = dataclasses.replace(config, data=dataclasses.replace(config.data, dataset="no-such-data"))
+    with pytest.raises(ConfigError, match="not a ranking dataset"):
+        train_ranker(unknown, progress=False)
+    assert not (tmp_path / "run-logreg").exists()
+
+
+# ------------------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.name=xgboost", "model.name: 'xgboost' is not one of"),
+        ("train.select_metric=NDCG@10", "train.select_metric: 'NDCG@10' is not one of"),
+        ("data.split=random", "data.split: 'random' is not one of"),
+        ("data.max_candidates=0", "data.max_candidates: 0 must be >= 1"),
+        ("data.max_history=0", "data.max_history: 0 must be >= 1"),
+        ("train.lr=0", "train.lr: 0.0 must be > 0"),
+        ("train.epochs=0", "train.epochs: 0 must be >= 1"),
+        ("train.task_weights=[0, 0]", "train.task_weights: [0.0, 0.0] must be finite"),
+        ("train.task_weights=[1, -1]", "train.task_weights"),
+        ("train.device=gpu", "train.device: 'gpu' is not a device name"),
+        ("train.batchsize=3", "unknown key(s) ['batchsize']"),
+        ("model.params.task_weights=[1]", "is set in train.task_weights"),
+    ],
+)
+def test_config_errors_at_load(tmp_path, override, message):
+    path = tmp_path / "ranking.yaml"
+    path.write_text("data:\n  dataset: ml-1m\nmodel:\n  name: dlrm\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_ranking_config(path, [override])
+    assert str(err.value).startswith(str(path)) and message in str(err.value)
+
+
+def test_config_loads_and_round_trips(tmp_path):
+    path = tmp_path / "ranking.yaml"
+    path.write_text("data:\n  dataset: ml-1m\n  split: user-last\nmodel:\n  name: logreg\n  params:\n"
+                    "    num_buckets: 1024\ntrain:\n  lr: 1e-3\n  task_weights: [1, 0.5]\n")  # fmt: skip
+    config = load_ranking_config(path, ["train.select_metric=GAUC"])
+    assert config.model.params == {"num_buckets": 1024}
+    assert config.train.task_weights == (1.0, 0.5) and config.train.lr == 1e-3
+    assert RankingRunConfig.from_dict(config.to_dict()) == config
+
+
+def test_build_ranker_checks_params(dataset):
+    schema = dataset.schema
+    model = build_ranker(RankingModelConfig(name="logreg", params={"num_buckets": 64}), schema, seed=3)
+    assert model.num_buckets == 64
+    with pytest.raises(ConfigError, match=r"model.params: unknown key\(s\) \['buckets'\]"):
+        build_ranker(RankingModelConfig(name="logreg", params={"buckets": 64}), schema)
+    with pytest.raises(ConfigError, match="model.params.num_buckets: expected an integer"):
+        build_ranker(RankingModelConfig(name="logreg", params={"num_buckets": "many"}), schema)
+    with pytest.raises(ConfigError, match="num_buckets must be >= 1"):
+        build_ranker(RankingModelConfig(name="logreg", params={"num_buckets": 0}), schema)
+    with pytest.raises(ConfigError, match="prior_strength must be a positive number"):
+        build_ranker(RankingModelConfig(name="popularity", params={"prior_strength": -1}), schema)
+    with pytest.raises(ConfigError, match="train.task_weights: 3 weights for the dataset's 2 tasks"):
+        build_ranker(RankingModelConfig(name="popularity"), schema, task_weights=(1.0, 1.0, 1.0))
