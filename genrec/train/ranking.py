@@ -78,6 +78,8 @@ from genrec.data.ranking import RANKING_DATASETS, RankingDataset, load_ranking_d
 from genrec.data.ranking_batch import RankingSchema
 from genrec.eval.ranking_metrics import PROB_EPS, flatten_candidates, multitask_ranking_metrics
 from genrec.io import atomic_write, write_json
+from genrec.models.dlrm import DLRMRanker, DLRMRankerConfig
+from genrec.models.hstu_ranker import HSTURanker, HSTURankerConfig
 from genrec.models.ranking_floors import ItemPopularityRanker, LogisticRegressionRanker
 from genrec.train.checkpoint import CheckpointError, check_shapes, load_state, load_weights, save_state, save_weights
 
@@ -113,6 +115,8 @@ _FLOOR_PARAMS: dict[str, dict[str, Any]] = {
 
 def _rankers() -> dict[str, tuple[type[nn.Module], type | None]]:
     return {
+        "hstu-ranker": (HSTURanker, HSTURankerConfig),
+        "dlrm": (DLRMRanker, DLRMRankerConfig),
         "popularity": (ItemPopularityRanker, None),
         "logreg": (LogisticRegressionRanker, None),
     }
@@ -530,7 +534,7 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, de
             task_sums = task_sums or {t: 0.0 for t in tasks}
             for t in tasks:
                 if t in per_task:
-                    task_sums[t] += float(per_task[t]) * n
+                    task_sums[t] += float(torch.as_tensor(per_task[t]).detach()) * n
         bar.set_postfix(loss=f"{value:.4f}")
     if count == 0:
         raise ValueError(f"epoch {epoch}: no training candidate was seen (empty training part?)")

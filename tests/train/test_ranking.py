@@ -316,3 +316,42 @@ def test_build_ranker_checks_params(dataset):
         build_ranker(RankingModelConfig(name="popularity", params={"prior_strength": -1}), schema)
     with pytest.raises(ConfigError, match="train.task_weights: 3 weights for the dataset's 2 tasks"):
         build_ranker(RankingModelConfig(name="popularity"), schema, task_weights=(1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("dlrm", {"embedding_dim": 8, "bottom_mlp": [16], "top_mlp": [16], "history_pooling": "action_weighted"}),
+        ("hstu-ranker", {"embedding_dim": 16, "num_blocks": 1, "num_heads": 1, "attention_dim": 8, "linear_dim": 8}),
+        ("hstu-ranker", {"embedding_dim": 16, "num_blocks": 1, "num_heads": 1, "attention_dim": 8, "linear_dim": 8,
+                         "variant": "interleaved"}),
+    ],
+)
+def test_learned_rankers_train_end_to_end(tmp_path, dataset, name, params):
+    config = make_config(tmp_path, epochs=2, select_metric="NE")
+    config = dataclasses.replace(config, model=RankingModelConfig(name=name, params=params))
+    results = train_ranker(config, dataset=dataset, progress=False)
+    assert results["model"] == name and results["epochs_run"] == 2
+    for task in TASKS:
+        assert 0.0 <= results["test"]["metrics"][task]["auc"] <= 1.0
+    log = read_log(tmp_path / "run-logreg")
+    if name == "hstu-ranker":  # the HSTU ranker reports its per-task losses
+        assert set(log[0]["task_losses"]) == set(TASKS)
+    stored = load_ranking_config(tmp_path / "run-logreg" / "config.yaml")
+    assert stored.model.params == params
+
+
+def test_build_ranker_checks_learned_model_params(dataset):
+    schema = dataset.schema
+    model = build_ranker(RankingModelConfig(name="hstu-ranker", params={"embedding_dim": 8, "attention_dim": 4,
+                                                                        "linear_dim": 4}), schema, max_history=7)  # fmt: skip
+    assert model.config.max_history == 7  # the data's history window unless params set one
+    assert model.config.embedding_dim == 8
+    with pytest.raises(ConfigError, match="variant must be one of"):
+        build_ranker(RankingModelConfig(name="hstu-ranker", params={"variant": "stacked"}), schema)
+    with pytest.raises(ConfigError, match="model.params.num_blocks: expected an integer, got 1.5"):
+        build_ranker(RankingModelConfig(name="hstu-ranker", params={"num_blocks": 1.5}), schema)
+    with pytest.raises(ConfigError, match=r"model.params: unknown key\(s\) \['ffn_dim'\] for model.name='dlrm'"):
+        build_ranker(RankingModelConfig(name="dlrm", params={"ffn_dim": 8}), schema)
+    with pytest.raises(ConfigError, match="history_pooling must be one of"):
+        build_ranker(RankingModelConfig(name="dlrm", params={"history_pooling": "max"}), schema)
