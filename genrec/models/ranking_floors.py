@@ -57,8 +57,13 @@ def check_ranking_batch(batch: RankingBatch, schema: RankingSchema) -> None:
 
     Checked here: user ids in 0..num_users, each user feature in 0..its size, history action bitmasks within the
     schema's actions, no negative ids, and finite dense features (a NaN there would silently make every logit NaN).
+    ``RankingBatch.validate`` builds its position index on the CPU, so a batch on another device is validated
+    through a CPU copy.
     """
-    batch.validate(schema)
+    if batch.hist_items.device.type == "cpu":
+        batch.validate(schema)
+    else:
+        batch.to("cpu").validate(schema)
     if batch.user_ids.numel() and (int(batch.user_ids.min()) < 0 or int(batch.user_ids.max()) > schema.num_users):
         raise ValueError(f"RankingBatch.user_ids: values must be in [0, {schema.num_users}] (0 = unknown user)")
     for name, ids in (("hist_items", batch.hist_items), ("cand_items", batch.cand_items)):

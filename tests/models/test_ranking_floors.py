@@ -150,6 +150,13 @@ def check_contract(model: torch.nn.Module, trained_steps: int = 3) -> None:
         # labels are never an input
         for labels in (None, 1.0 - batch.labels):
             torch.testing.assert_close(model(replace(batch, labels=labels)), logits)
+        # a batch without real candidates, and one without any history column
+        empty = replace(batch, cand_items=torch.zeros_like(batch.cand_items), cand_mask=torch.zeros_like(real))
+        assert (model(empty) == 0).all() and float(model.loss(empty)) == 0.0
+        no_hist = torch.zeros(B, 0, dtype=torch.long)
+        bare = replace(batch, hist_items=no_hist, hist_actions=no_hist, hist_times=no_hist,
+                       hist_lengths=torch.zeros(B, dtype=torch.long))  # fmt: skip
+        assert torch.isfinite(model(bare)).all() and (model(bare)[~real] == 0).all()
 
 
 # ---------------------------------------------------------------- shared contract
