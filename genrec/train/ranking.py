@@ -78,6 +78,7 @@ from genrec.data.ranking import RANKING_DATASETS, RankingDataset, load_ranking_d
 from genrec.data.ranking_batch import RankingSchema
 from genrec.eval.ranking_metrics import PROB_EPS, flatten_candidates, multitask_ranking_metrics
 from genrec.io import atomic_write, write_json
+from genrec.models.din import DIN, DINConfig
 from genrec.models.dlrm import DLRMRanker, DLRMRankerConfig
 from genrec.models.hstu_ranker import HSTURanker, HSTURankerConfig
 from genrec.models.ranking_floors import ItemPopularityRanker, LogisticRegressionRanker
@@ -117,6 +118,7 @@ def _rankers() -> dict[str, tuple[type[nn.Module], type | None]]:
     return {
         "hstu-ranker": (HSTURanker, HSTURankerConfig),
         "dlrm": (DLRMRanker, DLRMRankerConfig),
+        "din": (DIN, DINConfig),
         "popularity": (ItemPopularityRanker, None),
         "logreg": (LogisticRegressionRanker, None),
     }

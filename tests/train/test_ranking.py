@@ -322,6 +322,7 @@ def test_build_ranker_checks_params(dataset):
     ("name", "params"),
     [
         ("dlrm", {"embedding_dim": 8, "bottom_mlp": [16], "top_mlp": [16], "history_pooling": "action_weighted"}),
+        ("din", {"embedding_dim": 8, "attention_mlp": [8], "mlp": [16], "activation": "dice"}),
         ("hstu-ranker", {"embedding_dim": 16, "num_blocks": 1, "num_heads": 1, "attention_dim": 8, "linear_dim": 8}),
         ("hstu-ranker", {"embedding_dim": 16, "num_blocks": 1, "num_heads": 1, "attention_dim": 8, "linear_dim": 8,
                          "variant": "interleaved"}),
@@ -353,5 +354,9 @@ def test_build_ranker_checks_learned_model_params(dataset):
         build_ranker(RankingModelConfig(name="hstu-ranker", params={"num_blocks": 1.5}), schema)
     with pytest.raises(ConfigError, match=r"model.params: unknown key\(s\) \['ffn_dim'\] for model.name='dlrm'"):
         build_ranker(RankingModelConfig(name="dlrm", params={"ffn_dim": 8}), schema)
+    with pytest.raises(ConfigError, match="activation must be one of"):
+        build_ranker(RankingModelConfig(name="din", params={"activation": "relu"}), schema)
+    with pytest.raises(ConfigError, match="model.params.mlp: expected a list"):
+        build_ranker(RankingModelConfig(name="din", params={"mlp": 32}), schema)
     with pytest.raises(ConfigError, match="history_pooling must be one of"):
         build_ranker(RankingModelConfig(name="dlrm", params={"history_pooling": "max"}), schema)
