@@ -107,7 +107,7 @@ METRIC_DEFINITIONS = {
 
 
 # ------------------------------------------------------------------------------------------------ model factory
-# name -> (ranker class, its config dataclass or None, the constructor's own parameters {name: type})
+# the floors' constructor parameters {name: type} (the learned rankers' come from their config dataclasses)
 _FLOOR_PARAMS: dict[str, dict[str, Any]] = {
     "popularity": {"prior_strength": float},
     "logreg": {"num_buckets": int},
@@ -551,6 +551,12 @@ def _check_dataset_matches(dataset: RankingDataset, config: RankingRunConfig) ->
         raise ConfigError(f"data.dataset: {dc.dataset!r}, but the dataset passed in is {dataset.name!r}")
     if dc.split is not None and dc.split != dataset.split:
         raise ConfigError(f"data.split: {dc.split!r}, but the dataset passed in is split {dataset.split!r}")
+    if dataset.split == "user-last":  # the protocol records data.n_eval: it must be the dataset's
+        per_user = np.bincount(dataset.ev_user[dataset.ev_part == 1])
+        held = np.unique(per_user[per_user > 0])
+        if held.size and not (held.size == 1 and int(held[0]) == dc.n_eval):
+            raise ConfigError(f"data.n_eval: {dc.n_eval}, but the dataset passed in holds out {int(held.max())} "
+                              "validation candidates per user")  # fmt: skip
 
 
 def _check_selection_defined(dataset: RankingDataset, config: RankingRunConfig, tasks: tuple[str, ...]) -> None:

@@ -260,6 +260,9 @@ def test_dataset_must_match_the_config(tmp_path, dataset):
     wrong = dataclasses.replace(config, data=dataclasses.replace(config.data, split="global-time"))
     with pytest.raises(ConfigError, match="data.split"):
         train_ranker(wrong, dataset=dataset, progress=False)
+    wrong = dataclasses.replace(config, data=dataclasses.replace(config.data, n_eval=2))
+    with pytest.raises(ConfigError, match="data.n_eval: 2, but the dataset passed in holds out 3"):
+        train_ranker(wrong, dataset=dataset, progress=False)
     unknown = dataclasses.replace(config, data=dataclasses.replace(config.data, dataset="no-such-data"))
     with pytest.raises(ConfigError, match="not a ranking dataset"):
         train_ranker(unknown, progress=False)
