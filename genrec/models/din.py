@@ -14,7 +14,7 @@ For each real candidate c of a row with history h₁..h_L (:class:`~genrec.data.
 Attention weights are NOT normalised (no softmax), as the paper argues (§4.3: the sum keeps the intensity of the
 user's interest, e.g. how many related items the history holds). The authors' released code does apply a
 (scaled, masked) softmax; ``attention_normalization="softmax"`` reproduces that variant. Rows with an empty history
-pool to the zero vector.
+pool to the zero vector. Event and candidate times are not read (time-aware signals come in the dense features).
 
 Activation (``activation``): "prelu" (default; per-channel PReLU) or "dice" (§4.4: p(s) = sigmoid((s − E[s]) /
 sqrt(Var[s] + ε)), f(s) = p·s + (1 − p)·α·s, E and Var over the mini-batch in training and running averages at
@@ -164,7 +164,6 @@ class DIN(nn.Module):
         """[B, C, T] logits; 0 at padded candidates. Labels are never read."""
         flat, rows, c, h, w = self._attend(batch)
         v = torch.bmm(w.unsqueeze(1), h).squeeze(1)  # [N, d]  Σ_j w_j h_j
-        D = batch.dense_features.shape[-1]
         parts = [v, c, self.user_emb(batch.user_ids[rows])]
         parts += [emb(batch.user_features[rows, f]) for f, emb in enumerate(self.feature_embs)]
         parts.append(batch.dense_features.flatten(0, 1)[flat].to(v.dtype))

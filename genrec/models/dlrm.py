@@ -25,7 +25,8 @@ and whose dense input is ``batch.dense_features[b, c]``. The history bag has its
 feature, as the paper) and is pooled as the mean of the real history items' embeddings (``history_pooling="mean"``)
 or as an action-weighted mean (``"action_weighted"``): event e gets weight Σ_{a set in e's bitmask} softplus(θ_a)
 (softplus(θ_none) for an event with no action bit), θ learned and initialised to weight 1, weights normalised to sum
-to 1 over the row's history. An empty history pools to the zero vector.
+to 1 over the row's history. An empty history pools to the zero vector. Event and candidate times are not read:
+time-aware signals (recency, hour, ...) reach DLRM through the dense features.
 
 Initialisation follows the reference: tables U(±sqrt(1 / rows)); linear layers keep nn.Linear's default.
 
@@ -248,8 +249,8 @@ class DLRMRanker(nn.Module):
 
     def history_weights(self, batch: RankingBatch) -> torch.Tensor:
         """[B, L] pooling weights of the history events: 0 at padding, each real row's weights sum to 1."""
-        B, L = batch.hist_items.shape
-        real = (torch.arange(L, device=batch.hist_items.device) < batch.hist_lengths.unsqueeze(1))  # [B, L]
+        L = batch.hist_items.shape[1]
+        real = torch.arange(L, device=batch.hist_items.device) < batch.hist_lengths.unsqueeze(1)  # [B, L]
         if self.config.history_pooling == "mean":
             raw = real.to(self.dlrm.heads.weight.dtype)
         else:
@@ -265,7 +266,6 @@ class DLRMRanker(nn.Module):
         """[B, C, T] logits; 0 at padded candidates. Labels are never read."""
         check_ranking_batch(batch, self.schema)
         flat, rows = real_candidates(batch)  # [N], [N]
-        D = batch.dense_features.shape[-1]
         dense = batch.dense_features.flatten(0, 1)[flat]  # [N, D]
         hist_w = self.history_weights(batch)[rows]  # [N, L]
         sparse = [batch.cand_items.reshape(-1)[flat], batch.user_ids[rows],

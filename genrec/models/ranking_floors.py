@@ -248,7 +248,6 @@ class LogisticRegressionRanker(nn.Module):
         """[B, C, T] logits; 0 at padded candidates."""
         check_ranking_batch(batch, self.schema)
         flat, rows = real_candidates(batch)
-        D = batch.dense_features.shape[-1]
         dense = batch.dense_features.flatten(0, 1)[flat]  # [N, D]
         ids = torch.cat(
             [batch.cand_items.reshape(-1, 1)[flat], batch.user_ids[rows].unsqueeze(1), batch.user_features[rows]],

@@ -7,10 +7,17 @@ import pytest
 import torch
 
 from genrec.data.ranking_batch import RankingBatch
-from genrec.models.din import DIN, DINConfig, Dice
-from tests.models.test_ranking_floors import SCHEMA, check_contract, replace, synthetic_batch, task_auc, train
+from genrec.models.din import DIN, Dice, DINConfig
+from tests.models.test_ranking_floors import (
+    SCHEMA,
+    check_contract,
+    replace,
+    synthetic_batch,
+    task_auc,
+    train,
+)
 
-SMALL = dict(embedding_dim=8, attention_mlp=(16, 8), mlp=(32, 16))
+SMALL = {"embedding_dim": 8, "attention_mlp": (16, 8), "mlp": (32, 16)}
 
 
 def config(**over) -> DINConfig:

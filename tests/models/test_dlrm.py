@@ -6,9 +6,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genrec.models.dlrm import DLRM, DLRMConfig, DLRMRanker, DLRMRankerConfig, dot_interaction
+from genrec.data.ranking_batch import RankingSchema
+from genrec.models.dlrm import (
+    DLRM,
+    DLRMConfig,
+    DLRMRanker,
+    DLRMRankerConfig,
+    dot_interaction,
+)
 from tests.conftest import real_data_or_skip
-from tests.models.test_ranking_floors import SCHEMA, auc, check_contract, replace, synthetic_batch, task_auc, train
+from tests.models.test_ranking_floors import (
+    SCHEMA,
+    auc,
+    check_contract,
+    replace,
+    synthetic_batch,
+    task_auc,
+    train,
+)
 
 SMALL = DLRMRankerConfig(embedding_dim=8, bottom_mlp=(16,), top_mlp=(32, 16))
 
@@ -198,8 +213,6 @@ def test_ranker_task_weights_scale_the_loss() -> None:
 
 
 def test_ranker_without_dense_or_user_features() -> None:
-    from genrec.data.ranking_batch import RankingSchema
-
     schema = RankingSchema(num_items=20, num_users=12, tasks=("match", "popular"), actions=("view", "like", "share"))
     batch = synthetic_batch(8, seed=7)
     bare = replace(batch, user_features=torch.zeros(8, 0, dtype=torch.long), dense_features=torch.zeros(8, 4, 0))
@@ -210,7 +223,7 @@ def test_ranker_without_dense_or_user_features() -> None:
 
 # ---------------------------------------------------------------- TorchRec parity
 def test_forward_equals_torchrec_dlrm() -> None:
-    torchrec = pytest.importorskip("torchrec")
+    pytest.importorskip("torchrec")
     from torchrec.models.dlrm import DLRM as TorchRecDLRM
     from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -265,4 +278,3 @@ def test_forward_equals_torchrec_dlrm() -> None:
         got = ours(dense, [ids0, ids1, bag2], [None, None, mean_w])
     assert want.shape == got.shape == (N, 3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    del torchrec
