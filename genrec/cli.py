@@ -34,6 +34,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_ranker(args: argparse.Namespace) -> int:
+    from genrec.config import load_ranking_config
+    from genrec.train.ranking import train_ranker
+
+    overrides = list(args.set or [])
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    config = load_ranking_config(args.config, overrides)
+    results = train_ranker(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"\n{results['dataset']} ({results['split']}) / {results['model']}: best validation epoch "
+          f"{results['best_epoch']} of {results['epochs_run']}; selection: {results['selection']['rule']}")  # fmt: skip
+    for note in results["data"]["notes"]:
+        print(f"data note: {note}")
+    print(f"test ({results['test']['protocol'].get('part', 'test')}):")
+    for task, metrics in results["test"]["metrics"].items():
+        shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"  {task:>10} {shown}")
+    return 0
+
+
 def _print_results(results: dict) -> None:
     from genrec.eval.evaluate import INTEGER_METRICS
 
@@ -171,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true",
                    help="no progress bars (there are none anyway when stderr is not a terminal)")
     t.set_defaults(func=_cmd_train)
+
+    tr = sub.add_parser("train-ranker", help="train a ranking model (HSTU ranker, DLRM, DIN, floors) from a YAML config")
+    tr.add_argument("--config", required=True, help="YAML ranking run config, e.g. configs/ml-1m/ranking-hstu.yaml")
+    tr.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE", default=[],
+                    help="override config values, e.g. train.lr=0.002 (may be repeated; every value applies)")
+    tr.add_argument("--data-dir", help="directory holding the dataset files (else $GENREC_DATA_DIR, the cache dir)")
+    tr.add_argument("--output-dir", help="run directory (overrides output_dir)")
+    run_mode = tr.add_mutually_exclusive_group()
+    run_mode.add_argument("--resume", action="store_true", help="continue the run in OUTPUT_DIR from its checkpoint")
+    run_mode.add_argument("--overwrite", action="store_true", help="replace the run that OUTPUT_DIR already holds")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars (there are none unless stderr is a terminal)")
+    tr.set_defaults(func=_cmd_train_ranker)
 
     e = sub.add_parser("evaluate", help="evaluate a trained run directory")
     e.add_argument("--checkpoint", required=True, help="run directory written by genrec train")

@@ -10,7 +10,7 @@ import yaml
 
 from genrec.cli import build_parser, main
 
-from .conftest import synthetic_interactions, write_sequences_file
+from .conftest import real_data_or_skip, synthetic_interactions, write_sequences_file
 
 
 def _run(args, capsys):
@@ -214,3 +214,25 @@ def test_every_option_has_help():
             if not action.help or action.help == argparse.SUPPRESS:
                 missing.append(f"{' '.join(path) or 'genrec'} {'/'.join(action.option_strings) or action.dest}")
     assert not missing, f"options without --help text: {missing}"
+
+
+def test_train_ranker_on_real_data_and_its_refusals(tmp_path, capsys):
+    """genrec train-ranker: a short DLRM run on the KuaiRand subset prints per-task test metrics and the data note;
+    a repeat into the same directory and a config typo are one-line errors with exit 2."""
+    data = real_data_or_skip("kuairand-27k-like-hate-subset")
+    config = tmp_path / "ranking.yaml"
+    config.write_text(yaml.safe_dump({"data": {"dataset": "kuairand"}, "model": {"name": "dlrm"},
+                                      "train": {"epochs": 1, "max_steps_per_epoch": 3, "num_threads": 1}}))  # fmt: skip
+    args = ["train-ranker", "--config", str(config), "--data-dir", str(data.parent), "--output-dir", str(tmp_path / "run"),
+            "--set", "train.batch_size=32", "--set", "train.seed=3"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "kuairand" in out and "dlrm" in out and "liked-or-hated" in out.replace("liked or hated", "liked-or-hated")
+    assert "auc=" in out and " ne=" in out and "calibration=" in out
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["batch_size"] == 32 and saved["train"]["seed"] == 3  # both --set groups applied
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train-ranker", "--config", str(config), "--set", "model.name=xgboost"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.name" in err and "Traceback" not in err

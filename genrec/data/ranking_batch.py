@@ -106,7 +106,7 @@ class RankingBatch:
             raise ValueError(f"RankingBatch: an item id exceeds the schema's num_items={schema.num_items}")
         if bool((self.hist_lengths < 0).any()) or bool((self.hist_lengths > L).any()):
             raise ValueError(f"RankingBatch.hist_lengths: values must be in [0, {L}]")
-        positions = torch.arange(L).unsqueeze(0)
+        positions = torch.arange(L, device=self.hist_items.device).unsqueeze(0)
         if bool((self.hist_items[positions >= self.hist_lengths.unsqueeze(1)] != 0).any()):
             raise ValueError("RankingBatch.hist_items: non-zero ids past a row's length (rows must be left-aligned)")
         if bool((self.cand_items[~self.cand_mask] != 0).any()) or bool((self.cand_items[self.cand_mask] == 0).any()):
