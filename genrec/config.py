@@ -326,12 +326,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+def _read_yaml(path: str | Path | None, overrides: list[str] | None) -> tuple[dict[str, Any], str]:
+    """(the mapping in the YAML file at ``path`` (empty when None) with ``a.b=value`` overrides applied, its name)."""
     raw: dict[str, Any] = {}
-    where = "defaults"
     if path is not None:
-        where = str(path)
         with open(path, encoding="utf-8") as fh:
             try:
                 raw = yaml.safe_load(fh) or {}
@@ -340,6 +338,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     raw = apply_overrides(raw, overrides or [])
+    return raw, "defaults" if path is None else str(path)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    raw, where = _read_yaml(path, overrides)
     return RunConfig.from_dict(raw, where=where)
 
 
@@ -462,16 +466,5 @@ class RankingRunConfig:
 
 def load_ranking_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RankingRunConfig:
     """Read a YAML ranking run config (or the defaults when ``path`` is None) and apply ``a.b=value`` overrides."""
-    raw: dict[str, Any] = {}
-    where = "defaults"
-    if path is not None:
-        where = str(path)
-        with open(path, encoding="utf-8") as fh:
-            try:
-                raw = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-    raw = apply_overrides(raw, overrides or [])
+    raw, where = _read_yaml(path, overrides)
     return RankingRunConfig.from_dict(raw, where=where)

@@ -22,6 +22,8 @@ containers) raises ``CheckpointError`` naming the file, never a pickle traceback
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pickle
 import re
 from pathlib import Path
@@ -92,9 +94,9 @@ def check_shapes(path: str | Path, saved: dict[str, torch.Tensor], model: torch.
         raise CheckpointError(f"{path}: the saved weights do not fit the configured model ({shown})")
 
 
-def remove_stale_temporaries(directory: str | Path) -> list[str]:
+def remove_stale_temporaries(directory: str | Path, run_files: tuple[str, ...] = RUN_FILES) -> list[str]:
     """Delete the ``.<run file>.<random>.tmp`` files a killed write left in ``directory``; return their names."""
-    pattern = re.compile(r"\.(%s)\..+\.tmp" % "|".join(map(re.escape, RUN_FILES)))
+    pattern = re.compile(r"\.(%s)\..+\.tmp" % "|".join(map(re.escape, run_files)))
     removed = []
     for entry in Path(directory).iterdir():
         if pattern.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
@@ -109,3 +111,41 @@ def _reason(exc: BaseException) -> str:
         return "it holds objects other than tensors and plain containers, so it is not loaded"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return first[:200]
+
+
+def config_differences(stored: Any, config: Any, sections: tuple[str, ...], train_fields: tuple[str, ...] = ()) -> list[str]:
+    """``section.field: old -> new`` for every field of ``sections`` (and of ``train_fields`` in ``train``) where a
+    resumed run's ``config`` differs from the ``stored`` config of the run it continues (``data.data_dir``, where the
+    files are found, may differ)."""
+    differences = []
+    for section in sections:
+        old, new = getattr(stored, section), getattr(config, section)
+        for f in dataclasses.fields(old):
+            if section == "data" and f.name == "data_dir":
+                continue
+            a, b = getattr(old, f.name), getattr(new, f.name)
+            if a != b:
+                differences.append(f"{section}.{f.name}: {a!r} -> {b!r}")
+    for name in train_fields:
+        a, b = getattr(stored.train, name), getattr(config.train, name)
+        if a != b:
+            differences.append(f"train.{name}: {a!r} -> {b!r}")
+    return differences
+
+
+def write_log(path: str | Path, history: list[dict[str, Any]]) -> None:
+    """Write one JSON line per epoch of ``history`` (``log.jsonl``), atomically."""
+
+    def _w(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in history)
+
+    atomic_write(path, _w)
+
+
+def is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is an interactive terminal (progress bars are drawn only there)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False

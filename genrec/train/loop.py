@@ -40,17 +40,19 @@ from genrec.data.stochastic_length import expected_kept, expected_sparsity
 from genrec.eval.evaluate import INTEGER_METRICS, evaluate, model_score_fn
 from genrec.eval.protocol import protocol_from_config
 from genrec.models import build_model
-from genrec.io import atomic_write
 from genrec.train.checkpoint import (
     RUN_FILES,
     CheckpointError,
     check_shapes,
     load_state,
     load_weights,
+    config_differences,
+    is_terminal,
     remove_stale_temporaries,
     save_state,
     save_weights,
     write_json,
+    write_log,
 )
 from genrec.train.loss import sampled_softmax_loss
 
@@ -200,7 +202,7 @@ def train(
     if saved is not None:
         # log.jsonl holds exactly the epochs the checkpoint covers (a run killed after logging an epoch but before
         # its checkpoint would otherwise log that epoch twice).
-        _write_log(out / "log.jsonl", state.history)
+        write_log(out / "log.jsonl", state.history)
         log.info("resumed from %s after epoch %d", ckpt_path, state.epoch)
 
     started = time.monotonic()
@@ -215,7 +217,7 @@ def train(
         t0 = time.perf_counter()
         total, tokens, positions = 0.0, 0, 0
         sl_rng = np.random.default_rng([tc.seed, epoch, 1]) if sl_alpha else None
-        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not (progress and _is_terminal(sys.stderr)), leave=False)
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not (progress and is_terminal(sys.stderr)), leave=False)
         for step, rows in enumerate(bar, start=1):
             batch = training_batch(seqs, train_split, rows, config.data.max_len, sl_alpha, sl_rng).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -351,15 +353,7 @@ def _resume_state(out: Path, config: RunConfig) -> dict[str, Any]:
     if not stored_path.exists():
         raise FileNotFoundError(f"--resume: {stored_path} not found, so the run it continues is unknown")
     stored = with_absolute_paths(load_config(stored_path))
-    differences = []
-    for section in ("model", "data"):
-        old, new = getattr(stored, section), getattr(config, section)
-        for f in dataclasses.fields(old):
-            if section == "data" and f.name == "data_dir":  # where the files are found may change
-                continue
-            a, b = getattr(old, f.name), getattr(new, f.name)
-            if a != b:
-                differences.append(f"{section}.{f.name}: {a!r} -> {b!r}")
+    differences = config_differences(stored, config, ("model", "data"))
     if stored.eval.selection != config.eval.selection:  # it decides the training split
         differences.append(f"eval.selection: {stored.eval.selection!r} -> {config.eval.selection!r}")
     if differences:
@@ -391,23 +385,6 @@ def _check_training_positions(train_lengths: np.ndarray, seqs, config: RunConfig
         f"sequence has a single item and no next item to learn. Users need at least {need} interactions: set "
         f"data.min_seq_len={need} to keep only those, or use more data"
     )
-
-
-def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
-    """Write one JSON line per epoch of ``history``, atomically."""
-
-    def _w(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(row) + "\n" for row in history)
-
-    atomic_write(path, _w)
-
-
-def _is_terminal(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        return False
 
 
 def _position_sparsity(history: list[dict]) -> float | None:

@@ -51,7 +51,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 import typing
@@ -82,7 +81,18 @@ from genrec.models.din import DIN, DINConfig
 from genrec.models.dlrm import DLRMRanker, DLRMRankerConfig
 from genrec.models.hstu_ranker import HSTURanker, HSTURankerConfig
 from genrec.models.ranking_floors import ItemPopularityRanker, LogisticRegressionRanker
-from genrec.train.checkpoint import CheckpointError, check_shapes, load_state, load_weights, save_state, save_weights
+from genrec.train.checkpoint import (
+    CheckpointError,
+    check_shapes,
+    config_differences,
+    is_terminal,
+    load_state,
+    load_weights,
+    remove_stale_temporaries,
+    save_state,
+    save_weights,
+    write_log,
+)
 
 log = logging.getLogger("genrec.train.ranking")
 
@@ -410,14 +420,15 @@ def train_ranker(
 
     # Everything is checked: from here on the run directory is written.
     out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out)
+    for name in remove_stale_temporaries(out, RANKING_RUN_FILES):
+        log.info("removed %s, a temporary file left by an interrupted write", name)
     if overwrite and existing:
         for name in RANKING_RUN_FILES:
             (out / name).unlink(missing_ok=True)
         log.info("overwrite: removed the previous run's files from %s", out)
     save_config(config, out / "config.yaml")
     if saved is not None:
-        _write_log(out / "log.jsonl", state.history)  # exactly the epochs the checkpoint covers
+        write_log(out / "log.jsonl", state.history)  # exactly the epochs the checkpoint covers
         log.info("resumed from %s after epoch %d", ckpt_path, state.epoch)
 
     epochs = 1 if fitted_by_counting else tc.epochs
@@ -514,7 +525,7 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, de
     model.train()
     total, count = 0.0, 0
     task_sums: dict[str, float] | None = None
-    bar = tqdm(batches, desc=f"epoch {epoch}", disable=not (progress and _is_terminal(sys.stderr)), leave=False)
+    bar = tqdm(batches, desc=f"epoch {epoch}", disable=not (progress and is_terminal(sys.stderr)), leave=False)
     for step, batch in enumerate(bar, start=1):
         batch = batch.to(device)
         output = model.loss(batch)
@@ -587,18 +598,7 @@ def _resume_state(out: Path, config: RankingRunConfig) -> dict[str, Any]:
     if not stored_path.exists():
         raise FileNotFoundError(f"resume: {stored_path} not found, so the run it continues is unknown")
     stored = _with_absolute_paths(load_ranking_config(stored_path))
-    differences = []
-    for section in ("model", "data"):
-        old, new = getattr(stored, section), getattr(config, section)
-        for f in dataclasses.fields(old):
-            if section == "data" and f.name == "data_dir":  # where the files are found may change
-                continue
-            if getattr(old, f.name) != getattr(new, f.name):
-                differences.append(f"{section}.{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}")
-    for name in ("seed", "task_weights", "select_metric"):
-        a, b = getattr(stored.train, name), getattr(config.train, name)
-        if a != b:
-            differences.append(f"train.{name}: {a!r} -> {b!r}")
+    differences = config_differences(stored, config, ("model", "data"), ("seed", "task_weights", "select_metric"))
     if differences:
         raise ConfigError(
             f"resume: {out} was trained with a different configuration ({'; '.join(differences)}); resume with the "
@@ -614,23 +614,6 @@ def _with_absolute_paths(config: RankingRunConfig) -> RankingRunConfig:
     return dataclasses.replace(config, data=data)
 
 
-def _remove_stale_temporaries(directory: Path) -> None:
-    """Delete the ``.<run file>.<random>.tmp`` files a killed atomic write left behind."""
-    pattern = re.compile(r"\.(" + "|".join(map(re.escape, RANKING_RUN_FILES)) + r")\..+\.tmp")
-    for entry in directory.iterdir():
-        if pattern.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
-            entry.unlink()
-            log.info("removed %s, a temporary file left by an interrupted write", entry.name)
-
-
-def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
-    def _w(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(row) + "\n" for row in history)
-
-    atomic_write(path, _w)
-
-
 def _json_safe(value: Any) -> Any:
     """NaN / infinity -> None (strict JSON); an undefined metric's reason is in its report's "undefined" entry."""
     if isinstance(value, dict):
@@ -642,13 +625,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
     return value
-
-
-def _is_terminal(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
 
 
 def _fmt(metrics: dict[str, dict[str, Any]]) -> str:
