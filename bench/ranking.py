@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--runs", default=str(ROOT / "runs" / "ranking"))
-    p.add_argument("--resume", action="store_true", help="continue existing runs instead of replacing them")
+    p.add_argument("--resume", action="store_true",
+                   help="continue existing runs instead of replacing them (runs not started yet start fresh)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             config = run_config(args, name, variant, seed)
             start = time.perf_counter()
-            results = train_ranker(config, dataset=ds, resume=args.resume, overwrite=not args.resume, progress=False)
+            resume = args.resume and (Path(config.output_dir) / "checkpoint.pt").exists()  # else a fresh run
+            results = train_ranker(config, dataset=ds, resume=resume, overwrite=not resume, progress=False)
             seconds = time.perf_counter() - start
             pred = load_predictions(Path(config.output_dir) / "test_predictions.npz")
             runs.setdefault((name, variant), []).append(
