@@ -193,7 +193,11 @@ DATASETS: dict[str, DatasetSpec] = {
             redistribution="redistribution, including transformations, only under these same terms"
         ),
         remote=(RemoteFile("ml-latest-small.zip", _GROUPLENS + "ml-latest-small.zip", None),),
-        local_layouts=(("ml-latest-small/ratings.csv",), ("movielens-latest-small/ratings.csv",)),
+        local_layouts=(
+            ("ml-latest-small/ratings.csv",),
+            ("movielens-latest-small/ratings.csv",),
+            ("ml-latest-small/ratings.csv.gz",),  # the bundled copy is stored gzip-compressed
+        ),
         bundled=True,
     ),
     "amazon-beauty": DatasetSpec(
@@ -241,6 +245,7 @@ _COMPANIONS: dict[str, tuple[str, ...]] = {
     "ml-1m_user_sequences_by_time.txt.gz": ("movies.dat",),
     "u.data": ("u.item",),
     "ratings.csv": ("movies.csv",),
+    "ratings.csv.gz": ("movies.csv.gz",),
     "Beauty.txt": ("Beauty_time_org_rank.txt",),
 }
 
@@ -413,7 +418,7 @@ def _load_ml_official(folder: Path, main: Path, on_bad_rows: str, files: list[st
         f"{main.name}: {_fmt(len(df))} ratings with timestamps, in file order (not time order); "
         "sort each user's rows by timestamp (stable) to get sequences"
     )
-    title_file = "movies.dat" if main.name.endswith(".dat") else "movies.csv"
+    title_file = _COMPANIONS[main.name][0]  # movies.dat, movies.csv or movies.csv.gz, next to the ratings
     return df, _titles(folder, title_file, files, notes)
 
 
@@ -559,6 +564,7 @@ def _load_beauty(folder: Path, main: Path, on_bad_rows: str, files: list[str], n
 _LOADERS: dict[str, Callable] = {
     "ratings.dat": _load_ml_official,
     "ratings.csv": _load_ml_official,
+    "ratings.csv.gz": _load_ml_official,
     "u.data": _load_ml100k,
     "ml-1m_user_sequences_by_time.txt.gz": _load_ml1m_dev,
     "Beauty.txt": _load_beauty,

@@ -220,7 +220,11 @@ def test_bundled_ml_latest_small_needs_no_data_directory(tmp_path):
         warnings.simplefilter("error")  # the September 2018 release: the published totals
         ds = load_dataset("ml-latest-small")
     folder = BUNDLED_DIR / "ml-latest-small"
-    assert ds.files == [str(folder / "ratings.csv"), str(folder / "movies.csv")]
+    assert ds.files == [str(folder / "ratings.csv.gz"), str(folder / "movies.csv.gz")]
+    for name, digest in (("ratings.csv", "aa289ca83157595d0df6aea1be6a4ded676ddc4385472e8313a8ed9805352646"),
+                         ("movies.csv", "5a5f32dd9bb3797b8e728a1b98958789d2b13f294a69fdfbc5727f8a9611aa07")):  # fmt: skip
+        raw = gzip.decompress((folder / f"{name}.gz").read_bytes())
+        assert hashlib.sha256(raw).hexdigest() == digest, f"the bundled {name} is not the release's file"
     df = ds.interactions
     assert len(df) == 100_836 and df["user"].nunique() == 610 and df["item"].nunique() == 9_724
     assert df["timestamp"].notna().all() and df["rating"].notna().all()
