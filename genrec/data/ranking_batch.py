@@ -81,7 +81,8 @@ class RankingBatch:
         return RankingBatch(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
 
     def validate(self, schema: RankingSchema) -> None:
-        """Shapes and ranges against ``schema``; raises ValueError naming the first problem."""
+        """Shapes and ranges against ``schema`` (ids, user features, action bitmasks, finite dense features); raises
+        ValueError naming the first problem. Works on any device."""
         B, L = self.hist_items.shape
         C = self.cand_items.shape[1]
         expect = {
@@ -111,10 +112,29 @@ class RankingBatch:
             raise ValueError("RankingBatch.hist_items: non-zero ids past a row's length (rows must be left-aligned)")
         if bool((self.cand_items[~self.cand_mask] != 0).any()) or bool((self.cand_items[self.cand_mask] == 0).any()):
             raise ValueError("RankingBatch.cand_mask: must be True exactly where cand_items is non-zero")
+        # Ranges an embedding lookup would otherwise get wrong silently (or fail on with an index error).
+        if _min(self.hist_items) < 0 or _min(self.cand_items) < 0:
+            raise ValueError("RankingBatch: negative item id")
+        if _min(self.user_ids) < 0 or _max(self.user_ids) > schema.num_users:
+            raise ValueError(f"RankingBatch.user_ids: values must be in [0, {schema.num_users}] (0 = unknown user)")
+        for f, (name, size) in enumerate(zip(schema.user_features, schema.user_feature_sizes)):
+            column = self.user_features[:, f]
+            if _min(column) < 0 or _max(column) > size:
+                raise ValueError(f"RankingBatch.user_features[:, {f}] ({name!r}): values must be in [0, {size}]")
+        limit = 1 << schema.num_actions
+        if _min(self.hist_actions) < 0 or _max(self.hist_actions) >= limit:
+            raise ValueError(f"RankingBatch.hist_actions: bitmasks must be in [0, {limit - 1}] for the schema's "
+                             f"{schema.num_actions} actions {schema.actions}")  # fmt: skip
+        if self.dense_features.numel() and not bool(torch.isfinite(self.dense_features).all()):
+            raise ValueError("RankingBatch.dense_features: NaN or infinite values")
 
 
 def _max(t: torch.Tensor) -> int:
     return int(t.max()) if t.numel() else 0
+
+
+def _min(t: torch.Tensor) -> int:
+    return int(t.min()) if t.numel() else 0
 
 
 def _to(value: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:

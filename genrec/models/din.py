@@ -40,7 +40,6 @@ from torch import nn
 
 from genrec.data.ranking_batch import RankingBatch, RankingSchema
 from genrec.models.ranking_floors import (
-    check_ranking_batch,
     check_task_weights,
     multitask_bce_loss,
     real_candidates,
@@ -139,7 +138,7 @@ class DIN(nn.Module):
         Returns flat [N], rows [N], candidate embeddings c [N, d], history embeddings h [N, L, d] and attention
         weights w [N, L] (0 at padding).
         """
-        check_ranking_batch(batch, self.schema)
+        batch.validate(self.schema)
         flat, rows = real_candidates(batch)  # [N], [N]
         L = batch.hist_items.shape[1]
         c = self.item_emb(batch.cand_items.reshape(-1)[flat])  # [N, d]

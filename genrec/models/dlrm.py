@@ -52,7 +52,6 @@ from torch import nn
 
 from genrec.data.ranking_batch import RankingBatch, RankingSchema
 from genrec.models.ranking_floors import (
-    check_ranking_batch,
     check_task_weights,
     multitask_bce_loss,
     real_candidates,
@@ -264,7 +263,7 @@ class DLRMRanker(nn.Module):
 
     def forward(self, batch: RankingBatch) -> torch.Tensor:
         """[B, C, T] logits; 0 at padded candidates. Labels are never read."""
-        check_ranking_batch(batch, self.schema)
+        batch.validate(self.schema)
         flat, rows = real_candidates(batch)  # [N], [N]
         dense = batch.dense_features.flatten(0, 1)[flat]  # [N, D]
         hist_w = self.history_weights(batch)[rows]  # [N, L]

@@ -354,17 +354,8 @@ class HSTURanker(nn.Module):
         return x, times, has_time
 
     def _check(self, batch: RankingBatch) -> None:
-        """The batch against the schema, plus what embedding lookups would otherwise get wrong silently."""
+        """The batch against the schema (shapes, id ranges, action bitmasks: ``RankingBatch.validate``)."""
         batch.validate(self.schema)
-        if batch.hist_actions.numel():
-            bad = (batch.hist_actions < 0) | (batch.hist_actions >= (1 << self.schema.num_actions))
-            if bool(bad.any()):
-                raise ValueError(f"RankingBatch.hist_actions: a bitmask sets a bit beyond the schema's "
-                                 f"{self.schema.num_actions} actions {self.schema.actions}")
-        for f, (name, size) in enumerate(zip(self.schema.user_features, self.schema.user_feature_sizes)):
-            column = batch.user_features[:, f]
-            if column.numel() and (int(column.min()) < 0 or int(column.max()) > size):
-                raise ValueError(f"RankingBatch.user_features: feature {name!r} has an id outside 0..{size}")
 
 
 def _check_labels(name: str, labels: torch.Tensor) -> None:

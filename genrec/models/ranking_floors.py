@@ -21,7 +21,7 @@ with fixed task weights. This module holds that shared contract and the two floo
   raw: they are expected on a sensible scale (rates, log-counts), as the data side builds them.
 
 Shared pieces used by :mod:`genrec.models.dlrm` and :mod:`genrec.models.din` (and meant for the HSTU ranker):
-:func:`check_ranking_batch`, :func:`real_candidates`, :func:`scatter_candidates`, :func:`multitask_bce_loss`.
+:func:`real_candidates`, :func:`scatter_candidates`, :func:`multitask_bce_loss`.
 
 Padded candidates (``cand_mask`` False) get logit 0 for every task; models compute only on real candidates, so
 neither candidate padding nor other candidates of the same row can change a real candidate's logits.
@@ -41,7 +41,6 @@ from genrec.data.ranking_batch import RankingBatch, RankingSchema
 __all__ = [
     "ItemPopularityRanker",
     "LogisticRegressionRanker",
-    "check_ranking_batch",
     "check_task_weights",
     "multitask_bce_loss",
     "real_candidates",
@@ -52,38 +51,6 @@ _PRIME = 2_147_483_647  # 2^31 - 1, the modulus of the per-field universal hash
 
 
 # ---------------------------------------------------------------------------------------------- shared contract
-def check_ranking_batch(batch: RankingBatch, schema: RankingSchema) -> None:
-    """``batch.validate(schema)`` plus the ranges it does not check; raises ValueError naming the first problem.
-
-    Checked here: user ids in 0..num_users, each user feature in 0..its size, history action bitmasks within the
-    schema's actions, no negative ids, and finite dense features (a NaN there would silently make every logit NaN).
-    ``RankingBatch.validate`` builds its position index on the CPU, so a batch on another device is validated
-    through a CPU copy.
-    """
-    if batch.hist_items.device.type == "cpu":
-        batch.validate(schema)
-    else:
-        batch.to("cpu").validate(schema)
-    if batch.user_ids.numel() and (int(batch.user_ids.min()) < 0 or int(batch.user_ids.max()) > schema.num_users):
-        raise ValueError(f"RankingBatch.user_ids: values must be in [0, {schema.num_users}] (0 = unknown user)")
-    for name, ids in (("hist_items", batch.hist_items), ("cand_items", batch.cand_items)):
-        if ids.numel() and int(ids.min()) < 0:
-            raise ValueError(f"RankingBatch.{name}: negative item id")
-    for f, (name, size) in enumerate(zip(schema.user_features, schema.user_feature_sizes)):
-        col = batch.user_features[:, f]
-        if col.numel() and (int(col.min()) < 0 or int(col.max()) > size):
-            raise ValueError(f"RankingBatch.user_features[:, {f}] ({name!r}): values must be in [0, {size}]")
-    if batch.hist_actions.numel():
-        limit = 1 << schema.num_actions
-        if int(batch.hist_actions.min()) < 0 or int(batch.hist_actions.max()) >= limit:
-            raise ValueError(
-                f"RankingBatch.hist_actions: bitmasks must be in [0, {limit - 1}] for the schema's "
-                f"{schema.num_actions} actions"
-            )
-    if batch.dense_features.numel() and not bool(torch.isfinite(batch.dense_features).all()):
-        raise ValueError("RankingBatch.dense_features: NaN or infinite values")
-
-
 def check_task_weights(task_weights: Sequence[float] | None, schema: RankingSchema) -> tuple[float, ...]:
     """The T task weights (all 1.0 when None); ValueError unless there is one finite, non-negative weight per task
     and at least one is positive."""
@@ -164,7 +131,7 @@ class ItemPopularityRanker(nn.Module):
     @torch.no_grad()
     def update(self, batch: RankingBatch) -> ItemPopularityRanker:
         """Add one labelled training batch's real candidates to the counts."""
-        check_ranking_batch(batch, self.schema)
+        batch.validate(self.schema)
         if batch.labels is None:
             raise ValueError("RankingBatch.labels is None: the popularity floor is fitted on labelled candidates")
         items = batch.cand_items[batch.cand_mask]  # [N]
@@ -195,7 +162,7 @@ class ItemPopularityRanker(nn.Module):
 
     def forward(self, batch: RankingBatch) -> torch.Tensor:
         """[B, C, T] float32 logits of the smoothed rates (clamped to [1e-6, 1 - 1e-6]); 0 at padded candidates."""
-        check_ranking_batch(batch, self.schema)
+        batch.validate(self.schema)
         probs = self.probabilities().clamp(1e-6, 1 - 1e-6)  # [num_items + 1, T]
         logits = torch.logit(probs).to(torch.float32)[batch.cand_items.to(probs.device)]  # [B, C, T]
         return logits * batch.cand_mask.unsqueeze(-1).to(logits.device)
@@ -246,7 +213,7 @@ class LogisticRegressionRanker(nn.Module):
 
     def forward(self, batch: RankingBatch) -> torch.Tensor:
         """[B, C, T] logits; 0 at padded candidates."""
-        check_ranking_batch(batch, self.schema)
+        batch.validate(self.schema)
         flat, rows = real_candidates(batch)
         dense = batch.dense_features.flatten(0, 1)[flat]  # [N, D]
         ids = torch.cat(

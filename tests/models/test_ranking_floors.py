@@ -12,7 +12,6 @@ from genrec.data.ranking_batch import RankingBatch, RankingSchema
 from genrec.models.ranking_floors import (
     ItemPopularityRanker,
     LogisticRegressionRanker,
-    check_ranking_batch,
     multitask_bce_loss,
 )
 
@@ -162,7 +161,7 @@ def check_contract(model: torch.nn.Module, trained_steps: int = 3) -> None:
 # ---------------------------------------------------------------- shared contract
 def test_synthetic_batches_are_valid_and_signals_exist() -> None:
     batch = synthetic_batch(200, seed=0)
-    check_ranking_batch(batch, SCHEMA)
+    batch.validate(SCHEMA)
     assert 0.3 < float(batch.labels[..., 0][batch.cand_mask].mean()) < 0.7
     assert (batch.hist_lengths == 0).any() and (batch.cand_mask.sum(1) < batch.cand_items.shape[1]).any()
     # the oracle signals are real: dense feature 0 and item id rank the labels
@@ -177,10 +176,10 @@ def test_synthetic_batches_are_valid_and_signals_exist() -> None:
     ({"dense_features": torch.full((8, 4, 2), float("nan"))}, "dense_features"),
     ({"labels": torch.zeros(8, 4, 3)}, "labels: shape"),
 ])  # fmt: skip
-def test_check_ranking_batch_refuses_out_of_schema_values(over, match) -> None:
+def test_validate_refuses_out_of_schema_values(over, match) -> None:
     batch = replace(synthetic_batch(8, seed=3), **over)
     with pytest.raises(ValueError, match=match):
-        check_ranking_batch(batch, SCHEMA)
+        batch.validate(SCHEMA)
 
 
 def test_multitask_loss_hand_computed_and_ignores_padding() -> None:
