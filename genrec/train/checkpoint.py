@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from genrec.config import ConfigError
 from genrec.io import atomic_write, write_json  # noqa: F401  (write_json: re-exported for run-directory writers)
 
 # The files ``genrec train`` writes into a run directory (``--overwrite`` removes exactly these).
@@ -149,3 +151,46 @@ def is_terminal(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
+
+
+def with_absolute_paths(config: Any) -> Any:
+    """``config`` with the data section's file locations (``path``, ``timestamps_path``, ``data_dir``, those it
+    has) made absolute from the current directory, so the saved config finds the same files from anywhere."""
+    changes = {}
+    for name in ("path", "timestamps_path", "data_dir"):
+        value = getattr(config.data, name, None)
+        if value:
+            changes[name] = os.path.abspath(os.path.expanduser(value))
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, **changes)) if changes else config
+
+
+def check_run_directory(out: Path, run_files: tuple[str, ...], *, resume: bool, overwrite: bool) -> list[str]:
+    """The run files ``out`` already holds; ``FileExistsError`` when there are some and the call neither resumes
+    nor overwrites (two runs must never mix their files)."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
+    existing = [name for name in run_files if (out / name).exists()]
+    if existing and not resume and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a run ({', '.join(existing)}): pass --resume (resume=True) to continue it or "
+            "--overwrite (overwrite=True) to replace it, or choose another output directory"
+        )
+    return existing
+
+
+def resume_state(out: Path, differences: Callable[[Path], list[str]]) -> dict[str, Any]:
+    """The checkpoint of the run in ``out``, after ``differences(stored config path)`` found nothing that would make
+    the resumed run a different one (raises ``ConfigError`` listing them). Nothing is written."""
+    ckpt_path = out / "checkpoint.pt"
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"resume: no checkpoint at {ckpt_path}")
+    stored_path = out / "config.yaml"
+    if not stored_path.exists():
+        raise FileNotFoundError(f"resume: {stored_path} not found, so the run it continues is unknown")
+    found = differences(stored_path)
+    if found:
+        raise ConfigError(
+            f"resume: {out} was trained with a different configuration ({'; '.join(found)}); resume with the run's "
+            "own settings, or train into a new output directory"
+        )
+    return load_state(ckpt_path)

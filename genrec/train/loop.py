@@ -14,11 +14,9 @@ overwrite it, so two runs never mix in one ``log.jsonl``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,14 +41,16 @@ from genrec.models import build_model
 from genrec.train.checkpoint import (
     RUN_FILES,
     CheckpointError,
+    check_run_directory,
     check_shapes,
-    load_state,
     load_weights,
     config_differences,
     is_terminal,
     remove_stale_temporaries,
+    resume_state,
     save_state,
     save_weights,
+    with_absolute_paths,
     write_json,
     write_log,
 )
@@ -110,20 +110,13 @@ def train(
         data: already prepared data (``config.data`` is then only recorded).
         progress: tqdm bars while stderr is a terminal (per-epoch log lines either way).
     """
-    if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
     config = with_absolute_paths(config)
     tc = config.train
     out = Path(config.output_dir)
     if data is None:
         check_dataset_name(config.data.dataset)
-    existing = [name for name in RUN_FILES if (out / name).exists()]
-    if existing and not resume and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds a run ({', '.join(existing)}): pass --resume to continue it or --overwrite to "
-            "replace it (or choose another --output-dir)"
-        )
-    saved = _resume_state(out, config) if resume else None
+    existing = check_run_directory(out, RUN_FILES, resume=resume, overwrite=overwrite)
+    saved = resume_state(out, lambda stored: _differences(load_config(stored), config)) if resume else None
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
         log.info("torch.set_num_threads(%d)", tc.num_threads)
@@ -326,17 +319,6 @@ def train(
     return results
 
 
-def with_absolute_paths(config: RunConfig) -> RunConfig:
-    """``config`` with data.path, data.timestamps_path and data.data_dir made absolute (from the current directory),
-    so the saved config finds the same files from any working directory."""
-    changes = {}
-    for name in ("path", "timestamps_path", "data_dir"):
-        value = getattr(config.data, name)
-        if value:
-            changes[name] = os.path.abspath(os.path.expanduser(value))
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, **changes)) if changes else config
-
-
 def check_dataset_name(name: str) -> None:
     """Raise ``ConfigError`` unless ``name`` is a registry dataset, "table" or "sequences"."""
     if name not in DATASETS and name not in ("table", "sequences"):
@@ -344,24 +326,12 @@ def check_dataset_name(name: str) -> None:
         raise ConfigError(f"data.dataset: {name!r} is not one of {known} (`genrec data list` describes them)")
 
 
-def _resume_state(out: Path, config: RunConfig) -> dict[str, Any]:
-    """Load the checkpoint of the run in ``out`` and check that ``config`` continues that run (nothing is written)."""
-    ckpt_path = out / "checkpoint.pt"
-    if not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-    stored_path = out / "config.yaml"
-    if not stored_path.exists():
-        raise FileNotFoundError(f"--resume: {stored_path} not found, so the run it continues is unknown")
-    stored = with_absolute_paths(load_config(stored_path))
-    differences = config_differences(stored, config, ("model", "data"))
+def _differences(stored: RunConfig, config: RunConfig) -> list[str]:
+    """What would make resuming ``stored``'s run with ``config`` train a different run."""
+    found = config_differences(with_absolute_paths(stored), config, ("model", "data"))
     if stored.eval.selection != config.eval.selection:  # it decides the training split
-        differences.append(f"eval.selection: {stored.eval.selection!r} -> {config.eval.selection!r}")
-    if differences:
-        raise ConfigError(
-            f"--resume: {out} was trained with a different configuration ({'; '.join(differences)}); resume with the "
-            "run's own model and data settings, or train into a new --output-dir"
-        )
-    return load_state(ckpt_path)
+        found.append(f"eval.selection: {stored.eval.selection!r} -> {config.eval.selection!r}")
+    return found
 
 
 def _check_same_items(out: Path, seqs) -> None:

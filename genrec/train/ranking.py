@@ -50,7 +50,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import sys
 import time
 import typing
@@ -83,14 +82,16 @@ from genrec.models.hstu_ranker import HSTURanker, HSTURankerConfig
 from genrec.models.ranking_floors import ItemPopularityRanker, LogisticRegressionRanker
 from genrec.train.checkpoint import (
     CheckpointError,
+    check_run_directory,
     check_shapes,
     config_differences,
     is_terminal,
-    load_state,
     load_weights,
     remove_stale_temporaries,
+    resume_state,
     save_state,
     save_weights,
+    with_absolute_paths,
     write_log,
 )
 
@@ -348,22 +349,17 @@ def train_ranker(
             ``train.seed``, ``train.task_weights`` and ``train.select_metric`` must equal ``config``'s.
         progress: a tqdm bar per epoch while stderr is a terminal (per-epoch log lines either way).
     """
-    if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
-    config = _with_absolute_paths(config)
+    config = with_absolute_paths(config)
     dc, tc = config.data, config.train
     out = Path(config.output_dir)
     canonical = DATASET_ALIASES.get(dc.dataset, dc.dataset)
     if dataset is None and canonical not in RANKING_DATASETS:
         known = ", ".join(repr(n) for n in [*RANKING_DATASETS, *DATASET_ALIASES])
         raise ConfigError(f"data.dataset: {dc.dataset!r} is not a ranking dataset; known: {known}")
-    existing = [name for name in RANKING_RUN_FILES if (out / name).exists()]
-    if existing and not resume and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds a run ({', '.join(existing)}): pass resume=True (--resume) to continue it or "
-            "overwrite=True (--overwrite) to replace it, or choose another output directory"
-        )
-    saved = _resume_state(out, config) if resume else None
+    existing = check_run_directory(out, RANKING_RUN_FILES, resume=resume, overwrite=overwrite)
+    resumed_fields = ("seed", "task_weights", "select_metric")
+    saved = resume_state(out, lambda stored: config_differences(
+        with_absolute_paths(load_ranking_config(stored)), config, ("model", "data"), resumed_fields)) if resume else None
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     device = torch.device(tc.device)
@@ -587,31 +583,6 @@ def _check_selection_defined(dataset: RankingDataset, config: RankingRunConfig, 
                 f"{task!r} ({reason}); choose another train.select_metric, or give the task weight 0 in "
                 "train.task_weights"
             )
-
-
-def _resume_state(out: Path, config: RankingRunConfig) -> dict[str, Any]:
-    """Load the checkpoint of the run in ``out`` and check that ``config`` continues that run (nothing is written)."""
-    ckpt_path = out / "checkpoint.pt"
-    if not ckpt_path.exists():
-        raise FileNotFoundError(f"resume: no checkpoint at {ckpt_path}")
-    stored_path = out / "config.yaml"
-    if not stored_path.exists():
-        raise FileNotFoundError(f"resume: {stored_path} not found, so the run it continues is unknown")
-    stored = _with_absolute_paths(load_ranking_config(stored_path))
-    differences = config_differences(stored, config, ("model", "data"), ("seed", "task_weights", "select_metric"))
-    if differences:
-        raise ConfigError(
-            f"resume: {out} was trained with a different configuration ({'; '.join(differences)}); resume with the "
-            "run's own settings, or train into a new output directory"
-        )
-    return load_state(ckpt_path)
-
-
-def _with_absolute_paths(config: RankingRunConfig) -> RankingRunConfig:
-    if not config.data.data_dir:
-        return config
-    data = dataclasses.replace(config.data, data_dir=os.path.abspath(os.path.expanduser(config.data.data_dir)))
-    return dataclasses.replace(config, data=data)
 
 
 def _json_safe(value: Any) -> Any:
