@@ -19,16 +19,21 @@ import sys
 from genrec import __version__
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from genrec.config import load_config
-    from genrec.train.loop import train
-
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` values, then ``--data-dir`` and ``--output-dir`` as the overrides they stand for."""
     overrides = list(args.set or [])
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
-    config = load_config(args.config, overrides)
+    return overrides
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from genrec.config import load_config
+    from genrec.train.loop import train
+
+    config = load_config(args.config, _overrides(args))
     results = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     _print_results(results)
     return 0
@@ -38,12 +43,7 @@ def _cmd_train_ranker(args: argparse.Namespace) -> int:
     from genrec.config import load_ranking_config
     from genrec.train.ranking import train_ranker
 
-    overrides = list(args.set or [])
-    if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir}")
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    config = load_ranking_config(args.config, overrides)
+    config = load_ranking_config(args.config, _overrides(args))
     results = train_ranker(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"\n{results['dataset']} ({results['split']}) / {results['model']}: best validation epoch "
           f"{results['best_epoch']} of {results['epochs_run']}; selection: {results['selection']['rule']}")  # fmt: skip
