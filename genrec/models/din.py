@@ -28,6 +28,7 @@ Deliberate deviations:
 - Attention input is [h, c, h − c, h ⊙ c] (the released code's form; the paper's figure draws the outer product).
 - Multi-task: one shared MLP, T logits; the paper has a 2-way softmax for one task.
 - Mini-batch aware regularisation (§4.3) is not implemented; use the optimiser's weight decay.
+- ``task_base_rates`` starts each task's output bias at logit(base rate) (not in the paper; helps rare tasks).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch import nn
 from genrec.data.ranking_batch import RankingBatch, RankingSchema
 from genrec.models.ranking_floors import (
     check_task_weights,
+    init_output_biases,
     multitask_bce_loss,
     real_candidates,
     scatter_candidates,
@@ -87,6 +89,7 @@ class DINConfig:
     attention_normalization: str = "none"  # "none" (paper) | "softmax" (the authors' released code)
     use_history_actions: bool = True  # add an embedding per set action bit to history events
     task_weights: tuple[float, ...] | None = None  # loss weight per task (all 1 when None)
+    task_base_rates: tuple[float, ...] | None = None  # initial output bias logit(rate) per task; None = nn.Linear's
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -122,6 +125,7 @@ class DIN(nn.Module):
         mlp_in = d * (3 + len(schema.user_features)) + len(schema.dense_features)
         self.mlp = _mlp(mlp_in, tuple(config.mlp), config.activation)
         self.heads = nn.Linear(config.mlp[-1] if config.mlp else mlp_in, schema.num_tasks)
+        init_output_biases(self.heads, config.task_base_rates, schema)
 
     def history_embeddings(self, batch: RankingBatch) -> torch.Tensor:
         """[B, L, d]: item embedding plus the embeddings of the event's action bits (0 at padding)."""

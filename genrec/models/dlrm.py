@@ -28,7 +28,8 @@ or as an action-weighted mean (``"action_weighted"``): event e gets weight Σ_{a
 to 1 over the row's history. An empty history pools to the zero vector. Event and candidate times are not read:
 time-aware signals (recency, hour, ...) reach DLRM through the dense features.
 
-Initialisation follows the reference: tables U(±sqrt(1 / rows)); linear layers keep nn.Linear's default.
+Initialisation follows the reference: tables U(±sqrt(1 / rows)); linear layers keep nn.Linear's default, except
+that the ranker's output biases start at logit(base rate) of each task when ``task_base_rates`` is given.
 
 Deliberate deviations:
 - Multi-task: T heads (one nn.Linear with T outputs, i.e. T independent linear heads) on a shared top MLP; the paper
@@ -53,6 +54,7 @@ from torch import nn
 from genrec.data.ranking_batch import RankingBatch, RankingSchema
 from genrec.models.ranking_floors import (
     check_task_weights,
+    init_output_biases,
     multitask_bce_loss,
     real_candidates,
     scatter_candidates,
@@ -213,6 +215,7 @@ class DLRMRankerConfig:
     top_mlp: tuple[int, ...] = (64, 32)
     history_pooling: str = "mean"  # "mean" | "action_weighted" (learned weight per action bit)
     task_weights: tuple[float, ...] | None = None  # loss weight per task (all 1 when None)
+    task_base_rates: tuple[float, ...] | None = None  # initial output bias logit(rate) per task; None = nn.Linear's
 
     def __post_init__(self) -> None:
         if self.history_pooling not in HISTORY_POOLINGS:
@@ -242,6 +245,7 @@ class DLRMRanker(nn.Module):
                 num_tasks=schema.num_tasks,
             )
         )
+        init_output_biases(self.dlrm.heads, config.task_base_rates, schema)
         if config.history_pooling == "action_weighted":
             # θ for [no action, action 0, …, action A-1]; softplus(θ) = 1 at init
             self.action_theta = nn.Parameter(torch.full((schema.num_actions + 1,), math.log(math.e - 1.0)))

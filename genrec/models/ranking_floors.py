@@ -42,6 +42,7 @@ __all__ = [
     "ItemPopularityRanker",
     "LogisticRegressionRanker",
     "check_task_weights",
+    "init_output_biases",
     "multitask_bce_loss",
     "real_candidates",
     "scatter_candidates",
@@ -62,6 +63,22 @@ def check_task_weights(task_weights: Sequence[float] | None, schema: RankingSche
     if any(not math.isfinite(w) or w < 0 for w in weights) or not any(w > 0 for w in weights):
         raise ValueError(f"task_weights must be finite, non-negative and not all zero, got {weights}")
     return weights
+
+
+def init_output_biases(head: nn.Linear, base_rates: Sequence[float] | None, schema: RankingSchema) -> None:
+    """Start the T output biases of ``head`` at logit(base rate) of each task (a model that starts at the base rate
+    does not spend its first steps learning it, which matters for rare tasks); leave them as they are when
+    ``base_rates`` is None. ValueError unless there is one rate in (0, 1) per task."""
+    if base_rates is None:
+        return
+    rates = tuple(float(r) for r in base_rates)
+    if len(rates) != schema.num_tasks:
+        raise ValueError(f"task_base_rates: {len(rates)} rates for {schema.num_tasks} tasks {schema.tasks}")
+    if not all(0.0 < r < 1.0 for r in rates):  # NaN fails too
+        raise ValueError(f"task_base_rates must lie strictly between 0 and 1, got {rates}")
+    with torch.no_grad():
+        r = torch.tensor(rates, dtype=torch.float64)
+        head.bias.copy_((torch.log(r) - torch.log1p(-r)).to(head.bias.dtype))
 
 
 def real_candidates(batch: RankingBatch) -> tuple[torch.Tensor, torch.Tensor]:

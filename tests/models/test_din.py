@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -140,3 +142,22 @@ def test_config_and_batch_errors() -> None:
         model(replace(batch, user_ids=torch.full((4,), 99)))
     with pytest.raises(ValueError, match="labels is None"):
         model.loss(replace(batch, labels=None))
+
+
+def test_output_biases_start_at_the_base_rates() -> None:
+    rates = (0.02, 0.7)
+    torch.manual_seed(0)
+    model = DIN(SCHEMA, config(task_base_rates=rates))
+    logit = torch.tensor([math.log(r / (1 - r)) for r in rates])
+    assert torch.allclose(model.heads.bias.detach(), logit, atol=1e-6)
+    with torch.no_grad():
+        model.heads.weight.zero_()
+    batch = synthetic_batch(5, seed=1)
+    probs = torch.sigmoid(model(batch))[batch.cand_mask]  # [N, T]
+    assert torch.allclose(probs, torch.tensor(rates).expand_as(probs), atol=1e-6)
+
+
+@pytest.mark.parametrize("rates", [(0.0, 0.5), (0.5, 1.0), (0.5,), (float("nan"), 0.5)])
+def test_refuses_bad_base_rates(rates) -> None:
+    with pytest.raises(ValueError, match="task_base_rates"):
+        DIN(SCHEMA, config(task_base_rates=rates))

@@ -3,6 +3,8 @@ adapter's contract and learning, and equality with TorchRec's DLRM when TorchRec
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -278,3 +280,25 @@ def test_forward_equals_torchrec_dlrm() -> None:
         got = ours(dense, [ids0, ids1, bag2], [None, None, mean_w])
     assert want.shape == got.shape == (N, 3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_ranker_output_biases_start_at_the_base_rates() -> None:
+    rates = (0.02, 0.7)
+    torch.manual_seed(0)
+    model = DLRMRanker(SCHEMA, DLRMRankerConfig(**{**vars(SMALL), "task_base_rates": rates}))
+    logit = torch.tensor([math.log(r / (1 - r)) for r in rates])
+    assert torch.allclose(model.dlrm.heads.bias.detach(), logit, atol=1e-6)
+    with torch.no_grad():
+        model.dlrm.heads.weight.zero_()  # the head's input no longer matters: every candidate gets the base rate
+    batch = synthetic_batch(5, seed=1)
+    probs = torch.sigmoid(model(batch))[batch.cand_mask]  # [N, T]
+    assert torch.allclose(probs, torch.tensor(rates).expand_as(probs), atol=1e-6)
+    # without base rates the biases start at nn.Linear's default, not at the rates
+    plain = DLRMRanker(SCHEMA, SMALL)
+    assert not torch.allclose(plain.dlrm.heads.bias.detach(), logit, atol=1e-2)
+
+
+@pytest.mark.parametrize("rates", [(0.0, 0.5), (0.5, 1.0), (0.5,), (float("nan"), 0.5)])
+def test_ranker_refuses_bad_base_rates(rates) -> None:
+    with pytest.raises(ValueError, match="task_base_rates"):
+        DLRMRanker(SCHEMA, DLRMRankerConfig(**{**vars(SMALL), "task_base_rates": rates}))
