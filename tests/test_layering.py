@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "genrec.eval": 4,
     "genrec.train": 5,
     "genrec.api": 6,
+    "genrec.ranking_api": 6,
     "genrec.export": 7,
     "genrec.serve": 7,
     "genrec.cli": 8,

@@ -37,7 +37,8 @@ Run directories: everything (config, data, model parameters, on resume the check
 is checked before the first file is written; a directory that already holds a run is refused unless the call
 resumes it (``resume=True``) or replaces it (``overwrite=True``). Files are written atomically
 (:mod:`genrec.io`, :mod:`genrec.train.checkpoint`): weights as safetensors, the training state as plain tensors and
-containers loaded with ``weights_only=True``.
+containers loaded with ``weights_only=True``. A run directory also holds the ranking state (:class:`RankingState`:
+schema, item ids, the dense features' training statistics), so ``genrec.ranking_api.Ranker.load`` serves it as is.
 
 Rankers without trainable parameters that are fitted by counting (the popularity floor, ``fit(batches)``) are fitted
 once on the training part; that is their single "epoch".
@@ -73,7 +74,9 @@ from genrec.config import (
     save_config,
 )
 from genrec.data.ranking import RANKING_DATASETS, RankingDataset, load_ranking_dataset
+from genrec.data.ranking.events import DenseFeatureState
 from genrec.data.ranking_batch import RankingSchema
+from genrec.data.sequences import IdMap
 from genrec.eval.ranking_metrics import PROB_EPS, flatten_candidates, multitask_ranking_metrics
 from genrec.io import atomic_write, write_json
 from genrec.models.din import DIN, DINConfig
@@ -97,10 +100,14 @@ from genrec.train.checkpoint import (
 
 log = logging.getLogger("genrec.train.ranking")
 
+# What a trained ranker needs to rank without its dataset (``RankingState``): written by train_ranker and by
+# ``genrec.ranking_api.Ranker.save``, read by ``Ranker.load``.
+RANKING_STATE_FILES = ("ranking_state.json", "ranking_item_ids.json", "ranking_features.npz")
+RANKING_STATE_FORMAT = 1
 # The files train_ranker writes into a run directory (``overwrite=True`` removes exactly these).
 RANKING_RUN_FILES = (
     "config.yaml", "checkpoint.pt", "best.safetensors", "best.json", "log.jsonl", "results.json",
-    "test_predictions.npz",
+    "test_predictions.npz", *RANKING_STATE_FILES,
 )  # fmt: skip
 DATASET_ALIASES = {"taobao": "taobao-userbehavior-head", "kuairand": "kuairand-27k-like-hate-subset"}
 
@@ -199,6 +206,121 @@ def _construct(cls: type[nn.Module], name: str, *args: Any, **kwargs: Any) -> nn
         return cls(*args, **kwargs)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model.params: {exc} (model.name={name!r})") from None
+
+
+# ------------------------------------------------------------------------------------------------ serving state
+@dataclass
+class RankingState:
+    """What ranking with a trained model needs besides its config and weights, without the dataset.
+
+    Files (``save`` / ``load``, all written atomically, read without executing code)::
+
+        ranking_state.json      format, dataset name and split, the schema (sizes, tasks, actions, user feature
+                                names and sizes, dense feature names, data notes), the raw values behind each user
+                                feature's ids, and the dense features' scalars (time index base, smoothing, time zone)
+        ranking_item_ids.json   external item id of internal id i at position i - 1
+        ranking_features.npz    the dense features' training statistics (``DenseFeatureState`` arrays), with the
+                                per-user part left out: a user asked about by raw history is unknown to training
+
+    ``user_feature_values[name]``: the raw value of feature id i at position i - 1, or None when the values are
+    not known (the dataset was given coded ids; then ids 1..size are accepted as they are).
+    """
+
+    schema: RankingSchema
+    item_map: IdMap
+    features: DenseFeatureState
+    user_feature_values: dict[str, list[str] | None]
+    dataset: str
+    split: str
+    time_cuts: tuple[int, int] | None = None
+
+    @classmethod
+    def from_dataset(
+        cls, dataset: RankingDataset, user_feature_values: dict[str, list[str] | None] | None = None
+    ) -> "RankingState":
+        values = {name: None for name in dataset.schema.user_features}
+        values.update(user_feature_values or {})
+        return cls(dataset.schema, dataset.item_map, dataset.dense_feature_state(users=False), values, dataset.name,
+                   dataset.split, dataset.time_cuts)  # fmt: skip
+
+    def save(self, directory: str | Path) -> None:
+        """Write the three state files into ``directory`` (each atomically)."""
+        directory = Path(directory)
+        s = self.schema
+        meta = {
+            "format": RANKING_STATE_FORMAT,
+            "dataset": self.dataset,
+            "split": self.split,
+            "time_cuts": list(self.time_cuts) if self.time_cuts else None,
+            "schema": {
+                "num_items": s.num_items, "num_users": s.num_users, "tasks": list(s.tasks),
+                "actions": list(s.actions), "user_features": list(s.user_features),
+                "user_feature_sizes": list(s.user_feature_sizes), "dense_features": list(s.dense_features),
+                "notes": list(s.notes),
+            },
+            "user_feature_values": self.user_feature_values,
+            "dense_feature_state": self.features.scalars(),
+        }  # fmt: skip
+        write_json(directory / "ranking_state.json", meta)
+        write_json(directory / "ranking_item_ids.json", self.item_map.to_json())
+        arrays = self.features.arrays()
+
+        def _w(tmp: str) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
+
+        atomic_write(directory / "ranking_features.npz", _w)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "RankingState":
+        """Read the state files (JSON and a pickle-free ``.npz``); ValueError naming the file when one is missing,
+        malformed or inconsistent with the others."""
+        directory = Path(directory)
+        missing = [name for name in RANKING_STATE_FILES if not (directory / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{directory} lacks {', '.join(missing)}: it is not a ranking model directory (a directory written by "
+                "Ranker.save, or a run directory of `genrec train-ranker` from this genrec version; re-run "
+                "train-ranker to get one)"
+            )
+        path = directory / "ranking_state.json"
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            if meta.get("format") != RANKING_STATE_FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}, expected {RANKING_STATE_FORMAT}")
+            sc = meta["schema"]
+            schema = RankingSchema(
+                num_items=int(sc["num_items"]), num_users=int(sc["num_users"]), tasks=tuple(sc["tasks"]),
+                actions=tuple(sc["actions"]), user_features=tuple(sc["user_features"]),
+                user_feature_sizes=tuple(int(x) for x in sc["user_feature_sizes"]),
+                dense_features=tuple(sc["dense_features"]), notes=tuple(sc["notes"]),
+            )  # fmt: skip
+            values = {str(k): (None if v is None else [str(x) for x in v])
+                      for k, v in meta["user_feature_values"].items()}  # fmt: skip
+            for name, size in zip(schema.user_features, schema.user_feature_sizes):
+                if name not in values or (values[name] is not None and len(values[name]) != size):
+                    raise ValueError(f"user_feature_values[{name!r}] does not hold the feature's {size} values")
+            scalars = meta["dense_feature_state"]
+            cuts = meta.get("time_cuts")
+            dataset, split = str(meta["dataset"]), str(meta["split"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}: not a valid ranking state ({exc})") from None
+        ids_path = directory / "ranking_item_ids.json"
+        try:
+            item_map = IdMap.from_json(json.loads(ids_path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{ids_path}: not a list of distinct item ids ({exc})") from None
+        if len(item_map) != schema.num_items:
+            raise ValueError(f"{ids_path}: {len(item_map)} item ids, but the schema has {schema.num_items} items")
+        npz = directory / "ranking_features.npz"
+        try:
+            with np.load(npz, allow_pickle=False) as z:
+                features = DenseFeatureState.from_arrays(scalars, {k: z[k] for k in z.files})
+        except (ValueError, KeyError, OSError) as exc:
+            raise ValueError(f"{npz}: not a valid dense feature state ({exc})") from None
+        if features.names != schema.dense_features or features.item_dense_table.shape[0] != schema.num_items + 1:
+            raise ValueError(f"{npz}: the dense features do not match the schema in {path}")
+        return cls(schema, item_map, features, values, dataset, split, tuple(cuts) if cuts else None)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -423,6 +545,7 @@ def train_ranker(
             (out / name).unlink(missing_ok=True)
         log.info("overwrite: removed the previous run's files from %s", out)
     save_config(config, out / "config.yaml")
+    RankingState.from_dataset(dataset).save(out)  # what ranking with the trained model needs (genrec.ranking_api)
     if saved is not None:
         write_log(out / "log.jsonl", state.history)  # exactly the epochs the checkpoint covers
         log.info("resumed from %s after epoch %d", ckpt_path, state.epoch)

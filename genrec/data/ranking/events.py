@@ -81,7 +81,7 @@ import torch
 from genrec.data.ranking_batch import RankingBatch, RankingSchema
 from genrec.data.sequences import IdMap
 
-__all__ = ["PARTS", "SPLITS", "RankingDataset", "RankingRows", "build_ranking_dataset"]
+__all__ = ["PARTS", "SPLITS", "DenseFeatureState", "RankingDataset", "RankingRows", "build_ranking_dataset"]
 
 PARTS = ("train", "valid", "test")
 SPLITS = ("user-last", "global-time")
@@ -126,6 +126,108 @@ class RankingRows:
 
     def __len__(self) -> int:
         return len(self.start)
+
+
+@dataclass(frozen=True, eq=False)
+class DenseFeatureState:
+    """The causal training statistics behind the dense features (see the module docstring), as plain arrays.
+
+    Keys are ``id * M + (time - tmin)`` of training events, sorted; ``*_imp`` / ``*_task`` are the cumulative
+    candidate and task counts along them ([n + 1] and [n + 1, T], starting at 0). ``g_*`` are the same along all
+    training events in time order. A user or item id without training events (e.g. 0, unknown) gets count 0 and
+    the smoothed global rate. Built by :meth:`RankingDataset.dense_feature_state`; :meth:`arrays` /
+    :meth:`from_arrays` turn it into named arrays and back (e.g. for an ``.npz`` file).
+    """
+
+    names: tuple[str, ...]  # D feature names (the schema's dense_features)
+    M: int
+    tmin: int
+    smoothing: float
+    tz_offset_s: int
+    u_key: np.ndarray
+    u_imp: np.ndarray
+    u_task: np.ndarray
+    i_key: np.ndarray
+    i_imp: np.ndarray
+    i_task: np.ndarray
+    g_time: np.ndarray
+    g_imp: np.ndarray
+    g_task: np.ndarray
+    item_dense_table: np.ndarray  # [I + 1, E] float32
+
+    ARRAYS = ("u_key", "u_imp", "u_task", "i_key", "i_imp", "i_task", "g_time", "g_imp", "g_task",
+              "item_dense_table")  # fmt: skip
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The array fields by name."""
+        return {k: getattr(self, k) for k in self.ARRAYS}
+
+    def scalars(self) -> dict:
+        """The non-array fields (JSON-serialisable)."""
+        return {"names": list(self.names), "M": self.M, "tmin": self.tmin, "smoothing": self.smoothing,
+                "tz_offset_s": self.tz_offset_s}  # fmt: skip
+
+    @classmethod
+    def from_arrays(cls, scalars: dict, arrays: dict[str, np.ndarray]) -> "DenseFeatureState":
+        """The inverse of :meth:`scalars` + :meth:`arrays`; ValueError when an array is missing or the shapes do not
+        fit together."""
+        missing = [k for k in cls.ARRAYS if k not in arrays]
+        if missing:
+            raise ValueError(f"dense feature state: missing arrays {missing}")
+        state = cls(names=tuple(str(n) for n in scalars["names"]), M=int(scalars["M"]), tmin=int(scalars["tmin"]),
+                    smoothing=float(scalars["smoothing"]), tz_offset_s=int(scalars["tz_offset_s"]),
+                    **{k: np.asarray(arrays[k]) for k in cls.ARRAYS})  # fmt: skip
+        for key, cum in (("u_key", "u_imp"), ("i_key", "i_imp"), ("g_time", "g_imp")):
+            task = cum.replace("imp", "task")
+            n = len(getattr(state, key))
+            if getattr(state, cum).shape != (n + 1,) or getattr(state, task).shape[0] != n + 1:
+                raise ValueError(f"dense feature state: {cum} / {task} do not fit {key} ({n} events)")
+        T = state.g_task.shape[1]
+        expected = 3 + 2 * T + 2 + state.item_dense_table.shape[1]
+        if len(state.names) != expected:
+            raise ValueError(f"dense feature state: {len(state.names)} names for {expected} features")
+        return state
+
+    def features(
+        self, user: np.ndarray, t0: np.ndarray, item: np.ndarray, cand_time: np.ndarray, last_hist_time: np.ndarray
+    ) -> np.ndarray:
+        """Dense features [..., D] for aligned arrays of the same shape (``RankingDataset.dense_features_for``)."""
+        shape = item.shape
+        user, t0, item = user.reshape(-1), t0.reshape(-1), item.reshape(-1)
+        cand_time, last_hist_time = cand_time.reshape(-1), last_hist_time.reshape(-1)
+        M, tmin, a = self.M, self.tmin, self.smoothing
+        rel = np.clip(t0 - tmin, 0, M - 1)
+        # global prior before t0
+        g = np.searchsorted(self.g_time, t0, side="left")
+        prior = (self.g_task[g] + 1.0) / (self.g_imp[g, None] + 2.0)  # [n, T]
+        # user: the user's training events before t0
+        u_lo = np.searchsorted(self.u_key, user * M, side="left")
+        u_hi = np.searchsorted(self.u_key, user * M + rel, side="left")
+        u_n = self.u_imp[u_hi] - self.u_imp[u_lo]
+        u_s = self.u_task[u_hi] - self.u_task[u_lo]
+        # item: the item's training events before t0
+        i_lo = np.searchsorted(self.i_key, item * M, side="left")
+        i_hi = np.searchsorted(self.i_key, item * M + rel, side="left")
+        i_n = self.i_imp[i_hi] - self.i_imp[i_lo]
+        i_s = self.i_task[i_hi] - self.i_task[i_lo]
+        u_rate = np.clip((u_s + a * prior) / (u_n[:, None] + a), 0.0, 1.0)
+        i_rate = np.clip((i_s + a * prior) / (i_n[:, None] + a), 0.0, 1.0)
+        gap = cand_time - last_hist_time
+        recency = np.where(last_hist_time >= 0, np.log1p(np.maximum(gap, 0)), 0.0)
+        hour = ((cand_time + self.tz_offset_s) % 86400) / 3600.0
+        angle = 2.0 * math.pi * hour / 24.0
+        cols = [
+            np.log1p(u_n)[:, None],
+            u_rate,
+            np.log1p(i_n)[:, None],
+            i_rate,
+            recency[:, None],
+            np.sin(angle)[:, None],
+            np.cos(angle)[:, None],
+            self.item_dense_table[item],
+        ]
+        out = np.concatenate(cols, axis=1).astype(np.float32)
+        return out.reshape(*shape, out.shape[1])
 
 
 @dataclass
@@ -202,43 +304,22 @@ class RankingDataset:
         ``t0`` is the row's earliest candidate time; ``last_hist_time`` the row's most recent history time (< 0 when
         the history is empty). Only training events before ``t0`` are counted (see the module docstring).
         """
+        return self.dense_feature_state().features(user, t0, item, cand_time, last_hist_time)
+
+    def dense_feature_state(self, *, users: bool = True) -> "DenseFeatureState":
+        """The statistics behind the dense features, detached from the events: enough to compute them for any
+        (user, time, item) without the dataset. ``users=False`` leaves the per-user statistics out (much smaller);
+        the state then computes every user's features as those of a user unknown to training (id 0)."""
         s = self._stats
-        shape = item.shape
-        user, t0, item = user.reshape(-1), t0.reshape(-1), item.reshape(-1)
-        cand_time, last_hist_time = cand_time.reshape(-1), last_hist_time.reshape(-1)
-        M, tmin, a = s["M"], s["tmin"], self.smoothing
-        rel = np.clip(t0 - tmin, 0, M - 1)
-        # global prior before t0
-        g = np.searchsorted(s["g_time"], t0, side="left")
-        prior = (s["g_task"][g] + 1.0) / (s["g_imp"][g, None] + 2.0)  # [n, T]
-        # user: the user's training events before t0
-        u_lo = np.searchsorted(s["u_key"], user * M, side="left")
-        u_hi = np.searchsorted(s["u_key"], user * M + rel, side="left")
-        u_n = s["u_imp"][u_hi] - s["u_imp"][u_lo]
-        u_s = s["u_task"][u_hi] - s["u_task"][u_lo]
-        # item: the item's training events before t0
-        i_lo = np.searchsorted(s["i_key"], item * M, side="left")
-        i_hi = np.searchsorted(s["i_key"], item * M + rel, side="left")
-        i_n = s["i_imp"][i_hi] - s["i_imp"][i_lo]
-        i_s = s["i_task"][i_hi] - s["i_task"][i_lo]
-        u_rate = np.clip((u_s + a * prior) / (u_n[:, None] + a), 0.0, 1.0)
-        i_rate = np.clip((i_s + a * prior) / (i_n[:, None] + a), 0.0, 1.0)
-        gap = cand_time - last_hist_time
-        recency = np.where(last_hist_time >= 0, np.log1p(np.maximum(gap, 0)), 0.0)
-        hour = ((cand_time + self.tz_offset_s) % 86400) / 3600.0
-        angle = 2.0 * math.pi * hour / 24.0
-        cols = [
-            np.log1p(u_n)[:, None],
-            u_rate,
-            np.log1p(i_n)[:, None],
-            i_rate,
-            recency[:, None],
-            np.sin(angle)[:, None],
-            np.cos(angle)[:, None],
-            self.item_dense_table[item],
-        ]
-        out = np.concatenate(cols, axis=1).astype(np.float32)
-        return out.reshape(*shape, out.shape[1])
+        user_part = {"u_key": s["u_key"], "u_imp": s["u_imp"], "u_task": s["u_task"]}
+        if not users:
+            T = self.schema.num_tasks
+            user_part = {"u_key": np.zeros(0, np.int64), "u_imp": np.zeros(1), "u_task": np.zeros((1, T))}
+        return DenseFeatureState(
+            names=self.schema.dense_features, M=int(s["M"]), tmin=int(s["tmin"]), smoothing=self.smoothing,
+            tz_offset_s=self.tz_offset_s, item_dense_table=self.item_dense_table, **user_part,
+            **{k: s[k] for k in ("i_key", "i_imp", "i_task", "g_time", "g_imp", "g_task")},
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ batches
     def make_batch(self, rows: RankingRows, which: np.ndarray, max_history: int = 256,
