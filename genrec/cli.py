@@ -4,6 +4,7 @@
     genrec evaluate --checkpoint runs/ml-1m/hstu [--target test] [--candidates sampled]
     genrec recommend --checkpoint runs/ml-1m/hstu --history 1193,661,914 -k 10
     genrec serve --checkpoint runs/ml-1m/hstu [--host 127.0.0.1 --port 8000] [--workers 2]
+    genrec serve --checkpoint runs/ml-1m/hstu --ranker runs/ranking/ml-1m/hstu [--retrieve-k 200] [--task-weights like=1,love=0.5]
     genrec export --checkpoint runs/ml-1m/hstu --format torch-export --output exports/ml-1m-hstu
     genrec data fetch ml-1m [--cache-dir DIR]
     genrec data list
@@ -100,6 +101,32 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+def parse_task_weights(text: str) -> dict[str, float]:
+    """``"like=1,love=0.5"`` -> ``{"like": 1.0, "love": 0.5}`` (finite numbers, each task once); ``ValueError`` naming
+    the bad part otherwise."""
+    import math
+
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = (x.strip() for x in part.partition("="))
+        if not part.strip():
+            continue
+        if not sep or not name:
+            raise ValueError(f"--task-weights: expected TASK=WEIGHT, got {part.strip()!r} (e.g. like=1,love=0.5)")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"--task-weights: the weight of {name!r} is not a number: {value!r}") from None
+        if not math.isfinite(weight):
+            raise ValueError(f"--task-weights: the weight of {name!r} must be finite, got {value!r}")
+        if name in weights:
+            raise ValueError(f"--task-weights: {name!r} is given twice")
+        weights[name] = weight
+    if not weights:
+        raise ValueError("--task-weights: no TASK=WEIGHT given (e.g. like=1,love=0.5)")
+    return weights
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -107,18 +134,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from genrec.api import Recommender
     from genrec.serve.app import create_app
+    from genrec.serve.two_stage import DEFAULT_RETRIEVE_K, TwoStage
     from genrec.serve.workers import run_server, serve_workers
 
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.ranker is None and (args.retrieve_k is not None or args.task_weights is not None):
+        raise ValueError("--retrieve-k and --task-weights apply to two-stage serving: add --ranker DIR")
+    retrieve_k = DEFAULT_RETRIEVE_K if args.retrieve_k is None else args.retrieve_k
+    task_weights = parse_task_weights(args.task_weights) if args.task_weights is not None else None
     threads = args.threads
     if threads == 0 and args.workers > 1:  # N processes share the cores: PyTorch's default would oversubscribe them
         threads = max(1, (os.cpu_count() or 1) // args.workers)
     if threads > 0:
         torch.set_num_threads(threads)
+    ranker = None
     try:
         rec = Recommender.load(args.checkpoint)  # in the supervisor too: a bad checkpoint fails here, before workers
-    except KeyboardInterrupt:  # Ctrl-C while the model loads, before the server handles signals
+        if args.ranker is not None:
+            from genrec.ranking_api import Ranker
+
+            ranker = Ranker.load(args.ranker)
+            # unknown task names, a retrieve_k out of bounds: refused here, before any worker starts
+            TwoStage(rec, ranker, retrieve_k=retrieve_k, task_weights=task_weights)
+    except KeyboardInterrupt:  # Ctrl-C while the models load, before the server handles signals
         return 130
     if args.host not in LOOPBACK_HOSTS:
         logging.getLogger("genrec.serve").warning(
@@ -131,13 +170,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "max_queue": args.max_queue,
         "max_body_bytes": args.max_body_bytes,
     }
+    if ranker is not None:
+        app_settings.update(retrieve_k=retrieve_k, task_weights=task_weights)
     if args.workers == 1:  # until SIGINT / SIGTERM, then a graceful shutdown
-        run_server(create_app(rec, **app_settings), host=args.host, port=args.port, log_level=args.log_level,
-                   access_log=args.access_log)  # fmt: skip
+        run_server(create_app(rec, ranker=ranker, **app_settings), host=args.host, port=args.port,
+                   log_level=args.log_level, access_log=args.access_log)  # fmt: skip
         return 0
-    # N worker processes, each with its own model copy, batcher and SO_REUSEPORT socket (genrec.serve.workers).
-    del rec
-    settings = {"checkpoint": str(args.checkpoint), "threads": threads, "app": app_settings}
+    # N worker processes, each with its own model copies, batcher and SO_REUSEPORT socket (genrec.serve.workers).
+    del rec, ranker
+    settings = {"checkpoint": str(args.checkpoint), "ranker": None if args.ranker is None else str(args.ranker),
+                "threads": threads, "app": app_settings}  # fmt: skip
     return serve_workers(args.workers, args.host, args.port, settings, args.log_level, args.access_log)
 
 
@@ -227,7 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_recommend)
 
     s = sub.add_parser("serve", help="serve a trained model over HTTP (FastAPI + uvicorn)")
-    s.add_argument("--checkpoint", required=True, help="run directory written by genrec train (read only)")
+    s.add_argument("--checkpoint", required=True,
+                   help="retrieval model: run directory written by genrec train (read only)")
+    s.add_argument("--ranker", metavar="DIR",
+                   help="ranking model (a Ranker.save directory or a genrec train-ranker run): POST /v1/recommend "
+                        "then retrieves --retrieve-k items and re-ranks them; POST /v1/rank answers its per-task "
+                        "probabilities")  # fmt: skip
+    s.add_argument("--retrieve-k", type=int, default=None, metavar="N",
+                   help="with --ranker: items retrieved and re-ranked per request (default 200, at most 1000; a "
+                        "request's retrieve_k overrides it)")  # fmt: skip
+    s.add_argument("--task-weights", metavar="TASK=W,...",
+                   help="with --ranker: weight of each task's probability in the combined score, e.g. "
+                        "like=1,love=0.5 (tasks not named: 1; a request's task_weights overrides them)")  # fmt: skip
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--max-batch", type=int, default=64, help="most requests per forward pass")

@@ -37,7 +37,24 @@ Request handling
     - One process serves from one core. ``genrec serve --workers N`` runs N processes on the port
       (``genrec.serve.workers``), each with its own model, batcher and socket; /metrics sums all of them.
 
-The app only reads the recommender; nothing is ever written to the model directory. Scores: see ``genrec.api``.
+Two-stage service (``create_app(recommender, ranker=...)``, ``genrec serve --ranker DIR``; ``genrec.serve.two_stage``)
+    POST /v1/recommend  as above, plus "retrieve_k" (default: the server's), "task_weights" ({task: weight}, merged
+                        over the server's), "user_features" ({name: value}); events may carry "actions" (the ranker's
+                        action names). The retriever's top retrieve_k (same exclusions and fallback), re-ranked by
+                        Σ_t w_t·p_t of the ranker's probabilities -> {"items": [{"item", "score", "retrieval_score",
+                        "probs", "title"}], "stage": "two-stage", "tasks", "task_weights", "retrieve_k",
+                        "retrieved", "fallback", "unknown_items", "ranker_unknown_items", "warnings", "model_id",
+                        "ranker_model_id"}
+    POST /v1/rank       {"history", "candidates", "query_ts", "task_weights", "user_features"} -> the ranker's
+                        {"items": [{"item", "probs": {task: p}, "score", "title"}], "tasks", "task_weights",
+                        "unknown_items", "unknown_candidates", "warnings", "model_id"}
+    GET  /healthz       also "stage": "two-stage" and "ranker": {model_id, tasks, task_weights, retrieve_k, ...}
+    An unknown task in task_weights, k > retrieve_k, an unknown action name or user feature: 422. Both routes share
+    one micro-batcher: a pass runs the retriever over every recommend request's history, then one
+    ``Ranker.rank_batch`` over every request. /metrics times each stage (``genrec_stage_duration_seconds``).
+
+The app only reads the models; nothing is ever written to the model directories. Scores: see ``genrec.api`` and
+``genrec.ranking_api``.
 """
 
 from __future__ import annotations
@@ -46,9 +63,11 @@ import gc
 import json
 import logging
 import math
+import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,24 +77,36 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genrec import __version__
-from genrec.api import InvalidInputError, Query, Ranking, Recommendation, Recommender, Result
+from genrec.api import InvalidInputError, Ranking, Recommendation, Recommender
 from genrec.runtime import keep_freed_memory
 from genrec.serve.batching import MicroBatcher, Overloaded
 from genrec.serve.metrics import CONTENT_TYPE, ServiceMetrics
 from genrec.serve.middleware import BodyLimitMiddleware, InternalErrorMiddleware, MetricsMiddleware
 from genrec.serve.schemas import (
+    MAX_RETRIEVE_K,
     BodyError,
     ErrorResponse,
     HealthResponse,
+    RankerHealth,
     RankRequest,
     RankResponse,
     RecommendRequest,
     RecommendResponse,
+    TwoStageHealthResponse,
+    TwoStageRankRequest,
+    TwoStageRankResponse,
+    TwoStageRecommendRequest,
+    TwoStageRecommendResponse,
     ValidationErrorResponse,
     describe_errors,
     parse_body,
     to_events,
+    to_ranker_events,
 )
+from genrec.serve.two_stage import DEFAULT_RETRIEVE_K, RankOnlyResult, RetrieveRankResult, TwoStage
+
+if TYPE_CHECKING:
+    from genrec.ranking_api import Ranker
 
 log = logging.getLogger("genrec.serve")
 
@@ -121,9 +152,28 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None, **ex
     return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
 
 
+def _probs(probs: dict[str, list[float]], i: int) -> dict[str, float | None]:
+    return {task: _finite(p[i]) for task, p in probs.items()}
+
+
+def _timed(run: Callable[[list], list], observe: Callable[[str, float, int], None], stage: str) -> Callable:
+    """``run`` (a micro-batch's model call) that reports its duration to ``observe(stage, seconds, requests)``."""
+
+    def timed(queries: list) -> list:
+        start = time.perf_counter()
+        results = run(queries)
+        observe(stage, time.perf_counter() - start, len(queries))
+        return results
+
+    return timed
+
+
 def create_app(
     recommender: Recommender,
     *,
+    ranker: Ranker | None = None,
+    retrieve_k: int = DEFAULT_RETRIEVE_K,
+    task_weights: dict[str, float] | None = None,
     max_batch: int = 64,
     max_wait_ms: float = 0.0,
     max_queue: int = 1024,
@@ -134,9 +184,13 @@ def create_app(
     metrics_dir: str | Path | None = None,
     workers: int = 1,
 ) -> FastAPI:
-    """The FastAPI app serving a fitted ``recommender`` (see the module docstring).
+    """The FastAPI app serving a fitted ``recommender``, alone or followed by a ``ranker`` (see the module docstring).
 
     Args:
+        ranker: a loaded ``genrec.ranking_api.Ranker``: /v1/recommend re-ranks the retrieved items with it and
+            /v1/rank answers its per-task probabilities. None: the retrieval service.
+        retrieve_k: with a ranker, items retrieved per request (a request's ``retrieve_k`` overrides it).
+        task_weights: with a ranker, each task's weight in the combined score (tasks not named: 1).
         max_batch: most requests answered by one forward pass.
         max_wait_ms: how long the model worker waits for more requests after the first one of a batch (0: it takes
             what is queued; under load that is already a full batch).
@@ -157,13 +211,23 @@ def create_app(
         workers: the number of worker processes, for the ``genrec_model_info`` labels.
     """
     recommender.check_fitted()
+    if ranker is None and (retrieve_k != DEFAULT_RETRIEVE_K or task_weights):
+        raise ValueError("retrieve_k and task_weights apply to a two-stage service: pass a ranker")
     titles = {str(k): str(v) for k, v in (recommender.titles_ or {}).items()}
     model_id = recommender.model_id_
     config = recommender.config_
     info = {"model_id": model_id, "model": config.model.name, "num_items": str(len(recommender.item_map_))}
-    metrics = ServiceMetrics({**info, "workers": str(workers)}, multiprocess_dir=metrics_dir)
-    batcher: MicroBatcher[Query, Result] = MicroBatcher(
-        recommender.execute,
+    ranker_info = None if ranker is None else {"model_id": ranker.model_id, "tasks": ",".join(ranker.tasks)}
+    metrics = ServiceMetrics({**info, "workers": str(workers)}, multiprocess_dir=metrics_dir, ranker_info=ranker_info)
+    stages = None
+    if ranker is not None:
+        stages = TwoStage(recommender, ranker, retrieve_k=retrieve_k, task_weights=task_weights,
+                          on_stage=metrics.observe_stage)  # fmt: skip
+        run = stages.execute
+    else:
+        run = _timed(recommender.execute, metrics.observe_stage, "retrieve")
+    batcher: MicroBatcher[Any, Any] = MicroBatcher(
+        run,
         max_batch=max_batch,
         max_wait_s=max_wait_ms / 1000.0,
         max_queue=max_queue,
@@ -183,6 +247,9 @@ def create_app(
         await batcher.start()
         n = len(recommender.item_map_)
         log.info("serving %s (%d items); max_batch=%d max_wait_ms=%s", model_id, n, max_batch, max_wait_ms)
+        if stages is not None:
+            log.info("re-ranking the top %d with %s (tasks %s)", stages.retrieve_k, ranker_info["model_id"],  # type: ignore[index]
+                     ", ".join(f"{t}={w:g}" for t, w in stages.task_weights.items()))  # fmt: skip
         try:
             yield
         finally:
@@ -191,14 +258,18 @@ def create_app(
     app = FastAPIOffline(
         title="genrec",
         version=__version__,
-        summary="Next-item recommendations from an interaction history (HSTU / SASRec retrieval).",
+        summary="Next-item recommendations from an interaction history (HSTU / SASRec retrieval"
+        + (", re-ranked by a multi-task ranker)." if ranker is not None else ")."),
         lifespan=lifespan,
         static_url=DOCS_ASSETS,
     )
     app.add_middleware(InternalErrorMiddleware)  # innermost of ours: bugs become a logged 500, counted below
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = outermost: sees 413s too
-    _document_request_bodies(app, (RecommendRequest, RankRequest))
+    if stages is None:
+        _document_request_bodies(app, (RecommendRequest, RankRequest))
+    else:
+        _document_request_bodies(app, (TwoStageRecommendRequest, TwoStageRankRequest))
 
     @app.exception_handler(BodyError)
     async def on_body_error(request: Request, exc: BodyError) -> JSONResponse:
@@ -222,6 +293,51 @@ def create_app(
         return _error(503, f"the server is overloaded ({exc}); retry later", headers={"Retry-After": "1"})
 
     # Handlers return plain dicts; FastAPI validates them against response_model once (and documents it).
+    if stages is None:
+        _retrieval_routes(app, recommender, batcher, titles, model_id)
+    else:
+        _two_stage_routes(app, stages, batcher, titles, model_id)
+
+    health = {
+        "status": "ok",
+        "model_id": model_id,
+        "model": config.model.name,
+        "num_items": len(recommender.item_map_),
+        "max_len": config.data.max_len,
+        "popularity_fallback": recommender.popularity_ is not None,
+        "version": __version__,
+    }
+    if stages is None:
+
+        @app.get("/healthz", response_model=HealthResponse)
+        async def healthz() -> HealthResponse:
+            return HealthResponse(**health)
+
+    else:
+        ranker_health = RankerHealth(
+            model_id=stages.ranker.model_id,
+            tasks=list(stages.tasks),
+            task_weights=stages.task_weights,
+            retrieve_k=stages.retrieve_k,
+            max_retrieve_k=MAX_RETRIEVE_K,
+        )
+
+        @app.get("/healthz", response_model=TwoStageHealthResponse)
+        async def healthz_two_stage() -> TwoStageHealthResponse:
+            return TwoStageHealthResponse(**health, ranker=ranker_health)
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _retrieval_routes(
+    app: FastAPI, recommender: Recommender, batcher: MicroBatcher, titles: dict[str, str], model_id: str
+) -> None:
+    """/v1/recommend and /v1/rank of the retrieval service."""
+
     @app.post("/v1/recommend", response_model=RecommendResponse, responses=_ERRORS,
               openapi_extra=_json_body(RecommendRequest))  # fmt: skip
     async def recommend(request: Request) -> dict[str, Any]:
@@ -257,35 +373,95 @@ def create_app(
             "model_id": model_id,
         }
 
-    @app.get("/healthz", response_model=HealthResponse)
-    async def healthz() -> HealthResponse:
-        return HealthResponse(
-            status="ok",
-            model_id=model_id,
-            model=config.model.name,
-            num_items=len(recommender.item_map_),
-            max_len=config.data.max_len,
-            popularity_fallback=recommender.popularity_ is not None,
-            version=__version__,
-        )
 
-    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+def _two_stage_routes(
+    app: FastAPI, stages: TwoStage, batcher: MicroBatcher, titles: dict[str, str], model_id: str
+) -> None:
+    """/v1/recommend (retrieve, then re-rank) and /v1/rank (the ranker's probabilities) of the two-stage service."""
+    ranker_id = stages.ranker.model_id
+    tasks = list(stages.tasks)
 
-    return app
+    async def answer(query: Any) -> Any:
+        result = await batcher.submit(query)
+        if isinstance(result, InvalidInputError):  # the ranker refused this request's input: 422
+            raise result
+        return result
+
+    @app.post("/v1/recommend", response_model=TwoStageRecommendResponse, responses=_ERRORS,
+              openapi_extra=_json_body(TwoStageRecommendRequest))  # fmt: skip
+    async def recommend(request: Request) -> dict[str, Any]:
+        """The retriever's top ``retrieve_k`` (seen items excluded unless ``exclude_seen`` is false), re-ranked by
+        the combined score Σ_t w_t·p_t of the ranker's probabilities: the top k, best first."""
+        body = parse_body(TwoStageRecommendRequest, request.headers.get("content-type"), await request.body())
+        query = stages.prepare_recommend(
+            to_events(body.history), to_ranker_events(body.history), k=body.k, retrieve_k=body.retrieve_k,
+            exclude_seen=body.exclude_seen, exclude=body.exclude, query_time=body.query_ts,
+            task_weights=body.task_weights, user_features=body.user_features,
+        )  # fmt: skip
+        result = await answer(query)
+        assert isinstance(result, RetrieveRankResult)
+        retrieval, ranked = result.recommendation, result.ranked
+        items = [
+            {"item": item, "score": _finite(score), "retrieval_score": retrieval_score,
+             "probs": _probs(result.probs, i), "title": titles.get(item)}
+            for i, (item, score, retrieval_score) in enumerate(zip(result.items, result.scores, result.retrieval_scores))
+        ]  # fmt: skip
+        return {
+            "items": items,
+            "stage": "two-stage",
+            "tasks": tasks,
+            "task_weights": query.weights,
+            "retrieve_k": query.retrieval.k,
+            "retrieved": result.retrieved,
+            "fallback": retrieval.fallback,
+            "unknown_items": retrieval.unknown,
+            "ranker_unknown_items": list(ranked.unknown),
+            "warnings": retrieval.warnings + [w for w in ranked.warnings if w not in retrieval.warnings],
+            "model_id": model_id,
+            "ranker_model_id": ranker_id,
+        }
+
+    @app.post("/v1/rank", response_model=TwoStageRankResponse, responses=_ERRORS,
+              openapi_extra=_json_body(TwoStageRankRequest))  # fmt: skip
+    async def rank(request: Request) -> dict[str, Any]:
+        """The ranker's probability per task and the combined score for each candidate (null for candidates
+        unknown to it), in the request's order."""
+        body = parse_body(TwoStageRankRequest, request.headers.get("content-type"), await request.body())
+        query = stages.prepare_rank(
+            to_ranker_events(body.history), body.candidates, query_time=body.query_ts,
+            task_weights=body.task_weights, user_features=body.user_features,
+        )  # fmt: skip
+        result = await answer(query)
+        assert isinstance(result, RankOnlyResult)
+        ranked = result.ranked
+        return {
+            "items": [{"item": item, "probs": _probs(ranked.probs, i), "score": _finite(result.scores[i]),
+                       "title": titles.get(item)} for i, item in enumerate(ranked.items)],  # fmt: skip
+            "tasks": tasks,
+            "task_weights": query.weights,
+            "unknown_items": list(ranked.unknown),
+            "unknown_candidates": list(ranked.unknown_candidates),
+            "warnings": list(ranked.warnings),
+            "model_id": ranker_id,
+        }
 
 
 def app_from_settings(settings_json: str) -> FastAPI:
-    """The app of one worker process of ``genrec serve --workers N`` (``genrec.serve.workers``): loads the model and
-    builds the app from the JSON settings the supervisor passes
-    (``{"checkpoint", "threads", "metrics_dir", "workers", "app": {create_app keyword arguments}}``)."""
+    """The app of one worker process of ``genrec serve --workers N`` (``genrec.serve.workers``): loads the model(s)
+    and builds the app from the JSON settings the supervisor passes (``{"checkpoint", "ranker" (a directory or
+    null), "threads", "metrics_dir", "workers", "app": {create_app keyword arguments}}``)."""
     import torch
 
     settings = json.loads(settings_json)
     if settings.get("threads", 0) > 0:
         torch.set_num_threads(int(settings["threads"]))
     recommender = Recommender.load(settings["checkpoint"])
+    ranker = None
+    if settings.get("ranker"):
+        from genrec.ranking_api import Ranker
+
+        ranker = Ranker.load(settings["ranker"])
     return create_app(
-        recommender, metrics_dir=settings["metrics_dir"], workers=int(settings["workers"]), **settings["app"]
-    )
+        recommender, ranker=ranker, metrics_dir=settings["metrics_dir"], workers=int(settings["workers"]),
+        **settings["app"],
+    )  # fmt: skip

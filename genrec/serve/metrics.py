@@ -3,7 +3,10 @@
     genrec_requests_total{path, status}           counter: HTTP requests by path and status code
     genrec_request_duration_seconds{path}         histogram: time from request start to response end
     genrec_batch_size                             histogram: requests answered by one forward pass of the model
+    genrec_stage_duration_seconds{stage}          histogram, per request: the model time of each stage ("retrieve",
+                                                  "rank") of the micro-batch pass that answered it
     genrec_model_info{model_id, model, num_items, workers}   gauge, always 1: the served model
+    genrec_ranker_info{model_id, tasks}           gauge, always 1: the ranker (two-stage service only)
 
 Paths are the service's routes; any other path counts as ``other`` (so that scanners cannot grow the label set).
 
@@ -44,9 +47,15 @@ class ServiceMetrics:
         multiprocess_dir: the directory shared by the worker processes of ``genrec serve --workers N`` (also in
             ``$PROMETHEUS_MULTIPROC_DIR``, set before this process imported ``prometheus_client``); None for a
             single process.
+        ranker_info: the ``genrec_ranker_info`` labels of a two-stage service; None: no such gauge.
     """
 
-    def __init__(self, info: dict[str, str], multiprocess_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        info: dict[str, str],
+        multiprocess_dir: str | Path | None = None,
+        ranker_info: dict[str, str] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         if multiprocess_dir is None:
             owner: CollectorRegistry | None = self.registry
@@ -68,12 +77,26 @@ class ServiceMetrics:
             "genrec_batch_size", "Requests answered by one forward pass of the model.", buckets=BATCH_BUCKETS,
             registry=owner,
         )  # fmt: skip
+        self._stages = Histogram(
+            "genrec_stage_duration_seconds",
+            "Model time of each stage (retrieve, rank) of the pass that answered a request, per request.",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=owner,
+        )
         # livemax: one series for the server, not one per worker; a worker marked dead stops reporting it.
         model_info = Gauge(
             "genrec_model_info", "The served model (value is always 1).", list(info), registry=owner,
             multiprocess_mode="livemax",
         )  # fmt: skip
         model_info.labels(**info).set(1)
+        if ranker_info is not None:
+            ranker_gauge = Gauge(
+                "genrec_ranker_info", "The ranker of the two-stage service (value is always 1).", list(ranker_info),
+                registry=owner, multiprocess_mode="livemax",
+            )  # fmt: skip
+            ranker_gauge.labels(**ranker_info).set(1)
+        self._stage_series = {stage: self._stages.labels(stage) for stage in ("retrieve", "rank")}
         self._series: dict[tuple[str, int], tuple[Any, Any]] = {}  # (route, status) -> (counter, histogram) children
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
@@ -86,6 +109,12 @@ class ServiceMetrics:
 
     def observe_batch(self, size: int) -> None:
         self._batches.observe(size)
+
+    def observe_stage(self, stage: str, seconds: float, requests: int) -> None:
+        """One stage of a micro-batch pass took ``seconds`` for ``requests`` requests: each request observes it."""
+        series = self._stage_series[stage]
+        for _ in range(requests):
+            series.observe(seconds)
 
     def render(self) -> bytes:
         """The Prometheus text exposition (``CONTENT_TYPE``) of this process, or of every worker process."""

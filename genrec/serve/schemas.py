@@ -7,7 +7,7 @@ reported with the path of the offending field (``history[3]``, ``k``).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, GetPydanticSchema, StrictBool, StringConstraints, ValidationError
 from typing_extensions import NotRequired, TypedDict  # pydantic's own dependency; typing's TypedDict before 3.12
@@ -19,6 +19,9 @@ MAX_HISTORY = 10_000
 MAX_CANDIDATES = 10_000
 MAX_ID_CHARS = 256
 MAX_REPORTED_ERRORS = 20  # a 10,000-event history of bad events gets the first 20 reasons, not 10,000
+MAX_RETRIEVE_K = 1000  # candidates the two-stage service re-ranks per request
+MAX_NAMES = 64  # actions per event, task weights and user features per request
+MAX_NAME_CHARS = 64  # task, action and user feature names
 
 
 def _one_error(kind: str, message: str) -> GetPydanticSchema:
@@ -86,6 +89,81 @@ class RankRequest(BaseModel):
     query_ts: Timestamp = None
 
 
+# Two-stage service (``genrec serve --ranker DIR``): history events may carry their actions for the ranker.
+
+_Name = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=MAX_NAME_CHARS)]
+_Weight = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+_FeatureValue = Union[_StrId, _IntId]
+
+
+class RankerEvent(TypedDict):
+    """One interaction: the raw item id, optionally its timestamp, and optionally its actions (the ranker's action
+    names that happened, e.g. ``["like"]``; absent = none). The retrieval model reads only item and ts."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+    item: _StrId | _IntId
+    ts: NotRequired[Timestamp]
+    actions: NotRequired[Annotated[list[_Name], Field(max_length=MAX_NAMES)]]
+
+
+RankerHistoryEvent = Annotated[
+    RankerEvent | _StrId | _IntId,
+    _one_error(
+        "history_event",
+        f'a history event is an item id (a string of at most {MAX_ID_CHARS} characters or a 64-bit integer) or '
+        f'{{"item": id, "ts": integer or null, "actions": [action names]}} with |ts| <= 2**53, at most {MAX_NAMES} '
+        "actions and no other key",
+    ),
+]
+RankerHistoryIn = Annotated[list[RankerHistoryEvent], Field(max_length=MAX_HISTORY)]
+TaskWeightsIn = Annotated[
+    dict[_Name, _Weight],
+    Field(max_length=MAX_NAMES, description="task -> weight of its probability in the combined score (finite); "
+                                             "tasks not named keep the server's weight"),
+]  # fmt: skip
+UserFeaturesIn = Annotated[
+    dict[_Name, _FeatureValue],
+    Field(max_length=MAX_NAMES, description="user feature -> raw value, for a ranker trained with user features"),
+]
+
+
+class TwoStageRecommendRequest(BaseModel):
+    """``POST /v1/recommend`` of the two-stage service: retrieve ``retrieve_k`` items, re-rank them, return k."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{
+            "history": [{"item": "1193", "ts": 978300760, "actions": ["like", "love"]}, {"item": "661", "ts": 978302109}],
+            "k": 10, "retrieve_k": 200, "task_weights": {"like": 1.0, "love": 0.5},
+        }]},
+    )  # fmt: skip
+    history: RankerHistoryIn = Field(default_factory=list, description="oldest first; [] for a new user")
+    k: Annotated[int, Field(strict=True, ge=1, le=MAX_K)] = 10
+    retrieve_k: Annotated[int, Field(strict=True, ge=1, le=MAX_RETRIEVE_K)] | None = Field(
+        None, description="items the retrieval model hands to the ranker (>= k); default: the server's --retrieve-k"
+    )
+    exclude_seen: StrictBool = True
+    exclude: Annotated[list[ItemIdIn], Field(max_length=MAX_CANDIDATES)] = Field(default_factory=list)
+    query_ts: Timestamp = Field(None, description="request time for the time terms; default: the last event's ts")
+    task_weights: TaskWeightsIn | None = None
+    user_features: UserFeaturesIn | None = None
+
+
+class TwoStageRankRequest(BaseModel):
+    """``POST /v1/rank`` of the two-stage service: the ranker's per-task probabilities for the given candidates."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"history": [{"item": "1193", "actions": ["like"]}, "661"],
+                                         "candidates": ["914", "3408", "2355"]}]},
+    )  # fmt: skip
+    history: RankerHistoryIn = Field(default_factory=list)
+    candidates: Annotated[list[ItemIdIn], Field(max_length=MAX_CANDIDATES)]
+    query_ts: Timestamp = None
+    task_weights: TaskWeightsIn | None = None
+    user_features: UserFeaturesIn | None = None
+
+
 class ScoredItem(BaseModel):
     item: str
     score: float | None = Field(description="null for an unknown candidate")
@@ -118,6 +196,60 @@ class HealthResponse(BaseModel):
     max_len: int
     popularity_fallback: bool
     version: str
+
+
+class TwoStageItem(BaseModel):
+    item: str
+    score: float | None = Field(description="the combined score Σ_t w_t·p_t the items are sorted by; null when the "
+                                            "ranker does not know the item")  # fmt: skip
+    retrieval_score: float = Field(description="the retrieval model's score (a popularity share for the fallback)")
+    probs: dict[str, float | None] = Field(description="task -> the ranker's probability (null: item unknown to it)")
+    title: str | None = None
+
+
+class TwoStageRecommendResponse(BaseModel):
+    items: list[TwoStageItem] = Field(description="the top k of the re-ranked candidates, best first")
+    stage: Literal["two-stage"] = "two-stage"
+    tasks: list[str]
+    task_weights: dict[str, float] = Field(description="the weights the combined score used")
+    retrieve_k: int = Field(description="candidates asked of the retrieval model")
+    retrieved: int = Field(description="candidates it returned and the ranker scored")
+    fallback: str | None = Field(description='"popularity" when the history had no item known to the retriever')
+    unknown_items: list[str] = Field(description="history items unknown to the retrieval model")
+    ranker_unknown_items: list[str] = Field(description="history items unknown to the ranker")
+    warnings: list[str]
+    model_id: str
+    ranker_model_id: str
+
+
+class TaskScoredItem(BaseModel):
+    item: str
+    probs: dict[str, float | None] = Field(description="task -> probability; null for an unknown candidate")
+    score: float | None = Field(description="the combined score Σ_t w_t·p_t; null for an unknown candidate")
+    title: str | None = None
+
+
+class TwoStageRankResponse(BaseModel):
+    items: list[TaskScoredItem] = Field(description="one per candidate, in the request's order")
+    tasks: list[str]
+    task_weights: dict[str, float]
+    unknown_items: list[str] = Field(description="history items unknown to the ranker")
+    unknown_candidates: list[str]
+    warnings: list[str]
+    model_id: str = Field(description="the ranker's model id")
+
+
+class RankerHealth(BaseModel):
+    model_id: str
+    tasks: list[str]
+    task_weights: dict[str, float]
+    retrieve_k: int
+    max_retrieve_k: int
+
+
+class TwoStageHealthResponse(HealthResponse):
+    stage: Literal["two-stage"] = "two-stage"
+    ranker: RankerHealth
 
 
 class FieldError(BaseModel):
@@ -219,3 +351,18 @@ def to_events(events: list) -> Events:
         [str(e["item"]) if isinstance(e, dict) else str(e) for e in events],
         [e.get("ts") if isinstance(e, dict) else None for e in events],
     )
+
+
+def to_ranker_events(events: list) -> list[Any]:
+    """Validated request events -> the ranker's history events: ``{"item", "ts", "actions"}`` dicts (bare ids as
+    given, as strings)."""
+    out: list[Any] = []
+    for e in events:
+        if isinstance(e, dict):
+            event = {"item": str(e["item"]), "ts": e.get("ts")}
+            if "actions" in e:
+                event["actions"] = list(e["actions"])
+            out.append(event)
+        else:
+            out.append(str(e))
+    return out
