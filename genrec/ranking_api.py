@@ -552,7 +552,10 @@ class Ranker:
         if not any(counts):
             return [np.zeros((0, len(self.state_.schema.tasks))) for _ in queries]
         batch = self.make_batch(queries)
-        logits = self.model_(batch)  # [B, C, T]
+        if isinstance(self.model_, HSTURanker):
+            logits = self.model_.rank_cached(batch, microbatch=CANDIDATE_MICROBATCH)  # [B, C, T], M-FALCON
+        else:
+            logits = self.model_(batch)  # [B, C, T]
         probs = torch.sigmoid(logits.float()).double().cpu().numpy()
         return [probs[r, :k] for r, k in enumerate(counts)]
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from genrec.data.batches import Batch
 from genrec.ops.hstu_math import (
+    from_heads,
     gated_residual,
     hstu_attention,
     input_norm,
@@ -97,15 +98,18 @@ def _rab(layer, offsets: torch.Tensor, buckets: torch.Tensor | None, num_buckets
     return relative_bias(layer.rab.pos_w, layer.rab.ts_w, offsets, index, layer.rab.use_position)
 
 
-def _uvqk(layer, x: torch.Tensor):
-    """x [M, d] -> u [M, h·dv], v [h, M, dv], q [h, M, dqk], k [h, M, dqk] (the layer's projection)."""
+def layer_uvqk(layer, x: torch.Tensor):
+    """The projection of an HSTU layer (any module with ``uvqk``, ``h``, ``dv``, ``dqk``): x [..., M, d] ->
+    u [..., M, h·dv], v [..., h, M, dv], q [..., h, M, dqk], k [..., h, M, dqk]."""
     u, v, q, k = split_uvqk(project(input_norm(x), layer.uvqk), layer.h, layer.dv, layer.dqk)
     return u, to_heads(v, layer.h), to_heads(q, layer.h), to_heads(k, layer.h)
 
 
-def _finish(layer, x: torch.Tensor, u: torch.Tensor, av: torch.Tensor) -> torch.Tensor:
-    """The layer's residual output x + W_o · dropout(U ⊙ LN(AV)); av [h, M, dv]."""
-    return gated_residual(x, u, av.transpose(0, 1).reshape(x.shape[0], -1), layer.out, layer.dropout)
+def layer_finish(layer, x: torch.Tensor, u: torch.Tensor, av: torch.Tensor) -> torch.Tensor:
+    """The layer's residual output x + W_o · dropout(U ⊙ LN(AV)): x [..., M, d], u [..., M, h·dv],
+    av [..., h, M, dv] -> [..., M, d]."""
+    return gated_residual(x, u, from_heads(av), layer.out, layer.dropout)
+
 
 
 def _embed(model, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -141,9 +145,9 @@ def build_history_cache(
     x = _embed(model, ids, pos)  # [n, d]
     keys, values, cand_rab, self_rab = [], [], [], []
     for layer in model.layers:
-        u, v, q, k = _uvqk(layer, x)
+        u, v, q, k = layer_uvqk(layer, x)
         rab = _rab(layer, hist_off, hist_buckets, cfg.num_time_buckets).view(1, n, n)
-        x = _finish(layer, x, u, hstu_attention(q[None], k[None], v[None], rab, causal, norm_t)[0])  # [h, n, dv]
+        x = layer_finish(layer, x, u, hstu_attention(q[None], k[None], v[None], rab, causal, norm_t)[0])  # [h, n, dv]
         keys.append(k)
         values.append(v)
         cand_rab.append(_rab(layer, cand_off, cand_buckets, cfg.num_time_buckets))
@@ -166,10 +170,10 @@ def score_candidates(model, cache: HistoryCache, candidates, microbatch: int = 6
         for layer, k_hist, v_hist, c_rab, s_rab in zip(
             model.layers, cache.keys, cache.values, cache.cand_rab, cache.self_rab
         ):
-            u, v, q, k = _uvqk(layer, x)  # v [h, b, dv]; q, k [h, b, dqk]
+            u, v, q, k = layer_uvqk(layer, x)  # v [h, b, dv]; q, k [h, b, dqk]
             w_hist = F.silu(q @ k_hist.transpose(1, 2) + c_rab)  # [h, b, n]: every candidate sees the history
             w_self = F.silu((q * k).sum(-1, keepdim=True) + s_rab)  # [h, b, 1]: ... and itself, no other candidate
-            x = _finish(layer, x, u, (w_hist @ v_hist + w_self * v) / cache.norm)
+            x = layer_finish(layer, x, u, (w_hist @ v_hist + w_self * v) / cache.norm)
         outs.append(output_normalize(x))
     outputs = torch.cat(outs, 0) if outs else torch.zeros(0, model.config.embedding_dim)
     scores = (outputs * model.item_vectors(candidates)).sum(-1)  # [m]; a ranking head would replace this line
@@ -203,9 +207,9 @@ def score_candidates_uncached(
         mask = mask.to(torch.float32)
         x = _embed(model, torch.cat([ids, c]), pos)  # [L, d]
         for layer in model.layers:
-            u, v, q, k = _uvqk(layer, x)
+            u, v, q, k = layer_uvqk(layer, x)
             rab = _rab(layer, offsets, buckets, cfg.num_time_buckets).view(1, L, L)
-            x = _finish(layer, x, u, hstu_attention(q[None], k[None], v[None], rab, mask, norm_t)[0])  # [h, L, dv]
+            x = layer_finish(layer, x, u, hstu_attention(q[None], k[None], v[None], rab, mask, norm_t)[0])  # [h, L, dv]
         outs.append(output_normalize(x[n:]))
     outputs = torch.cat(outs, 0)
     return outputs, (outputs * model.item_vectors(candidates)).sum(-1)

@@ -465,3 +465,35 @@ def test_layers_equal_the_retrieval_hstu_on_history_without_candidates_or_action
         expected = hstu.encode(seq)  # [B, L, d], L2-normalised
         got = F.normalize(ranker._encode(batch), dim=-1, eps=1e-6)  # [B, L, d]
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+# ------------------------------------------------------------------------------------- M-FALCON cached scoring
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("contextual, time_bias", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("microbatch", [1, 7, 11, 64])
+def test_cached_scoring_equals_the_one_pass_forward(variant, contextual, time_bias, microbatch):
+    model = _model(variant, use_contextual=contextual, use_time_bias=time_bias)
+    # rows with a full, a short and an empty history; 11 candidate slots, some rows padded
+    batch = _batch(B=3, L=6, C=11, seed=3, hist_lengths=[6, 2, 0], cand_counts=[11, 5, 8])
+    with torch.no_grad():
+        expected = model(batch)  # [B, C, T]
+    got = model.rank_cached(batch, microbatch=microbatch)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (got[~batch.cand_mask] == 0).all()
+
+
+def test_cached_scoring_truncates_like_the_forward_and_refuses_training_mode():
+    model = _model("interleaved", max_history=4)
+    batch = _batch(B=2, L=9, C=5, seed=4, hist_lengths=[9, 3])
+    with torch.no_grad():
+        expected = model(batch)
+    torch.testing.assert_close(model.rank_cached(batch, microbatch=2), expected, rtol=0, atol=1e-5)
+    model.train()
+    with pytest.raises(RuntimeError, match="eval"):
+        model.rank_cached(batch)
+    model.eval()
+    with pytest.raises(ValueError, match="microbatch"):
+        model.rank_cached(batch, microbatch=0)
