@@ -395,6 +395,10 @@ def test_taobao_day_split_real():
     tv, tt = ds.time_cuts
     assert (tv + 8 * 3600) % 86400 == 0 and tt - tv == 86400  # Beijing midnights
     assert ds.ev_time[ds.ev_part == 0].max() < tv and ds.ev_time[ds.ev_part == 2].min() >= tt
+    # one-hour labels: the training part's base rates are close to the test part's (with the conversion bounded
+    # only by the end of each part they were 1.5-1.7 times the test rates)
+    train, test = ds.counts("train")["base_rates"], ds.counts("test")["base_rates"]
+    assert all(0.75 < train[t] / test[t] < 1.25 for t in ("cart", "buy")), (train, test)
     print(ds.describe())
     for part in ("train", "valid", "test"):
         next(ds.batches(part, 32)).validate(ds.schema)
@@ -412,3 +416,30 @@ def test_ml1m_global_time_real():
     b.validate(ds.schema)
     assert bool((b.cand_times[b.cand_mask] >= tt).all())
     print(ds.describe())
+
+
+def test_taobao_labels_count_conversions_within_an_hour_by_default(tmp_path):
+    """A page view's cart / fav / buy counts within one hour of the view unless asked otherwise: with no bound, a
+    training-day view has days to convert while a view on the one-day test part has hours, and the parts' base
+    rates differ for that reason alone."""
+    day0 = 1511539200  # 2017-11-25 00:00 Beijing time
+    rows = [
+        (1, 5, 50, "pv", day0 + 3600), (1, 5, 50, "buy", day0 + 2 * 86400),  # bought two days later
+        (1, 6, 60, "pv", day0 + 7200), (1, 6, 60, "cart", day0 + 7200 + 1800),  # carted after 30 minutes
+        (1, 7, 70, "pv", day0 + 5 * 86400 + 100), (1, 8, 80, "pv", day0 + 6 * 86400 + 100),
+    ]  # fmt: skip
+    folder = tmp_path / "taobao-userbehavior-head"
+    folder.mkdir()
+    (folder / "UserBehavior_head.csv").write_text("".join(f"{u},{i},{c},{b},{t}\n" for u, i, c, b, t in rows))
+
+    def train_labels(**kw) -> dict[str, list[float]]:
+        ds = load_ranking_dataset("taobao", data_dir=tmp_path, **kw)
+        batch = all_batches(ds, "train")[0]
+        items = [ds.item_map.to_external([int(i)])[0] for i in batch.cand_items[0][batch.cand_mask[0]]]
+        labels = batch.labels[0][batch.cand_mask[0]]  # [C, T] cart, fav, buy
+        return {item: labels[k].tolist() for k, item in enumerate(items)}
+
+    assert train_labels() == {"5": [0.0, 0.0, 0.0], "6": [1.0, 0.0, 0.0]}
+    assert train_labels(label_window_s=None) == {"5": [0.0, 0.0, 1.0], "6": [1.0, 0.0, 0.0]}
+    ds = load_ranking_dataset("taobao", data_dir=tmp_path)
+    assert any("within 3600 s" in note for note in ds.schema.notes)
