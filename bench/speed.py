@@ -25,6 +25,10 @@ Rows (``name``, ``value``, ``unit``, ``detail``):
   (cache build + cached microbatches of 64) vs per-candidate ``HSTU.encode`` vs one pass per microbatch without
   cache. Per-candidate time is measured on ``--per-candidate`` candidates and scaled linearly to 1024 (its cost
   is exactly linear: independent batches of 32 rows); the detail says so.
+- ``ranking/ml-1m/hstu-ranker/...``: the HSTU ranker (configs/ml-1m/ranking-hstu.yaml sizes, freshly initialised,
+  ML-1M schema sizes, history window widened to the history) ranking 200 candidates after one 200-event history:
+  M-FALCON (``HSTURanker.rank_cached``, the ranking API's path) vs the one-pass masked forward vs one forward of
+  history + 1 candidate per candidate; medians in ms and the ratios per_candidate / mfalcon, one_pass / mfalcon.
 - ``train/...``: one training step (encode + per-sequence sampled softmax with 128 negatives + backward + AdamW) on
   ML-1M lengths, HSTU-large ML-1M config, padded plain vs jagged, fp32 and bf16 autocast: tokens/s, achieved
   GFLOP/s (model FLOPs: real tokens and causal pairs only, backward counted as 2x forward) and its fraction of this
@@ -79,7 +83,7 @@ ROWS: list[dict] = []
 PLAIN_BASELINE_SECONDS = 50.0
 PLAIN_BASELINE = (f"{PLAIN_BASELINE_SECONDS:.0f} s (one epoch of a plain-PyTorch HSTU-large with shared negatives, "
                   "a fixed reference figure)")
-SECTIONS = ("attention", "layer", "jagged", "mfalcon", "training", "loss", "epochs", "stochastic_length")
+SECTIONS = ("attention", "layer", "jagged", "mfalcon", "ranking", "training", "loss", "epochs", "stochastic_length")
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -341,6 +345,64 @@ def bench_mfalcon(history: int, candidates: int, per_candidate: int, reps: int, 
     ], ctx)
 
 
+def bench_ranking(history: int, candidates: int, reps: int) -> None:
+    """The HSTU ranker ranking ``candidates`` items for one ``history``-event history: M-FALCON (``rank_cached``,
+    the path of ``genrec.ranking_api.Ranker``) vs the one-pass masked forward vs one ranker pass per candidate
+    (history + 1 candidate, ``candidates`` forwards). Sizes from configs/ml-1m/ranking-hstu.yaml; a freshly
+    initialised model (speed does not depend on the weights) with ML-1M's schema sizes."""
+    from genrec.config import load_ranking_config
+    from genrec.data.ranking_batch import RankingBatch, RankingSchema
+    from genrec.ranking_api import CANDIDATE_MICROBATCH
+    from genrec.train.ranking import build_ranker
+
+    config = load_ranking_config(ROOT / "configs" / "ml-1m" / "ranking-hstu.yaml")
+    schema = RankingSchema(num_items=3706, num_users=6040, tasks=("like", "love"),
+                           actions=("r1", "r2", "r3", "r4", "r5"), user_features=("gender", "age", "occupation"),
+                           user_feature_sizes=(2, 7, 21))  # ML-1M's sizes; no dense features (HSTU reads none)
+    torch.manual_seed(0)
+    # the config's model sizes; the history window widened to the benchmarked history so every event is read
+    model = build_ranker(config.model, schema, max_history=max(history, config.data.max_history)).eval()
+    g = torch.Generator().manual_seed(0)
+    times = 1_000_000_000 + torch.cumsum(torch.randint(1, 100_000, (1, history), generator=g), 1)  # [1, L]
+    now = int(times[0, -1]) + 600
+
+    def batch_of(cands: torch.Tensor) -> RankingBatch:
+        C = cands.shape[1]
+        return RankingBatch(
+            user_ids=torch.zeros(1, dtype=torch.long), hist_items=hist_items, hist_actions=hist_actions,
+            hist_times=times, hist_lengths=torch.tensor([history]), cand_items=cands,
+            cand_times=torch.full((1, C), now), cand_mask=torch.ones(1, C, dtype=torch.bool),
+            user_features=torch.tensor([[1, 3, 5]]), dense_features=torch.zeros(1, C, 0),
+        )  # fmt: skip
+
+    hist_items = torch.randint(1, schema.num_items + 1, (1, history), generator=g)
+    hist_actions = 1 << torch.randint(0, 5, (1, history), generator=g)  # one rating bit per event
+    cands = torch.randint(1, schema.num_items + 1, (1, candidates), generator=g)
+    full = batch_of(cands)
+    singles = [batch_of(cands[:, i : i + 1]) for i in range(candidates)]
+    with torch.inference_mode():
+        diff = float((model.rank_cached(full, CANDIDATE_MICROBATCH) - model(full)).abs().max())
+        t_ = timed({
+            "mfalcon": lambda: model.rank_cached(full, CANDIDATE_MICROBATCH),
+            "one_pass": lambda: model(full),
+            "per_candidate": lambda: [model(b) for b in singles],
+        }, reps)
+    p = config.model.params
+    ctx = (f"HSTU ranker, configs/ml-1m/ranking-hstu.yaml sizes ({p.get('variant', 'summed')}, d={model.config.embedding_dim}, "
+           f"{model.config.num_blocks} layers, {model.config.num_heads}x{model.config.attention_dim}, "
+           f"3 user-feature prefix tokens; max_history widened to {model.config.max_history}), freshly initialised, "
+           f"inference fp32, one history of {history} events, {candidates} candidates; mfalcon = rank_cached with "
+           f"micro-batches of {CANDIDATE_MICROBATCH} (the Ranker's path), one_pass = forward over history + all "
+           f"candidates with the target-aware mask, per_candidate = {candidates} forwards of history + 1 candidate; "
+           f"max |mfalcon - one_pass| logit {diff:.1e}")
+    for name in ("mfalcon", "one_pass", "per_candidate"):
+        row(f"ranking/ml-1m/hstu-ranker/{name}", t_[name] * 1e3, "ms", ctx)
+    ratio_rows("ranking/ml-1m/hstu-ranker", t_, [
+        ("mfalcon_vs_per_candidate", "mfalcon", "per_candidate"),
+        ("mfalcon_vs_one_pass", "mfalcon", "one_pass"),
+    ], ctx)
+
+
 def matmul_peak(dtype: torch.dtype, n: int, reps: int) -> float:
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     t = timed({"mm": lambda: a @ b}, reps)["mm"]
@@ -522,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         "layer": lambda: bench_layer([256], reps, plain_max=256),
         "jagged": lambda: bench_jagged(ml_rows=32, tail_rows=4, tail_cap=512, reps=reps),
         "mfalcon": lambda: bench_mfalcon(history=128, candidates=128, per_candidate=16, reps=reps),
+        "ranking": lambda: bench_ranking(history=50, candidates=20, reps=reps),
         "training": lambda: bench_training(rows=16, reps=reps, peak_n=512),
         "loss": lambda: bench_loss_paths(rows=16, reps=reps),
         "epochs": lambda: bench_epochs(args.threads, max_steps=2),  # two steps per "epoch": a smoke run
@@ -532,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         "layer": lambda: bench_layer([256, 1024, 4096], reps, plain_max=4096),
         "jagged": lambda: bench_jagged(ml_rows=128, tail_rows=8, tail_cap=4096, reps=reps),
         "mfalcon": lambda: bench_mfalcon(history=512, candidates=1024, per_candidate=128, reps=reps),
+        "ranking": lambda: bench_ranking(history=200, candidates=200, reps=reps),
         "training": lambda: bench_training(rows=128, reps=reps, peak_n=2048),
         "loss": lambda: bench_loss_paths(rows=128, reps=reps),
         "epochs": lambda: bench_epochs(args.threads),
