@@ -681,7 +681,7 @@ def _label_column(path: Any, roles: dict[str, Any], task: str):
     try:
         frame = read_table(path, user=roles["user"], item=roles["item"], rating=roles[task])
     except BadRowError as exc:
-        reason = exc.reason[len("rating "):] if exc.reason.startswith("rating ") else exc.reason
+        reason = exc.reason.removeprefix("rating ")
         raise BadRowError(exc.path, exc.line, f"label column {roles[task]!r}: {reason}") from None
     return pd.Series(frame["rating"])
 

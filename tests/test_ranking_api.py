@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from genrec.api import InvalidInputError, NotFittedError
 from genrec.config import ConfigError, RankingDataConfig, RankingModelConfig, RankingRunConfig, RankingTrainConfig

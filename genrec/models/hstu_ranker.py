@@ -311,8 +311,8 @@ class HSTURanker(nn.Module):
             for layer, (k_hist, v_hist) in zip(self.layers, cache):
                 u, v, q, k = layer_uvqk(layer, xc)  # v [B, h, b, dv]; q, k [B, h, b, dqk]
                 hist = hstu_attention(q, k_hist, v_hist, layer.rab(c_off, c_index), key_mask, norm)  # [B, h, b, dv]
-                one = lambda t: t.transpose(1, 2).reshape(B * b, t.shape[1], 1, t.shape[-1])  # noqa: E731
-                own = hstu_attention(one(q), one(k), one(v), layer.rab(s_off, s_index), s_mask, norm)  # [B·b, h, 1, dv]
+                own = hstu_attention(_per_token(q), _per_token(k), _per_token(v), layer.rab(s_off, s_index), s_mask,
+                                     norm)  # [B·b, h, 1, dv]: each candidate on itself alone  # fmt: skip
                 own = own.view(B, b, -1, own.shape[-1]).transpose(1, 2)  # [B, h, b, dv]
                 xc = layer_finish(layer, xc, u, hist + own) * mask_c.unsqueeze(-1).to(x.dtype)
             logits[:, lo:hi] = self._score(xc, batch.cand_items[:, lo:hi]) * mask_c.unsqueeze(-1)
@@ -436,6 +436,12 @@ class HSTURanker(nn.Module):
     def _check(self, batch: RankingBatch) -> None:
         """The batch against the schema (shapes, id ranges, action bitmasks: ``RankingBatch.validate``)."""
         batch.validate(self.schema)
+
+
+def _per_token(t: torch.Tensor) -> torch.Tensor:
+    """[B, h, b, dim] -> [B·b, h, 1, dim]: every token its own sequence of one."""
+    B, h, b, dim = t.shape
+    return t.transpose(1, 2).reshape(B * b, h, 1, dim)
 
 
 def _check_labels(name: str, labels: torch.Tensor) -> None:
