@@ -363,3 +363,17 @@ def test_histories_without_timestamps(hstu):
     assert probs(result) == pytest.approx(probs(timed))
     empty = hstu.rank([], CANDS)
     assert ((probs(empty) > 0) & (probs(empty) < 1)).all()
+
+
+@pytest.mark.parametrize("model", [{"name": "din", "params": {}}, {"name": "popularity", "params": {}},
+                                   {"name": "logreg", "params": {"num_buckets": 1024}}])  # fmt: skip
+def test_every_ranker_kind_fits_ranks_and_round_trips(model, tmp_path):
+    ranker = fit(model)
+    result = ranker.rank(HISTORY, CANDS, query_time=1_021_600)
+    p = probs(result)
+    assert ((p > 0) & (p < 1)).all()
+    loaded = Ranker.load(ranker.save(tmp_path / "m"))
+    assert loaded.rank(HISTORY, CANDS, query_time=1_021_600) == result
+    perm = [3, 1, 4, 0, 2]
+    permuted = probs(ranker.rank(HISTORY, [CANDS[i] for i in perm], query_time=1_021_600))
+    np.testing.assert_allclose(permuted, p[perm], rtol=0, atol=1e-6)

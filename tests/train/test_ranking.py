@@ -363,3 +363,31 @@ def test_build_ranker_checks_learned_model_params(dataset):
         build_ranker(RankingModelConfig(name="din", params={"mlp": 32}), schema)
     with pytest.raises(ConfigError, match="history_pooling must be one of"):
         build_ranker(RankingModelConfig(name="dlrm", params={"history_pooling": "max"}), schema)
+
+
+# ------------------------------------------------------------------------------------------------ serving state
+def test_run_directory_holds_the_ranking_state(tmp_path, dataset):
+    from genrec.train.ranking import RANKING_RUN_FILES, RANKING_STATE_FILES, RankingState
+
+    train_ranker(make_config(tmp_path, epochs=1), dataset=dataset, progress=False)
+    run = tmp_path / "run-logreg"
+    assert set(RANKING_STATE_FILES) <= set(RANKING_RUN_FILES)
+    state = RankingState.load(run)
+    assert state.schema == dataset.schema and state.item_map.external == dataset.item_map.external
+    assert (state.dataset, state.split) == ("synthetic", "user-last")
+    # the saved statistics give the dataset's dense features for a user unknown to training, at any time
+    rng = np.random.default_rng(0)
+    shape = (7, 5)
+    items = rng.integers(0, dataset.schema.num_items + 1, shape)
+    t0 = rng.integers(int(dataset.ev_time.min()) - 100, int(dataset.ev_time.max()) + 100, shape)
+    last = t0 - rng.integers(-1, 5000, shape)
+    users = np.zeros(shape, np.int64)
+    np.testing.assert_array_equal(state.features.features(users, t0, items, t0 + 5, last),
+                                  dataset.dense_features_for(users, t0, items, t0 + 5, last))
+    # broken state files are refused with the file's name
+    (run / "ranking_item_ids.json").write_text('["1", "1"]')
+    with pytest.raises(ValueError, match="ranking_item_ids.json"):
+        RankingState.load(run)
+    (run / "ranking_state.json").write_text('{"format": 99}')
+    with pytest.raises(ValueError, match="ranking_state.json.*format 99"):
+        RankingState.load(run)
