@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,9 +47,12 @@ from genrec.config import (  # noqa: E402
 from genrec.data.ranking import load_ranking_dataset  # noqa: E402
 from genrec.eval.ranking_metrics import paired_bootstrap  # noqa: E402
 from genrec.io import write_json  # noqa: E402
+from genrec.models.ranking_floors import LogisticRegressionRanker  # noqa: E402
 from genrec.train.ranking import available_rankers, load_predictions, train_ranker  # noqa: E402
 
 RESULTS = ROOT / "results" / "ranking.json"
+DEFAULT_SPLITS = {"ml-1m": "user-last", "taobao": "global-time", "taobao-userbehavior-head": "global-time",
+                  "kuairand": "global-time", "kuairand-27k-like-hate-subset": "global-time"}  # fmt: skip
 METRIC_NAMES = {"auc": "AUC", "gauc": "GAUC", "ne": "NE", "log_loss": "LogLoss", "calibration": "calibration"}
 # "<model>:<variant>" presets; a model given without a variant gets "default"
 PRESETS: dict[tuple[str, str], dict] = {
@@ -61,6 +65,10 @@ PRESETS: dict[tuple[str, str], dict] = {
     ("hstu-ranker", "default"): {"variant": "summed"},
     ("hstu-ranker", "interleaved"): {"variant": "interleaved"},
 }
+
+
+# models whose config takes task_base_rates (output bias logit(rate) per task at initialisation)
+BASE_RATE_MODELS = ("dlrm", "din", "hstu-ranker", "logreg")
 
 
 def parse_model(text: str) -> tuple[str, str]:
@@ -77,12 +85,40 @@ def run_config(args, name: str, variant: str, seed: int) -> RankingRunConfig:
     return RankingRunConfig(
         data=RankingDataConfig(dataset=args.dataset, data_dir=args.data_dir, split=args.split, n_eval=args.n_eval,
                                max_history=args.max_history, max_candidates=args.max_candidates),  # fmt: skip
-        model=RankingModelConfig(name=name, params=dict(PRESETS[(name, variant)])),
+        model=RankingModelConfig(name=name, params=model_params(args, name, variant)),
         train=RankingTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+                                 weight_decay=args.weight_decay,
                                  select_metric=args.select_metric, seed=seed, num_threads=args.threads,
                                  device=args.device, max_steps_per_epoch=args.max_steps),  # fmt: skip
-        output_dir=str(Path(args.runs) / args.dataset / f"{name}-{variant}" / f"seed{seed}"),
+        output_dir=str(run_root(args) / f"{name}-{variant}" / f"seed{seed}"),
     )
+
+
+def model_params(args, name: str, variant: str) -> dict:
+    """The preset's parameters, plus ``task_base_rates`` (the training part's base rates) with --init-base-rates for
+    the models whose output biases can start there."""
+    params = dict(PRESETS[(name, variant)])
+    if args.init_base_rates and name in BASE_RATE_MODELS:
+        params["task_base_rates"] = list(args.base_rates)
+    return params
+
+
+def floor_model(args, ds, name: str, seed: int):
+    """With --init-base-rates, the logistic regression built here with its biases at the base rates (the training
+    loop's factory does not take that parameter for the floors); None otherwise (the loop builds the model)."""
+    if not (args.init_base_rates and name == "logreg"):
+        return None
+    torch.manual_seed(seed)  # as the training loop seeds before building a model
+    return LogisticRegressionRanker(ds.schema, num_buckets=PRESETS[("logreg", "default")]["num_buckets"], seed=seed,
+                                    task_base_rates=args.base_rates)  # fmt: skip
+
+
+def run_root(args) -> Path:
+    """``<runs>/<dataset>`` for the dataset's default split, ``<runs>/<dataset>/<split>`` for another one, so that
+    runs of two splits never share (and never overwrite) a directory."""
+    root = Path(args.runs) / args.dataset
+    default = DEFAULT_SPLITS.get(args.dataset)
+    return root if args.split is None or args.split == default else root / args.split
 
 
 def ci_entry(diffs: dict) -> dict:
@@ -96,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="ml-1m")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--split", default="user-last", choices=["user-last", "global-time"])
+    p.add_argument("--split", default=None, choices=["user-last", "global-time"],
+                   help="default: the dataset's own (ML-1M user-last, Taobao and KuaiRand global-time)")
     p.add_argument("--n-eval", type=int, default=10)
     p.add_argument("--max-history", type=int, default=200)
     p.add_argument("--max-candidates", type=int, default=10)
@@ -108,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--init-base-rates", action="store_true",
+                   help="start every learned model's output bias at logit(training base rate) per task (DLRM, DIN, "
+                   "HSTU ranker); without it the biases start at 0, i.e. probability 0.5")
     p.add_argument("--select-metric", default="NE", choices=["NE", "AUC", "GAUC", "LogLoss"])
     p.add_argument("--max-steps", type=int, default=0, help=">0: cut every epoch to this many steps (smoke runs)")
     p.add_argument("--threads", type=int, default=0)
@@ -127,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     ds = load_ranking_dataset(args.dataset, data_dir=args.data_dir, split=args.split, n_eval=args.n_eval,
                               max_candidates=args.max_candidates)  # fmt: skip
     print(ds.describe(args.max_candidates), flush=True)
+    args.dataset, args.split = ds.name, ds.split  # canonical name and resolved split (run directories, configs)
+    if args.init_base_rates:
+        rates = ds.counts("train", args.max_candidates)["base_rates"]
+        args.base_rates = tuple(min(max(float(rates[t]), 1e-4), 1 - 1e-4) for t in ds.schema.tasks)
+        print(f"output biases start at logit(training base rate): {dict(zip(ds.schema.tasks, args.base_rates))}")
 
     runs: dict[tuple[str, str], list[dict]] = {}
     for name, variant in models:
@@ -134,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             config = run_config(args, name, variant, seed)
             start = time.perf_counter()
             resume = args.resume and (Path(config.output_dir) / "checkpoint.pt").exists()  # else a fresh run
-            results = train_ranker(config, dataset=ds, resume=resume, overwrite=not resume, progress=False)
+            results = train_ranker(config, dataset=ds, model=floor_model(args, ds, name, seed), resume=resume,
+                                   overwrite=not resume, progress=False)  # fmt: skip
             seconds = time.perf_counter() - start
             pred = load_predictions(Path(config.output_dir) / "test_predictions.npz")
             runs.setdefault((name, variant), []).append(
