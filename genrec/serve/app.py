@@ -49,9 +49,10 @@ Two-stage service (``create_app(recommender, ranker=...)``, ``genrec serve --ran
                         {"items": [{"item", "probs": {task: p}, "score", "title"}], "tasks", "task_weights",
                         "unknown_items", "unknown_candidates", "warnings", "model_id"}
     GET  /healthz       also "stage": "two-stage" and "ranker": {model_id, tasks, task_weights, retrieve_k, ...}
-    An unknown task in task_weights, k > retrieve_k, an unknown action name or user feature: 422. Both routes share
-    one micro-batcher: a pass runs the retriever over every recommend request's history, then one
-    ``Ranker.rank_batch`` over every request. /metrics times each stage (``genrec_stage_duration_seconds``).
+    An unknown task in task_weights, k > retrieve_k, an unknown action name or user feature: 422 (checked when the
+    request arrives, by ``Ranker.prepare_rank``). Both routes share one micro-batcher: a pass runs the retriever over
+    every recommend request's history, then the ranker once over every request. /metrics times each stage
+    (``genrec_stage_duration_seconds``).
 
 The app only reads the models; nothing is ever written to the model directories. Scores: see ``genrec.api`` and
 ``genrec.ranking_api``.
@@ -317,6 +318,7 @@ def create_app(
         ranker_health = RankerHealth(
             model_id=stages.ranker.model_id,
             tasks=list(stages.tasks),
+            actions=list(stages.ranker.state_.schema.actions),
             task_weights=stages.task_weights,
             retrieve_k=stages.retrieve_k,
             max_retrieve_k=MAX_RETRIEVE_K,
@@ -381,12 +383,6 @@ def _two_stage_routes(
     ranker_id = stages.ranker.model_id
     tasks = list(stages.tasks)
 
-    async def answer(query: Any) -> Any:
-        result = await batcher.submit(query)
-        if isinstance(result, InvalidInputError):  # the ranker refused this request's input: 422
-            raise result
-        return result
-
     @app.post("/v1/recommend", response_model=TwoStageRecommendResponse, responses=_ERRORS,
               openapi_extra=_json_body(TwoStageRecommendRequest))  # fmt: skip
     async def recommend(request: Request) -> dict[str, Any]:
@@ -398,7 +394,7 @@ def _two_stage_routes(
             exclude_seen=body.exclude_seen, exclude=body.exclude, query_time=body.query_ts,
             task_weights=body.task_weights, user_features=body.user_features,
         )  # fmt: skip
-        result = await answer(query)
+        result = await batcher.submit(query)
         assert isinstance(result, RetrieveRankResult)
         retrieval, ranked = result.recommendation, result.ranked
         items = [
@@ -431,7 +427,7 @@ def _two_stage_routes(
             to_ranker_events(body.history), body.candidates, query_time=body.query_ts,
             task_weights=body.task_weights, user_features=body.user_features,
         )  # fmt: skip
-        result = await answer(query)
+        result = await batcher.submit(query)
         assert isinstance(result, RankOnlyResult)
         ranked = result.ranked
         return {

@@ -242,6 +242,7 @@ class TwoStageRankResponse(BaseModel):
 class RankerHealth(BaseModel):
     model_id: str
     tasks: list[str]
+    actions: list[str] = Field(description="the action names history events may carry")
     task_weights: dict[str, float]
     retrieve_k: int
     max_retrieve_k: int

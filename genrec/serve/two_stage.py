@@ -11,25 +11,28 @@ For one request (``POST /v1/recommend`` of ``genrec serve --ranker DIR``):
    ranker does not know come last, with no score), and the top k are returned.
 
 ``TwoStage.execute`` answers a micro-batch of such queries (and of ``RankOnlyQuery``: ``POST /v1/rank``, ranker
-only) with one retrieval pass over every history and one ``Ranker.rank_batch`` call, timing each stage.
+only) with one retrieval pass over every history and one ranker call (``Ranker.execute``, the model part of
+``Ranker.rank_batch``), timing each stage. Each request's ranker input (history, actions, query time, user features)
+is validated and mapped once, by ``Ranker.prepare_rank`` when the request arrives, so that a bad request is refused
+(422) before it joins a shared pass; the retrieved items are attached to that prepared query in the pass.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
-from genrec.api import InvalidInputError, Recommendation, Recommender, RecommendQuery
+from genrec.api import Recommendation, Recommender, RecommendQuery
 from genrec.serve.schemas import MAX_RETRIEVE_K, BodyError
 
 if TYPE_CHECKING:
-    from genrec.ranking_api import Ranker, RankResult
+    from genrec.ranking_api import Ranker, RankQuery, RankResult
 
 DEFAULT_RETRIEVE_K = 200
-STAGES = ("retrieve", "rank")
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,8 @@ class RetrieveRankQuery:
     """A validated two-stage recommend request."""
 
     retrieval: RecommendQuery  # the retrieval request, k = retrieve_k
-    history: list[Any]  # the ranker's history events (with actions)
+    ranking: RankQuery  # the ranker's prepared history, query time and user features; no candidates yet
     k: int
-    query_time: int | None
-    user_features: Mapping[str, Any] | None
     weights: dict[str, float]  # one per task
 
 
@@ -48,10 +49,7 @@ class RetrieveRankQuery:
 class RankOnlyQuery:
     """A validated rank request: the ranker's probabilities for the given candidates."""
 
-    history: list[Any]
-    candidates: list[str]
-    query_time: int | None
-    user_features: Mapping[str, Any] | None
+    ranking: RankQuery
     weights: dict[str, float]
 
 
@@ -160,8 +158,8 @@ class TwoStage:
         retrieval = self.recommender.prepare_recommend(
             events, retrieve_k, exclude_seen, exclude=exclude, query_time=query_time
         )
-        self.ranker.prepare_rank(ranker_history, [], query_time=query_time, user_features=user_features)
-        return RetrieveRankQuery(retrieval, ranker_history, k, query_time, user_features, weights)
+        ranking = self.ranker.prepare_rank(ranker_history, [], query_time=query_time, user_features=user_features)
+        return RetrieveRankQuery(retrieval, ranking, k, weights)
 
     def prepare_rank(
         self,
@@ -174,15 +172,14 @@ class TwoStage:
     ) -> RankOnlyQuery:
         """Validate a rank request (``BodyError`` 422 or ``InvalidInputError``) without running a model."""
         weights = self.weights(task_weights)
-        self.ranker.prepare_rank(ranker_history, candidates, query_time=query_time, user_features=user_features)
-        return RankOnlyQuery(ranker_history, [str(c) for c in candidates], query_time, user_features, weights)
+        ranking = self.ranker.prepare_rank(ranker_history, candidates, query_time=query_time,
+                                           user_features=user_features)  # fmt: skip
+        return RankOnlyQuery(ranking, weights)
 
     # -- answering a micro-batch -----------------------------------------------------------------------------------
 
-    def execute(self, queries: Sequence[StageQuery]) -> list[StageResult | InvalidInputError]:
-        """Answer prepared queries: one retrieval pass for every two-stage query, then one ``rank_batch`` for all.
-        Queries are validated when prepared; should the ranker still refuse one (``InvalidInputError``), that query
-        gets the error as its result and the others are answered."""
+    def execute(self, queries: Sequence[StageQuery]) -> list[StageResult]:
+        """Answer prepared queries: one retrieval pass for every two-stage query, then one ranker call for all."""
         two_stage = [i for i, q in enumerate(queries) if isinstance(q, RetrieveRankQuery)]
         retrieved: dict[int, Recommendation] = {}
         if two_stage:
@@ -192,35 +189,27 @@ class TwoStage:
             for i, answer in zip(two_stage, answers):
                 assert isinstance(answer, Recommendation)
                 retrieved[i] = answer
-        candidates = [retrieved[i].items if i in retrieved else q.candidates for i, q in enumerate(queries)]  # type: ignore[union-attr]
         start = time.perf_counter()
-        ranked = self._rank(queries, candidates)
+        rank_queries = [self._with_candidates(q.ranking, retrieved[i].items) if i in retrieved else q.ranking
+                        for i, q in enumerate(queries)]  # fmt: skip
+        ranked = self.ranker.execute(rank_queries)
         self.on_stage("rank", time.perf_counter() - start, len(queries))
-        results: list[StageResult | InvalidInputError] = []
+        results: list[StageResult] = []
         for i, (q, r) in enumerate(zip(queries, ranked)):
-            if isinstance(r, InvalidInputError):
-                results.append(r)
-            elif isinstance(q, RetrieveRankQuery):
+            if isinstance(q, RetrieveRankQuery):
                 results.append(self._top_k(q, retrieved[i], r))
             else:
                 results.append(RankOnlyResult(r, r.combined(q.weights)))
         return results
 
-    def _rank(self, queries: Sequence[StageQuery], candidates: list[list[str]]) -> list[RankResult | InvalidInputError]:
-        histories = [q.history for q in queries]
-        times = [q.query_time for q in queries]
-        features = [q.user_features for q in queries]
-        try:
-            return list(self.ranker.rank_batch(histories, candidates, query_times=times, user_features=features))
-        except InvalidInputError:
-            pass  # some query is bad: rank each alone, so that only the bad ones fail
-        out: list[RankResult | InvalidInputError] = []
-        for h, c, t, f in zip(histories, candidates, times, features):
-            try:
-                out.append(self.ranker.rank(h, c, query_time=t, user_features=f))
-            except InvalidInputError as exc:
-                out.append(exc)
-        return out
+    def _with_candidates(self, query: RankQuery, items: list[str]) -> RankQuery:
+        """A prepared ranker query (its candidates empty) with the retrieved ``items`` as its candidates."""
+        ids = self.ranker.state_.item_map.to_internal(items)
+        notes = query.warnings
+        unknown = int((ids == 0).sum())
+        if unknown:
+            notes = notes + (f"{unknown} retrieved item(s) unknown to the ranker have no probability",)
+        return dataclasses.replace(query, candidates=tuple(items), candidate_ids=ids, warnings=notes)
 
     @staticmethod
     def _top_k(q: RetrieveRankQuery, retrieval: Recommendation, ranked: RankResult) -> RetrieveRankResult:
