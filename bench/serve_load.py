@@ -12,6 +12,7 @@ and written into docs/serving.md between ``<!-- serve-table:start -->`` and ``<!
     python bench/serve_load.py --checkpoint runs/ml-1m/hstu --workers 2          # 3 rounds x 1,000 requests per level
     python bench/serve_load.py --checkpoint DIR --requests 100 --rounds 1 --max-seconds 5   # smoke run
     python bench/serve_load.py --checkpoint DIR --histories dataset --no-readme  # real users' histories
+    python bench/serve_load.py --checkpoint DIR --ranker RANKER_DIR --workers 2   # two-stage: retrieve 200, re-rank
 
 Histories are drawn from the model's own catalogue (popularity-weighted when ``popularity.json`` is there), each
 ``--history-len`` events long (default: the model's max_len, the most work per request) with increasing timestamps,
@@ -20,6 +21,13 @@ share this machine's cores.
 
 ``--workers 2`` runs two server processes on the one socket (``genrec serve --workers 2``), each with its own model
 and batcher; the server's CPU time is summed over its processes.
+
+``--ranker DIR`` measures the two-stage service (``genrec serve --ranker DIR --retrieve-k N``): each request retrieves
+``--retrieve-k`` items (default 200) and re-ranks them with the ranker; each synthetic history event carries one of the
+ranker's action names (drawn uniformly). Rows get ``"path": "two-stage"`` (the one-stage rows ``"path": "retrieval"``),
+with both models' ids and configurations; ``results/serve.json`` keeps the rows of the other path (a run replaces only
+the rows of its own path), and the table goes between ``<!-- serve-two-stage-table:start -->`` and
+``<!-- serve-two-stage-table:end -->``.
 
 Client: by default a minimal HTTP/1.1 client on asyncio streams (``RawClient``: request line, headers,
 Content-Length or chunked body), because on a 2-core machine httpx's ~1 ms of CPU per request would be taken from the
@@ -49,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "serve.json"
 DOC = ROOT / "docs" / "serving.md"
 TABLE_START, TABLE_END = "<!-- serve-table:start -->", "<!-- serve-table:end -->"
+TWO_STAGE_START, TWO_STAGE_END = "<!-- serve-two-stage-table:start -->", "<!-- serve-two-stage-table:end -->"
 JSON_HEADERS = {"content-type": "application/json"}
 
 
@@ -63,6 +72,9 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
            "--port", str(port), "--threads", str(args.server_threads), "--max-batch", str(args.max_batch),
            "--max-wait-ms", str(args.max_wait_ms), "--workers", str(args.workers), "--log-level", "warning"]  # fmt: skip
     cmd += ["--model-thread"] if args.model_thread else []
+    if args.ranker is not None:
+        cmd += ["--ranker", str(args.ranker), "--retrieve-k", str(args.retrieve_k)]
+        cmd += ["--task-weights", args.task_weights] if args.task_weights else []
     return subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
 
 
@@ -91,8 +103,11 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def request_bodies(checkpoint: Path, n: int, length: int, k: int, seed: int) -> list[bytes]:
-    """``n`` pre-serialised request bodies with ``length``-event timed histories from the model's catalogue."""
+def request_bodies(
+    checkpoint: Path, n: int, length: int, k: int, seed: int, actions: list[str] | None = None
+) -> list[bytes]:
+    """``n`` pre-serialised request bodies with ``length``-event timed histories from the model's catalogue; with
+    ``actions`` (the two-stage service), each event carries one of them, drawn uniformly."""
     items = json.loads((checkpoint / "item_ids.json").read_text())
     weights = np.ones(len(items))
     pop = checkpoint / "popularity.json"
@@ -105,6 +120,9 @@ def request_bodies(checkpoint: Path, n: int, length: int, k: int, seed: int) -> 
         picks = rng.choice(len(items), size=length, p=weights / weights.sum())
         ts = 978_300_000 + np.cumsum(rng.integers(1, 3_600, size=length))
         history = [{"item": items[i], "ts": int(t)} for i, t in zip(picks, ts)]
+        if actions:
+            for event, a in zip(history, rng.integers(0, len(actions), size=length)):
+                event["actions"] = [actions[a]]
         bodies.append(json.dumps({"history": history, "k": k}).encode())
     return bodies
 
@@ -174,15 +192,22 @@ class RawClient:
             self.writer, self.reader = None, None
 
 
-def _ok(status: int, body: bytes) -> bool:
+def _ok(status: int, body: bytes, two_stage: bool = False) -> bool:
     try:
-        return status == 200 and len(json.loads(body)["items"]) > 0
+        answer = json.loads(body)
+        return status == 200 and len(answer["items"]) > 0 and (not two_stage or answer["stage"] == "two-stage")
     except (ValueError, KeyError, TypeError):
         return False
 
 
 async def run_level(
-    url: str, bodies: list[bytes], concurrency: int, requests: int, max_seconds: float, client: str = "raw"
+    url: str,
+    bodies: list[bytes],
+    concurrency: int,
+    requests: int,
+    max_seconds: float,
+    client: str = "raw",
+    two_stage: bool = False,
 ) -> dict:
     """``requests`` POSTs by ``concurrency`` callers (stopping early after ``max_seconds``) -> one result row."""
     latencies: list[float] = []
@@ -204,10 +229,10 @@ async def run_level(
                     t0 = time.perf_counter()
                     try:
                         if client == "raw":
-                            ok = _ok(*await asyncio.wait_for(raw.post("/v1/recommend", body), 30.0))
+                            ok = _ok(*await asyncio.wait_for(raw.post("/v1/recommend", body), 30.0), two_stage)
                         else:
                             r = await shared.post("/v1/recommend", content=body, headers=JSON_HEADERS)
-                            ok = _ok(r.status_code, r.content)
+                            ok = _ok(r.status_code, r.content, two_stage)
                     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
                             ValueError, IndexError, httpx.HTTPError):  # fmt: skip
                         ok = False
@@ -282,13 +307,44 @@ def markdown(rows: list[dict], mean_batch: dict[int, float], caption: str) -> st
     return "\n".join(lines)
 
 
-def write_readme(table: str) -> None:
-    write_between_markers(DOC, TABLE_START, TABLE_END, table)
+def write_readme(table: str, two_stage: bool = False) -> None:
+    if two_stage:
+        write_between_markers(DOC, TWO_STAGE_START, TWO_STAGE_END, table)
+    else:
+        write_between_markers(DOC, TABLE_START, TABLE_END, table)
+
+
+def row_path(row: dict) -> str:
+    """The service path a result row measured (rows written before two-stage serving have none: retrieval)."""
+    return str(row.get("path", "retrieval"))
+
+
+def merge_rows(out: Path, rows: list[dict], path: str) -> list[dict]:
+    """The rows already in ``out`` of the other paths, then ``rows`` (a run replaces the rows of its own path)."""
+    kept: list[dict] = []
+    if out.exists():
+        previous = json.loads(out.read_text())
+        if not isinstance(previous, list):
+            raise ValueError(f"{out}: expected a JSON list of result rows")
+        kept = [r for r in previous if row_path(r) != path]
+    return kept + rows
+
+
+def model_setup(directory: Path) -> dict:
+    """What a result row records about a model directory: its path and config.yaml's model and data sections."""
+    import yaml
+
+    config = yaml.safe_load((directory / "config.yaml").read_text())
+    return {"dir": str(directory), "model": config.get("model"), "data": config.get("data")}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="model directory (run dir of genrec train)")
+    p.add_argument("--ranker", type=Path, default=None,
+                   help="ranking model directory: measure the two-stage service (genrec serve --ranker)")
+    p.add_argument("--retrieve-k", type=int, default=200, help="with --ranker: items retrieved and re-ranked")
+    p.add_argument("--task-weights", default=None, help="with --ranker: genrec serve --task-weights")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=1000, help="requests per concurrency level and round")
     p.add_argument("--rounds", type=int, default=3, help="times each level runs (interleaved); medians reported")
@@ -310,6 +366,10 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-readme", action="store_true", help="do not write the table into docs/serving.md")
     args = p.parse_args()
+    two_stage = args.ranker is not None
+    path = "two-stage" if two_stage else "retrieval"
+    if two_stage and args.histories == "dataset":
+        p.error("--ranker takes synthetic histories (their events carry the ranker's actions)")
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -320,14 +380,15 @@ def main() -> int:
         if args.histories == "dataset":
             bodies = dataset_bodies(args.checkpoint, args.data_dir, 1024, args.k, args.seed)
         else:
-            bodies = request_bodies(args.checkpoint, 256, length, args.k, args.seed)
-        asyncio.run(run_level(url, bodies, 4, args.warmup, args.max_seconds, args.client))
+            actions = health["ranker"]["actions"] if two_stage else None
+            bodies = request_bodies(args.checkpoint, 256, length, args.k, args.seed, actions)
+        asyncio.run(run_level(url, bodies, 4, args.warmup, args.max_seconds, args.client, two_stage))
         runs: dict[int, list[dict]] = {c: [] for c in args.concurrency}
         for r in range(args.rounds):  # levels interleaved, round after round: drifts in machine speed hit every level
             for c in args.concurrency:
                 passes0, answered0 = batch_stats(url)
                 server0, client0 = cpu_seconds(proc.pid), time.process_time()
-                row = asyncio.run(run_level(url, bodies, c, args.requests, args.max_seconds, args.client))
+                row = asyncio.run(run_level(url, bodies, c, args.requests, args.max_seconds, args.client, two_stage))
                 server1, client1 = cpu_seconds(proc.pid), time.process_time()
                 passes1, answered1 = batch_stats(url)  # summed over the workers, up to date (genrec.serve.metrics)
                 n = max(row["requests"], 1)
@@ -341,6 +402,22 @@ def main() -> int:
         stop_server(proc)
     rows = [summarize(c, runs[c]) for c in args.concurrency]
     mean_batch = {row["concurrency"]: row["mean_batch"] for row in rows}
+    history_desc = (f"{length}-event timed histories" if args.histories == "synthetic"
+                    else "real users' test histories (up to max_len events; timestamps where the data has them)")
+    setup = {
+        "path": path,
+        "model_id": health["model_id"],
+        "retriever": model_setup(args.checkpoint),
+        "histories": history_desc + (", each event with one of the ranker's actions" if two_stage else ""),
+        "k": args.k,
+        "workers": args.workers,
+        "server_threads": args.server_threads,
+        "cpu_count": os.cpu_count(),
+    }
+    if two_stage:
+        setup.update(retrieve_k=args.retrieve_k, ranker_model_id=health["ranker"]["model_id"],
+                     ranker=model_setup(args.ranker), task_weights=health["ranker"]["task_weights"])  # fmt: skip
+    rows = [{"path": path, **row, "setup": setup} for row in rows]
     lo, hi = args.concurrency[0], args.concurrency[-1]
     ratios = [b["rps"] / a["rps"] for a, b in zip(runs[lo], runs[hi])]
     ratio = float(np.median(ratios))
@@ -349,13 +426,16 @@ def main() -> int:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    tmp.write_text(json.dumps(merge_rows(args.out, rows, path), indent=2) + "\n")
     os.replace(tmp, args.out)
-    histories = (f"{length}-event timed histories" if args.histories == "synthetic"
-                 else "real users' test histories (up to max_len events; timestamps where the data has them)")
+    served = f"`genrec serve` on {health['model_id']} ({health['num_items']:,} items)"
+    if two_stage:
+        served = (f"`genrec serve --ranker` (two-stage): {health['model_id']} retrieves the top {args.retrieve_k} of "
+                  f"{health['num_items']:,} items, {health['ranker']['model_id']} re-ranks them "
+                  f"(tasks {', '.join(health['ranker']['tasks'])})")  # fmt: skip
     caption = (
-        f"`genrec serve` on {health['model_id']} ({health['num_items']:,} items), POST /v1/recommend top-{args.k}, "
-        f"{histories}, {args.client} HTTP/1.1 client, {os.cpu_count()} CPU cores shared by "
+        f"{served}, POST /v1/recommend top-{args.k}, "
+        f"{setup['histories']}, {args.client} HTTP/1.1 client, {os.cpu_count()} CPU cores shared by "
         f"client and server (server: {args.workers} worker process(es), {args.server_threads} torch thread(s) each, "
         f"max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}, "
         f"{'model in a worker thread' if args.model_thread else 'model on the event loop'})."
@@ -366,7 +446,7 @@ def main() -> int:
     table = markdown(rows, mean_batch, caption)
     print("\n" + table)
     if not args.no_readme:
-        write_readme(table)
+        write_readme(table, two_stage)
     return 0
 
 
