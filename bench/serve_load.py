@@ -331,11 +331,18 @@ def merge_rows(out: Path, rows: list[dict], path: str) -> list[dict]:
 
 
 def model_setup(directory: Path) -> dict:
-    """What a result row records about a model directory: its path and config.yaml's model and data sections."""
+    """What a result row records about a model directory: its name and config.yaml's model, data and train sections
+    (without file locations, which belong to the machine, not to the model)."""
     import yaml
 
     config = yaml.safe_load((directory / "config.yaml").read_text())
-    return {"dir": str(directory), "model": config.get("model"), "data": config.get("data")}
+    local = ("data_dir", "path", "timestamps_path", "output_dir", "device")
+    sections = {k: {n: v for n, v in (config.get(k) or {}).items() if n not in local} for k in ("model", "data", "train")}
+    try:
+        shown = str(directory.resolve().relative_to(ROOT))
+    except ValueError:
+        shown = directory.name
+    return {"dir": shown, **sections}
 
 
 def main() -> int:
