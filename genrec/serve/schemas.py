@@ -22,6 +22,7 @@ MAX_REPORTED_ERRORS = 20  # a 10,000-event history of bad events gets the first 
 MAX_RETRIEVE_K = 1000  # candidates the two-stage service re-ranks per request
 MAX_NAMES = 64  # actions per event, task weights and user features per request
 MAX_NAME_CHARS = 64  # task, action and user feature names
+MAX_ABS_WEIGHT = 1e6  # task weights: |w| <= this keeps every combined score finite
 
 
 def _one_error(kind: str, message: str) -> GetPydanticSchema:
@@ -92,7 +93,7 @@ class RankRequest(BaseModel):
 # Two-stage service (``genrec serve --ranker DIR``): history events may carry their actions for the ranker.
 
 _Name = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=MAX_NAME_CHARS)]
-_Weight = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+_Weight = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_ABS_WEIGHT, le=MAX_ABS_WEIGHT)]
 _FeatureValue = Union[_StrId, _IntId]
 
 
@@ -118,7 +119,7 @@ RankerHistoryEvent = Annotated[
 RankerHistoryIn = Annotated[list[RankerHistoryEvent], Field(max_length=MAX_HISTORY)]
 TaskWeightsIn = Annotated[
     dict[_Name, _Weight],
-    Field(max_length=MAX_NAMES, description="task -> weight of its probability in the combined score (finite); "
+    Field(max_length=MAX_NAMES, description="task -> weight of its probability in the combined score (|w| <= 1e6); "
                                              "tasks not named keep the server's weight"),
 ]  # fmt: skip
 UserFeaturesIn = Annotated[

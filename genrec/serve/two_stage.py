@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 from genrec.api import Recommendation, Recommender, RecommendQuery
-from genrec.serve.schemas import MAX_RETRIEVE_K, BodyError
+from genrec.serve.schemas import MAX_ABS_WEIGHT, MAX_RETRIEVE_K, BodyError
 
 if TYPE_CHECKING:
     from genrec.ranking_api import Ranker, RankQuery, RankResult
@@ -91,8 +91,9 @@ class TwoStage:
     Args:
         recommender, ranker: fitted or loaded models.
         retrieve_k: candidates retrieved per request unless the request says otherwise (1..MAX_RETRIEVE_K).
-        task_weights: weight of each task's probability in the combined score; tasks not named weigh 1. A name that
-            is not one of ``ranker.tasks`` raises ``ValueError``.
+        task_weights: weight of each task's probability in the combined score (|w| <= MAX_ABS_WEIGHT, so that every
+            combined score is finite); tasks not named weigh 1. A name that is not one of ``ranker.tasks`` raises
+            ``ValueError``.
         on_stage: called after each stage of a micro-batch with (stage, seconds, requests in the stage).
     """
 
@@ -114,8 +115,9 @@ class TwoStage:
         for task, weight in (task_weights or {}).items():
             if task not in weights:
                 raise ValueError(f"task weight for {task!r}: the ranker's tasks are {', '.join(self.tasks)}")
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise ValueError(f"task weight for {task!r} must be a finite number, got {weight!r}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not abs(weight) <= MAX_ABS_WEIGHT:
+                raise ValueError(f"task weight for {task!r} must be a number in [-{MAX_ABS_WEIGHT:g}, "
+                                 f"{MAX_ABS_WEIGHT:g}], got {weight!r}")  # fmt: skip
             weights[task] = float(weight)
         self.task_weights = weights
 

@@ -240,6 +240,7 @@ def _detail(r: httpx.Response) -> str:
         ({"task_weights": {"like": "1"}}, "task_weights.like: "),
         ({"task_weights": {"like": True}}, "task_weights.like: "),
         ({"task_weights": {"like": None}}, "task_weights.like: "),
+        ({"task_weights": {"like": 1e308, "love": 1e308}}, "task_weights.like: Input should be less than or equal"),
         ({"task_weights": ["like"]}, "task_weights: "),
         ({"history": [{"item": "i1", "ts": 5, "actions": ["click"]}]}, "unknown action 'click'"),
         ({"history": [{"item": "i1", "actions": "like"}]}, "history[0]: a history event is"),
@@ -247,7 +248,7 @@ def _detail(r: httpx.Response) -> str:
         ({"history": [{"item": "i1", "ts": 500}], "query_ts": 100}, "after query_time"),
         ({"user_features": {"age": 3}}, "unknown feature 'age'"),
     ],
-    ids=["unknown-task", "unknown-tasks", "string-weight", "bool-weight", "null-weight", "list", "unknown-action",
+    ids=["unknown-task", "unknown-tasks", "string-weight", "bool-weight", "null-weight", "huge-weights", "list", "unknown-action",
          "actions-not-a-list", "mixed-timestamps", "event-after-query-ts", "unknown-user-feature"],
 )  # fmt: skip
 def test_inputs_the_ranker_refuses_get_422_with_a_reason(client, path, change, reason):
@@ -438,11 +439,12 @@ def test_genrec_serve_with_a_ranker_and_two_workers(model_dir, ranker_dir, rec, 
         (["--ranker", "{ranker}", "--task-weights", "like=x"], "the weight of 'like' is not a number"),
         (["--ranker", "{ranker}", "--task-weights", "like=inf"], "the weight of 'like' must be finite"),
         (["--ranker", "{ranker}", "--task-weights", "like=1,like=2"], "'like' is given twice"),
+        (["--ranker", "{ranker}", "--task-weights", "like=1e7"], "task weight for 'like' must be a number in [-1e+06"),
         (["--ranker", "{ranker}", "--retrieve-k", "0"], "retrieve_k must be an integer in [1, 1000]"),
         (["--ranker", "{model}"], "is a retrieval model directory"),
     ],
     ids=["weights-without-ranker", "retrieve-k-without-ranker", "unknown-task", "no-equals", "not-a-number",
-         "infinite", "twice", "retrieve-k-0", "retrieval-dir-as-ranker"],
+         "infinite", "twice", "too-large", "retrieve-k-0", "retrieval-dir-as-ranker"],
 )  # fmt: skip
 def test_genrec_serve_refuses_bad_two_stage_options(model_dir, ranker_dir, capsys, extra, message):
     extra = [a.format(ranker=ranker_dir, model=model_dir) for a in extra]
