@@ -65,8 +65,8 @@ def check_task_weights(task_weights: Sequence[float] | None, schema: RankingSche
     return weights
 
 
-def init_output_biases(head: nn.Linear, base_rates: Sequence[float] | None, schema: RankingSchema) -> None:
-    """Start the T output biases of ``head`` at logit(base rate) of each task (a model that starts at the base rate
+def init_output_biases(head: nn.Module, base_rates: Sequence[float] | None, schema: RankingSchema) -> None:
+    """Start the T output biases of ``head`` (any module with a ``bias`` [T]: an nn.Linear head) at logit(base rate) of each task (a model that starts at the base rate
     does not spend its first steps learning it, which matters for rare tasks); leave them as they are when
     ``base_rates`` is None. ValueError unless there is one rate in (0, 1) per task."""
     if base_rates is None:
@@ -193,8 +193,8 @@ class LogisticRegressionRanker(nn.Module):
     """logit_t = w_t · dense + b_t + Σ_fields v[hash_f(id_f), t]  (one linear model per task; see the module docstring).
 
     Fields: candidate item id, user id, each user feature (id 0, unknown, is a value like any other). Trained by
-    gradient steps on ``loss(batch)`` like the learned rankers. The hashed weights and the per-task bias start at
-    zero, the dense weights at nn.Linear's default.
+    gradient steps on ``loss(batch)`` like the learned rankers. The hashed weights start at zero, the per-task bias
+    at zero or, with ``task_base_rates``, at logit(base rate), the dense weights at nn.Linear's default.
     """
 
     def __init__(
@@ -203,6 +203,7 @@ class LogisticRegressionRanker(nn.Module):
         num_buckets: int = 1 << 20,
         task_weights: Sequence[float] | None = None,
         seed: int = 0,
+        task_base_rates: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if num_buckets < 1:
@@ -214,6 +215,7 @@ class LogisticRegressionRanker(nn.Module):
         D = len(schema.dense_features)
         self.dense = nn.Linear(D, T, bias=False) if D else None  # w_t
         self.bias = nn.Parameter(torch.zeros(T))  # b_t
+        init_output_biases(self, task_base_rates, schema)  # b_t = logit(base rate of t) when given
         self.hashed = nn.Embedding(self.num_buckets, T)  # [num_buckets, T]
         nn.init.zeros_(self.hashed.weight)
         num_fields = 2 + len(schema.user_features)

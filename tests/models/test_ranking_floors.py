@@ -289,3 +289,17 @@ def test_logistic_regression_hash_is_deterministic_and_spreads_fields() -> None:
     assert b.shape == (3, 4) and b.min() >= 0 and b.max() < 1 << 16
     assert len(set(b[0].tolist())) == 4  # the same id in four fields: four different buckets
     torch.testing.assert_close(LogisticRegressionRanker(SCHEMA, num_buckets=1 << 16).buckets(ids), b)
+
+
+def test_logistic_regression_biases_can_start_at_the_base_rates() -> None:
+    rates = (0.01, 0.6)
+    model = LogisticRegressionRanker(SCHEMA, num_buckets=1 << 12, task_base_rates=rates)
+    assert torch.allclose(model.bias.detach(), torch.tensor([math.log(r / (1 - r)) for r in rates]), atol=1e-6)
+    with torch.no_grad():
+        model.dense.weight.zero_()
+    batch = synthetic_batch(5, seed=3)
+    probs = torch.sigmoid(model(batch))[batch.cand_mask]  # [N, T]
+    assert torch.allclose(probs, torch.tensor(rates).expand_as(probs), atol=1e-6)
+    assert torch.equal(LogisticRegressionRanker(SCHEMA, num_buckets=8).bias.detach(), torch.zeros(2))
+    with pytest.raises(ValueError, match="task_base_rates"):
+        LogisticRegressionRanker(SCHEMA, num_buckets=8, task_base_rates=(0.5, 1.0))
