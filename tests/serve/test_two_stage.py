@@ -351,6 +351,10 @@ def test_without_a_ranker_the_service_is_unchanged(rec):
         assert c.post("/v1/recommend", json={"history": [{"item": "i1", "actions": ["like"]}]}).status_code == 422
         assert c.post("/v1/recommend", json={"history": ["i1"], "task_weights": {"like": 1}}).status_code == 422
         assert "ranker" not in c.get("/healthz").json()
+        text = c.get("/metrics").text
+    assert _sample(text, "genrec_stage_duration_seconds_count", stage="retrieve") == 1  # its one stage is timed
+    assert _sample(text, "genrec_stage_duration_seconds_count", stage="rank") == 0
+    assert "genrec_ranker_info" not in text
     with pytest.raises(ValueError, match="pass a ranker"):
         create_app(rec, task_weights={"like": 1.0})
 
@@ -423,6 +427,9 @@ def test_genrec_serve_with_a_ranker_and_two_workers(model_dir, ranker_dir, rec, 
             body = httpx.post(f"{url}/v1/recommend", json={"history": history, "k": 4}, timeout=30).json()
             expected = expected_two_stage(rec, ranker, history, k=4, retrieve_k=12, weights={"love": 2.0})
             assert_same_answer(body, expected)
+        text = httpx.get(f"{url}/metrics", timeout=10).text  # summed over both workers, whichever answers
+        assert _sample(text, "genrec_stage_duration_seconds_count", stage="rank") == 2
+        assert _sample(text, "genrec_ranker_info", model_id=ranker.model_id, tasks="like,love") == 1
     finally:
         code = _stop(proc, signal.SIGTERM)
     assert code == 0
