@@ -337,7 +337,8 @@ def model_setup(directory: Path) -> dict:
 
     config = yaml.safe_load((directory / "config.yaml").read_text())
     local = ("data_dir", "path", "timestamps_path", "output_dir", "device")
-    sections = {k: {n: v for n, v in (config.get(k) or {}).items() if n not in local} for k in ("model", "data", "train")}
+    sections = {key: {name: value for name, value in (config.get(key) or {}).items() if name not in local}
+                for key in ("model", "data", "train")}  # fmt: skip
     try:
         shown = str(directory.resolve().relative_to(ROOT))
     except ValueError:

@@ -4,7 +4,8 @@
     genrec evaluate --checkpoint runs/ml-1m/hstu [--target test] [--candidates sampled]
     genrec recommend --checkpoint runs/ml-1m/hstu --history 1193,661,914 -k 10
     genrec serve --checkpoint runs/ml-1m/hstu [--host 127.0.0.1 --port 8000] [--workers 2]
-    genrec serve --checkpoint runs/ml-1m/hstu --ranker runs/ranking/ml-1m/hstu [--retrieve-k 200] [--task-weights like=1,love=0.5]
+    genrec serve --checkpoint runs/ml-1m/hstu --ranker runs/ranking/ml-1m/hstu [--retrieve-k 200]
+                 [--task-weights like=1,love=0.5]
     genrec export --checkpoint runs/ml-1m/hstu --format torch-export --output exports/ml-1m-hstu
     genrec data fetch ml-1m [--cache-dir DIR]
     genrec data list

@@ -249,8 +249,8 @@ def create_app(
         n = len(recommender.item_map_)
         log.info("serving %s (%d items); max_batch=%d max_wait_ms=%s", model_id, n, max_batch, max_wait_ms)
         if stages is not None:
-            log.info("re-ranking the top %d with %s (tasks %s)", stages.retrieve_k, ranker_info["model_id"],  # type: ignore[index]
-                     ", ".join(f"{t}={w:g}" for t, w in stages.task_weights.items()))  # fmt: skip
+            weights = ", ".join(f"{t}={w:g}" for t, w in stages.task_weights.items())
+            log.info("re-ranking the top %d with %s (tasks %s)", stages.retrieve_k, stages.ranker.model_id, weights)
         try:
             yield
         finally:
@@ -397,11 +397,10 @@ def _two_stage_routes(
         result = await batcher.submit(query)
         assert isinstance(result, RetrieveRankResult)
         retrieval, ranked = result.recommendation, result.ranked
-        items = [
-            {"item": item, "score": _finite(score), "retrieval_score": retrieval_score,
-             "probs": _probs(result.probs, i), "title": titles.get(item)}
-            for i, (item, score, retrieval_score) in enumerate(zip(result.items, result.scores, result.retrieval_scores))
-        ]  # fmt: skip
+        scored = zip(result.items, result.scores, result.retrieval_scores)
+        items = [{"item": item, "score": _finite(score), "retrieval_score": retrieval_score,
+                  "probs": _probs(result.probs, i), "title": titles.get(item)}
+                 for i, (item, score, retrieval_score) in enumerate(scored)]  # fmt: skip
         return {
             "items": items,
             "stage": "two-stage",

@@ -134,7 +134,7 @@ class TwoStageRecommendRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={"examples": [{
-            "history": [{"item": "1193", "ts": 978300760, "actions": ["like", "love"]}, {"item": "661", "ts": 978302109}],
+            "history": [{"item": "1193", "ts": 978300760, "actions": ["r5"]}, {"item": "661", "ts": 978302109}],
             "k": 10, "retrieve_k": 200, "task_weights": {"like": 1.0, "love": 0.5},
         }]},
     )  # fmt: skip
@@ -155,7 +155,7 @@ class TwoStageRankRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"history": [{"item": "1193", "actions": ["like"]}, "661"],
+        json_schema_extra={"examples": [{"history": [{"item": "1193", "actions": ["r5"]}, "661"],
                                          "candidates": ["914", "3408", "2355"]}]},
     )  # fmt: skip
     history: RankerHistoryIn = Field(default_factory=list)

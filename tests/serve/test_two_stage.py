@@ -235,7 +235,8 @@ def _detail(r: httpx.Response) -> str:
 @pytest.mark.parametrize(
     "change, reason",
     [
-        ({"task_weights": {"click": 1.0}}, "task_weights.click: unknown task 'click'; the ranker's tasks are like, love"),
+        ({"task_weights": {"click": 1.0}},
+         "task_weights.click: unknown task 'click'; the ranker's tasks are like, love"),
         ({"task_weights": {"like": 1.0, "hate": 1.0, "click": 2}}, "task_weights.hate: unknown task"),
         ({"task_weights": {"like": "1"}}, "task_weights.like: "),
         ({"task_weights": {"like": True}}, "task_weights.like: "),
@@ -248,8 +249,8 @@ def _detail(r: httpx.Response) -> str:
         ({"history": [{"item": "i1", "ts": 500}], "query_ts": 100}, "after query_time"),
         ({"user_features": {"age": 3}}, "unknown feature 'age'"),
     ],
-    ids=["unknown-task", "unknown-tasks", "string-weight", "bool-weight", "null-weight", "huge-weights", "list", "unknown-action",
-         "actions-not-a-list", "mixed-timestamps", "event-after-query-ts", "unknown-user-feature"],
+    ids=["unknown-task", "unknown-tasks", "string-weight", "bool-weight", "null-weight", "huge-weights", "list",
+         "unknown-action", "actions-not-a-list", "mixed-timestamps", "event-after-query-ts", "unknown-user-feature"],
 )  # fmt: skip
 def test_inputs_the_ranker_refuses_get_422_with_a_reason(client, path, change, reason):
     body = {"history": ["i1"], **({"candidates": ["i2"]} if path == "/v1/rank" else {}), **change}
@@ -320,7 +321,8 @@ def test_healthz_reports_both_models_and_metrics_time_each_stage(rec, ranker):
         health = c.get("/healthz").json()
         assert c.post("/v1/recommend", json={"history": ["i1"]}).status_code == 200
         assert c.post("/v1/rank", json={"history": ["i1"], "candidates": ["i2", "i3"]}).status_code == 200
-        assert c.post("/v1/rank", json={"history": ["i1"], "candidates": ["i2"], "task_weights": {"x": 1}}).status_code == 422
+        bad = {"history": ["i1"], "candidates": ["i2"], "task_weights": {"x": 1}}
+        assert c.post("/v1/rank", json=bad).status_code == 422
         text = c.get("/metrics").text
     assert health["status"] == "ok" and health["stage"] == "two-stage"
     assert health["model_id"] == rec.model_id_ and health["num_items"] == 30 and health["popularity_fallback"]
