@@ -102,7 +102,6 @@ from genrec.serve.schemas import (
     describe_errors,
     parse_body,
     to_events,
-    to_ranker_events,
 )
 from genrec.serve.two_stage import DEFAULT_RETRIEVE_K, RankOnlyResult, RetrieveRankResult, TwoStage
 
@@ -390,7 +389,7 @@ def _two_stage_routes(
         the combined score Σ_t w_t·p_t of the ranker's probabilities: the top k, best first."""
         body = parse_body(TwoStageRecommendRequest, request.headers.get("content-type"), await request.body())
         query = stages.prepare_recommend(
-            to_events(body.history), to_ranker_events(body.history), k=body.k, retrieve_k=body.retrieve_k,
+            to_events(body.history), body.history, k=body.k, retrieve_k=body.retrieve_k,
             exclude_seen=body.exclude_seen, exclude=body.exclude, query_time=body.query_ts,
             task_weights=body.task_weights, user_features=body.user_features,
         )  # fmt: skip
@@ -423,7 +422,7 @@ def _two_stage_routes(
         unknown to it), in the request's order."""
         body = parse_body(TwoStageRankRequest, request.headers.get("content-type"), await request.body())
         query = stages.prepare_rank(
-            to_ranker_events(body.history), body.candidates, query_time=body.query_ts,
+            body.history, body.candidates, query_time=body.query_ts,
             task_weights=body.task_weights, user_features=body.user_features,
         )  # fmt: skip
         result = await batcher.submit(query)

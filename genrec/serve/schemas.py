@@ -354,17 +354,3 @@ def to_events(events: list) -> Events:
         [e.get("ts") if isinstance(e, dict) else None for e in events],
     )
 
-
-def to_ranker_events(events: list) -> list[Any]:
-    """Validated request events -> the ranker's history events: ``{"item", "ts", "actions"}`` dicts (bare ids as
-    given, as strings)."""
-    out: list[Any] = []
-    for e in events:
-        if isinstance(e, dict):
-            event = {"item": str(e["item"]), "ts": e.get("ts")}
-            if "actions" in e:
-                event["actions"] = list(e["actions"])
-            out.append(event)
-        else:
-            out.append(str(e))
-    return out
