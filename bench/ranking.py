@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs-only", action="store_true",
                    help="train nothing: regenerate the README ranking table and docs/ranking.md from results/")
     args = p.parse_args(argv)
-    args.command = "python bench/ranking.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args.command = _clean_command("python bench/ranking.py " + shlex.join(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.docs_only:
         write_docs()
