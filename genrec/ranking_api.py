@@ -32,7 +32,9 @@ What the model sees
     One :class:`~genrec.data.ranking_batch.RankingBatch` row per history: user id 0 (a user asked about by history
     is unknown to training), the user features given (0 = unknown), the history, the known candidates at the query
     time, and the dense features computed exactly as the dataset computes them for a user unknown to training
-    (training-period statistics before the query time, ``RankingState.features``). Every candidate is scored
+    (training-period statistics before the query time, ``RankingState.features``); a model whose
+    ``reads_dense_features`` is False (the HSTU ranker) gets zeros of the same shape instead, never computed. Every
+    candidate is scored
     independently of the others (the models' contract; the HSTU ranker's target-aware mask), so a result never
     depends on the other candidates or histories of the call. The HSTU ranker scores a history's candidates with
     M-FALCON: the history is encoded once and the candidates attend to its cached keys and values in micro-batches
@@ -60,6 +62,8 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from itertools import chain, repeat
+from operator import itemgetter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +72,7 @@ import numpy as np
 import torch
 
 from genrec.api import (
+    MAX_ABS_TIMESTAMP,
     InvalidInputError,
     NotFittedError,
     _as_history_list,
@@ -392,18 +397,17 @@ class Ranker:
         self.check_fitted()
         schema = self.state_.schema
         cands = _id_list(candidates, "candidates")
-        ids, ts, acts = _parse_history(history, schema.actions)
+        ids, timed, times, acts = _parse_history(history, schema.actions)
         query_time = _timestamp(query_time, "query_time")
         if query_time is not None and query_time < 0:
             raise InvalidInputError(f"query_time {query_time} is negative; times are Unix seconds >= 0")
         notes: list[str] = []
-        timed = [t is not None for t in ts]
-        if any(timed) and not all(timed):
-            first = timed.index(False) if timed[0] else timed.index(True)
+        all_timed = bool(timed.all())
+        if not all_timed and timed.any():
+            first = int(np.argmin(timed)) if timed[0] else int(np.argmax(timed))
             raise InvalidInputError(f"history event {first} differs from event 0 in having a timestamp: either every "
                                     "event has a ts or none has")  # fmt: skip
-        if ids and all(timed):
-            times = np.asarray(ts, dtype=np.int64)
+        if ids and all_timed:
             order = np.argsort(times, kind="stable")
             if query_time is None:
                 query_time = int(times.max())
@@ -421,7 +425,7 @@ class Ranker:
             elif query_time == 0:
                 notes.append("no query_time and no history timestamps: the time features use time 0")
         internal = self.state_.item_map.to_internal(ids)[order]
-        actions = np.asarray(acts, dtype=np.int64)[order] if ids else np.zeros(0, np.int64)
+        actions = acts[order]
         times = times[order]
         known = internal > 0
         unknown: tuple[str, ...] = ()
@@ -500,7 +504,7 @@ class Ranker:
                         probs={t: full[:, j].tolist() for j, t in enumerate(tasks)},
                         unknown=list(q.unknown),
                         unknown_candidates=list(dict.fromkeys(
-                            c for c, i in zip(q.candidates, q.candidate_ids) if i == 0)),
+                            q.candidates[i] for i in np.flatnonzero(q.candidate_ids == 0))),
                         warnings=list(q.warnings),
                     ))  # fmt: skip
         return results
@@ -528,10 +532,13 @@ class Ranker:
             cmask[r, : len(k)] = True
             qt[r], last[r], feats[r] = q.query_time, q.last_time, q.user_features
         cand_times = np.where(cmask, qt[:, None], 0)
-        dense = state.features.features(np.zeros((B, C), np.int64), np.broadcast_to(qt[:, None], (B, C)), cand,
-                                        np.broadcast_to(qt[:, None], (B, C)),
-                                        np.broadcast_to(last[:, None], (B, C)))  # fmt: skip
-        dense = dense * cmask[:, :, None]
+        if getattr(self.model_, "reads_dense_features", True):
+            dense = state.features.features(np.zeros((B, C), np.int64), np.broadcast_to(qt[:, None], (B, C)), cand,
+                                            np.broadcast_to(qt[:, None], (B, C)),
+                                            np.broadcast_to(last[:, None], (B, C)))  # fmt: skip
+            dense = dense * cmask[:, :, None]
+        else:  # the model never reads them (HSTU ranker): zeros of the contract's shape, not computed
+            dense = np.zeros((B, C, len(state.schema.dense_features)), dtype=np.float32)
         batch = RankingBatch(
             user_ids=torch.zeros(B, dtype=torch.long),
             hist_items=torch.from_numpy(hist[0]),
@@ -565,11 +572,98 @@ class Ranker:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _parse_history(history: Any, actions: tuple[str, ...]) -> tuple[list[str], list[int | None], list[int]]:
-    """(raw item ids, timestamps or None, action bitmasks) of a history; raises ``InvalidInputError``."""
+def _parse_history(history: Any, actions: tuple[str, ...]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """(raw item ids, has a timestamp [n] bool, timestamps [n] int64 (0 where none), action bitmasks [n] int64) of a
+    history; raises ``InvalidInputError``.
+
+    A history whose events are all of one plain form (dicts, ``(item, ts)`` tuples, or bare ids) with well-formed
+    values is checked column by column (:func:`_parse_uniform_history`); anything else, and every invalid history,
+    goes through the event-by-event checks of :func:`_parse_history_events`, which name the first bad event."""
+    events = _as_history_list(history)
+    parsed = _parse_uniform_history(events, actions)
+    if parsed is not None:
+        return parsed
+    ids, ts, masks = _parse_history_events(events, actions)
+    timed = np.fromiter((t is not None for t in ts), dtype=bool, count=len(ts))
+    times = np.fromiter((0 if t is None else t for t in ts), dtype=np.int64, count=len(ts))
+    return ids, timed, times, np.asarray(masks, dtype=np.int64).reshape(len(ids))
+
+
+_EVENT_KEYS = frozenset(("item", "ts", "actions"))
+
+
+def _parse_uniform_history(
+    events: list, actions: tuple[str, ...]
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray] | None:
+    """The result of :func:`_parse_history_events` for a valid history of one plain event form, computed per
+    column (types of a whole column at once, timestamps and action names as arrays); None for a history this
+    path does not take (another form, a mix of forms, or any value that :func:`_parse_history_events` would
+    refuse), which is then checked event by event."""
+    n = len(events)
+    if n == 0:
+        return [], np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    kinds = set(map(type, events))
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    names = None
+    if kind is dict:
+        if not set().union(*events) <= _EVENT_KEYS:
+            return None
+        items = list(map(dict.get, events, repeat("item")))
+        ts = list(map(dict.get, events, repeat("ts")))
+        names = list(map(dict.get, events, repeat("actions")))
+    elif kind is tuple:
+        if set(map(len, events)) != {2}:
+            return None
+        items, ts = list(map(itemgetter(0), events)), list(map(itemgetter(1), events))
+    elif kind is str or kind is int:
+        items, ts = events, None
+    else:
+        return None
+    item_types = set(map(type, items))
+    if not item_types <= {str, int}:  # a missing item (None) or another type: the event-by-event message
+        return None
+    ids = items if item_types == {str} else list(map(str, items))
+    timed = np.zeros(n, dtype=bool)
+    times = np.zeros(n, dtype=np.int64)
+    ts_types = {type(None)} if ts is None else set(map(type, ts))
+    if ts_types == {int}:
+        try:
+            times = np.array(ts, dtype=np.int64)
+        except OverflowError:
+            return None
+        if times.min() < 0 or times.max() > MAX_ABS_TIMESTAMP:
+            return None
+        timed = np.ones(n, dtype=bool)
+    elif ts_types != {type(None)}:  # bools, floats, strings, or a mix of timed and untimed events
+        return None
+    masks = np.zeros(n, dtype=np.int64)
+    if names is not None:
+        name_types = set(map(type, names))
+        if not name_types <= {list, type(None)}:
+            return None
+        if type(None) in name_types:
+            names = [() if a is None else a for a in names]
+        flat = list(chain.from_iterable(names))
+        if flat:
+            if set(map(type, flat)) != {str}:
+                return None
+            bit = {name: 1 << a for a, name in enumerate(actions)}
+            bits = list(map(bit.get, flat))
+            if None in bits:  # an unknown action name
+                return None
+            counts = np.fromiter(map(len, names), dtype=np.int64, count=n)
+            np.bitwise_or.at(masks, np.repeat(np.arange(n), counts), np.array(bits, dtype=np.int64))
+    return ids, timed, times, masks
+
+
+def _parse_history_events(events: list, actions: tuple[str, ...]) -> tuple[list[str], list[int | None], list[int]]:
+    """(raw item ids, timestamps or None, action bitmasks) of a history, event by event; raises
+    ``InvalidInputError`` naming the first bad event."""
     bit = {name: 1 << a for a, name in enumerate(actions)}
     ids, ts, masks = [], [], []
-    for i, event in enumerate(_as_history_list(history)):
+    for i, event in enumerate(events):
         mask = 0
         if isinstance(event, Mapping):
             extra = sorted(str(k) for k in event if k not in ("item", "ts", "actions"))

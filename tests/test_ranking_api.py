@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from genrec.api import InvalidInputError, NotFittedError
 from genrec.config import ConfigError, RankingDataConfig, RankingModelConfig, RankingRunConfig, RankingTrainConfig
 from genrec.data.ranking import build_ranking_dataset
 from genrec.data.readers import BadRowError
+from genrec.models.dlrm import DLRMRanker as DLRM_CLASS
 from genrec.ranking_api import Ranker, RankResult
 from genrec.train.ranking import RANKING_STATE_FILES, predict, train_ranker
 
@@ -170,6 +173,29 @@ def test_dense_features_are_the_datasets_for_an_unknown_user(dlrm):
     np.testing.assert_array_equal(batch.dense_features.numpy(), expected)
     assert batch.dense_features[0, :, ds.schema.dense_features.index("item_count_log")].abs().sum() > 0
     assert (batch.user_ids == 0).all()
+
+
+def test_hstu_batches_carry_zero_dense_features_and_its_answers_do_not_change(hstu):
+    assert not hstu.model_.reads_dense_features and getattr(DLRM_CLASS, "reads_dense_features", True)
+    query = hstu.prepare_rank(HISTORY, CANDS, query_time=1_021_600)
+    batch = hstu.make_batch([query])
+    schema = hstu.state_.schema
+    assert len(schema.dense_features) > 0
+    assert batch.dense_features.shape == (1, len(CANDS), len(schema.dense_features))
+    assert batch.dense_features.dtype == torch.float32 and not batch.dense_features.any()
+    batch.validate(schema)
+    # the same batch with the dataset's dense features: the HSTU ranker's logits are bit for bit the same
+    cands = batch.cand_items.numpy()
+    shape = cands.shape
+    real = hstu.state_.features.features(np.zeros(shape, np.int64), np.full(shape, 1_021_600), cands,
+                                         np.full(shape, 1_021_600), np.full(shape, 1_021_000))  # fmt: skip
+    assert np.abs(real).sum() > 0
+    with_dense = dataclasses.replace(batch, dense_features=torch.from_numpy(np.asarray(real, dtype=np.float32)))
+    with torch.inference_mode():
+        assert torch.equal(hstu.model_.rank_cached(batch), hstu.model_.rank_cached(with_dense))
+        assert torch.equal(hstu.model_(batch), hstu.model_(with_dense))
+        expected = torch.sigmoid(hstu.model_.rank_cached(with_dense)).double().numpy()[0]
+    np.testing.assert_array_equal(probs(hstu.rank(HISTORY, CANDS, query_time=1_021_600)), expected)
 
 
 # ------------------------------------------------------------------------------------------------ save / load
@@ -345,6 +371,68 @@ def test_fit_reads_a_csv_file_with_line_numbers(tmp_path):
 def test_bad_rank_inputs_raise_invalid_input(hstu, history, kw, message):
     with pytest.raises(InvalidInputError, match=message):
         hstu.rank(history, CANDS, **kw)
+
+
+LONG = [{"item": f"m{1 + i % 25}", "ts": 1_000_000 + 60 * i, "actions": [["click"], ["like", "click"], [], None][i % 4]}
+        for i in range(200)]  # fmt: skip
+
+
+@pytest.mark.parametrize("history", [
+    LONG,
+    [{"item": e["item"], "ts": e["ts"]} for e in LONG],
+    [{"item": e["item"]} for e in LONG],
+    [{"item": 7, "ts": 0, "actions": ["like", "like"]}, {"item": "m7", "ts": 2**53, "actions": []}],
+    [(e["item"], e["ts"]) for e in LONG],
+    [e["item"] for e in LONG],
+    [3, 8, 12],
+    [],
+])  # fmt: skip
+def test_a_uniform_history_is_parsed_per_column_like_event_by_event(history):
+    from genrec.ranking_api import _parse_history, _parse_history_events, _parse_uniform_history
+
+    assert _parse_uniform_history(list(history), TASKS) is not None  # the per-column path takes it
+    ids, timed, times, masks = _parse_history(history, TASKS)
+    want_ids, want_ts, want_masks = _parse_history_events(list(history), TASKS)
+    assert ids == want_ids and all(isinstance(i, str) for i in ids)
+    assert timed.tolist() == [t is not None for t in want_ts]
+    assert times.tolist() == [0 if t is None else t for t in want_ts]
+    assert masks.dtype == np.int64 and masks.tolist() == want_masks
+
+
+def bad(index: int, **event) -> list:
+    return LONG[:index] + [{**LONG[index], **event}] + LONG[index + 1 :]
+
+
+@pytest.mark.parametrize("history, message", [
+    (bad(150, actions=["buy"]), "history event 150: unknown action 'buy'"),
+    (bad(150, actions=[5]), "history event 150: unknown action 5"),
+    (bad(150, actions="click"), "history event 150: actions must be a list"),
+    (bad(150, ts=-1), "history event 150: ts -1 is negative"),
+    (bad(150, ts=2**53 + 1), "history event 150 ts 9007199254740993 is out of range"),
+    (bad(150, ts=2**70), "history event 150 ts 1180591620717411303424 is out of range"),
+    (bad(150, ts=True), "history event 150 ts must be an integer or null, got bool"),
+    (bad(150, ts=1.0), "history event 150 ts must be an integer or null, got float"),
+    (bad(150, ts=None), "history event 150 differs from event 0 in having a timestamp"),
+    (bad(150, item=None), "item ids must be strings or integers, got NoneType"),
+    (bad(150, item=True), "item ids must be strings or integers, got bool"),
+    (bad(150, when=3), r"history event 150: a dict has keys 'item' .*'when'"),
+    (LONG[:150] + [{"ts": 5}] + LONG[151:], r"history event 150: a dict has keys 'item'"),
+    (LONG[:150] + ["m1"] + LONG[151:], r"history event 150 differs from event 0 in having a timestamp"),
+    ([(e["item"], e["ts"]) for e in LONG[:150]] + [("m1", 5, 6)], r"history event 150: a tuple is \(item, ts\)"),
+    ([(e["item"], e["ts"]) for e in LONG[:150]] + [("m1", -5)], "history event 150: ts -5 is negative"),
+])  # fmt: skip
+def test_a_bad_event_deep_in_a_long_history_is_named(hstu, history, message):
+    with pytest.raises(InvalidInputError, match=message):
+        hstu.prepare_rank(history, CANDS)
+
+
+def test_other_value_types_and_mixed_event_forms_are_accepted_as_before(hstu):
+    plain = hstu.prepare_rank([(e["item"], e["ts"]) for e in LONG], CANDS)
+    numpy = hstu.prepare_rank([(np.str_(e["item"]), np.int64(e["ts"])) for e in LONG], CANDS)
+    mixed = hstu.prepare_rank([(e["item"], e["ts"]) if i % 2 else {"item": e["item"], "ts": e["ts"]}
+                               for i, e in enumerate(LONG)], CANDS)  # fmt: skip
+    for other in (numpy, mixed):
+        assert np.array_equal(plain.items, other.items) and np.array_equal(plain.times, other.times)
 
 
 def test_bad_rank_batch_inputs(hstu):

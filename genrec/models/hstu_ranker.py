@@ -187,6 +187,10 @@ class SwishLayerNorm(nn.Module):
 class HSTURanker(nn.Module):
     """HSTU ranker: ``forward(batch) -> logits [B, C, T]``; ``loss(batch) -> (total, {task: loss})``."""
 
+    # ``batch.dense_features`` is never read (only validated): callers building inference batches may pass zeros of
+    # the contract's shape instead of computing them (``genrec.ranking_api.Ranker.make_batch`` does).
+    reads_dense_features = False
+
     def __init__(self, schema: RankingSchema, config: HSTURankerConfig | None = None) -> None:
         super().__init__()
         config = config or HSTURankerConfig()
