@@ -673,6 +673,10 @@ def _diagnosis() -> list[str]:
         "",
         "Base rates (first run): " + _base_rates(first),
         "",
+        "The two runs label the test part differently (up to the end of the part, or within the hour), so the "
+        "columns below are not a paired comparison; each NE is against its own test base rate. The first run used "
+        "seed 0 only.",
+        "",
         "Command (results in `results/ranking_taobao_unbounded.json`):",
         "",
     ]
