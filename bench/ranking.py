@@ -176,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                    "loader's one hour; 0 = up to the end of the view's part)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--init-base-rates", action="store_true",
-                   help="start every learned model's output bias at logit(training base rate) per task (DLRM, DIN, "
-                   "HSTU ranker); without it the biases start at 0, i.e. probability 0.5")
+                   help="start every learned model's output bias at logit(training base rate) per task (logistic "
+                   "regression, DLRM, DIN, HSTU ranker); without it the biases start at the layers' default (0, i.e. "
+                   "probability 0.5, for logistic regression and the HSTU ranker)")
     p.add_argument("--select-metric", default="NE", choices=["NE", "AUC", "GAUC", "LogLoss"])
     p.add_argument("--max-steps", type=int, default=0, help=">0: cut every epoch to this many steps (smoke runs)")
     p.add_argument("--threads", type=int, default=0)
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if baseline not in models:
         models.insert(0, baseline)
     options = {} if args.label_window_s is None else {"label_window_s": args.label_window_s or None}
+    if options and args.dataset not in ("taobao", "taobao-userbehavior-head"):
+        p.error("--label-window-s applies to taobao only (the other datasets label a candidate by its own event)")
     ds = load_ranking_dataset(args.dataset, data_dir=args.data_dir, split=args.split, n_eval=args.n_eval,
                               max_candidates=args.max_candidates, **options)  # fmt: skip
     print(ds.describe(args.max_candidates), flush=True)
