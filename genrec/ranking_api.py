@@ -38,7 +38,10 @@ What the model sees
     independently of the others (the models' contract; the HSTU ranker's target-aware mask), so a result never
     depends on the other candidates or histories of the call. The HSTU ranker scores a history's candidates with
     M-FALCON: the history is encoded once and the candidates attend to its cached keys and values in micro-batches
-    (:meth:`genrec.models.hstu_ranker.HSTURanker.rank_cached`), equal to the one-pass forward.
+    (:meth:`genrec.models.hstu_ranker.HSTURanker.rank_cached`), equal to the one-pass forward. What a candidate's
+    scoring computes from its item id alone (its first-layer projection, the head's item side) is computed once
+    per item at ``fit`` / ``load`` (``HSTURanker.candidate_tables``, kept when at most ``CANDIDATE_TABLE_BYTES``)
+    and read by id; the same values.
 
 Probabilities
     ``probs[task]``: the sigmoid of the model's logit for every model (the learned rankers and the floors all
@@ -91,6 +94,7 @@ __all__ = ["RankQuery", "RankResult", "Ranker"]
 
 RANK_ROWS = 64  # histories per model pass inside one call (bounds memory for large batches)
 CANDIDATE_MICROBATCH = 256  # candidates per M-FALCON micro-batch (HSTU ranker)
+CANDIDATE_TABLE_BYTES = 256 << 20  # the HSTU ranker's per-item candidate tables are kept up to this size
 TABLE_DATASET = "table"  # data.dataset of a Ranker fitted on a user's table
 ROLES = ("user", "item", "timestamp")
 
@@ -166,7 +170,8 @@ class Ranker:
             Unknown sections, keys and wrongly typed values raise ``ConfigError`` here, before any training.
 
     Learned attributes: ``config_``, ``model_`` (eval mode), ``state_`` (:class:`genrec.train.ranking.RankingState`:
-    schema, item ids, dense feature statistics, user feature values), ``model_id_``, ``results_`` (after ``fit``).
+    schema, item ids, dense feature statistics, user feature values), ``model_id_``, ``candidate_tables_`` (the
+    HSTU ranker's :class:`~genrec.models.hstu_ranker.CandidateTables`, or None), ``results_`` (after ``fit``).
     """
 
     def __init__(self, config: RankingRunConfig | None = None, **overrides: Any) -> None:
@@ -296,6 +301,12 @@ class Ranker:
         self.state_ = state
         self.device_ = torch.device(device)
         self.model_ = model.to(self.device_).eval()
+        self.candidate_tables_ = None
+        if isinstance(self.model_, HSTURanker):
+            c = self.model_.config
+            width = 2 * c.num_heads * (c.linear_dim + c.attention_dim) + c.embedding_dim
+            if (state.schema.num_items + 1) * width * 4 <= CANDIDATE_TABLE_BYTES:
+                self.candidate_tables_ = self.model_.candidate_tables()
         self.model_id_ = f"{config.model.name}-{hashlib.sha256(weights).hexdigest()[:12]}"
 
     def save(self, directory: str | Path) -> Path:
@@ -560,7 +571,8 @@ class Ranker:
             return [np.zeros((0, len(self.state_.schema.tasks))) for _ in queries]
         batch = self.make_batch(queries)
         if isinstance(self.model_, HSTURanker):
-            logits = self.model_.rank_cached(batch, microbatch=CANDIDATE_MICROBATCH)  # [B, C, T], M-FALCON
+            logits = self.model_.rank_cached(batch, microbatch=CANDIDATE_MICROBATCH,
+                                             tables=self.candidate_tables_)  # [B, C, T], M-FALCON  # fmt: skip
         else:
             logits = self.model_(batch)  # [B, C, T]
         probs = torch.sigmoid(logits.float()).double().cpu().numpy()

@@ -81,7 +81,7 @@ from torch import nn
 
 from genrec.data.ranking_batch import RankingBatch, RankingSchema
 from genrec.models.hstu import HSTUConfig, HSTULayer
-from genrec.ops.hstu_math import hstu_attention, input_norm
+from genrec.ops.hstu_math import hstu_attention, input_norm, project, split_uvqk, to_heads
 from genrec.ops.mfalcon import layer_finish, layer_uvqk
 from genrec.ops.ranking_mask import (
     logical_positions,
@@ -91,7 +91,7 @@ from genrec.ops.ranking_mask import (
     token_valid,
 )
 
-__all__ = ["HSTURanker", "HSTURankerConfig", "keep_most_recent"]
+__all__ = ["CandidateTables", "HSTURanker", "HSTURankerConfig", "keep_most_recent"]
 
 VARIANTS = ("summed", "interleaved")
 
@@ -142,6 +142,22 @@ class HSTURankerConfig:
     @property
     def tokens_per_event(self) -> int:
         return 2 if self.variant == "interleaved" else 1
+
+
+@dataclass(frozen=True)
+class CandidateTables:
+    """Per item id (row 0 = padding): what scoring a candidate computes from its item alone
+    (``HSTURanker.candidate_tables``).
+
+    first_uvqk [num_items + 1, 2h(dv + dqk)]: the first layer's SiLU(LN(token) W_uvqk) of the item's candidate
+    token; item_side [num_items + 1, d]: the head's LN(W_i · item_emb(item))."""
+
+    first_uvqk: torch.Tensor
+    item_side: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.first_uvqk, self.item_side))
 
 
 def keep_most_recent(batch: RankingBatch, max_history: int) -> RankingBatch:
@@ -247,7 +263,24 @@ class HSTURanker(nn.Module):
         return self._logits(batch)[0]
 
     @torch.no_grad()
-    def rank_cached(self, batch: RankingBatch, microbatch: int = 256) -> torch.Tensor:
+    def candidate_tables(self) -> CandidateTables:
+        """What a candidate's scoring computes from its item id alone, for every item id (eval mode; a snapshot
+        of the current weights: rebuild after changing them). ``rank_cached(batch, tables=...)`` reads rows of
+        these instead of recomputing them for every candidate of every request."""
+        if self.training:
+            raise RuntimeError("HSTURanker.candidate_tables is an inference path: call model.eval() first")
+        items = torch.arange(self.schema.num_items + 1, device=self.item_emb.weight.device)  # [I + 1]
+        tokens = self._candidate_tokens(self.item_emb(items))  # [I + 1, d]
+        first = self.layers[0]
+        return CandidateTables(
+            first_uvqk=project(input_norm(tokens), first.uvqk),  # [I + 1, 2h(dv + dqk)]
+            item_side=self._item_side(items),  # [I + 1, d]
+        )
+
+    @torch.no_grad()
+    def rank_cached(
+        self, batch: RankingBatch, microbatch: int = 256, tables: CandidateTables | None = None
+    ) -> torch.Tensor:
         """M-FALCON: candidate logits [B, C, T] equal to ``forward(batch)`` (eval mode), computed with the history
         encoded once and the candidates scored in micro-batches of ``microbatch`` against its cached keys/values.
 
@@ -258,7 +291,10 @@ class HSTURanker(nn.Module):
         projections per layer, instead of O((P + W + C)²) for the whole sequence at once). The attention of a
         candidate is ``hstu_attention`` over the history keys plus ``hstu_attention`` over its own key (the sum
         over keys split in two), with the same relative bias (logical positions, each token's time) and the
-        same normaliser as ``forward``. Inference only: raises in training mode (dropout would differ)."""
+        same normaliser as ``forward``. Inference only: raises in training mode (dropout would differ).
+
+        ``tables`` (``candidate_tables()`` of the same weights): the candidates' first-layer projection and the
+        head's item side are read from it by item id instead of being computed (the same values)."""
         if self.training:
             raise RuntimeError("HSTURanker.rank_cached is an inference path: call model.eval() first")
         if microbatch < 1:
@@ -303,23 +339,40 @@ class HSTURanker(nn.Module):
             mask_c = batch.cand_mask[:, lo:hi]  # [B, b]
             if not bool(mask_c.any()):
                 continue
-            xc = self.input_dropout(x[:, H + lo : H + hi]) * mask_c.unsqueeze(-1).to(x.dtype)  # [B, b, d]
+            keep_c = mask_c.unsqueeze(-1).to(x.dtype)  # [B, b, 1]
+            xc = self.input_dropout(x[:, H + lo : H + hi]) * keep_c  # [B, b, d]
             c_times = times[:, H + lo : H + hi]  # [B, b]
-            c_off = (cand_pos - positions.view(B, 1, H)).clamp(min=0).expand(B, b, H)  # [B, b, H]
-            c_index = rab_index_per_key(c_off, c_times, h_times, h_has_time, nb) if use_time else None
-            s_off = torch.zeros(B * b, 1, 1, dtype=torch.long, device=device)  # a candidate on itself: offset 0
-            s_times = c_times.reshape(B * b, 1)
+            # The bias of a candidate on the history keys depends on its row and its time only (all candidates
+            # share one logical position): when a row's real candidates share one time (Ranker batches do), one
+            # query row [B, 1, H] stands for all of them and broadcasts in the attention (padding candidates get
+            # that bias too; their outputs are zeroed).
+            first = c_times.gather(1, mask_c.to(torch.int8).argmax(dim=1, keepdim=True))  # [B, 1] a real one's
+            if use_time and not bool(((c_times == first) | ~mask_c).all()):
+                c_off = (cand_pos - positions.view(B, 1, H)).clamp(min=0).expand(B, b, H)  # [B, b, H]
+                c_index = rab_index_per_key(c_off, c_times, h_times, h_has_time, nb)
+            else:
+                c_off = (cand_pos - positions.view(B, 1, H)).clamp(min=0)  # [B, 1, H]
+                c_index = rab_index_per_key(c_off, first, h_times, h_has_time, nb) if use_time else None
+            # A candidate on itself: offset 0 and time gap 0, the same bias for every candidate -> [1, 1, 1].
+            s_off = torch.zeros(1, 1, 1, dtype=torch.long, device=device)
+            s_times = torch.zeros(1, 1, dtype=torch.long, device=device)
             s_index = (rab_index_per_key(s_off, s_times, s_times, torch.ones_like(s_times, dtype=torch.bool), nb)
                        if use_time else None)  # fmt: skip
             s_mask = torch.ones(1, 1, 1, 1, dtype=x.dtype, device=device)
-            for layer, (k_hist, v_hist) in zip(self.layers, cache):
-                u, v, q, k = layer_uvqk(layer, xc)  # v [B, h, b, dv]; q, k [B, h, b, dqk]
+            items_c = batch.cand_items[:, lo:hi]  # [B, b]
+            for depth, (layer, (k_hist, v_hist)) in enumerate(zip(self.layers, cache)):
+                if depth == 0 and tables is not None:  # a candidate's first-layer input is its item's token
+                    uvqk = tables.first_uvqk[items_c] * keep_c  # [B, b, 2h(dv + dqk)]
+                    u, v, q, k = split_uvqk(uvqk, layer.h, layer.dv, layer.dqk)
+                    v, q, k = to_heads(v, layer.h), to_heads(q, layer.h), to_heads(k, layer.h)
+                else:
+                    u, v, q, k = layer_uvqk(layer, xc)  # v [B, h, b, dv]; q, k [B, h, b, dqk]
                 hist = hstu_attention(q, k_hist, v_hist, layer.rab(c_off, c_index), key_mask, norm)  # [B, h, b, dv]
                 own = hstu_attention(_per_token(q), _per_token(k), _per_token(v), layer.rab(s_off, s_index), s_mask,
-                                     norm)  # [B·b, h, 1, dv]: each candidate on itself alone  # fmt: skip
-                own = own.view(B, b, -1, own.shape[-1]).transpose(1, 2)  # [B, h, b, dv]
-                xc = layer_finish(layer, xc, u, hist + own) * mask_c.unsqueeze(-1).to(x.dtype)
-            logits[:, lo:hi] = self._score(xc, batch.cand_items[:, lo:hi]) * mask_c.unsqueeze(-1)
+                                     norm)  # [B, h, b, 1, dv]: each candidate on itself alone  # fmt: skip
+                xc = layer_finish(layer, xc, u, hist + own.squeeze(-2)) * keep_c
+            item_side = None if tables is None else tables.item_side[items_c]  # [B, b, d]
+            logits[:, lo:hi] = self._score(xc, items_c, item_side) * mask_c.unsqueeze(-1)
         return logits
 
     def history_logits(self, batch: RankingBatch) -> torch.Tensor:
@@ -374,10 +427,23 @@ class HSTURanker(nn.Module):
         hist = self._score(h[:, P:P + W:2], batch.hist_items) * real.unsqueeze(-1)  # item tokens -> [B, L, T]
         return cand, hist
 
-    def _score(self, state: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """The head: user state at a token [B, K, d] and the item asked about [B, K] -> logits [B, K, T]."""
-        item = input_norm(self.item_tower(self.item_emb(items)))  # [B, K, d]
+    def _score(self, state: torch.Tensor, items: torch.Tensor, item_side: torch.Tensor | None = None) -> torch.Tensor:
+        """The head: user state at a token [B, K, d] and the item asked about [B, K] -> logits [B, K, T].
+        ``item_side``: ``_item_side(items)`` when the caller has it already."""
+        item = self._item_side(items) if item_side is None else item_side  # [B, K, d]
         return self.head(input_norm(state) * item)
+
+    def _item_side(self, items: torch.Tensor) -> torch.Tensor:
+        """The head's item input LN(W_i · item_emb(item)): items [...] -> [..., d]."""
+        return input_norm(self.item_tower(self.item_emb(items)))
+
+    def _candidate_tokens(self, cand_items: torch.Tensor) -> torch.Tensor:
+        """Candidate input tokens from their item embeddings [..., d] (as ``_tokens`` builds them) -> [..., d]."""
+        scale = math.sqrt(self.config.embedding_dim)
+        cand_pos = self.pos_emb.weight[0]  # [d], recency 0 shared by all candidates
+        if self.config.variant == "summed":
+            return (cand_items + self.unknown_action) * scale + cand_pos
+        return cand_items * scale + cand_pos
 
     def _encode(self, batch: RankingBatch) -> torch.Tensor:
         """Tokens, then the HSTU layers with the target-aware mask -> [B, P + W + C, d] (zero at padding)."""
@@ -443,9 +509,8 @@ class HSTURanker(nn.Module):
 
 
 def _per_token(t: torch.Tensor) -> torch.Tensor:
-    """[B, h, b, dim] -> [B·b, h, 1, dim]: every token its own sequence of one."""
-    B, h, b, dim = t.shape
-    return t.transpose(1, 2).reshape(B * b, h, 1, dim)
+    """[B, h, b, dim] -> [B, h, b, 1, dim] (a view): every token its own sequence of one."""
+    return t.unsqueeze(-2)
 
 
 def _check_labels(name: str, labels: torch.Tensor) -> None:

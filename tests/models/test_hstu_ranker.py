@@ -485,6 +485,44 @@ def test_cached_scoring_equals_the_one_pass_forward(variant, contextual, time_bi
     assert (got[~batch.cand_mask] == 0).all()
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("contextual, time_bias", [(True, True), (False, False)])
+@pytest.mark.parametrize("shared_time", [False, True])
+@pytest.mark.parametrize("microbatch", [3, 64])
+def test_cached_scoring_with_candidate_tables_gives_the_same_logits(variant, contextual, time_bias, shared_time,
+                                                                     microbatch):
+    model = _model(variant, use_contextual=contextual, use_time_bias=time_bias)
+    batch = _batch(B=3, L=6, C=11, seed=5, hist_lengths=[6, 2, 0], cand_counts=[11, 5, 8])
+    if shared_time:  # one impression time per row (as Ranker batches have), 0 at padding
+        batch = dataclasses.replace(batch, cand_times=batch.cand_times[:, :1] * batch.cand_mask)
+    tables = model.candidate_tables()
+    assert tables.first_uvqk.shape == (SCHEMA.num_items + 1, 2 * 2 * (3 + 4))
+    assert tables.item_side.shape == (SCHEMA.num_items + 1, 8)
+    with torch.no_grad():
+        expected = model(batch)
+    plain = model.rank_cached(batch, microbatch=microbatch)
+    got = model.rank_cached(batch, microbatch=microbatch, tables=tables)
+    # the same values, up to float rounding (a matrix product's rounding can depend on its number of rows, as it
+    # does for the micro-batch size anyway)
+    torch.testing.assert_close(got, plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (got[~batch.cand_mask] == 0).all()
+
+
+def test_candidate_tables_are_what_scoring_computes_per_item():
+    model = _model("summed")
+    tables = model.candidate_tables()
+    batch = _batch(B=2, L=4, C=5, seed=6)
+    x, _, _ = model._tokens(batch)
+    with torch.no_grad():
+        direct = model.layers[0].uvqk.new_tensor(0) + F.silu(
+            F.layer_norm(x[:, -5:], (8,), eps=1e-6) @ model.layers[0].uvqk)  # [B, C, 2h(dv + dqk)]
+    torch.testing.assert_close(tables.first_uvqk[batch.cand_items], direct, rtol=0, atol=1e-6)
+    model.train()
+    with pytest.raises(RuntimeError, match="eval"):
+        model.candidate_tables()
+
+
 def test_cached_scoring_truncates_like_the_forward_and_refuses_training_mode():
     model = _model("interleaved", max_history=4)
     batch = _batch(B=2, L=9, C=5, seed=4, hist_lengths=[9, 3])
