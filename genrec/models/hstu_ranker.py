@@ -289,12 +289,14 @@ class HSTURanker(nn.Module):
         every layer; then each micro-batch of b candidates runs every layer for its own b tokens only, each
         candidate attending to the cached prefix + history keys and to itself (O(b·(P + W)) attention and O(b·d²)
         projections per layer, instead of O((P + W + C)²) for the whole sequence at once). The attention of a
-        candidate is ``hstu_attention`` over the history keys plus ``hstu_attention`` over its own key (the sum
-        over keys split in two), with the same relative bias (logical positions, each token's time) and the
-        same normaliser as ``forward``. Inference only: raises in training mode (dropout would differ).
+        candidate is ``hstu_attention`` over the history keys plus the same pointwise attention over its own key
+        (the sum over keys split in two; the one-key part as a row-wise dot product), with the same relative bias
+        (logical positions, each token's time) and the same normaliser as ``forward``. Inference only: raises in
+        training mode (dropout would differ).
 
         ``tables`` (``candidate_tables()`` of the same weights): the candidates' first-layer projection and the
-        head's item side are read from it by item id instead of being computed (the same values)."""
+        head's item side are read from it by item id instead of being computed (the same values up to float
+        rounding)."""
         if self.training:
             raise RuntimeError("HSTURanker.rank_cached is an inference path: call model.eval() first")
         if microbatch < 1:
@@ -358,7 +360,6 @@ class HSTURanker(nn.Module):
             s_times = torch.zeros(1, 1, dtype=torch.long, device=device)
             s_index = (rab_index_per_key(s_off, s_times, s_times, torch.ones_like(s_times, dtype=torch.bool), nb)
                        if use_time else None)  # fmt: skip
-            s_mask = torch.ones(1, 1, 1, 1, dtype=x.dtype, device=device)
             items_c = batch.cand_items[:, lo:hi]  # [B, b]
             for depth, (layer, (k_hist, v_hist)) in enumerate(zip(self.layers, cache)):
                 if depth == 0 and tables is not None:  # a candidate's first-layer input is its item's token
@@ -368,9 +369,11 @@ class HSTURanker(nn.Module):
                 else:
                     u, v, q, k = layer_uvqk(layer, xc)  # v [B, h, b, dv]; q, k [B, h, b, dqk]
                 hist = hstu_attention(q, k_hist, v_hist, layer.rab(c_off, c_index), key_mask, norm)  # [B, h, b, dv]
-                own = hstu_attention(_per_token(q), _per_token(k), _per_token(v), layer.rab(s_off, s_index), s_mask,
-                                     norm)  # [B, h, b, 1, dv]: each candidate on itself alone  # fmt: skip
-                xc = layer_finish(layer, xc, u, hist + own.squeeze(-2)) * keep_c
+                # each candidate on itself alone: hstu_attention over one key, as a row-wise dot product (the form
+                # of genrec.ops.mfalcon.score_candidates) rather than B·h·b products of 1 x 1 matrices
+                w_self = F.silu((q * k).sum(-1, keepdim=True) + layer.rab(s_off, s_index).unsqueeze(1))  # [B, h, b, 1]
+                own = w_self * v / norm.view(-1, 1, 1, 1)  # [B, h, b, dv]
+                xc = layer_finish(layer, xc, u, hist + own) * keep_c
             item_side = None if tables is None else tables.item_side[items_c]  # [B, b, d]
             logits[:, lo:hi] = self._score(xc, items_c, item_side) * mask_c.unsqueeze(-1)
         return logits
@@ -506,11 +509,6 @@ class HSTURanker(nn.Module):
     def _check(self, batch: RankingBatch) -> None:
         """The batch against the schema (shapes, id ranges, action bitmasks: ``RankingBatch.validate``)."""
         batch.validate(self.schema)
-
-
-def _per_token(t: torch.Tensor) -> torch.Tensor:
-    """[B, h, b, dim] -> [B, h, b, 1, dim] (a view): every token its own sequence of one."""
-    return t.unsqueeze(-2)
 
 
 def _check_labels(name: str, labels: torch.Tensor) -> None:
