@@ -198,6 +198,19 @@ def test_hstu_batches_carry_zero_dense_features_and_its_answers_do_not_change(hs
     np.testing.assert_array_equal(probs(hstu.rank(HISTORY, CANDS, query_time=1_021_600)), expected)
 
 
+def test_hstu_candidate_tables_are_kept_up_to_a_size_and_give_the_same_answers(hstu, dlrm, tmp_path, monkeypatch):
+    import genrec.ranking_api as ranking_api
+
+    assert hstu.candidate_tables_ is not None and dlrm.candidate_tables_ is None
+    path = hstu.save(tmp_path / "model")
+    monkeypatch.setattr(ranking_api, "CANDIDATE_TABLE_BYTES", 1024)
+    without = Ranker.load(path)
+    assert without.candidate_tables_ is None
+    with_tables = probs(hstu.rank(HISTORY, CANDS, query_time=1_021_600))
+    np.testing.assert_allclose(probs(without.rank(HISTORY, CANDS, query_time=1_021_600)), with_tables, rtol=0,
+                               atol=1e-6)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ save / load
 @pytest.mark.parametrize("which", ["hstu", "dlrm"])
 def test_save_then_load_gives_identical_outputs(which, request, tmp_path):
