@@ -363,7 +363,9 @@ class HSTURanker(nn.Module):
             items_c = batch.cand_items[:, lo:hi]  # [B, b]
             for depth, (layer, (k_hist, v_hist)) in enumerate(zip(self.layers, cache)):
                 if depth == 0 and tables is not None:  # a candidate's first-layer input is its item's token
-                    uvqk = tables.first_uvqk[items_c] * keep_c  # [B, b, 2h(dv + dqk)]
+                    uvqk = F.embedding(items_c, tables.first_uvqk)  # [B, b, 2h(dv + dqk)], rows by item id
+                    if not bool(mask_c.all()):
+                        uvqk = uvqk * keep_c  # padding candidates: 0, as their zero input token gives
                     u, v, q, k = split_uvqk(uvqk, layer.h, layer.dv, layer.dqk)
                     v, q, k = to_heads(v, layer.h), to_heads(q, layer.h), to_heads(k, layer.h)
                 else:
@@ -374,7 +376,7 @@ class HSTURanker(nn.Module):
                 w_self = F.silu((q * k).sum(-1, keepdim=True) + layer.rab(s_off, s_index).unsqueeze(1))  # [B, h, b, 1]
                 own = w_self * v / norm.view(-1, 1, 1, 1)  # [B, h, b, dv]
                 xc = layer_finish(layer, xc, u, hist + own) * keep_c
-            item_side = None if tables is None else tables.item_side[items_c]  # [B, b, d]
+            item_side = None if tables is None else F.embedding(items_c, tables.item_side)  # [B, b, d]
             logits[:, lo:hi] = self._score(xc, items_c, item_side) * mask_c.unsqueeze(-1)
         return logits
 
