@@ -128,7 +128,7 @@ METRIC_DEFINITIONS = {
 # the floors' constructor parameters {name: type} (the learned rankers' come from their config dataclasses)
 _FLOOR_PARAMS: dict[str, dict[str, Any]] = {
     "popularity": {"prior_strength": float},
-    "logreg": {"num_buckets": int},
+    "logreg": {"num_buckets": int, "task_base_rates": tuple[float, ...] | None},
 }
 
 

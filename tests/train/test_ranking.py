@@ -309,6 +309,12 @@ def test_build_ranker_checks_params(dataset):
     schema = dataset.schema
     model = build_ranker(RankingModelConfig(name="logreg", params={"num_buckets": 64}), schema, seed=3)
     assert model.num_buckets == 64
+    rates = (0.2, 0.05)
+    started = build_ranker(RankingModelConfig(name="logreg", params={"task_base_rates": list(rates)}), schema)
+    biases = next(p for n, p in started.named_parameters() if n.endswith("bias") and p.numel() == schema.num_tasks)
+    assert torch.allclose(torch.sigmoid(biases.detach()), torch.tensor(rates))
+    with pytest.raises(ConfigError, match="task_base_rates"):
+        build_ranker(RankingModelConfig(name="logreg", params={"task_base_rates": [0.2, 1.5]}), schema)
     with pytest.raises(ConfigError, match=r"model.params: unknown key\(s\) \['buckets'\]"):
         build_ranker(RankingModelConfig(name="logreg", params={"buckets": 64}), schema)
     with pytest.raises(ConfigError, match="model.params.num_buckets: expected an integer"):
