@@ -270,13 +270,7 @@ class Recommender:
 
     def resolved_config(self) -> RunConfig:
         """``config`` with ``overrides`` applied and validated."""
-        raw = (self.config or RunConfig()).to_dict()
-        for section, value in self.overrides.items():
-            if isinstance(value, Mapping) and isinstance(raw.get(section), dict):
-                raw[section] = {**raw[section], **value}
-            else:
-                raw[section] = value
-        return RunConfig.from_dict(raw, where="Recommender")
+        return with_overrides(self.config or RunConfig(), self.overrides, where="Recommender")
 
     # -- fit / save / load -----------------------------------------------------------------------------------------
 
@@ -692,6 +686,18 @@ class Recommender:
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def with_overrides(config: Any, overrides: Mapping[str, Any], *, where: str) -> Any:
+    """``config`` (a RunConfig or RankingRunConfig) with keyword overrides applied and validated: a mapping value
+    updates that section's keys, any other value replaces the section. Raises ConfigError naming ``where``."""
+    raw = config.to_dict()
+    for section, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(raw.get(section), dict):
+            raw[section] = {**raw[section], **value}
+        else:
+            raw[section] = value
+    return type(config).from_dict(raw, where=where)
 
 
 def _per_history(query_time: Any, n: int) -> list[int | None]:

@@ -84,6 +84,7 @@ from genrec.api import (
     _per_history,
     _timestamp,
     _warn_unknown,
+    with_overrides,
 )
 from genrec.config import RankingRunConfig, load_ranking_config, save_config
 from genrec.data.ranking_batch import RankingBatch
@@ -181,13 +182,7 @@ class Ranker:
 
     def resolved_config(self) -> RankingRunConfig:
         """``config`` with ``overrides`` applied and validated."""
-        raw = (self.config or RankingRunConfig()).to_dict()
-        for section, value in self.overrides.items():
-            if isinstance(value, Mapping) and isinstance(raw.get(section), dict):
-                raw[section] = {**raw[section], **value}
-            else:
-                raw[section] = value
-        return RankingRunConfig.from_dict(raw, where="Ranker")
+        return with_overrides(self.config or RankingRunConfig(), self.overrides, where="Ranker")
 
     # -- learned state -----------------------------------------------------------------------------------------
 
