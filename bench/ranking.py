@@ -421,6 +421,7 @@ GROUPS = [
     ("ranking_vs_din.json", "ml-1m", "user-last", "ML-1M, user-last split, against DIN"),
     ("ranking_variants.json", "ml-1m", "user-last", "ML-1M, user-last split: HSTU ranker interleaved against summed"),
     ("ranking_global_time.json", "ml-1m", "global-time", "ML-1M, global-time split, against DLRM"),
+    ("ranking_global_time_vs_din.json", "ml-1m", "global-time", "ML-1M, global-time split, against DIN"),
     ("ranking.json", "taobao-userbehavior-head", "global-time", "Taobao UserBehavior head, day split"),
     ("ranking.json", "kuairand-27k-like-hate-subset", "global-time",
      "KuaiRand-27K liked-or-hated subset, global-time split"),
@@ -642,8 +643,16 @@ def readme_table() -> str:
                        f"{_num(love['metrics']['AUC'])} | {_num(love['metrics']['NE'])} | {_ci(like, 'AUC')} | "
                        f"{_ci(love, 'AUC')} |")  # fmt: skip
         out.append(f"\nCommand: `{_first_command(gt)}` (`results/ranking_global_time.json`).")
+        gt_din = _group("ranking_global_time_vs_din.json", "ml-1m", "global-time")
+        g_like, g_love = _find(gt_din, "hstu-ranker", "like"), _find(gt_din, "hstu-ranker", "love")
+        if g_like and g_love:
+            out.append(f"\nHSTU ranker against DIN on this split (same runs): like AUC {_ci(g_like, 'AUC')}, NE "
+                       f"{_ci(g_like, 'NE')}; love AUC {_ci(g_love, 'AUC')}, NE {_ci(g_love, 'NE')} "
+                       f"(`{_first_command(gt_din)}`, `results/ranking_global_time_vs_din.json`).")  # fmt: skip
     others = []
-    for file, dataset, split, title in GROUPS[4:]:
+    for file, dataset, split, title in GROUPS:
+        if dataset == "ml-1m":
+            continue
         if _group(file, dataset, split):
             others.append(title)
     if others:
