@@ -81,7 +81,14 @@ from torch import nn
 
 from genrec.data.ranking_batch import RankingBatch, RankingSchema
 from genrec.models.hstu import HSTUConfig, HSTULayer
-from genrec.ops.hstu_math import hstu_attention, input_norm, project, split_uvqk, to_heads
+from genrec.models.ranking_floors import init_output_biases
+from genrec.ops.hstu_math import (
+    hstu_attention,
+    input_norm,
+    project,
+    split_uvqk,
+    to_heads,
+)
 from genrec.ops.mfalcon import layer_finish, layer_uvqk
 from genrec.ops.ranking_mask import (
     logical_positions,
@@ -249,12 +256,8 @@ class HSTURanker(nn.Module):
         self.item_tower = nn.Linear(d, d)
         self.head = nn.Sequential(nn.Linear(d, hidden), SwishLayerNorm(hidden), nn.Linear(hidden, T))
         with torch.no_grad():
-            bias = self.head[-1].bias
-            if config.task_base_rates is None:
-                bias.zero_()
-            else:
-                rates = torch.tensor(config.task_base_rates)
-                bias.copy_(torch.log(rates) - torch.log1p(-rates))  # logit(rate)
+            self.head[-1].bias.zero_()
+        init_output_biases(self.head[-1], config.task_base_rates, schema)  # logit(rate) when rates are given
 
     # ------------------------------------------------------------------------------------------------- public
 
@@ -334,6 +337,11 @@ class HSTURanker(nn.Module):
 
         # 2) candidates, micro-batch by micro-batch, against the cached keys and values
         cand_pos = (P + hist_tokens).view(B, 1, 1)  # [B, 1, 1] the shared logical position of the candidates
+        # A candidate on itself: offset 0 and time gap 0, the same bias for every candidate -> [1, 1, 1].
+        s_off = torch.zeros(1, 1, 1, dtype=torch.long, device=device)
+        s_times = torch.zeros(1, 1, dtype=torch.long, device=device)
+        s_index = (rab_index_per_key(s_off, s_times, s_times, torch.ones_like(s_times, dtype=torch.bool), nb)
+                   if use_time else None)  # fmt: skip
         logits = x.new_zeros(B, C, self.schema.num_tasks)
         for lo in range(0, C, microbatch):
             hi = min(C, lo + microbatch)
@@ -355,11 +363,6 @@ class HSTURanker(nn.Module):
             else:
                 c_off = (cand_pos - positions.view(B, 1, H)).clamp(min=0)  # [B, 1, H]
                 c_index = rab_index_per_key(c_off, first, h_times, h_has_time, nb) if use_time else None
-            # A candidate on itself: offset 0 and time gap 0, the same bias for every candidate -> [1, 1, 1].
-            s_off = torch.zeros(1, 1, 1, dtype=torch.long, device=device)
-            s_times = torch.zeros(1, 1, dtype=torch.long, device=device)
-            s_index = (rab_index_per_key(s_off, s_times, s_times, torch.ones_like(s_times, dtype=torch.bool), nb)
-                       if use_time else None)  # fmt: skip
             items_c = batch.cand_items[:, lo:hi]  # [B, b]
             for depth, (layer, (k_hist, v_hist)) in enumerate(zip(self.layers, cache)):
                 if depth == 0 and tables is not None:  # a candidate's first-layer input is its item's token
@@ -423,7 +426,7 @@ class HSTURanker(nn.Module):
             self._check(batch)
             batch = keep_most_recent(batch, self.config.max_history)
         h = self._encode(batch)  # [B, P + W + C, d], zero at padding
-        P, L, C = self.num_prefix, batch.hist_items.shape[1], batch.cand_items.shape[1]
+        P, L = self.num_prefix, batch.hist_items.shape[1]
         W = self.config.tokens_per_event * L
         cand = self._score(h[:, P + W:], batch.cand_items) * batch.cand_mask.unsqueeze(-1)  # [B, C, T]
         if self.config.variant != "interleaved":
@@ -474,7 +477,6 @@ class HSTURanker(nn.Module):
         d = self.config.embedding_dim
         scale = math.sqrt(d)
         B, L = batch.hist_items.shape
-        C = batch.cand_items.shape[1]
         device = batch.hist_items.device
 
         # history: recency 1 for the most recent event, n for the oldest; 0 at padding (masked anyway)
@@ -484,16 +486,13 @@ class HSTURanker(nn.Module):
         bits = (batch.hist_actions.unsqueeze(-1) >> torch.arange(self.schema.num_actions, device=device)) & 1
         actions = bits.to(self.action_emb.dtype) @ self.action_emb  # [B, L, d], Σ of the set bits' vectors
         items = self.item_emb(batch.hist_items)  # [B, L, d]
-        cand_items = self.item_emb(batch.cand_items)  # [B, C, d]
-        cand_pos = self.pos_emb.weight[0]  # [d], recency 0 shared by all candidates
         if self.config.variant == "summed":
             history = (items + actions) * scale + pos  # [B, L, d]
             hist_times = batch.hist_times  # [B, L]
-            candidates = (cand_items + self.unknown_action) * scale + cand_pos  # [B, C, d]
         else:
             history = torch.stack([items * scale + pos, actions * scale + pos], dim=2).flatten(1, 2)  # [B, 2L, d]
             hist_times = batch.hist_times.repeat_interleave(2, dim=1)  # [B, 2L]
-            candidates = cand_items * scale + cand_pos  # [B, C, d]
+        candidates = self._candidate_tokens(self.item_emb(batch.cand_items))  # [B, C, d]
 
         parts = [history, candidates]
         time_parts = [hist_times, batch.cand_times]

@@ -66,9 +66,10 @@ def check_task_weights(task_weights: Sequence[float] | None, schema: RankingSche
 
 
 def init_output_biases(head: nn.Module, base_rates: Sequence[float] | None, schema: RankingSchema) -> None:
-    """Start the T output biases of ``head`` (any module with a ``bias`` [T]: an nn.Linear head) at logit(base rate) of each task (a model that starts at the base rate
-    does not spend its first steps learning it, which matters for rare tasks); leave them as they are when
-    ``base_rates`` is None. ValueError unless there is one rate in (0, 1) per task."""
+    """Start the T output biases of ``head`` (any module with a ``bias`` [T], e.g. an nn.Linear head) at
+    logit(base rate) of each task (a model that starts at the base rate does not spend its first steps learning it,
+    which matters for rare tasks); leave them as they are when ``base_rates`` is None. ValueError unless there is
+    one rate in (0, 1) per task."""
     if base_rates is None:
         return
     rates = tuple(float(r) for r in base_rates)

@@ -111,7 +111,6 @@ def layer_finish(layer, x: torch.Tensor, u: torch.Tensor, av: torch.Tensor) -> t
     return gated_residual(x, u, from_heads(av), layer.out, layer.dropout)
 
 
-
 def _embed(model, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     d = model.config.embedding_dim
     return model.input_dropout(model.item_emb(ids) * math.sqrt(d) + model.pos_emb.weight[positions])
