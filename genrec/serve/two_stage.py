@@ -20,11 +20,12 @@ is validated and mapped once, by ``Ranker.prepare_rank`` when the request arrive
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
 
 from genrec.api import Recommendation, Recommender, RecommendQuery
 from genrec.serve.schemas import MAX_ABS_WEIGHT, MAX_RETRIEVE_K, BodyError
@@ -82,7 +83,8 @@ StageResult = Union[RetrieveRankResult, RankOnlyResult]
 def rerank_order(combined: Sequence[float]) -> list[int]:
     """Indices of ``combined`` by descending score, ties in the given (retrieval) order, NaN (unknown to the ranker)
     last."""
-    return sorted(range(len(combined)), key=lambda i: (1, 0.0) if math.isnan(combined[i]) else (0, -combined[i]))
+    scores = np.asarray(combined, dtype=np.float64)  # finite or NaN (task weights are bounded)
+    return np.argsort(np.where(np.isnan(scores), np.inf, -scores), kind="stable").tolist()
 
 
 class TwoStage:
