@@ -62,17 +62,17 @@ class DataConfig:
 class ModelConfig:
     """Architecture. Fields not used by a model are ignored by it (e.g. ``ffn_dim`` for HSTU)."""
 
-    name: Literal["hstu", "sasrec"] = "hstu"
+    name: Literal["hstu", "sasrec", "fuxi-alpha"] = "hstu"
     embedding_dim: int = 50
     num_blocks: int = 2
     num_heads: int = 1
     attention_dim: int = 50  # HSTU d_qk per head (SASRec: embedding_dim // num_heads, ignored)
     linear_dim: int = 50  # HSTU d_v per head
-    ffn_dim: int = 50  # SASRec point-wise feed-forward width
+    ffn_dim: int = 50  # SASRec point-wise feed-forward width; FuXi-α: hidden width of the SwiGLU stage of its FFN
     dropout: float = 0.2  # input (embedding) dropout
     linear_dropout: float = 0.2  # HSTU only: dropout on U * LN(AV) (SASRec uses `dropout` everywhere)
-    use_time_bias: bool = True  # HSTU: log-bucketed time-gap term of the relative attention bias
-    use_position_bias: bool = True  # HSTU: position-offset term of the relative attention bias
+    use_time_bias: bool = True  # HSTU: log-bucketed time-gap term of the relative attention bias (FuXi-α: temporal channel)
+    use_position_bias: bool = True  # HSTU: position-offset term of the relative attention bias (FuXi-α: positional channel)
     num_time_buckets: int = 128
     # HSTU: divide SiLU(QK^T + rab) by "max_len" (reference) or "length" (row's true length)
     attention_norm: Literal["max_len", "length"] = "max_len"
@@ -101,6 +101,14 @@ class TrainConfig:
     num_negatives: int = 128
     # "shared" | "per_sequence" | "per_position" (reference) | "full" (whole catalogue); see train/loss.py
     negatives: Literal["shared", "per_sequence", "per_position", "full"] = "per_sequence"
+    # >0: every position also gets this many of the batch's target items as negatives (drawn from the batch's real
+    # positions, so by popularity), with logQ correction of every negative logit; not with negatives="full"
+    in_batch_negatives: int = 0
+    # learning rate over training: "constant", or "cosine" (decay to lr * min_lr_ratio at train.epochs); both after a
+    # linear warm-up of warmup_epochs (fractions allowed; 0 = none)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
     temperature: float = 0.05
     patience: int = 20  # epochs without validation improvement before stopping
     time_budget_minutes: float = 0.0  # stop after the first epoch that ends past this wall-clock budget (0 = none)
@@ -117,7 +125,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_fields(self, "train")
         _at_least(self, "train", epochs=1, batch_size=1, num_negatives=1, patience=1, num_threads=0, eval_batch_size=1,
-                  max_steps_per_epoch=0, length_buckets=0, weight_decay=0.0, time_budget_minutes=0.0)  # fmt: skip
+                  max_steps_per_epoch=0, length_buckets=0, weight_decay=0.0, time_budget_minutes=0.0, in_batch_negatives=0,
+                  warmup_epochs=0.0, min_lr_ratio=0.0)  # fmt: skip
+        _check(self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(self.in_batch_negatives == 0 or self.negatives != "full", "train.in_batch_negatives",
+               self.in_batch_negatives, 'must be 0 with train.negatives="full" (every item is already a negative)')
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _check(self.temperature > 0, "train.temperature", self.temperature, "must be > 0")
         _check(all(0.0 <= b < 1.0 for b in self.betas), "train.betas", list(self.betas), "must both be in [0, 1)")
