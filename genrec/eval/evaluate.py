@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -10,7 +11,7 @@ from torch import nn
 
 from genrec.data.batches import history_batch, split_histories
 from genrec.data.sequences import SequenceData, Split, leave_one_out
-from genrec.eval.metrics import RankAccumulator, sample_candidates, target_ranks
+from genrec.eval.metrics import RankAccumulator, metrics_from_ranks, sample_candidates, target_ranks
 from genrec.eval.protocol import EvalProtocol
 
 # score_fn(histories, history_times, query_times, has_time) -> scores [B, num_items + 1]
@@ -47,13 +48,19 @@ def repeat_targets(data: SequenceData, split: Split, max_history: int) -> np.nda
     )
 
 
-def evaluate(score_fn: ScoreFn, data: SequenceData, protocol: EvalProtocol, batch_size: int = 512) -> dict[str, float]:
-    """Metrics of ``protocol`` (target valid/test, full or sampled candidates, seen-item exclusion).
+@dataclass(frozen=True)
+class UserRanks:
+    """Per-user outcome of a protocol: ``users`` [U] user indices (``SequenceData`` order, sorted), ``ranks`` [U]
+    1-based target ranks, and how many repeat targets were left out (``repeat_targets``). Two runs on the same data
+    and protocol rank the same users, so their ranks can be compared user by user (a paired bootstrap)."""
 
-    Repeat targets (the target also occurs in the history; see :meth:`EvalProtocol.describe`) are counted in
-    ``"repeat_targets"`` when there are any; with ``exclude_seen`` those users are left out of every metric and of
-    ``"count"``.
-    """
+    users: np.ndarray
+    ranks: np.ndarray
+    repeat_targets: int
+
+
+def evaluate_ranks(score_fn: ScoreFn, data: SequenceData, protocol: EvalProtocol, batch_size: int = 512) -> UserRanks:
+    """The target rank of every evaluated user under ``protocol`` (see :func:`evaluate` for who is evaluated)."""
     split = leave_one_out(data, protocol.target)
     acc = RankAccumulator()
     rng = protocol.rng()
@@ -90,7 +97,24 @@ def evaluate(score_fn: ScoreFn, data: SequenceData, protocol: EvalProtocol, batc
             whole = [data.sequence(u) for u in split.users[rows]]
             candidates = sample_candidates(whole, targets, data.num_items, protocol.num_negatives, rng)
         acc.add(target_ranks(scores, targets_t, exclude, candidates))
-    metrics = acc.compute(protocol)
-    if n_repeats:
-        metrics["repeat_targets"] = n_repeats
+    users = split.users[order]
+    by_user = np.argsort(users, kind="stable")
+    return UserRanks(users=users[by_user], ranks=acc.ranks[by_user], repeat_targets=n_repeats)
+
+
+def evaluate(score_fn: ScoreFn, data: SequenceData, protocol: EvalProtocol, batch_size: int = 512) -> dict[str, float]:
+    """Metrics of ``protocol`` (target valid/test, full or sampled candidates, seen-item exclusion).
+
+    Repeat targets (the target also occurs in the history; see :meth:`EvalProtocol.describe`) are counted in
+    ``"repeat_targets"`` when there are any; with ``exclude_seen`` those users are left out of every metric and of
+    ``"count"``.
+    """
+    return metrics_from_user_ranks(evaluate_ranks(score_fn, data, protocol, batch_size), protocol)
+
+
+def metrics_from_user_ranks(result: UserRanks, protocol: EvalProtocol) -> dict[str, float]:
+    """The protocol's metrics from per-user ranks (plus ``repeat_targets`` when there were any)."""
+    metrics = metrics_from_ranks(result.ranks, protocol.hr_ks, protocol.ndcg_ks)
+    if result.repeat_targets:
+        metrics["repeat_targets"] = result.repeat_targets
     return metrics

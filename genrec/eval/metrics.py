@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from genrec.eval.ranking_metrics import BootstrapDiff, bootstrap_user_counts
+
 if TYPE_CHECKING:  # pragma: no cover
     from genrec.eval.protocol import EvalProtocol
 
@@ -230,3 +232,70 @@ def pad_histories(histories: Sequence[np.ndarray], max_len: int | None = None) -
     for i, h in enumerate(kept):
         out[i, : h.size] = h
     return torch.from_numpy(out)
+
+
+def per_user_values(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """[..., U] per-user contribution to ``metric`` (``HR@k``, ``NDCG@k`` or ``MRR``) from 1-based ranks: the metric
+    is the mean of these values over users."""
+    r = np.asarray(ranks, dtype=np.float64)
+    if r.size == 0 or np.isnan(r).any() or r.min() < 1:
+        raise ValueError("ranks must be a non-empty array of ranks >= 1 (1-based)")
+    name, _, cut = metric.partition("@")
+    if metric == "MRR":
+        return 1.0 / r
+    if name in ("HR", "NDCG") and cut.isdigit() and int(cut) >= 1:
+        k = int(cut)
+        return (r <= k).astype(np.float64) if name == "HR" else np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)
+    raise ValueError(f"metric {metric!r}: expected HR@k, NDCG@k or MRR")
+
+
+def paired_bootstrap_ranks(
+    ranks_a: np.ndarray,
+    ranks_b: np.ndarray,
+    metric: str = "NDCG@10",
+    *,
+    num_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+):
+    """``metric(A) - metric(B)`` for two retrieval models ranked on the same users, with a paired bootstrap over
+    users (percentile interval).
+
+    Args:
+        ranks_a: [U] or [S_a, U] model A's 1-based target ranks (one row per training seed), user by user.
+        ranks_b: [U] or [S_b, U] model B's ranks for the same users in the same order.
+        metric: ``HR@k``, ``NDCG@k`` or ``MRR``.
+
+    With several seeds, each user's value is the mean over the model's seeds, so the difference is the seed-mean
+    difference and the interval covers the user sampling only (training-seed spread is reported per seed, not
+    resampled). Resample k draws U users with replacement from the same seeded stream as the ranking bootstrap
+    (:func:`genrec.eval.ranking_metrics.bootstrap_user_counts`), so the same seed gives the same resamples.
+
+    Returns:
+        :class:`BootstrapDiff` (``diff`` > 0: A is better).
+    """
+    a = np.atleast_2d(np.asarray(ranks_a))
+    b = np.atleast_2d(np.asarray(ranks_b))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[0] == 0 or b.shape[0] == 0:
+        raise ValueError(f"ranks_a {a.shape} and ranks_b {b.shape}: expected [S, U] with the same users U")
+    if num_resamples < 1:
+        raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    va, vb = per_user_values(a, metric), per_user_values(b, metric)  # [S, U]
+    delta = va.mean(0) - vb.mean(0)  # [U]
+    counts = bootstrap_user_counts(delta.size, num_resamples, seed).astype(np.float64)  # [R, U]
+    samples = counts @ delta / delta.size  # [R]
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(samples, [tail, 100.0 - tail])
+    a_seeds, b_seeds = tuple(float(x) for x in va.mean(1)), tuple(float(x) for x in vb.mean(1))
+    paired = len(a_seeds) == len(b_seeds)
+    seed_diffs = tuple(x - y for x, y in zip(a_seeds, b_seeds)) if paired else None
+    diff = float(delta.mean())
+    return BootstrapDiff(
+        metric=metric, diff=diff, ci_low=float(low), ci_high=float(high), confidence=confidence,
+        excludes_zero=bool(low > 0 or high < 0), num_resamples=num_resamples, num_valid=num_resamples,
+        num_users=int(delta.size), a_per_seed=a_seeds, b_per_seed=b_seeds, seed_diffs=seed_diffs,
+        seeds_agree=None if seed_diffs is None else all(np.sign(d) == np.sign(diff) for d in seed_diffs),
+        samples=samples,
+    )  # fmt: skip

@@ -127,3 +127,26 @@ def test_only_repeat_targets_is_an_error_that_names_the_way_out():
     data = build_sequences(pd.DataFrame(rows, columns=["user", "item", "timestamp"]))
     with pytest.raises(ValueError, match="every target also occurs in its history.*exclude_seen"):
         evaluate(baseline_score_fn(_Oracle(data, "test")), data, EvalProtocol(max_history=50))
+
+
+def test_per_user_ranks_are_sorted_by_user_and_give_the_same_metrics():
+    """evaluate_ranks returns each evaluated user's rank, users ascending; evaluate's metrics come from them."""
+    from genrec.eval.evaluate import evaluate_ranks
+
+    data = _data()
+    scorer = baseline_score_fn(_RepeatScorer(data.num_items))
+    protocol = EvalProtocol(max_history=50)
+    result = evaluate_ranks(scorer, data, protocol)
+    assert (np.diff(result.users) > 0).all() and result.ranks.min() >= 1
+    # each user's rank is the one a one-user evaluation of that user gives (the batch order plays no part)
+    for u, r in zip(result.users, result.ranks):
+        seq = data.sequence(int(u))
+        scores = scorer([seq[:-1]], None, None, None)[0]
+        others = scores.clone()
+        others[seq[:-1]] = float("-inf")  # the history is excluded
+        others[0] = float("-inf")
+        others[seq[-1]] = float("-inf")
+        assert r == 1 + int((others >= scores[seq[-1]]).sum())
+    m = evaluate(scorer, data, protocol)
+    assert m["count"] == len(result.ranks)
+    assert m["MRR"] == pytest.approx(float(np.mean(1.0 / result.ranks)))

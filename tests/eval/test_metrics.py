@@ -270,3 +270,41 @@ def test_pad_histories() -> None:
     assert out.tolist() == [[1, 2, 3], [4, 0, 0], [0, 0, 0]]
     assert pad_histories([np.array([1, 2, 3])], max_len=2).tolist() == [[2, 3]]
     assert pad_histories([np.array([], dtype=np.int64)]).tolist() == [[0]]
+
+
+def test_per_user_values_average_to_the_metrics():
+    from genrec.eval.metrics import per_user_values
+
+    ranks = np.array([1, 3, 10, 11, 250, 2])
+    m = metrics_from_ranks(ranks, [1, 10], [10])
+    for name in ("HR@1", "HR@10", "NDCG@10", "MRR"):
+        assert per_user_values(ranks, name).mean() == pytest.approx(m[name])
+    for bad in ("AUC", "HR@0", "NDCG@x", "HR"):
+        with pytest.raises(ValueError, match="expected HR@k, NDCG@k or MRR"):
+            per_user_values(ranks, bad)
+    with pytest.raises(ValueError, match=">= 1"):
+        per_user_values(np.array([0, 2]), "MRR")
+
+
+def test_paired_bootstrap_of_ranks():
+    """A model whose every rank is better has a positive difference whose interval excludes 0; swapping the
+    models negates it; a model against itself gives 0 and an interval that does not exclude 0; seeds average."""
+    from genrec.eval.metrics import paired_bootstrap_ranks, per_user_values
+
+    rng = np.random.default_rng(0)
+    b = rng.integers(1, 60, size=(2, 3000))
+    a = np.maximum(b - rng.integers(0, 4, size=b.shape), 1)  # never worse, often better
+    ab = paired_bootstrap_ranks(a, b, "NDCG@10", num_resamples=300)
+    ba = paired_bootstrap_ranks(b, a, "NDCG@10", num_resamples=300)
+    expected = per_user_values(a, "NDCG@10").mean() - per_user_values(b, "NDCG@10").mean()
+    assert ab.diff == pytest.approx(expected) and ab.diff > 0
+    assert ab.excludes_zero and ab.ci_low > 0 and ab.seeds_agree
+    assert ba.diff == pytest.approx(-ab.diff) and ba.ci_high == pytest.approx(-ab.ci_low)
+    same = paired_bootstrap_ranks(b, b, "HR@10", num_resamples=50)
+    assert same.diff == 0 and not same.excludes_zero
+    # one seed against two: the seed-mean difference, unpaired seeds
+    one = paired_bootstrap_ranks(a[0], b, "MRR", num_resamples=50)
+    assert one.seed_diffs is None and len(one.b_per_seed) == 2
+    assert one.diff == pytest.approx((1.0 / a[0]).mean() - (1.0 / b).mean())
+    with pytest.raises(ValueError, match="same users"):
+        paired_bootstrap_ranks(a[:, :10], b, "MRR")
