@@ -9,6 +9,7 @@ regenerated from it.
     python bench/quality.py refit --dataset ml-1m --name hstu               # refit on train+valid, test once
     python bench/quality.py seeds --dataset ml-1m --names A B C --row "hstu (3 seeds)"   # mean ± sd row
     python bench/quality.py baselines                                      # popularity + transition chain
+    python bench/quality.py compare --dataset ml-1m --a A1 A2 --b B1 B2      # paired bootstrap of A - B (test)
     python bench/quality.py table                                          # rewrite the docs table
     python bench/quality.py all                                            # everything, sequentially (hours)
 
@@ -26,13 +27,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from readme_table import write_between_markers
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "quality.json"
 DOC = ROOT / "docs" / "reproducing-hstu.md"
 DATASETS = {"ml-1m": "ml-1m", "amazon-beauty": "amazon-beauty"}
-MODELS = ("sasrec", "hstu", "hstu-large")
+MODELS = ("sasrec", "hstu", "hstu-large", "fuxi-alpha", "fuxi-alpha-large")
+COMPARE = ROOT / "results" / "quality_compare.json"
 
 # Published numbers under the same kind of protocol (full catalogue, history items excluded, leave-one-out).
 # ML-1M: generative-recommenders README (= paper Table 4), last item as target, no validation split.
@@ -146,7 +150,6 @@ def refit_model(dataset: str, data_dir: str, threads: int, extra: list[str], nam
 def finalize_run(dataset: str, run_dir: Path, name: str, data_dir: str, threads: int) -> list[dict]:
     """Rows for a run whose training was stopped by hand (no results.json): the best-validation checkpoint is
     evaluated once on test, and the rows say where training stopped."""
-    import numpy as np
     import torch
 
     from genrec.api import Recommender
@@ -198,7 +201,6 @@ def run_baselines(dataset: str, data_dir: str, max_len: int) -> list[dict]:
 def seed_summary(dataset: str, names: list[str], row_name: str) -> list[dict]:
     """One test row averaging the finished test rows ``names`` (the same config trained with different seeds):
     ``metrics`` holds the means, ``metrics_sd`` the sample standard deviations, ``members`` the averaged rows."""
-    import numpy as np
 
     rows = {r["model"]: r for r in _load_rows() if r["dataset"] == dataset and r["split"] == "test"}
     missing = [n for n in names if n not in rows]
@@ -223,6 +225,85 @@ def seed_summary(dataset: str, names: list[str], row_name: str) -> list[dict]:
         **({"data_copy": members[0]["data_copy"]} if len({m.get("data_copy") for m in members}) == 1
            and members[0].get("data_copy") else {}),
     }]  # fmt: skip
+
+
+def test_ranks(dataset: str, name: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(users [U], ranks [U], protocol) of run ``name``'s best checkpoint on the test item, user by user.
+
+    Computed once from ``runs/quality/<dataset>/<name>`` (its best-validation weights and resolved config) and kept
+    there as ``test_ranks.npz``. The metrics recomputed from the ranks must equal the run's stored test metrics:
+    a different checkpoint or different data stops the comparison instead of comparing the wrong thing."""
+    from genrec.api import Recommender
+    from genrec.data.dataset import prepare_data
+    from genrec.eval.evaluate import evaluate_ranks, metrics_from_user_ranks, model_score_fn
+    from genrec.eval.protocol import protocol_from_config
+
+    run_dir = ROOT / "runs" / "quality" / dataset / name
+    stored = json.loads((run_dir / "results.json").read_text())["test"]
+    cache = run_dir / "test_ranks.npz"
+    if cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        users, ranks = z["users"], z["ranks"]
+    else:
+        rec = Recommender.load(run_dir, **({"data_dir": data_dir} if data_dir else {}))
+        data = prepare_data(rec.config_.data)
+        protocol = protocol_from_config(rec.config_, "test")
+        result = evaluate_ranks(model_score_fn(rec.model_, rec.config_.data.max_len), data.sequences, protocol,
+                                rec.config_.train.eval_batch_size)  # fmt: skip
+        again = metrics_from_user_ranks(result, protocol)
+        off = {k: (v, stored["metrics"][k]) for k, v in again.items() if abs(v - stored["metrics"].get(k, v)) > 1e-9}
+        if off or protocol.name != stored["protocol"]["name"]:
+            raise SystemExit(f"{run_dir}: the best checkpoint's test metrics do not match results.json: {off}")
+        users, ranks = result.users, result.ranks
+        np.savez(cache, users=users, ranks=ranks)
+    return users, ranks, stored["protocol"]
+
+
+def compare_runs(dataset: str, names_a: list[str], names_b: list[str], metrics: list[str], data_dir: str | None,
+                 num_resamples: int = 1000) -> list[dict]:
+    """Paired user-bootstrap differences A - B on the test item (seed means when several runs per side)."""
+    from genrec.eval.metrics import paired_bootstrap_ranks
+
+    sides = []
+    for names in (names_a, names_b):
+        got = [test_ranks(dataset, n, data_dir) for n in names]
+        sides.append(got)
+    users = sides[0][0][0]
+    protocols = {p["name"] for side in sides for _, _, p in side}
+    if len(protocols) != 1:
+        raise SystemExit(f"the runs were evaluated under different protocols: {sorted(protocols)}")
+    for side in sides:
+        for u, _, _ in side:
+            if not np.array_equal(u, users):
+                raise SystemExit("the runs did not evaluate the same users (different data or protocol)")
+    ranks_a = np.stack([r for _, r, _ in sides[0]])
+    ranks_b = np.stack([r for _, r, _ in sides[1]])
+    rows = []
+    for metric in metrics:
+        d = paired_bootstrap_ranks(ranks_a, ranks_b, metric, num_resamples=num_resamples)
+        rows.append({
+            "dataset": dataset, "a": names_a, "b": names_b, "metric": metric, "split": "test",
+            "protocol": sides[0][0][2]["name"], "diff": d.diff, "ci": [d.ci_low, d.ci_high],
+            "confidence": d.confidence, "excludes_zero": d.excludes_zero, "num_resamples": d.num_resamples,
+            "num_users": d.num_users, "a_per_seed": d.a_per_seed, "b_per_seed": d.b_per_seed,
+            "seeds_agree": d.seeds_agree,
+            "method": "paired bootstrap over users (each user's value averaged over a side's runs), percentile interval",
+        })  # fmt: skip
+        log.info("%s %s: %s - %s = %+.4f [%+.4f, %+.4f]", dataset, metric, "+".join(names_a), "+".join(names_b),
+                 d.diff, d.ci_low, d.ci_high)  # fmt: skip
+    return rows
+
+
+def _save_compare(new_rows: list[dict]) -> None:
+    COMPARE.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        key = lambda r: (r["dataset"], tuple(r["a"]), tuple(r["b"]), r["metric"])  # noqa: E731
+        rows = {key(r): r for r in (json.loads(COMPARE.read_text()) if COMPARE.exists() else [])}
+        rows.update({key(r): r for r in new_rows})
+        tmp = COMPARE.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(list(rows.values()), indent=2) + "\n")
+        tmp.replace(COMPARE)
 
 
 MAX_LEN = {"ml-1m": 200, "amazon-beauty": 50}
@@ -303,6 +384,15 @@ def main(argv: list[str] | None = None) -> int:
     sd.add_argument("--dataset", choices=list(DATASETS), required=True)
     sd.add_argument("--names", nargs="+", required=True, help="the runs' row names")
     sd.add_argument("--row", required=True, help="the summary row's name")
+    cp = sub.add_parser("compare", help="paired user bootstrap of test metrics, runs A against runs B")
+    cp.add_argument("--dataset", choices=list(DATASETS), required=True)
+    cp.add_argument("--a", nargs="+", required=True, help="finished runs of model A (one per seed)")
+    cp.add_argument("--b", nargs="+", required=True, help="finished runs of model B (one per seed)")
+    cp.add_argument("--metrics", nargs="+", default=["HR@10", "NDCG@10"])
+    cp.add_argument("--resamples", type=int, default=1000)
+    cp.add_argument("--data-dir", default=None,
+                    help="where the dataset files are (else $GENREC_DATA_DIR, then the cache directory)")
+    cp.add_argument("--threads", type=int, default=1)
     sub.add_parser("table")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -315,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         _save_rows(seed_summary(args.dataset, args.names, args.row))
     elif args.cmd == "finalize":
         _save_rows(finalize_run(args.dataset, Path(args.run_dir).resolve(), args.name, args.data_dir, args.threads))
+    elif args.cmd == "compare":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        _save_compare(compare_runs(args.dataset, args.a, args.b, args.metrics, args.data_dir, args.resamples))
     elif args.cmd == "baselines":
         for d in DATASETS:
             _save_rows(run_baselines(d, args.data_dir, MAX_LEN[d]))

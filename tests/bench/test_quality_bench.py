@@ -1,0 +1,72 @@
+"""bench/quality.py's paired comparison: per-user test ranks from finished runs, checked against their results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from genrec.config import RunConfig
+from genrec.train.loop import train
+
+from ..conftest import synthetic_interactions
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def bench(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "ROOT", tmp_path)
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results" / "quality.json")
+    monkeypatch.setattr(module, "COMPARE", tmp_path / "results" / "quality_compare.json")
+    return module
+
+
+def _run(tmp_path: Path, name: str, seed: int, epochs: int) -> None:
+    table = tmp_path / "events.csv"
+    if not table.exists():
+        synthetic_interactions(num_users=60, num_items=25).to_csv(table, index=False)
+    cfg = RunConfig.from_dict({
+        "data": {"dataset": "table", "path": str(table), "columns": {"user": "user", "item": "item", "timestamp": "timestamp"},
+                 "max_len": 20},
+        "model": {"name": "hstu", "embedding_dim": 8, "num_blocks": 1, "attention_dim": 8, "linear_dim": 8},
+        "train": {"epochs": epochs, "batch_size": 16, "num_negatives": 8, "seed": seed, "patience": 5},
+        "output_dir": str(tmp_path / "runs" / "quality" / "ml-1m" / name),
+    })  # fmt: skip
+    train(cfg, progress=False)
+
+
+def test_compare_pairs_users_and_checks_the_stored_metrics(bench, tmp_path):
+    _run(tmp_path, "a", seed=1, epochs=6)
+    _run(tmp_path, "b", seed=2, epochs=1)
+    rows = bench.compare_runs("ml-1m", ["a"], ["b"], ["HR@10", "NDCG@10"], None, num_resamples=200)
+    assert [r["metric"] for r in rows] == ["HR@10", "NDCG@10"]
+    for run in ("a", "b"):
+        stored = json.loads((tmp_path / "runs/quality/ml-1m" / run / "results.json").read_text())["test"]["metrics"]
+        z = np.load(tmp_path / "runs/quality/ml-1m" / run / "test_ranks.npz")
+        assert len(z["ranks"]) == stored["count"]
+        row = rows[1]
+        per_seed = row["a_per_seed"] if run == "a" else row["b_per_seed"]
+        assert per_seed[0] == pytest.approx(stored["NDCG@10"])
+    assert rows[1]["diff"] == pytest.approx(rows[1]["a_per_seed"][0] - rows[1]["b_per_seed"][0])
+    lo, hi = rows[1]["ci"]
+    assert lo <= rows[1]["diff"] <= hi
+    bench._save_compare(rows)
+    assert len(json.loads((tmp_path / "results" / "quality_compare.json").read_text())) == 2
+
+    # A run whose stored metrics are not what its best checkpoint gives is refused, not compared.
+    (tmp_path / "runs/quality/ml-1m/b/test_ranks.npz").unlink()
+    results = tmp_path / "runs/quality/ml-1m/b/results.json"
+    raw = json.loads(results.read_text())
+    raw["test"]["metrics"]["NDCG@10"] += 0.01
+    results.write_text(json.dumps(raw))
+    with pytest.raises(SystemExit, match="do not match results.json"):
+        bench.compare_runs("ml-1m", ["a"], ["b"], ["NDCG@10"], None, num_resamples=10)
