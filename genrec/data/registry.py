@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 
 from genrec.data.readers import (
@@ -143,13 +142,7 @@ DATASETS: dict[str, DatasetSpec] = {
                 "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
             ),
         ),
-        local_layouts=(
-            ("ml-1m/ratings.dat",),
-            (
-                "movielens-1m/ml-1m_user_sequences_by_time.txt.gz",
-                "movielens-1m/ratings_users_1-2999.dat.gz",
-            ),
-        ),
+        local_layouts=(("ml-1m/ratings.dat",),),
     ),
     "ml-100k": DatasetSpec(
         name="ml-100k",
@@ -242,7 +235,6 @@ _PUBLISHED: dict[str, tuple[int, int, int | None]] = {
 # Optional companion files, looked for next to a layout's first file (keyed by its name).
 _COMPANIONS: dict[str, tuple[str, ...]] = {
     "ratings.dat": ("movies.dat",),
-    "ml-1m_user_sequences_by_time.txt.gz": ("movies.dat",),
     "u.data": ("u.item",),
     "ratings.csv": ("movies.csv",),
     "ratings.csv.gz": ("movies.csv.gz",),
@@ -377,20 +369,6 @@ def _fmt(n: int) -> str:
     return f"{n:,}"
 
 
-def _id_range(ids) -> str:
-    """``users 1..2999`` style description of a set of ids."""
-    uniq = pd.unique(pd.Series(ids, dtype=str))
-    try:
-        nums = sorted(int(u) for u in uniq)
-    except ValueError:
-        return f"{_fmt(len(uniq))} users"
-    if not nums:
-        return "no users"
-    if nums[-1] - nums[0] + 1 == len(nums):
-        return f"users {nums[0]}..{nums[-1]}"
-    return f"{_fmt(len(nums))} users between {nums[0]} and {nums[-1]}"
-
-
 def _tie_note(df: pd.DataFrame) -> str | None:
     if "timestamp" not in df or df["timestamp"].isna().all():
         return None
@@ -431,115 +409,6 @@ def _load_ml100k(folder: Path, main: Path, on_bad_rows: str, files: list[str], n
     return df, _titles(folder, "u.item", files, notes)
 
 
-def _load_ml1m_dev(folder: Path, main: Path, on_bad_rows: str, files: list[str], notes: list[str]):
-    seq_path = main
-    rat_path = folder / "ratings_users_1-2999.dat.gz"
-    seq = read_sequences(seq_path, on_bad_rows=on_bad_rows)
-    rat = read_movielens_dat(rat_path, on_bad_rows=on_bad_rows)
-
-    dup = seq.duplicated(["user", "item"])
-    if dup.any():
-        r = seq[dup].iloc[0]
-        raise ValueError(f"{seq_path}: (user {r.user}, item {r.item}) occurs more than once")
-    dup = rat.duplicated(["user", "item"])
-    if dup.any():
-        r = rat[dup].iloc[0]
-        raise ValueError(f"{rat_path}: (user {r.user}, item {r.item}) occurs more than once")
-
-    left = seq.assign(_spos=np.arange(len(seq)))
-    right = rat[["user", "item", "timestamp", "rating"]].assign(_rpos=np.arange(len(rat)))
-    joined = left.merge(right, on=["user", "item"], how="left", sort=False)
-    if len(joined) != len(seq) or not (joined["_spos"].to_numpy() == np.arange(len(seq))).all():
-        raise AssertionError("the join changed the sequence order")  # pandas keeps left order
-    has = joined["timestamp"].notna()
-    n_timed = int(has.sum())
-    if n_timed != len(rat):
-        missing = rat.merge(seq, on=["user", "item"], how="left", indicator=True)
-        r = missing[missing["_merge"] == "left_only"].iloc[0]
-        raise ValueError(
-            f"{rat_path}: {_fmt(len(rat) - n_timed)} (user, item) pairs are not in {seq_path.name} "
-            f"(first: user {r.user}, item {r.item}); the two files do not describe the same data"
-        )
-    rated_users = set(rat["user"].unique())
-    in_rated = joined["user"].isin(rated_users)
-    if (in_rated & ~has).any():
-        r = joined[in_rated & ~has].iloc[0]
-        raise ValueError(
-            f"{seq_path}: user {r.user} has item {r.item} with no row in {rat_path.name}, although "
-            "that file covers the user"
-        )
-    timed = joined[has]
-    ts = timed["timestamp"].astype("int64")
-    back = (ts.groupby(timed["user"], sort=False).diff() < 0).to_numpy()
-    if back.any():
-        r = timed[back].iloc[0]
-        raise ValueError(
-            f"{seq_path}: the sequence order contradicts the timestamps of {rat_path.name} "
-            f"(user {r.user}, item {r.item})"
-        )
-
-    tie_diff = _tie_order_differences(timed)
-    joined = joined.drop(columns=["_spos", "_rpos"])
-
-    n, n_users, n_items = len(joined), joined["user"].nunique(), joined["item"].nunique()
-    untimed_users = joined.loc[~has, "user"]
-    notes.append(
-        f"development layout: items and their per-user order (oldest first) from {seq_path.name}: "
-        f"{_fmt(n)} interactions, {_fmt(n_users)} users, {_fmt(n_items)} items; "
-        "ties among equal timestamps keep that file's order"
-    )
-    notes.append(
-        f"timestamps and ratings only for {_id_range(rat['user'])} ({_fmt(n_timed)} of {_fmt(n)} "
-        f"interactions), joined on (user, item) from {rat_path.name}; "
-        + (
-            f"the other {_fmt(n - n_timed)} interactions ({_id_range(untimed_users)}) have <NA> "
-            "timestamp and rating"
-            if n > n_timed
-            else "every interaction has one"
-        )
-    )
-    notes.append(
-        f"tie order: for {_fmt(tie_diff[0])} of {_fmt(tie_diff[1])} timed users the sequence file "
-        f"orders equal-timestamp items differently from a stable sort of {rat_path.name} by "
-        f"timestamp (file order within ties); the last item (leave-one-out test target) differs "
-        f"for {_fmt(tie_diff[2])} users and the second-to-last (validation target) for "
-        f"{_fmt(tie_diff[3])}. This loader keeps the sequence file's order"
-    )
-    notes.append(
-        f"the last two items (leave-one-out test and validation targets) share one timestamp for "
-        f"{_fmt(tie_diff[4])} of {_fmt(tie_diff[1])} timed users: which of them is the test target is arbitrary"
-    )
-    files.append(str(rat_path))
-    joined.attrs["source"] = str(seq_path)
-    joined.attrs["bad_rows"] = seq.attrs.get("bad_rows", 0) + rat.attrs.get("bad_rows", 0)
-    return joined, _titles(folder, "movies.dat", files, notes)
-
-
-def _tie_order_differences(timed: pd.DataFrame) -> tuple[int, int, int, int, int]:
-    """(users whose order differs, users, users whose last item differs, users whose
-    second-to-last item differs) between sequence order and a stable timestamp sort of the
-    ratings file, and the users whose last two items share a timestamp.  ``timed`` is in
-    sequence order with ``_rpos`` = ratings-file row."""
-    t = timed[["user", "item", "timestamp", "_rpos"]].reset_index(drop=True)
-    stable = t.sort_values(["user", "timestamp", "_rpos"], kind="stable").reset_index(drop=True)
-    seq_sorted = t.sort_values("user", kind="stable").reset_index(drop=True)
-    same = seq_sorted["item"].to_numpy() == stable["item"].to_numpy()
-    users = seq_sorted["user"]
-    differs = int(pd.Series(~same).groupby(users.to_numpy()).any().sum())
-
-    def nth(df: pd.DataFrame, k: int) -> pd.Series:
-        return df.groupby("user", sort=False).nth(k).set_index("user")["item"]
-
-    def n_diff(k: int) -> int:
-        a, b = nth(seq_sorted, k), nth(stable, k)
-        return int((a != b.reindex(a.index)).sum())
-
-    last_two = seq_sorted.groupby("user", sort=False)["timestamp"].nth([-2, -1])
-    per_user = last_two.groupby(seq_sorted.loc[last_two.index, "user"]).agg(["size", "nunique"])
-    tied = int(((per_user["size"] == 2) & (per_user["nunique"] == 1)).sum())
-    return differs, int(users.nunique()), n_diff(-1), n_diff(-2), tied
-
-
 def _load_beauty(folder: Path, main: Path, on_bad_rows: str, files: list[str], notes: list[str]):
     ts_path = folder / "Beauty_time_org_rank.txt"
     if ts_path.is_file():
@@ -566,7 +435,6 @@ _LOADERS: dict[str, Callable] = {
     "ratings.csv": _load_ml_official,
     "ratings.csv.gz": _load_ml_official,
     "u.data": _load_ml100k,
-    "ml-1m_user_sequences_by_time.txt.gz": _load_ml1m_dev,
     "Beauty.txt": _load_beauty,
 }
 
@@ -592,8 +460,10 @@ def load_dataset(name: str, data_dir=None, on_bad_rows: str = "error") -> Loaded
 
     ``interactions`` is what the readers return (columns ``user, item`` and, where the
     source has them, ``timestamp``/``rating``), in file order.  See ``notes`` for what the
-    copy contains (e.g. the superseded ML-1M development layout, ``movielens-1m/``, has
-    timestamps for users 1..2999 only; the official ``ml-1m/ratings.dat`` has them for all).
+    copy contains (e.g. whether it has timestamps, ties among them, titles).  Only the files
+    of a dataset's official release are accepted (ML-1M: ``ml-1m/ratings.dat``); other
+    files, such as per-user sequence files, are read with the generic readers
+    (``data.dataset=sequences`` / ``table``).
     Raises :class:`DatasetNotFoundError` listing every path looked for.
     """
     if on_bad_rows not in ("error", "skip"):

@@ -92,7 +92,7 @@ class EvalProtocol:
             target's score (the target counts itself), so ties never flatter a model.
         users: ``"all"``, or only the users whose interactions all have timestamps
             (``"with-timestamps"``) or not (``"without-timestamps"``), for ablations on partly
-            timestamped data such as the ML-1M development copy.
+            timestamped data such as sequence files read without a timestamp file.
     """
 
     split: str = "leave-one-out"

@@ -36,8 +36,8 @@ Deliberate deviations from the reference research code (each keeps the math, cha
   instead of B·max(n)² (``bench/speed.py --sections training``: HSTU-large ML-1M steps); tested equal to this path.
   Inference batches of a few rows with little padding take the padded path instead (``genrec.ops.jagged.jagged_pays``).
 - ``encode_last`` (what evaluation and serving call) runs the last layer's attention for the last position only.
-- Rows whose timestamps are unknown (``Batch.has_time`` False, e.g. ML-1M users 3000..6040 in the development copy)
-  get no time term; the reference has no notion of missing timestamps.
+- Rows whose timestamps are unknown (``Batch.has_time`` False, e.g. users of a sequence file read without a timestamp
+  file) get no time term; the reference has no notion of missing timestamps.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from genrec.config import DataConfig
+from genrec.data.dataset import prepare_data
 from genrec.data.registry import (
     BUNDLED_DIR,
     DATASETS,
@@ -86,19 +88,61 @@ def test_resolve_data_dir_order(tmp_path, monkeypatch):
 def test_not_found_message_lists_files_and_directories(tmp_path, monkeypatch):
     monkeypatch.setenv("GENREC_DATA_DIR", str(tmp_path / "envdir"))
     data = tmp_path / "data"
-    (data / "movielens-1m").mkdir(parents=True)
-    (data / "movielens-1m" / "ml-1m_user_sequences_by_time.txt.gz").write_bytes(gzip.compress(b"1 2\n"))
+    (data / "ml-1m").mkdir(parents=True)
+    (data / "ml-1m" / "movies.dat").write_text(MOVIES_DAT)  # a companion file alone is not the dataset
     with pytest.raises(DatasetNotFoundError) as info:
         load_dataset("ml-1m", data_dir=data)
     msg = str(info.value)
     for directory in (data, tmp_path / "envdir", tmp_path / "cache"):
         assert str(directory / "ml-1m" / "ratings.dat") in msg
-        assert str(directory / "movielens-1m" / "ratings_users_1-2999.dat.gz") in msg
     assert "does not exist" in msg  # envdir and cache are missing
-    assert "found movielens-1m/ml-1m_user_sequences_by_time.txt.gz but not movielens-1m/ratings_users_1-2999.dat.gz" in msg
     assert "genrec data fetch ml-1m" in msg and "--data-dir" in msg and "GENREC_DATA_DIR" in msg
+    assert "https://files.grouplens.org/datasets/movielens/ml-1m.zip" in msg
+    assert "(optional: ml-1m/movies.dat)" in msg
     assert isinstance(info.value, FileNotFoundError)
-    assert str(data / "ml-1m" / "ratings.dat") in info.value.looked_for
+    assert info.value.looked_for == [
+        str(d / "ml-1m" / "ratings.dat") for d in (data, tmp_path / "envdir", tmp_path / "cache")
+    ]
+
+
+def make_old_sequence_layout(root: Path) -> Path:
+    """A folder with only per-user sequence files and a partial ratings file, not the official release."""
+    folder = root / "movielens-1m"
+    folder.mkdir(parents=True)
+    (folder / "ml-1m_user_sequences_by_time.txt.gz").write_bytes(gzip.compress(b"1 11 10 12\n2 10 12 11\n"))
+    (folder / "ratings_users_1-2999.dat.gz").write_bytes(gzip.compress(b"1::11::3::100\n1::10::5::200\n"))
+    (folder / "movies.dat").write_text(MOVIES_DAT)
+    return folder
+
+
+def test_ml1m_is_not_found_in_a_folder_of_sequence_files(tmp_path):
+    """Only the official release layout is ML-1M: sequence files are read with the generic readers instead."""
+    folder = make_old_sequence_layout(tmp_path)
+    for data_dir in (tmp_path, folder):  # the parent, and the folder itself
+        with pytest.raises(DatasetNotFoundError) as info:
+            load_dataset("ml-1m", data_dir=data_dir)
+        msg = str(info.value)
+        assert str(data_dir / "ml-1m" / "ratings.dat") in msg
+        assert "genrec data fetch ml-1m" in msg and "--data-dir" in msg
+        assert "movielens-1m" not in msg.replace(str(folder), "")  # no other layout is offered
+        assert "Incomplete copies" not in msg
+    assert DATASETS["ml-1m"].local_layouts == (("ml-1m/ratings.dat",),)
+    # such files are read with the generic sequence reader (data.dataset=sequences data.path=...)
+    prepared = prepare_data(DataConfig(dataset="sequences", path=str(folder / "ml-1m_user_sequences_by_time.txt.gz")))
+    assert prepared.sequences.num_users == 2 and int(prepared.sequences.lengths.sum()) == 6
+
+
+def test_not_found_reports_an_incomplete_multi_file_layout(tmp_path, monkeypatch):
+    spec = DatasetSpec(
+        name="toy", description="toy", licence="none",
+        remote=(RemoteFile("toy.zip", "https://example.org/toy.zip", None),),
+        local_layouts=(("toy/a.txt", "toy/b.txt"),),
+    )  # fmt: skip
+    monkeypatch.setitem(DATASETS, "toy", spec)
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "a.txt").write_text("1 2\n")
+    with pytest.raises(DatasetNotFoundError, match=r"found toy/a\.txt but not toy/b\.txt"):
+        load_dataset("toy", data_dir=tmp_path)
 
 
 # ----------------------------------------------------------------------------- synthetic layouts
@@ -140,53 +184,6 @@ def test_official_layout_bad_rows(tmp_path):
     assert len(ds.interactions) == 3 and ds.titles is None
     assert any("skipped 1 malformed" in n for n in ds.notes)
     assert any("titles=None" in n for n in ds.notes)
-
-
-def make_dev_layout(root: Path, seq: str, ratings: str) -> Path:
-    folder = root / "movielens-1m"
-    folder.mkdir(parents=True)
-    (folder / "ml-1m_user_sequences_by_time.txt.gz").write_bytes(gzip.compress(seq.encode()))
-    (folder / "ratings_users_1-2999.dat.gz").write_bytes(gzip.compress(ratings.encode()))
-    (folder / "movies.dat").write_text(MOVIES_DAT)
-    return folder
-
-
-def test_dev_ml1m_layout_joins_timestamps_and_ratings(tmp_path):
-    seq = "1 11 10 12\n2 10 12\n3 12\n"
-    ratings = "1::10::5::200\n1::12::2::300\n1::11::3::100\n2::12::1::60\n2::10::4::50\n"
-    make_dev_layout(tmp_path, seq, ratings)
-    with pytest.warns(UserWarning, match="published totals"):
-        ds = load_dataset("ml-1m", data_dir=tmp_path)
-    df = ds.interactions
-    assert list(df.columns) == ["user", "item", "timestamp", "rating"]
-    assert df["user"].tolist() == ["1", "1", "1", "2", "2", "3"]  # sequence-file order
-    assert df["item"].tolist() == ["11", "10", "12", "10", "12", "12"]
-    assert df["timestamp"].tolist()[:5] == [100, 200, 300, 50, 60]
-    assert df["timestamp"].isna().tolist() == [False] * 5 + [True]
-    assert df["rating"].tolist()[:5] == [3.0, 5.0, 2.0, 4.0, 1.0] and pd.isna(df["rating"].iloc[5])
-    assert df["timestamp"].dtype == "Int64"
-    notes = "\n".join(ds.notes)
-    assert "timestamps and ratings only for users 1..2 (5 of 6 interactions)" in notes
-    assert "the other 1 interactions (users 3..3) have <NA> timestamp and rating" in notes
-    assert len(ds.files) == 3 and ds.titles["10"] == "Ten (1990)"
-
-
-def test_dev_ml1m_layout_counts_users_whose_last_two_items_are_tied(tmp_path):
-    seq = "1 11 10 12\n2 10 12\n3 12 10\n4 10\n"  # user 1 rated 10 and 12 in the same second; user 3: no timestamps
-    ratings = "1::10::5::200\n1::12::2::200\n1::11::3::100\n2::12::1::60\n2::10::4::50\n4::10::3::70\n"
-    make_dev_layout(tmp_path, seq, ratings)
-    with pytest.warns(UserWarning, match="published totals"):
-        ds = load_dataset("ml-1m", data_dir=tmp_path)
-    assert any("share one timestamp for 1 of 3 timed users" in n for n in ds.notes)  # user 4 has one item
-
-
-def test_dev_ml1m_layout_rejects_inconsistent_files(tmp_path):
-    make_dev_layout(tmp_path / "a", "1 10 11\n", "1::10::5::200\n1::11::3::100\n")  # order contradicts time
-    with pytest.raises(ValueError, match="contradicts the timestamps"):
-        load_dataset("ml-1m", data_dir=tmp_path / "a")
-    make_dev_layout(tmp_path / "b", "1 10\n", "1::10::5::200\n1::99::3::100\n")  # pair not in sequences
-    with pytest.raises(ValueError, match="not in ml-1m_user_sequences_by_time"):
-        load_dataset("ml-1m", data_dir=tmp_path / "b")
 
 
 def test_beauty_layout_with_and_without_timestamps(tmp_path):
@@ -250,7 +247,7 @@ def test_fetch_offline_error_names_url_and_local_options(tmp_path, monkeypatch):
     msg = str(info.value)
     assert "https://files.grouplens.org/datasets/movielens/ml-1m.zip" in msg
     assert "network is unreachable" in msg
-    assert "ml-1m/ratings.dat" in msg and "movielens-1m/ratings_users_1-2999.dat.gz" in msg
+    assert "ml-1m/ratings.dat" in msg and "movielens-1m" not in msg
     assert str(cache) in msg
     assert not any(cache.iterdir())  # the temporary download directory is gone
 
@@ -320,7 +317,7 @@ def test_fetch_rejects_unsafe_zip(tmp_path, monkeypatch):
 
 
 def test_real_ml1m():
-    """The complete ML-1M release layout (ml-1m/ratings.dat) is preferred over the development layout."""
+    """The complete ML-1M release (ml-1m/ratings.dat): every user has timestamps."""
     data = real_data_or_skip("ml-1m", "ratings.dat").parents[1]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # counts match the published totals: no warning
@@ -330,34 +327,20 @@ def test_real_ml1m():
     assert len(df) == 1_000_209
     assert df["user"].nunique() == 6_040 and df["item"].nunique() == 3_706
     assert df["timestamp"].notna().all() and df["rating"].notna().all()
+    ts = df["timestamp"].astype("int64")
+    assert (ts.min(), ts.max()) == (956_703_932, 1_046_454_590)
     assert len(ds.titles) == 3_883 and ds.titles["1"] == "Toy Story (1995)"
     assert (df["user"].iloc[0], df["item"].iloc[0], int(df["timestamp"].iloc[0])) == ("1", "1193", 978300760)
     notes = "\n".join(ds.notes)
     assert "1,000,209 ratings with timestamps" in notes
-    for wrong in ("<NA>", "without timestamps", "only for", "development layout"):
+    for wrong in ("<NA>", "without timestamps", "only for"):
         assert wrong not in notes
     seqs = build_sequences(df)
     assert seqs.has_time.all() and seqs.num_users == 6_040 and seqs.lengths.sum() == 1_000_209
     assert "users with timestamps 6,040/6,040" in seqs.summary()
-
-
-def test_real_ml1m_development_layout():
-    """The superseded movielens-1m/ folder still loads when given directly: timestamps for users 1..2999 only."""
-    folder = real_data_or_skip("movielens-1m", "ml-1m_user_sequences_by_time.txt.gz").parent
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ds = load_dataset("ml-1m", data_dir=folder)
-    df = ds.interactions
-    assert ds.files[0].endswith("movielens-1m/ml-1m_user_sequences_by_time.txt.gz")
-    assert len(df) == 1_000_209
-    assert df["user"].nunique() == 6_040 and df["item"].nunique() == 3_706
-    assert int(df["timestamp"].notna().sum()) == 487_650
-    assert int(df["rating"].notna().sum()) == 487_650
-    timed_users = df.loc[df["timestamp"].notna(), "user"].astype(int)
-    assert timed_users.min() == 1 and timed_users.max() == 2999 and timed_users.nunique() == 2999
-    assert len(ds.titles) == 3_883 and ds.titles["1"] == "Toy Story (1995)"
-    assert any("users 1..2999 (487,650 of 1,000,209 interactions)" in n for n in ds.notes)
-    assert df["user"].iloc[0] == "1" and df["item"].iloc[0] == "3186"  # sequence-file order
+    # the dataset folder itself may be given, as may the folder via $GENREC_DATA_DIR
+    again = load_dataset("ml-1m", data_dir=data / "ml-1m")
+    assert again.files == ds.files
 
 
 def test_real_amazon_beauty():
