@@ -5,10 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from genrec.config import ModelConfig
+from genrec.models.fuxi_alpha import FuXiAlpha, FuXiAlphaConfig
 from genrec.models.hstu import HSTU, HSTUConfig
 from genrec.models.sasrec import SASRec, SASRecConfig
 
-MODELS = ("hstu", "sasrec")
+MODELS = ("hstu", "sasrec", "fuxi-alpha")
 
 
 def build_model(config: ModelConfig, num_items: int, max_len: int) -> nn.Module:
@@ -43,6 +44,28 @@ def build_model(config: ModelConfig, num_items: int, max_len: int) -> nn.Module:
                 num_heads=config.num_heads,
                 ffn_dim=config.ffn_dim,
                 dropout=config.dropout,
+            )
+        )
+    if config.name == "fuxi-alpha":
+        if config.attention_impl != "padded":
+            raise ValueError(f"model.attention_impl={config.attention_impl!r}: fuxi-alpha has the padded path only; "
+                             "set model.attention_impl=padded")
+        return FuXiAlpha(
+            FuXiAlphaConfig(
+                num_items=num_items,
+                max_len=max_len,
+                embedding_dim=config.embedding_dim,
+                num_blocks=config.num_blocks,
+                num_heads=config.num_heads,
+                attention_dim=config.attention_dim,
+                linear_dim=config.linear_dim,
+                ffn_dim=config.ffn_dim,
+                dropout=config.dropout,
+                linear_dropout=config.linear_dropout,
+                use_time_bias=config.use_time_bias,
+                use_position_bias=config.use_position_bias,
+                num_time_buckets=config.num_time_buckets,
+                attention_norm=config.attention_norm,
             )
         )
     raise ValueError(f"unknown model {config.name!r}; expected one of {MODELS}")

@@ -166,3 +166,42 @@ def gated_residual(
 def output_normalize(x: torch.Tensor) -> torch.Tensor:
     """The encoder's output: L2-normalised along the last dimension."""
     return F.normalize(x, dim=-1, eps=EPS)
+
+
+# ------------------------------------------------------------------------------------------ FuXi-α's extra parts
+# The FuXi-α layer (``genrec.models.fuxi_alpha``) reuses the functions above for its projection, its semantic channel
+# (``hstu_attention`` with no bias) and its time buckets; these are the parts it adds.
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over the last dimension, no affine parameters: x / sqrt(mean(x²) + eps)."""
+    return F.rms_norm(x, x.shape[-1:], eps=EPS)
+
+
+def channel_attention(weights: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A channel whose attention weights come from a relative bias alone, shared by the heads:
+
+        out_i = Σ_j mask_ij · w_ij · v_j          (no activation, no normaliser)
+
+    weights [B or 1, Nq, Nk]; v [B, Nk, h·dv] (all heads at once: the weights do not depend on the head);
+    mask float broadcastable to weights (1 where query i may see key j) -> [B, Nq, h·dv]."""
+    return torch.matmul(weights * mask, v)
+
+
+def interleave_channels(channels: list[torch.Tensor], h: int) -> torch.Tensor:
+    """Concatenate channel outputs head by head: c tensors [..., h·dv] -> [..., h·c·dv], laid out as
+    (head 0: channel 0 | channel 1 | ...), (head 1: ...), ..."""
+    return torch.stack([t.unflatten(-1, (h, -1)) for t in channels], dim=-2).flatten(-3)
+
+
+def swiglu_residual(
+    x: torch.Tensor,
+    w1: Callable[[torch.Tensor], torch.Tensor],
+    w3: Callable[[torch.Tensor], torch.Tensor],
+    w2: Callable[[torch.Tensor], torch.Tensor],
+    dropout: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """y = x + W2 · (SiLU(W1 z) ⊙ W3 z), z = dropout(RMSNorm(x)): the pre-norm SwiGLU feed-forward with its residual.
+    x [..., d]; w1, w3: d -> hidden; w2: hidden -> d -> [..., d]."""
+    z = dropout(rms_norm(x))
+    return x + w2(F.silu(w1(z)) * w3(z))
