@@ -5,7 +5,10 @@ only; the test target is evaluated once, for the chosen checkpoint, at the end.
 
 Reproducibility: the data order of epoch e comes from ``numpy.random.default_rng([seed, e])`` and the torch RNG
 (dropout, negative sampling) is re-seeded from ``(seed, e)`` at the start of every epoch. A run resumed from the
-checkpoint of epoch e therefore replays epochs e+1.. exactly as the uninterrupted run would.
+checkpoint of epoch e therefore replays epochs e+1.. exactly as the uninterrupted run would. The learning rate of
+every optimizer step (``train.lr_schedule``, ``warmup_epochs``, ``min_lr_ratio``; see ``genrec.train.schedule``) is a
+function of the global step, (epoch - 1) × steps per epoch + step, so it resumes exactly too; each epoch's log line
+records the learning rate of its last step (``"lr"``).
 
 Run directories: everything is checked (config, data, and on resume the checkpoint against the stored config) before
 the first file is written. A directory that already holds a run is refused unless the call resumes it or asks to
@@ -55,6 +58,7 @@ from genrec.train.checkpoint import (
     write_log,
 )
 from genrec.train.loss import sampled_softmax_loss
+from genrec.train.schedule import LRSchedule, check_schedule_config
 
 log = logging.getLogger("genrec.train")
 
@@ -112,6 +116,7 @@ def train(
     """
     config = with_absolute_paths(config)
     tc = config.train
+    check_schedule_config(tc)
     out = Path(config.output_dir)
     if data is None:
         check_dataset_name(config.data.dataset)
@@ -161,6 +166,13 @@ def train(
         mean_positions, sl_info = float(train_lengths.mean()), None
     # Every position weighs the same in every batch (see sampled_softmax_loss): sum / (B × mean positions per row).
     loss_normalizer = float(tc.batch_size * mean_positions)
+    steps_per_epoch = math.ceil(len(train_lengths) / tc.batch_size)  # as many batches as epoch_batches cuts
+    if tc.max_steps_per_epoch > 0:
+        steps_per_epoch = min(steps_per_epoch, tc.max_steps_per_epoch)
+    schedule = LRSchedule.from_config(tc, steps_per_epoch)
+    if not schedule.is_constant:
+        log.info("learning rate: %s, %d warm-up step(s), %d steps in all (%d per epoch)", tc.lr_schedule,
+                 schedule.warmup_steps, schedule.total_steps, steps_per_epoch)  # fmt: skip
     time_notes = _time_notes(config, seqs)
 
     torch.manual_seed(tc.seed)
@@ -209,6 +221,7 @@ def train(
         model.train()
         t0 = time.perf_counter()
         total, tokens, positions = 0.0, 0, 0
+        lr = tc.lr
         sl_rng = np.random.default_rng([tc.seed, epoch, 1]) if sl_alpha else None
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not (progress and is_terminal(sys.stderr)), leave=False)
         for step, rows in enumerate(bar, start=1):
@@ -218,7 +231,7 @@ def train(
             user = user.float()
             loss = sampled_softmax_loss(
                 user, batch.targets, model.item_vectors, seqs.num_items, tc.num_negatives, tc.temperature, tc.negatives,
-                normalizer=loss_normalizer,
+                normalizer=loss_normalizer, in_batch_negatives=tc.in_batch_negatives,
             )
             loss_value = loss.item()
             if not math.isfinite(loss_value):
@@ -229,6 +242,11 @@ def train(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # The step's learning rate from the global step number, so a resumed run follows the same schedule (and
+            # the configured train.lr is used, not the one stored with the optimizer state).
+            lr = schedule.for_step((epoch - 1) * steps_per_epoch + step - 1)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.step()
             total += loss_value * len(rows)
             tokens += int(batch.lengths.sum())
@@ -260,6 +278,7 @@ def train(
             "tokens_per_second": tokens / max(train_seconds, 1e-9),
             "tokens": tokens,
             "positions": positions,
+            "lr": lr,  # the learning rate of the epoch's last step
             "valid": valid,
         }
         state.history.append(row)

@@ -25,6 +25,25 @@ Three ways to draw the negatives (``mode``):
 - ``"shared"``: K negatives per batch, shared by every position: one [M, d] x [d, K] product, the cheapest, but a
   step only ever pushes K items down.
 
+In-batch negatives with logQ correction (``in_batch_negatives = K_b > 0``; mixed negative sampling, Yang et al.,
+WWW 2020, with the sampling-bias correction of Yi et al., RecSys 2019). Besides its K uniform negatives, every real
+position gets the same K_b extra negatives: the targets of K_b real positions of the batch drawn uniformly with
+replacement, i.e. items drawn by their popularity within the batch, scored by one [M, d] x [d, K_b] product. Popular
+items are now over-represented among the candidates, which would push them down too much; so every candidate
+logit, the positive's included, is corrected by the log of that item's expected number of occurrences in the
+candidate set of a position:
+
+    e_i = K / N + K_b · q_i,   q_i = (real positions of the batch whose target is i) / M
+
+(N catalogue items, M real positions; K / N for the uniform draws in every mode), and
+
+    loss = -log( exp(s_p) / (exp(s_p) + Σ_k exp(s_{n_k}) + Σ_j exp(s_{b_j})) ),   s_i = u·i/τ - log e_i
+
+over the uniform negatives n_k and in-batch negatives b_j. q comes from the batch itself (no dataset statistics).
+Writing e_i instead of the mixture's probability e_i / (K + K_b) shifts every logit by the same constant, which the
+softmax ignores. A negative equal to the position's own positive is masked (-5e4) in both sets. With K_b = 0 all
+e_i are equal and no correction is applied: the loss is exactly the uniform one above.
+
 ``"full"`` is not sampled: every catalogue item is a negative (``num_negatives`` is ignored), i.e. cross-entropy over
 the whole catalogue, computed 256 positions at a time (``catalogue_cross_entropy``: no [M, catalogue] tensor). It is
 not the reference's loss; the strong SASRec baselines of 2023 (SASRec+, gSASRec) train this way or with thousands of
@@ -149,6 +168,7 @@ def sampled_softmax_loss(
     normalizer: float | None = None,
     full_logits_budget: int = 2**27,
     per_position_path: str = "auto",
+    in_batch_negatives: int = 0,
 ) -> torch.Tensor:
     """user [B, N, d] (normalised), targets [B, N] long (0 = padding), item_vectors(ids) -> normalised [..., d].
 
@@ -160,11 +180,19 @@ def sampled_softmax_loss(
     ``per_position_path`` picks how per-position logits are computed (same values): "sparse" (``sampled_logits``,
     CPU), "full" (catalogue product + gather), "gather" (embedding rows); "auto" = sparse on CPU, else full while
     M × catalogue <= ``full_logits_budget``, else gather.
+
+    ``in_batch_negatives = K_b > 0`` adds K_b negatives drawn from the batch's real targets, shared by all positions,
+    and the logQ correction of every logit (module docstring); they are drawn after the uniform negatives, from the
+    same ``generator``. Not with ``mode="full"``.
     """
+    if in_batch_negatives < 0:
+        raise ValueError(f"in_batch_negatives must be >= 0, got {in_batch_negatives}")
     valid = targets > 0  # [B, N]
     u = user[valid]  # [M, d]
     pos_ids = targets[valid]  # [M]
     if mode == "full":
+        if in_batch_negatives:
+            raise ValueError('in_batch_negatives must be 0 with mode="full" (every item is already a negative)')
         # Every catalogue item is a negative: a softmax over items 1..num_items (row 0 is padding), no draws.
         total = catalogue_cross_entropy(u, item_vectors()[1:], pos_ids - 1, temperature)
         return total / (normalizer if normalizer is not None else max(len(u), 1))
@@ -200,9 +228,53 @@ def sampled_softmax_loss(
         hit = pos_ids.unsqueeze(1) == neg_ids
     else:
         raise ValueError(f"negatives must be 'shared', 'per_sequence', 'per_position' or 'full', got {mode!r}")
-    logits = torch.cat([pos_logit, neg_logit], dim=1) / temperature
-    logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(hit, -5e4)], dim=1)
+    if in_batch_negatives and len(u) > 0:
+        logits = _mixed_logits(u, pos_ids, pos_logit, neg_logit, neg_ids, hit, item_vectors, num_items,
+                               num_negatives, temperature, in_batch_negatives, generator, valid, mode)  # fmt: skip
+    else:
+        logits = torch.cat([pos_logit, neg_logit], dim=1) / temperature
+        logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(hit, -5e4)], dim=1)
     zeros = torch.zeros(len(u), dtype=torch.long, device=user.device)
     if normalizer is None:
         return F.cross_entropy(logits, zeros)
     return F.cross_entropy(logits, zeros, reduction="sum") / normalizer
+
+
+def _mixed_logits(
+    u: torch.Tensor,
+    pos_ids: torch.Tensor,
+    pos_logit: torch.Tensor,
+    neg_logit: torch.Tensor,
+    neg_ids: torch.Tensor,
+    hit: torch.Tensor,
+    item_vectors,
+    num_items: int,
+    num_negatives: int,
+    temperature: float,
+    in_batch: int,
+    generator: torch.Generator | None,
+    valid: torch.Tensor,
+    mode: str,
+) -> torch.Tensor:
+    """[M, 1 + K + K_b] logQ-corrected, masked logits: the positive, the K uniform and the K_b in-batch negatives.
+
+    u [M, d], pos_ids [M], pos_logit [M, 1], neg_logit [M, K]; neg_ids [K] ("shared"), [B, K] ("per_sequence") or
+    [M, K] ("per_position"); hit [M, K]: the uniform negatives equal to the position's positive; valid [B, N].
+    """
+    M, K = neg_logit.shape
+    # K_b targets of real positions, uniformly over positions (so by popularity in the batch), shared by all rows.
+    draw = torch.randint(0, M, (in_batch,), generator=generator, device=u.device)  # [K_b]
+    batch_ids = pos_ids[draw]  # [K_b]
+    batch_logit = u @ item_vectors(batch_ids).T  # [M, K_b]
+    # log of each item's expected count among a position's candidates: K/N uniform + K_b · (its share of the targets)
+    share = torch.bincount(pos_ids, minlength=num_items + 1).to(u.dtype) / M  # [num_items + 1]
+    log_e = torch.log(num_negatives / num_items + in_batch * share)  # [num_items + 1]
+    neg_corr = log_e[neg_ids]  # [K] | [B, K] | [M, K]
+    if mode == "per_sequence":  # a sequence's draws for each of its real positions
+        neg_corr = neg_corr.unsqueeze(1).expand(-1, valid.shape[1], -1)[valid]  # [M, K]
+    logits = torch.cat([pos_logit, neg_logit, batch_logit], dim=1) / temperature  # [M, 1 + K + K_b]
+    logits[:, 0] -= log_e[pos_ids]
+    logits[:, 1 : 1 + K] -= neg_corr
+    logits[:, 1 + K :] -= log_e[batch_ids]
+    masked = torch.cat([hit, pos_ids.unsqueeze(1) == batch_ids.unsqueeze(0)], dim=1)  # [M, K + K_b]
+    return torch.cat([logits[:, :1], logits[:, 1:].masked_fill(masked, -5e4)], dim=1)

@@ -5,10 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from genrec.config import load_config
+from genrec.config import ConfigError, load_config
 from genrec.train.checkpoint import load_state
 from genrec.train.loop import epoch_batches, train
 from genrec.train.loss import catalogue_cross_entropy, sampled_logits, sampled_softmax_loss
+from genrec.train.schedule import LRSchedule
 
 from ..conftest import synthetic_interactions
 
@@ -253,3 +254,64 @@ def test_sampled_logits_with_more_draws_than_rows(draws):
     gu, gt = torch.autograd.grad((out * w).sum(), (u, table))
     ru, rt = torch.autograd.grad((ref * w).sum(), (u, table))
     assert torch.allclose(gu, ru, atol=1e-5) and torch.allclose(gt, rt, atol=1e-5)
+
+
+def test_lr_schedule_values():
+    cos = LRSchedule(lr=1e-3, total_steps=110, warmup_steps=10, kind="cosine", min_lr_ratio=0.1)
+    assert cos.at(0) == 0.0 and cos.at(5) == pytest.approx(5e-4) and cos.at(10) == pytest.approx(1e-3)  # warm-up
+    assert cos.at(60) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # cosine midpoint
+    assert cos.at(110) == pytest.approx(1e-4)  # the end: lr · min_lr_ratio
+    assert cos.for_step(0) == pytest.approx(1e-4) and cos.for_step(109) == pytest.approx(1e-4)  # lr(1) = lr / W; lr(T)
+    assert all(cos.for_step(s) > cos.for_step(s + 1) for s in range(10, 109))  # decays monotonically after warm-up
+    const = LRSchedule(lr=1e-3, total_steps=110, warmup_steps=10)
+    assert const.at(5) == pytest.approx(5e-4) and const.at(10) == const.at(110) == 1e-3
+    assert LRSchedule(lr=1e-3, total_steps=110).for_step(0) == 1e-3 and LRSchedule(lr=1e-3, total_steps=110).is_constant
+    assert LRSchedule(lr=1e-3, total_steps=4, warmup_steps=4, kind="cosine").at(4) == pytest.approx(1e-3)
+    tc = _config_train(["train.epochs=10", "train.warmup_epochs=0.5", "train.lr_schedule=cosine"])
+    assert LRSchedule.from_config(tc, 7).warmup_steps == 4 and LRSchedule.from_config(tc, 7).total_steps == 70
+    tiny = _config_train(["train.epochs=10", "train.warmup_epochs=0.01"])
+    assert LRSchedule.from_config(tiny, 7).warmup_steps == 1  # a warm-up asked for is never rounded away
+
+
+def _config_train(extra):
+    return load_config(None, list(extra)).train
+
+
+def test_cosine_schedule_with_warmup_is_logged_per_epoch(tmp_path):
+    cfg = _config(tmp_path, "cosine", extra=["train.lr=0.01", "train.lr_schedule=cosine", "train.warmup_epochs=1",
+                                             "train.min_lr_ratio=0.1"])  # fmt: skip
+    train(cfg, progress=False)
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "cosine" / "log.jsonl")]
+    # the lr of each epoch's last step: the end of the warm-up, the cosine midpoint, the end of training
+    assert lrs == pytest.approx([0.01, 0.01 * (0.1 + 0.9 * 0.5), 0.01 * 0.1])
+    plain = train(_config(tmp_path, "constant", extra=["train.epochs=2"]), progress=False)
+    assert [json.loads(line)["lr"] for line in open(tmp_path / "constant" / "log.jsonl")] == [1e-3, 1e-3]
+    assert plain["config"]["train"]["lr_schedule"] == "constant"
+
+
+def test_interrupted_scheduled_run_resumes_with_the_same_learning_rates(tmp_path):
+    sched = ["train.epochs=4", "train.lr=0.01", "train.lr_schedule=cosine", "train.warmup_epochs=1.5",
+             "train.min_lr_ratio=0.05"]  # fmt: skip
+    full = train(_config(tmp_path, "full", extra=sched), progress=False)
+    # interrupted twice (a time budget used up after one epoch), then resumed to the end: the schedule still spans the
+    # 4 epochs of train.epochs and continues from the checkpoint's step
+    stop = ["train.time_budget_minutes=1e-9"]
+    train(_config(tmp_path, "part", extra=[*sched, *stop]), progress=False)
+    assert load_state(tmp_path / "part" / "checkpoint.pt")["train_state"]["epoch"] == 1
+    train(_config(tmp_path, "part", extra=[*sched, *stop]), resume=True, progress=False)
+    assert load_state(tmp_path / "part" / "checkpoint.pt")["train_state"]["epoch"] == 2
+    resumed = train(_config(tmp_path, "part", extra=sched), resume=True, progress=False)
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("full", "part")]
+    assert [h["lr"] for h in logs[1]] == [h["lr"] for h in logs[0]] and len(logs[0]) == 4
+    assert [h["loss"] for h in logs[1]] == [h["loss"] for h in logs[0]]
+    assert resumed["test"]["metrics"] == full["test"]["metrics"]
+    a = load_state(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = load_state(tmp_path / "part" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_warmup_longer_than_training_is_refused_before_any_file(tmp_path):
+    cfg = _config(tmp_path, "long-warmup", extra=["train.epochs=3", "train.warmup_epochs=4"])
+    with pytest.raises(ConfigError, match=r"train\.warmup_epochs: 4 is longer than train\.epochs=3"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "long-warmup").exists()
