@@ -265,16 +265,16 @@ def _mixed_logits(
     # K_b targets of real positions, uniformly over positions (so by popularity in the batch), shared by all rows.
     draw = torch.randint(0, M, (in_batch,), generator=generator, device=u.device)  # [K_b]
     batch_ids = pos_ids[draw]  # [K_b]
-    batch_logit = u @ item_vectors(batch_ids).T  # [M, K_b]
     # log of each item's expected count among a position's candidates: K/N uniform + K_b · (its share of the targets)
     share = torch.bincount(pos_ids, minlength=num_items + 1).to(u.dtype) / M  # [num_items + 1]
     log_e = torch.log(num_negatives / num_items + in_batch * share)  # [num_items + 1]
     neg_corr = log_e[neg_ids]  # [K] | [B, K] | [M, K]
     if mode == "per_sequence":  # a sequence's draws for each of its real positions
         neg_corr = neg_corr.unsqueeze(1).expand(-1, valid.shape[1], -1)[valid]  # [M, K]
-    logits = torch.cat([pos_logit, neg_logit, batch_logit], dim=1) / temperature  # [M, 1 + K + K_b]
-    logits[:, 0] -= log_e[pos_ids]
-    logits[:, 1 : 1 + K] -= neg_corr
-    logits[:, 1 + K :] -= log_e[batch_ids]
-    masked = torch.cat([hit, pos_ids.unsqueeze(1) == batch_ids.unsqueeze(0)], dim=1)  # [M, K + K_b]
-    return torch.cat([logits[:, :1], logits[:, 1:].masked_fill(masked, -5e4)], dim=1)
+    # Each block is scaled, corrected and masked as it is made (in place where autograd allows), then joined once:
+    # no slicing of the joined [M, 1 + K + K_b] logits, whose backward would allocate and copy full-size gradients.
+    pos = pos_logit / temperature - log_e[pos_ids].unsqueeze(1)  # [M, 1]
+    neg = (neg_logit / temperature).sub_(neg_corr).masked_fill_(hit, -5e4)  # [M, K]
+    batch = torch.addmm(-log_e[batch_ids].unsqueeze(0), u / temperature, item_vectors(batch_ids).T)  # [M, K_b]
+    batch = batch.masked_fill_(pos_ids.unsqueeze(1) == batch_ids.unsqueeze(0), -5e4)
+    return torch.cat([pos, neg, batch], dim=1)  # [M, 1 + K + K_b]
