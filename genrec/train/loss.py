@@ -42,7 +42,8 @@ candidate set of a position:
 over the uniform negatives n_k and in-batch negatives b_j. q comes from the batch itself (no dataset statistics).
 Writing e_i instead of the mixture's probability e_i / (K + K_b) shifts every logit by the same constant, which the
 softmax ignores. A negative equal to the position's own positive is masked (-5e4) in both sets. With K_b = 0 all
-e_i are equal and no correction is applied: the loss is exactly the uniform one above.
+e_i are equal and no correction is applied: the loss is exactly the uniform one above. Cost: one [M, d] x [d, K_b]
+product forward and two backward, and a softmax over 1 + K + K_b instead of 1 + K columns per position.
 
 ``"full"`` is not sampled: every catalogue item is a negative (``num_negatives`` is ignored), i.e. cross-entropy over
 the whole catalogue, computed 256 positions at a time (``catalogue_cross_entropy``: no [M, catalogue] tensor). It is
