@@ -24,8 +24,9 @@ dropout, padding zeroed, exactly as HSTU (the reference keeps HSTU's input prepr
 
 The math lives in ``genrec.ops.hstu_math``: ``rms_norm``, ``project`` (SiLU(x̂ W)), ``hstu_attention`` (the
 semantic channel, called with a zero bias), ``time_buckets`` / ``rab_index`` / ``bucket_lookup`` (the temporal
-channel's weights, with HSTU's no-time column for rows without timestamps), ``channel_attention`` (the positional
-and temporal channels), ``interleave_channels``, ``swiglu_residual`` and ``output_normalize``.
+channel's weights, with HSTU's no-time column, which is zero, for rows without timestamps and for the keys the
+causal mask hides), ``channel_attention`` (the positional and temporal channels), ``interleave_channels``,
+``swiglu_residual`` and ``output_normalize``.
 
 Dropout: ``dropout`` on the input embeddings; ``linear_dropout`` on U ⊙ RMSNorm(a) before W_0 and on the normed
 input of the SwiGLU stage (the reference uses its linear dropout rate in both places; its attention dropout rate is
@@ -110,7 +111,7 @@ class _Attend:
     """What the blocks share for one forward pass: which keys each query sees and the channels' indices.
 
     offsets long [N, N] or [B, 1, N] (i - j, clamped to >= 0); time_index long [B, Nq, Nk] into w_time padded with
-    a zero column (rows without timestamps point at it), or None (temporal channel off or no row timed); mask float
+    a zero column (rows without timestamps and keys hidden by the mask point at it), or None (temporal channel off or no row timed); mask float
     [N, N] or [B, 1, N] (causal); norm [B or 1] (the semantic channel's normaliser)."""
 
     offsets: torch.Tensor
@@ -165,7 +166,7 @@ class FuXiAlphaLayer(nn.Module):
                     outputs.append(v.new_zeros(v.shape[0], q.shape[1], v.shape[2]))
                 else:
                     weights = bucket_lookup(F.pad(self.ts_w, (0, 1)), ctx.time_index)  # [B, Nq, Nk]
-                    outputs.append(channel_attention(weights, v, ctx.mask))
+                    outputs.append(channel_attention(weights, v, None))  # hidden keys read the zero column
             else:
                 zero_bias = v.new_zeros(1, 1, 1)
                 av = hstu_attention(to_heads(q, self.h), to_heads(k, self.h), to_heads(v, self.h), zero_bias,
@@ -212,8 +213,8 @@ class FuXiAlpha(nn.Module):
         offsets = (last.view(B, 1, 1) - pos.view(1, 1, N)).clamp(min=0)  # [B, 1, N] i - j
         rows = torch.arange(B, device=x.device)
         mask = (pos.view(1, 1, N) <= last.view(B, 1, 1)).to(x.dtype)  # [B, 1, N]
-        ctx = _Attend(offsets, self._time_index(batch, batch.query_times[rows, last].view(B, 1)), mask,
-                      self._norm(batch, x.dtype))
+        time_index = self._time_index(batch, batch.query_times[rows, last].view(B, 1), mask.bool())
+        ctx = _Attend(offsets, time_index, mask, self._norm(batch, x.dtype))
         return output_normalize(self.layers[-1](x, ctx, last))
 
     def _hidden(self, batch: Batch, num_layers: int) -> torch.Tensor:
@@ -231,20 +232,23 @@ class FuXiAlpha(nn.Module):
         pos = torch.arange(N, device=ids.device)
         offsets = (pos.view(N, 1) - pos.view(1, N)).clamp(min=0)  # [N, N] i - j
         causal = torch.ones(N, N, device=ids.device, dtype=x.dtype).tril()  # [N, N]
-        ctx = _Attend(offsets, self._time_index(batch, batch.query_times), causal, self._norm(batch, x.dtype))
+        time_index = self._time_index(batch, batch.query_times, causal.bool())
+        ctx = _Attend(offsets, time_index, causal, self._norm(batch, x.dtype))
         for layer in self.layers[:num_layers]:
             x = layer(x, ctx) * valid
         return x
 
-    def _time_index(self, batch: Batch, query_times: torch.Tensor) -> torch.Tensor | None:
+    def _time_index(self, batch: Batch, query_times: torch.Tensor, visible: torch.Tensor) -> torch.Tensor | None:
         """Index [B, Nq, Nk] into every block's w_time padded with a zero column, for queries at ``query_times``
-        [B, Nq] against all of the batch's keys; rows without timestamps point at the zero column. None when the
-        temporal channel is off or no row has timestamps."""
+        [B, Nq] against all of the batch's keys; keys a query may not see (``visible`` [Nq, Nk] or [B, Nq, Nk] bool
+        False) and rows without timestamps point at the zero column, so the temporal weights need no mask. None
+        when the temporal channel is off or no row has timestamps."""
         if not (self.config.use_time_bias and bool(batch.has_time.any())):
             return None
         nb = self.config.num_time_buckets
         no_offset = torch.zeros((), dtype=torch.long, device=query_times.device)  # the time column alone
-        return rab_index(no_offset, time_buckets(query_times, batch.timestamps, nb), batch.has_time, nb)
+        index = rab_index(no_offset, time_buckets(query_times, batch.timestamps, nb), batch.has_time, nb)
+        return index.masked_fill(~visible, nb + 1)
 
     def _norm(self, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
         """The semantic channel's normaliser: [1] (max_len) or [B] (each row's length)."""

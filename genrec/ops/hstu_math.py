@@ -178,14 +178,21 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, x.shape[-1:], eps=EPS)
 
 
-def channel_attention(weights: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def channel_attention(weights: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """A channel whose attention weights come from a relative bias alone, shared by the heads:
 
         out_i = Σ_j mask_ij · w_ij · v_j          (no activation, no normaliser)
 
-    weights [B or 1, Nq, Nk]; v [B, Nk, h·dv] (all heads at once: the weights do not depend on the head);
-    mask float broadcastable to weights (1 where query i may see key j) -> [B, Nq, h·dv]."""
-    return torch.matmul(weights * mask, v)
+    weights [B, Nq, Nk] or [Nq, Nk] (the same for every row); v [B, Nk, h·dv] (all heads at once: the weights do not
+    depend on the head); mask float broadcastable to weights (1 where query i may see key j), or None when the
+    weights are already zero wherever a key must not be seen -> [B, Nq, h·dv]."""
+    if mask is not None:
+        weights = weights * mask
+    if weights.dim() == 2:  # one [Nq, Nk] matrix for every row: one matmul over all rows' values side by side
+        B, Nk, F_ = v.shape
+        out = weights @ v.transpose(0, 1).reshape(Nk, B * F_)  # [Nq, B·h·dv]
+        return out.view(-1, B, F_).transpose(0, 1)
+    return torch.matmul(weights, v)
 
 
 def interleave_channels(channels: list[torch.Tensor], h: int) -> torch.Tensor:
