@@ -127,6 +127,8 @@ class TrainConfig:
         _at_least(self, "train", epochs=1, batch_size=1, num_negatives=1, patience=1, num_threads=0, eval_batch_size=1,
                   max_steps_per_epoch=0, length_buckets=0, weight_decay=0.0, time_budget_minutes=0.0, in_batch_negatives=0,
                   warmup_epochs=0.0, min_lr_ratio=0.0)  # fmt: skip
+        _check(self.warmup_epochs <= self.epochs, "train.warmup_epochs", self.warmup_epochs,
+               f"must be <= train.epochs ({self.epochs})")
         _check(self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(self.in_batch_negatives == 0 or self.negatives != "full", "train.in_batch_negatives",
                self.in_batch_negatives, 'must be 0 with train.negatives="full" (every item is already a negative)')

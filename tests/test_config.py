@@ -68,6 +68,9 @@ def test_choice_fields_are_checked_at_load(override, field, allowed):
         ("train.time_budget_minutes=-1", "train.time_budget_minutes"), ("train.num_threads=-2", "train.num_threads"),
         ("train.device=gpu", "train.device"), ("train.device=cuda:x", "train.device"),
         ("train.select_metric=NDCG@5", "train.select_metric"), ("train.select_metric=AUC", "train.select_metric"),
+        ("train.in_batch_negatives=-1", "train.in_batch_negatives"), ("train.warmup_epochs=-0.5", "train.warmup_epochs"),
+        ("train.warmup_epochs=500", "train.warmup_epochs"), ("train.min_lr_ratio=1.5", "train.min_lr_ratio"),
+        ("train.min_lr_ratio=-0.1", "train.min_lr_ratio"),
     ],
 )
 def test_meaningless_values_are_refused_at_load(override, field):

@@ -311,7 +311,10 @@ def test_interrupted_scheduled_run_resumes_with_the_same_learning_rates(tmp_path
 
 
 def test_warmup_longer_than_training_is_refused_before_any_file(tmp_path):
-    cfg = _config(tmp_path, "long-warmup", extra=["train.epochs=3", "train.warmup_epochs=4"])
-    with pytest.raises(ConfigError, match=r"train\.warmup_epochs: 4 is longer than train\.epochs=3"):
+    with pytest.raises(ConfigError, match=r"train\.warmup_epochs: 4(\.0)? must be <= train\.epochs \(3\)"):
+        _config(tmp_path, "long-warmup", extra=["train.epochs=3", "train.warmup_epochs=4"])
+    cfg = _config(tmp_path, "long-warmup", extra=["train.epochs=3"])
+    cfg.train.warmup_epochs = 4.0  # changed after the config was checked: the loop refuses it too
+    with pytest.raises(ConfigError, match=r"train\.warmup_epochs: 4(\.0)? is longer than train\.epochs=3"):
         train(cfg, progress=False)
     assert not (tmp_path / "long-warmup").exists()
