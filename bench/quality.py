@@ -235,27 +235,25 @@ def test_ranks(dataset: str, name: str, data_dir: str | None) -> tuple[np.ndarra
     a different checkpoint or different data stops the comparison instead of comparing the wrong thing."""
     from genrec.api import Recommender
     from genrec.data.dataset import prepare_data
-    from genrec.eval.evaluate import evaluate_ranks, metrics_from_user_ranks, model_score_fn
-    from genrec.eval.protocol import protocol_from_config
+    from genrec.eval.evaluate import UserRanks, evaluate_ranks, metrics_from_user_ranks, model_score_fn
+    from genrec.eval.protocol import EvalProtocol, protocol_from_config
 
     run_dir = ROOT / "runs" / "quality" / dataset / name
     stored = json.loads((run_dir / "results.json").read_text())["test"]
-    cache = run_dir / "test_ranks.npz"
+    cache = run_dir / "test_ranks.npz"  # written by training; computed here for runs trained without it
     if cache.exists():
-        z = np.load(cache, allow_pickle=False)
-        users, ranks = z["users"], z["ranks"]
+        result = UserRanks.load(cache)
     else:
         rec = Recommender.load(run_dir, **({"data_dir": data_dir} if data_dir else {}))
         data = prepare_data(rec.config_.data)
-        protocol = protocol_from_config(rec.config_, "test")
-        result = evaluate_ranks(model_score_fn(rec.model_, rec.config_.data.max_len), data.sequences, protocol,
-                                rec.config_.train.eval_batch_size)  # fmt: skip
-        again = metrics_from_user_ranks(result, protocol)
-        off = {k: (v, stored["metrics"][k]) for k, v in again.items() if abs(v - stored["metrics"].get(k, v)) > 1e-9}
-        if off or protocol.name != stored["protocol"]["name"]:
-            raise SystemExit(f"{run_dir}: the best checkpoint's test metrics do not match results.json: {off}")
-        users, ranks = result.users, result.ranks
-        np.savez(cache, users=users, ranks=ranks)
+        result = evaluate_ranks(model_score_fn(rec.model_, rec.config_.data.max_len), data.sequences,
+                                protocol_from_config(rec.config_, "test"), rec.config_.train.eval_batch_size)  # fmt: skip
+        result.save(cache)
+    again = metrics_from_user_ranks(result, EvalProtocol.from_dict(stored["protocol"]))
+    off = {k: (v, stored["metrics"].get(k)) for k, v in again.items() if abs(v - stored["metrics"].get(k, v + 1)) > 1e-9}
+    if off:
+        raise SystemExit(f"{run_dir}: the per-user test ranks do not give the test metrics of results.json: {off}")
+    users, ranks = result.users, result.ranks
     return users, ranks, stored["protocol"]
 
 

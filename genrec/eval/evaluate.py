@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -11,8 +12,14 @@ from torch import nn
 
 from genrec.data.batches import history_batch, split_histories
 from genrec.data.sequences import SequenceData, Split, leave_one_out
-from genrec.eval.metrics import RankAccumulator, metrics_from_ranks, sample_candidates, target_ranks
+from genrec.eval.metrics import (
+    RankAccumulator,
+    metrics_from_ranks,
+    sample_candidates,
+    target_ranks,
+)
 from genrec.eval.protocol import EvalProtocol
+from genrec.io import atomic_write
 
 # score_fn(histories, history_times, query_times, has_time) -> scores [B, num_items + 1]
 ScoreFn = Callable[[list, list, np.ndarray, np.ndarray], torch.Tensor]
@@ -57,6 +64,20 @@ class UserRanks:
     users: np.ndarray
     ranks: np.ndarray
     repeat_targets: int
+
+    def save(self, path: str | Path) -> None:
+        """Write ``users``, ``ranks`` and ``repeat_targets`` to an ``.npz`` file, atomically."""
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.savez would add ".npz" to a path
+                np.savez(fh, users=self.users, ranks=self.ranks, repeat_targets=np.int64(self.repeat_targets))
+
+        atomic_write(path, write)
+
+    @classmethod
+    def load(cls, path: str | Path) -> UserRanks:
+        with np.load(path, allow_pickle=False) as z:
+            return cls(users=z["users"], ranks=z["ranks"], repeat_targets=int(z["repeat_targets"]))
 
 
 def evaluate_ranks(score_fn: ScoreFn, data: SequenceData, protocol: EvalProtocol, batch_size: int = 512) -> UserRanks:

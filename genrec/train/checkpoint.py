@@ -39,7 +39,7 @@ from genrec.io import atomic_write, write_json  # noqa: F401  (write_json: re-ex
 # The files ``genrec train`` writes into a run directory (``--overwrite`` removes exactly these).
 RUN_FILES = (
     "config.yaml", "item_ids.json", "titles.json", "popularity.json", "checkpoint.pt", "best.safetensors", "best.json",
-    "log.jsonl", "results.json",
+    "log.jsonl", "results.json", "test_ranks.npz",
 )  # fmt: skip
 STATE_KEYS = ("model", "optimizer", "torch_rng", "train_state")
 

@@ -38,7 +38,13 @@ from genrec.data.popularity import write_popularity
 from genrec.data.registry import DATASETS
 from genrec.data.sequences import leave_one_out, load_item_map, save_id_maps
 from genrec.data.stochastic_length import expected_kept, expected_sparsity
-from genrec.eval.evaluate import INTEGER_METRICS, evaluate, model_score_fn
+from genrec.eval.evaluate import (
+    INTEGER_METRICS,
+    evaluate,
+    evaluate_ranks,
+    metrics_from_user_ranks,
+    model_score_fn,
+)
 from genrec.eval.protocol import protocol_from_config
 from genrec.models import build_model
 from genrec.train.checkpoint import (
@@ -46,9 +52,9 @@ from genrec.train.checkpoint import (
     CheckpointError,
     check_run_directory,
     check_shapes,
-    load_weights,
     config_differences,
     is_terminal,
+    load_weights,
     remove_stale_temporaries,
     resume_state,
     save_state,
@@ -310,7 +316,10 @@ def train(
     load_weights(out / "best.safetensors", model)
     model.eval()
     test_protocol = protocol_from_config(config, "test")
-    test = evaluate(model_score_fn(model, config.data.max_len, device), seqs, test_protocol, tc.eval_batch_size)
+    test_ranks = evaluate_ranks(model_score_fn(model, config.data.max_len, device), seqs, test_protocol, tc.eval_batch_size)
+    test = metrics_from_user_ranks(test_ranks, test_protocol)
+    # Every evaluated user's test rank (users ascending), for paired comparisons between runs (bench/quality.py).
+    test_ranks.save(out / "test_ranks.npz")
     log.info("test protocol: %s — %s", test_protocol.name, test_protocol.describe())
     log.info("test @ best epoch %d: %s", state.best_epoch, _fmt(test))
     epochs_done = state.history

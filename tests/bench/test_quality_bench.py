@@ -62,11 +62,17 @@ def test_compare_pairs_users_and_checks_the_stored_metrics(bench, tmp_path):
     bench._save_compare(rows)
     assert len(json.loads((tmp_path / "results" / "quality_compare.json").read_text())) == 2
 
-    # A run whose stored metrics are not what its best checkpoint gives is refused, not compared.
-    (tmp_path / "runs/quality/ml-1m/b/test_ranks.npz").unlink()
+    # Training wrote the ranks; without them they are recomputed from the best checkpoint, to the same values.
+    ranks_file = tmp_path / "runs/quality/ml-1m/b/test_ranks.npz"
+    written = np.load(ranks_file)["ranks"]
+    ranks_file.unlink()
+    assert bench.compare_runs("ml-1m", ["a"], ["b"], ["NDCG@10"], None, num_resamples=200)[0] == rows[1]
+    assert np.array_equal(np.load(ranks_file)["ranks"], written)
+
+    # Ranks that do not give the run's stored test metrics are refused, not compared.
     results = tmp_path / "runs/quality/ml-1m/b/results.json"
     raw = json.loads(results.read_text())
     raw["test"]["metrics"]["NDCG@10"] += 0.01
     results.write_text(json.dumps(raw))
-    with pytest.raises(SystemExit, match="do not match results.json"):
+    with pytest.raises(SystemExit, match="do not give the test metrics of results.json"):
         bench.compare_runs("ml-1m", ["a"], ["b"], ["NDCG@10"], None, num_resamples=10)
