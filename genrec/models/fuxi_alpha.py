@@ -111,8 +111,8 @@ class _Attend:
     """What the blocks share for one forward pass: which keys each query sees and the channels' indices.
 
     offsets long [N, N] or [B, 1, N] (i - j, clamped to >= 0); time_index long [B, Nq, Nk] into w_time padded with
-    a zero column (rows without timestamps and keys hidden by the mask point at it), or None (temporal channel off or no row timed); mask float
-    [N, N] or [B, 1, N] (causal); norm [B or 1] (the semantic channel's normaliser)."""
+    a zero column (rows without timestamps and keys hidden by the mask point at it), or None (temporal channel off
+    or no row timed); mask float [N, N] or [B, 1, N] (causal); norm [B or 1] (the semantic channel's normaliser)."""
 
     offsets: torch.Tensor
     time_index: torch.Tensor | None

@@ -33,8 +33,8 @@ def _batch(B=3, N=7, num_items=20, seed=0, lengths=None, has_time=None):
 
 def _model(**kw) -> FuXiAlpha:
     torch.manual_seed(0)
-    cfg = dict(num_items=20, max_len=10, embedding_dim=8, num_blocks=2, num_heads=2, attention_dim=4, linear_dim=3,
-               ffn_dim=6, dropout=0.0, linear_dropout=0.0)  # fmt: skip
+    cfg = {"num_items": 20, "max_len": 10, "embedding_dim": 8, "num_blocks": 2, "num_heads": 2, "attention_dim": 4,
+           "linear_dim": 3, "ffn_dim": 6, "dropout": 0.0, "linear_dropout": 0.0}
     return FuXiAlpha(FuXiAlphaConfig(**{**cfg, **kw})).eval()
 
 
@@ -230,7 +230,7 @@ def test_training_run_learns_reloads_recommends_and_exports(tmp_path):
         "train.num_threads=1", f"output_dir={tmp_path / 'run'}",
     ])  # fmt: skip
     res = train(config, progress=False)
-    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < 0.8 * log[0]["loss"]
     assert res["test"]["metrics"]["HR@10"] > 10 / 30  # above chance on the "next = previous + 1" pattern
 
