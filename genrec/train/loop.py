@@ -393,13 +393,18 @@ def _position_sparsity(history: list[dict]) -> float | None:
     return 1.0 - sum(h["tokens"] for h in done) / sum(h["positions"] for h in done)
 
 
+# Models with a time input, and what it is called in their papers.
+_TIME_INPUTS = {"hstu": "time bias", "fuxi-alpha": "temporal channel"}
+
+
 def _time_notes(config: RunConfig, seqs) -> list[str]:
-    if config.model.name != "hstu" or not config.model.use_time_bias:
+    what = _TIME_INPUTS.get(config.model.name)
+    if what is None or not config.model.use_time_bias:
         return ["the model uses no timestamps"]
     n_time = int(seqs.has_time.sum())
     if n_time == seqs.num_users:
-        return ["time bias on for every user"]
-    return [f"time bias on for {n_time:,} of {seqs.num_users:,} users; off (no timestamps) for the rest"]
+        return [f"{what} on for every user"]
+    return [f"{what} on for {n_time:,} of {seqs.num_users:,} users; off (no timestamps) for the rest"]
 
 
 def _fmt(metrics: dict[str, float]) -> str:

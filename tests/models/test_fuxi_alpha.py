@@ -233,6 +233,7 @@ def test_training_run_learns_reloads_recommends_and_exports(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < 0.8 * log[0]["loss"]
     assert res["test"]["metrics"]["HR@10"] > 10 / 30  # above chance on the "next = previous + 1" pattern
+    assert "temporal channel on for every user" in res["data"]["notes"]  # the run says it used the timestamps
 
     rec = Recommender.load(tmp_path / "run")
     assert isinstance(rec.model_, FuXiAlpha)
