@@ -47,9 +47,6 @@ def build_model(config: ModelConfig, num_items: int, max_len: int) -> nn.Module:
             )
         )
     if config.name == "fuxi-alpha":
-        if config.attention_impl != "padded":
-            raise ValueError(f"model.attention_impl={config.attention_impl!r}: fuxi-alpha has the padded path only; "
-                             "set model.attention_impl=padded")
         return FuXiAlpha(
             FuXiAlphaConfig(
                 num_items=num_items,
@@ -66,6 +63,7 @@ def build_model(config: ModelConfig, num_items: int, max_len: int) -> nn.Module:
                 use_position_bias=config.use_position_bias,
                 num_time_buckets=config.num_time_buckets,
                 attention_norm=config.attention_norm,
+                attention_impl=config.attention_impl,
             )
         )
     raise ValueError(f"unknown model {config.name!r}; expected one of {MODELS}")

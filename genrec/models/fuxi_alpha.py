@@ -26,7 +26,8 @@ The math lives in ``genrec.ops.hstu_math``: ``rms_norm``, ``project`` (SiLU(x̂ 
 semantic channel, called with a zero bias), ``time_buckets`` / ``rab_index`` / ``bucket_lookup`` (the temporal
 channel's weights, with HSTU's no-time column, which is zero, for rows without timestamps and for the keys the
 causal mask hides), ``channel_attention`` (the positional and temporal channels), ``interleave_channels``,
-``swiglu_residual`` and ``output_normalize``.
+``channel_gated_residual`` (MFFN stage 1), ``swiglu_residual`` and ``output_normalize``. The jagged fast path
+(``genrec.ops.jagged``) calls the same functions with the same parameters, and this padded path is its reference.
 
 Dropout: ``dropout`` on the input embeddings; ``linear_dropout`` on U ⊙ RMSNorm(a) before W_0 and on the normed
 input of the SwiGLU stage (the reference uses its linear dropout rate in both places; its attention dropout rate is
@@ -49,8 +50,13 @@ Deliberate deviations from the reference code (the math of a block is kept):
   HSTU's no-time column, which is zero); the channel keeps its slot in U, the RMSNorm and W_0, so a batch can mix
   both kinds of rows. The reference has no notion of missing timestamps.
 - ``encode_last`` (what evaluation and serving call) runs the last block for the last position only.
-- A plain padded path only: no jagged fast path. Padded keys sit after every real query, so the causal mask hides
-  them, and padded positions are zeroed after every block.
+- ``attention_impl="jagged"`` runs the same math on jagged values (``genrec.ops.jagged``: the semantic channel on
+  HSTU's blocked attention engine without a bias, the positional and temporal channels over the same causal tiles):
+  attention work ∝ Σ nᵢ² instead of B·max(n)², and the pointwise parts on real tokens only; tested equal to this
+  path (outputs and gradients). Its dropout draws other masks than ``nn.Dropout`` (same distribution). Inference
+  batches of a few rows with little padding take this padded path instead (``genrec.ops.jagged.jagged_pays``).
+  On the padded path, padded keys sit after every real query, so the causal mask hides them, and padded positions
+  are zeroed after every block.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ from genrec.data.batches import Batch
 from genrec.ops.hstu_math import (
     bucket_lookup,
     channel_attention,
+    channel_gated_residual,
     from_heads,
     hstu_attention,
     interleave_channels,
@@ -77,6 +84,7 @@ from genrec.ops.hstu_math import (
     time_buckets,
     to_heads,
 )
+from genrec.ops.jagged import jagged_fuxi_encode_batch, jagged_pays
 
 __all__ = ["FuXiAlpha", "FuXiAlphaConfig", "FuXiAlphaLayer"]
 
@@ -97,6 +105,7 @@ class FuXiAlphaConfig:
     use_position_bias: bool = True  # the positional channel
     num_time_buckets: int = 128
     attention_norm: str = "max_len"  # the semantic channel's 1/N: "max_len" | "length"
+    attention_impl: str = "padded"  # "padded" (this file, the reference) | "jagged" (genrec.ops.jagged, parity-tested)
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -173,7 +182,7 @@ class FuXiAlphaLayer(nn.Module):
                                     ctx.mask.unsqueeze(-3), ctx.norm)  # [B, h, Nq, dv]
                 outputs.append(from_heads(av))
         a = interleave_channels(outputs, self.h)  # [B, Nq, h·c·dv]
-        y = x_res + self.out(self.dropout(u * rms_norm(a)))  # MFFN stage 1
+        y = channel_gated_residual(x_res, u, a, self.out, self.dropout)  # MFFN stage 1
         y = swiglu_residual(y, self.w1, self.w3, self.w2, self.dropout)  # MFFN stage 2
         return y if last is None else y[:, 0]
 
@@ -185,6 +194,8 @@ class FuXiAlpha(nn.Module):
         super().__init__()
         if config.attention_norm not in ("max_len", "length"):
             raise ValueError(f"attention_norm must be 'max_len' or 'length', got {config.attention_norm!r}")
+        if config.attention_impl not in ("padded", "jagged"):
+            raise ValueError(f"attention_impl must be 'padded' or 'jagged', got {config.attention_impl!r}")
         self.config = config
         d = config.embedding_dim
         self.item_emb = nn.Embedding(config.num_items + 1, d, padding_idx=0)
@@ -223,6 +234,11 @@ class FuXiAlpha(nn.Module):
         N = ids.shape[1]
         if N > self.config.max_len:
             raise ValueError(f"sequence width {N} exceeds max_len {self.config.max_len}")
+        # the fast path, tested equal to the rest of this function; small inference batches with little padding are
+        # cheaper on the plain path (see jagged_pays)
+        if (self.config.attention_impl == "jagged" and num_layers > 0
+                and jagged_pays(batch.lengths, N, torch.is_grad_enabled())):
+            return jagged_fuxi_encode_batch(self, batch, num_layers=num_layers, normalize=False)
         d = self.config.embedding_dim
         valid = (torch.arange(N, device=ids.device).unsqueeze(0) < batch.lengths.unsqueeze(1)).unsqueeze(-1)  # [B,N,1]
         x = self.item_emb(ids) * math.sqrt(d) + self.pos_emb.weight[:N].unsqueeze(0)

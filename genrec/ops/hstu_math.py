@@ -195,6 +195,18 @@ def channel_attention(weights: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return torch.matmul(weights, v)
 
 
+def channel_gated_residual(
+    x: torch.Tensor,
+    u: torch.Tensor,
+    a: torch.Tensor,
+    out: Callable[[torch.Tensor], torch.Tensor],
+    dropout: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """y = x + W_0 · dropout(U ⊙ RMSNorm(a)): FuXi-α's first MFFN stage. x [..., d]; u, a [..., h·c·dv] (a from
+    ``interleave_channels``); ``out`` W_0 (with bias), ``dropout`` the layer's dropout -> [..., d]."""
+    return x + out(dropout(u * rms_norm(a)))
+
+
 def interleave_channels(channels: list[torch.Tensor], h: int) -> torch.Tensor:
     """Concatenate channel outputs head by head: c tensors [..., h·dv] -> [..., h·c·dv], laid out as
     (head 0: channel 0 | channel 1 | ...), (head 1: ...), ..."""

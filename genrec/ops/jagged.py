@@ -20,6 +20,10 @@ Public: ``lengths_to_offsets``, ``padded_to_jagged``, ``jagged_to_padded``, ``Ja
 ``jagged_hstu_attention`` (+ the per-sequence plain reference ``jagged_hstu_attention_reference``),
 ``to_blocks`` / ``to_blocks_split`` / ``split_uvqk`` / ``from_blocks``, ``jagged_hstu_layer``, ``jagged_encode`` and
 ``jagged_encode_batch`` (padded ``Batch`` in and out, a drop-in for ``HSTU.encode``).
+
+FuXi-α (``genrec.models.fuxi_alpha``) on the same layout, tested equal to its padded path: ``jagged_fuxi_context``,
+``jagged_bias_channels`` (the positional and temporal channels over the causal tiles), ``jagged_fuxi_layer``,
+``jagged_fuxi_encode`` and ``jagged_fuxi_encode_batch`` (a drop-in for ``FuXiAlpha.encode``).
 """
 
 from __future__ import annotations
@@ -39,14 +43,19 @@ from genrec.ops.block_layout import (
     choose_block,
 )
 from genrec.ops.dropout import dropout
-from genrec.ops.hstu_attention import blocked_attention, native_lib
+from genrec.ops.hstu_attention import _add_rows, _rows, blocked_attention, native_lib
 from genrec.ops.hstu_math import (
+    channel_attention,
+    channel_gated_residual,
     gated_residual,
     hstu_attention,
     input_norm,
+    interleave_channels,
     output_normalize,
     rab_index,
     relative_bias,
+    rms_norm,
+    swiglu_residual,
     time_buckets,
 )
 
@@ -396,4 +405,221 @@ def jagged_encode_batch(
     ts = padded_to_jagged(batch.timestamps, lengths)
     qt = padded_to_jagged(batch.query_times, lengths)
     out = jagged_encode(model, values, offsets, ts, qt, batch.has_time, block, num_layers, normalize)
+    return jagged_to_padded(out, offsets, batch.item_ids.shape[1])
+
+
+# ------------------------------------------------------------------------------------------------------- FuXi-α
+# The FuXi-α block (``genrec.models.fuxi_alpha``) on jagged values: its semantic channel is the blocked HSTU engine
+# without a bias; its positional and temporal channels (Σ_j w_ij · v_j, no activation, no normaliser, weights shared
+# by the heads) run over the same causal tiles in ``_BiasChannels``. Everything pointwise is ``genrec.ops.hstu_math``.
+
+
+@dataclass
+class JaggedFuXiContext:
+    """What every FuXi-α block of one jagged forward shares.
+
+    base: layout, per-block normaliser of the semantic channel, native choice (``jagged_context``);
+    pos_index [num_deltas, block, block] long: offset i - j of every tile at block distance δ into ``pos_w`` padded
+    with one zero entry (index ``max_len``: the diagonal tiles' hidden upper triangle and offsets past ``max_len``,
+    which only query slots past a sequence's end reach), or None (positional channel off);
+    time_index: one [C, block, block] tensor per chunk of the layout (``TileBuckets``' ids and dtype) into ``ts_w``
+    padded with one zero entry (index ``num_time_buckets + 1``: rows without timestamps and the hidden upper
+    triangle of diagonal tiles), or None (temporal channel off, or no row has timestamps)."""
+
+    base: JaggedContext
+    pos_index: torch.Tensor | None
+    time_index: list[torch.Tensor] | None
+
+
+def jagged_fuxi_context(
+    model, offsets: torch.Tensor, timestamps, query_times, has_time, block: int | None = None,
+    native: bool | None = None,
+) -> JaggedFuXiContext:
+    """``jagged_context`` plus the tile indices of the positional and temporal channels (built once per batch)."""
+    cfg = model.config
+    base = jagged_context(model, offsets, timestamps, query_times, has_time, block, native)
+    layout = base.jb.layout
+    Bs = layout.block
+    hidden = ~torch.ones(Bs, Bs, dtype=torch.bool).tril()  # [Bs, Bs] key after query in a diagonal tile
+    pos_index = None
+    if cfg.use_position_bias:
+        rc = torch.arange(Bs).view(Bs, 1) - torch.arange(Bs).view(1, Bs)  # [Bs, Bs] r - c
+        off = torch.arange(layout.num_deltas).view(-1, 1, 1) * Bs + rc  # [nδ, Bs, Bs] i - j
+        pos_index = off.masked_fill(off >= cfg.max_len, cfg.max_len)
+        if layout.num_deltas:
+            pos_index[0].masked_fill_(hidden, cfg.max_len)
+    time_index = None
+    if base.buckets is not None:
+        nb = cfg.num_time_buckets
+        time_index = [ids.masked_fill(hidden, nb + 1) if c.delta == 0 else ids
+                      for c, ids in zip(layout.chunks, base.buckets.chunks)]
+    return JaggedFuXiContext(base, pos_index, time_index)
+
+
+def _mm_shared(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w [Bs, Bs] (the same for every tile) @ x [C, Bs, F] -> [C, Bs, F], as one matmul over the tiles side by side."""
+    C, Bs, width = x.shape
+    return (w @ x.transpose(0, 1).reshape(Bs, C * width)).view(w.shape[0], C, width).transpose(0, 1)
+
+
+class _BiasChannels(torch.autograd.Function):
+    """FuXi-α's positional and temporal channels over the causal tiles of a jagged batch:
+
+        out_i = Σ_{j <= i} table[index_ij] · v_j            (``hstu_math.channel_attention`` on each tile)
+
+    for each channel present, with the weights read from the channel's zero-padded weight table. Saves v only; the
+    backward recomputes each tile's weights, accumulates dv in place and sums the weight gradients per table entry
+    (autograd through per-chunk gathers and slices would zero-fill a full-size gradient of v for every chunk)."""
+
+    @staticmethod
+    def forward(ctx, v, pos_table, ts_table, fctx: JaggedFuXiContext):
+        # v [nblk, Bs, F] (all heads side by side); tables [P + 1] / [num_buckets + 2] -> out [k, nblk, Bs, F]
+        layout = fctx.base.jb.layout
+        use_pos, use_ts = fctx.pos_index is not None, fctx.time_index is not None
+        acc = torch.promote_types(v.dtype, torch.float32)  # accumulated in fp32 (fp64 for fp64 inputs)
+        out = torch.zeros(int(use_pos) + int(use_ts), *v.shape, dtype=acc)
+        pos_w, ts_w = pos_table.to(v.dtype), ts_table.to(v.dtype)
+        for n, c in enumerate(layout.chunks):
+            vb = _rows(v, c.ki, c.k_span)  # [C, Bs, F]
+            if use_pos:  # one [Bs, Bs] weight tile for every tile at this distance
+                _add_rows(out[0], c.qi, c.q_span, channel_attention(pos_w[fctx.pos_index[c.delta]], vb, None))
+            if use_ts:
+                w = ts_w[fctx.time_index[n].long()]  # [C, Bs, Bs]
+                _add_rows(out[-1], c.qi, c.q_span, channel_attention(w, vb, None))
+        ctx.fctx = fctx
+        ctx.save_for_backward(v, pos_table, ts_table)
+        return out.to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        v, pos_table, ts_table = ctx.saved_tensors
+        fctx: JaggedFuXiContext = ctx.fctx
+        layout = fctx.base.jb.layout
+        use_pos, use_ts = fctx.pos_index is not None, fctx.time_index is not None
+        go = grad_out.to(v.dtype).contiguous()  # [k, nblk, Bs, F]
+        pos_w, ts_w = pos_table.to(v.dtype), ts_table.to(v.dtype)
+        acc = torch.promote_types(v.dtype, torch.float32)  # accumulated in fp32 (fp64 for fp64 inputs)
+        dv = torch.zeros(v.shape, dtype=acc)
+        dpos_tiles = torch.zeros(fctx.pos_index.shape, dtype=acc) if use_pos else None  # [nδ, Bs, Bs]
+        dts = torch.zeros(ts_table.shape[0], dtype=torch.float64) if use_ts else None
+        for n, c in enumerate(layout.chunks):
+            vb = _rows(v, c.ki, c.k_span)  # [C, Bs, F]
+            C, Bs, width = vb.shape
+            if use_pos:
+                gob = _rows(go[0], c.qi, c.q_span)  # [C, Bs, F]
+                _add_rows(dv, c.ki, c.k_span, _mm_shared(pos_w[fctx.pos_index[c.delta]].t(), gob))
+                # dL/dw summed over the chunk's tiles (they share the weights): [Bs, C·F] @ [C·F, Bs]
+                g2, v2 = gob.transpose(0, 1).reshape(Bs, C * width), vb.transpose(0, 1).reshape(Bs, C * width)
+                dpos_tiles[c.delta] += g2 @ v2.t()
+            if use_ts:
+                gob = _rows(go[-1], c.qi, c.q_span)
+                idx = fctx.time_index[n].long()
+                _add_rows(dv, c.ki, c.k_span, torch.bmm(ts_w[idx].transpose(1, 2), gob))
+                dw = torch.bmm(gob, vb.transpose(1, 2))  # [C, Bs, Bs]
+                dts += torch.bincount(idx.view(-1), weights=dw.reshape(-1).double(), minlength=len(dts))
+        dpos = dts_out = None
+        if use_pos and ctx.needs_input_grad[1]:
+            flat = dpos_tiles.new_zeros(pos_table.shape[0]).index_add_(0, fctx.pos_index.view(-1), dpos_tiles.view(-1))
+            dpos = flat.to(pos_table.dtype)
+        if use_ts and ctx.needs_input_grad[2]:
+            dts_out = dts.to(ts_table.dtype)
+        return dv.to(v.dtype), dpos, dts_out, None
+
+
+def jagged_bias_channels(
+    v: torch.Tensor, pos_w: torch.Tensor | None, ts_w: torch.Tensor | None, fctx: JaggedFuXiContext
+) -> list[torch.Tensor]:
+    """FuXi-α's positional and temporal channels on blocked values v [nblk, Bs, F] (F = h·dv, all heads):
+    [nblk, Bs, F] per channel present (positional first), equal to ``channel_attention`` on each sequence alone.
+    pos_w [max_len] (None: channel off); ts_w [num_buckets + 1] (None: channel off). The temporal channel is zero
+    when no row has timestamps (``fctx.time_index`` None)."""
+    outs = []
+    time_on = ts_w is not None and fctx.time_index is not None
+    if pos_w is None and not time_on:
+        return outs if ts_w is None else [torch.zeros_like(v)]
+    plan = JaggedFuXiContext(fctx.base, fctx.pos_index if pos_w is not None else None,
+                             fctx.time_index if time_on else None)
+    pos_table = F.pad(pos_w, (0, 1)) if pos_w is not None else v.new_zeros(0)  # [max_len + 1], last entry 0
+    ts_table = F.pad(ts_w, (0, 1)) if time_on else v.new_zeros(0)  # [num_buckets + 2], last entry 0
+    with torch.autocast("cpu", enabled=False):  # compute in v's dtype, under autocast too
+        out = _BiasChannels.apply(v.contiguous(), pos_table, ts_table, plan)  # [k, nblk, Bs, F]
+    outs = list(out.unbind(0))
+    if ts_w is not None and not time_on:
+        outs.append(torch.zeros_like(v))
+    return outs
+
+
+def jagged_fuxi_layer(layer, x: torch.Tensor, ctx: JaggedFuXiContext) -> torch.Tensor:
+    """One FuXi-α block on jagged x [T, d] -> [T, d]: ``FuXiAlphaLayer.forward``'s steps (``genrec.ops.hstu_math``)
+    with the projection split straight into blocks, the blocked engine for the semantic channel and
+    ``jagged_bias_channels`` for the others. ``layer``: any object with the block's parameters ``h``, ``dqk``,
+    ``dv``, ``channels``, ``uvqk``, ``pos_w`` / ``ts_w`` (for the channels in use), ``out`` (W_0), ``w1`` / ``w3`` /
+    ``w2``, ``dropout.p`` and ``training``."""
+    T = x.shape[0]
+    h, dqk, dv = layer.h, layer.dqk, layer.dv
+    c = len(layer.channels)
+    base = ctx.base
+    jb = base.jb
+    nblk, Bs = jb.layout.num_blocks, jb.layout.block
+    pre = rms_norm(x) @ layer.uvqk  # [T, c·h·dv + h·dv + 2h·dqk] = U | V | Q | K before their SiLU
+    # SiLU'd: u [T, c·h·dv]; v [nblk, 1, Bs, h·dv] (the heads side by side); q, k [nblk, h, Bs, dqk]
+    u, v, q, k = _SplitUVQK.apply(pre, jb, c * h * dv, ((1, h * dv), (h, dqk), (h, dqk)), True)
+    v = v.view(nblk, Bs, h * dv)
+    bias = iter(jagged_bias_channels(v, getattr(layer, "pos_w", None) if "position" in layer.channels else None,
+                                     getattr(layer, "ts_w", None) if "time" in layer.channels else None, ctx))
+    outputs = []  # each [T, h·dv]
+    for channel in layer.channels:
+        if channel == "semantic":
+            v_heads = v.view(nblk, Bs, h, dv).transpose(1, 2)  # [nblk, h, Bs, dv]
+            out = blocked_attention(q, k, v_heads, jb.layout, base.norm, None, None, None, base.native)
+            outputs.append(from_blocks(out, jb).reshape(T, h * dv))
+        else:
+            outputs.append(next(bias).reshape(nblk * Bs, h * dv).index_select(0, jb.slot))
+    def drop(t: torch.Tensor) -> torch.Tensor:
+        return dropout(t, layer.dropout.p, layer.training, base.native)
+
+    y = channel_gated_residual(x, u, interleave_channels(outputs, h), layer.out, drop)  # MFFN stage 1
+    return swiglu_residual(y, layer.w1, layer.w3, layer.w2, drop)  # MFFN stage 2
+
+
+def jagged_fuxi_encode(
+    model,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    timestamps: torch.Tensor | None = None,
+    query_times: torch.Tensor | None = None,
+    has_time: torch.Tensor | None = None,
+    block: int | None = None,
+    num_layers: int | None = None,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """``FuXiAlpha.encode`` on a jagged batch, with ``model``'s parameters; arguments and result as
+    ``jagged_encode`` (``model``: any object with the FuXi-α encoder's ``config``, ``item_emb``, ``pos_emb``,
+    ``input_dropout``, ``training`` and ``layers``, see ``jagged_fuxi_layer``)."""
+    cfg = model.config
+    lengths = offsets[1:] - offsets[:-1]
+    if len(lengths) and int(lengths.max()) > cfg.max_len:
+        raise ValueError(f"sequence length {int(lengths.max())} exceeds max_len {cfg.max_len}")
+    if has_time is None:
+        has_time = torch.full((len(lengths),), timestamps is not None, dtype=torch.bool)
+    ctx = jagged_fuxi_context(model, offsets, timestamps, query_times, has_time, block)
+    d = cfg.embedding_dim
+    x = model.item_emb(values) * math.sqrt(d) + model.pos_emb.weight[ctx.base.jb.pos]  # [T, d]
+    x = dropout(x, model.input_dropout.p, model.training, ctx.base.native)
+    for layer in model.layers[:num_layers]:
+        x = jagged_fuxi_layer(layer, x, ctx)
+    return output_normalize(x) if normalize else x
+
+
+def jagged_fuxi_encode_batch(
+    model, batch: Batch, block: int | None = None, num_layers: int | None = None, normalize: bool = True
+) -> torch.Tensor:
+    """Drop-in for ``FuXiAlpha.encode(batch)``: padded ``Batch`` in, [B, N, d] out (zero rows at padding), jagged
+    inside."""
+    lengths = batch.lengths
+    offsets = lengths_to_offsets(lengths)
+    values = padded_to_jagged(batch.item_ids, lengths)
+    ts = padded_to_jagged(batch.timestamps, lengths)
+    qt = padded_to_jagged(batch.query_times, lengths)
+    out = jagged_fuxi_encode(model, values, offsets, ts, qt, batch.has_time, block, num_layers, normalize)
     return jagged_to_padded(out, offsets, batch.item_ids.shape[1])

@@ -209,14 +209,16 @@ def test_reference_init_scales():
     assert model.pos_emb.weight.std().item() == pytest.approx(math.sqrt(2 / 250), rel=0.05)
 
 
-def test_build_model_wires_the_config_and_rejects_the_jagged_path():
+def test_build_model_wires_the_config_including_the_jagged_path():
     cfg = load_config(None, ["model.name=fuxi-alpha", "model.ffn_dim=7", "model.use_time_bias=false"])
     model = build_model(cfg.model, num_items=30, max_len=12)
     assert isinstance(model, FuXiAlpha) and model.layers[0].w1.out_features == 7
     assert model.layers[0].channels == ("position", "semantic") and model.config.max_len == 12
-    bad = load_config(None, ["model.name=fuxi-alpha", "model.attention_impl=jagged"])
-    with pytest.raises(ValueError, match="padded path only"):
-        build_model(bad.model, num_items=30, max_len=12)
+    assert model.config.attention_impl == "padded"
+    jagged = load_config(None, ["model.name=fuxi-alpha", "model.attention_impl=jagged"])
+    assert build_model(jagged.model, num_items=30, max_len=12).config.attention_impl == "jagged"
+    with pytest.raises(ValueError, match="attention_impl"):
+        FuXiAlpha(FuXiAlphaConfig(num_items=3, attention_impl="ragged"))
 
 
 def test_training_run_learns_reloads_recommends_and_exports(tmp_path):
