@@ -533,10 +533,11 @@ def jagged_bias_channels(
     [nblk, Bs, F] per channel present (positional first), equal to ``channel_attention`` on each sequence alone.
     pos_w [max_len] (None: channel off); ts_w [num_buckets + 1] (None: channel off). The temporal channel is zero
     when no row has timestamps (``fctx.time_index`` None)."""
-    outs = []
+    if pos_w is not None and fctx.pos_index is None:
+        raise ValueError("positional weights given, but the context was built for a model without the channel")
     time_on = ts_w is not None and fctx.time_index is not None
     if pos_w is None and not time_on:
-        return outs if ts_w is None else [torch.zeros_like(v)]
+        return [] if ts_w is None else [torch.zeros_like(v)]
     plan = JaggedFuXiContext(fctx.base, fctx.pos_index if pos_w is not None else None,
                              fctx.time_index if time_on else None)
     pos_table = F.pad(pos_w, (0, 1)) if pos_w is not None else v.new_zeros(0)  # [max_len + 1], last entry 0
