@@ -159,3 +159,13 @@ def test_bf16_autocast_close_to_fp32():
     assert torch.isfinite(out).all()
     cos = torch.nn.functional.cosine_similarity(out.float(), ref, dim=-1)[batch.item_ids > 0]
     assert cos.min() >= 0.98
+
+
+def test_bias_channels_refuse_positional_weights_without_their_tile_index():
+    """A context built for a model without the positional channel has no position index: positional weights passed
+    with it are refused rather than skipped (which would shift every later channel)."""
+    no_pos = make_fuxi(use_position_bias=False)
+    ctx = jagged_fuxi_context(no_pos, lengths_to_offsets(torch.tensor([5, 3])), None, None, None, block=4)
+    v = torch.zeros(ctx.base.jb.layout.num_blocks, 4, 6)
+    with pytest.raises(ValueError, match="positional"):
+        jagged_bias_channels(v, make_fuxi().layers[0].pos_w, None, ctx)
