@@ -61,7 +61,6 @@ Deliberate deviations from the reference code (the math of a block is kept):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genrec.data.batches import Batch
+from genrec.models.hstu import HSTUInputs
 from genrec.ops.hstu_math import (
     bucket_lookup,
     channel_attention,
@@ -187,24 +187,12 @@ class FuXiAlphaLayer(nn.Module):
         return y if last is None else y[:, 0]
 
 
-class FuXiAlpha(nn.Module):
-    """FuXi-α retrieval encoder: item sequence -> one L2-normalised user vector per position."""
+class FuXiAlpha(HSTUInputs):
+    """FuXi-α retrieval encoder: item sequence -> one L2-normalised user vector per position (HSTU's input
+    preprocessor, normaliser and item vectors: ``genrec.models.hstu.HSTUInputs``)."""
 
     def __init__(self, config: FuXiAlphaConfig) -> None:
-        super().__init__()
-        if config.attention_norm not in ("max_len", "length"):
-            raise ValueError(f"attention_norm must be 'max_len' or 'length', got {config.attention_norm!r}")
-        if config.attention_impl not in ("padded", "jagged"):
-            raise ValueError(f"attention_impl must be 'padded' or 'jagged', got {config.attention_impl!r}")
-        self.config = config
-        d = config.embedding_dim
-        self.item_emb = nn.Embedding(config.num_items + 1, d, padding_idx=0)
-        nn.init.trunc_normal_(self.item_emb.weight, std=0.02)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
-        self.pos_emb = nn.Embedding(config.max_len, d)  # [max_len, d]
-        nn.init.xavier_normal_(self.pos_emb.weight)
-        self.input_dropout = nn.Dropout(config.dropout)
+        super().__init__(config)
         self.layers = nn.ModuleList(FuXiAlphaLayer(config) for _ in range(config.num_blocks))
 
     def encode(self, batch: Batch) -> torch.Tensor:
@@ -239,10 +227,7 @@ class FuXiAlpha(nn.Module):
         if (self.config.attention_impl == "jagged" and num_layers > 0
                 and jagged_pays(batch.lengths, N, torch.is_grad_enabled())):
             return jagged_fuxi_encode_batch(self, batch, num_layers=num_layers, normalize=False)
-        d = self.config.embedding_dim
-        valid = (torch.arange(N, device=ids.device).unsqueeze(0) < batch.lengths.unsqueeze(1)).unsqueeze(-1)  # [B,N,1]
-        x = self.item_emb(ids) * math.sqrt(d) + self.pos_emb.weight[:N].unsqueeze(0)
-        x = self.input_dropout(x) * valid
+        x, valid = self._embed(ids, batch.lengths)  # [B, N, d], [B, N, 1]
         if num_layers == 0:
             return x
         pos = torch.arange(N, device=ids.device)
@@ -265,14 +250,3 @@ class FuXiAlpha(nn.Module):
         no_offset = torch.zeros((), dtype=torch.long, device=query_times.device)  # the time column alone
         index = rab_index(no_offset, time_buckets(query_times, batch.timestamps, nb), batch.has_time, nb)
         return index.masked_fill(~visible, nb + 1)
-
-    def _norm(self, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
-        """The semantic channel's normaliser: [1] (max_len) or [B] (each row's length)."""
-        if self.config.attention_norm == "max_len":
-            return torch.full((1,), float(self.config.max_len), device=batch.lengths.device)
-        return batch.lengths.clamp(min=1).to(dtype)
-
-    def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised item embeddings for ``ids`` (any shape) or, if None, the whole table [num_items + 1, d]."""
-        w = self.item_emb.weight if ids is None else self.item_emb(ids)
-        return output_normalize(w)

@@ -147,10 +147,12 @@ class HSTULayer(nn.Module):
                               self.dropout)
 
 
-class HSTU(nn.Module):
-    """HSTU retrieval encoder: item sequence -> one L2-normalised user vector per position."""
+class HSTUInputs(nn.Module):
+    """What HSTU shares with its variants (``genrec.models.fuxi_alpha``): the checks of the common settings, the input
+    preprocessor (item embedding · sqrt(d) + learned absolute position embedding, dropout, padding zeroed), the
+    attention normaliser and the L2-normalised item vectors. Subclasses add their blocks as ``self.layers``."""
 
-    def __init__(self, config: HSTUConfig) -> None:
+    def __init__(self, config) -> None:
         super().__init__()
         if config.attention_norm not in ("max_len", "length"):
             raise ValueError(f"attention_norm must be 'max_len' or 'length', got {config.attention_norm!r}")
@@ -165,6 +167,31 @@ class HSTU(nn.Module):
         self.pos_emb = nn.Embedding(config.max_len, d)  # [max_len, d]
         nn.init.xavier_normal_(self.pos_emb.weight)  # std sqrt(2 / (max_len + d)), 0.089 for ML-1M
         self.input_dropout = nn.Dropout(config.dropout)
+
+    def _embed(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [B, N] -> (input embeddings [B, N, d] with padding rows zero, valid [B, N, 1] bool)."""
+        N = ids.shape[1]
+        valid = (torch.arange(N, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(-1)  # [B, N, 1]
+        x = self.item_emb(ids) * math.sqrt(self.config.embedding_dim) + self.pos_emb.weight[:N].unsqueeze(0)
+        return self.input_dropout(x) * valid, valid
+
+    def _norm(self, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
+        """The attention normaliser: [1] (max_len) or [B] (each row's length)."""
+        if self.config.attention_norm == "max_len":
+            return torch.full((1,), float(self.config.max_len), device=batch.lengths.device)
+        return batch.lengths.clamp(min=1).to(dtype)
+
+    def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised item embeddings for ``ids`` (any shape) or, if None, the whole table [num_items + 1, d]."""
+        w = self.item_emb.weight if ids is None else self.item_emb(ids)
+        return output_normalize(w)
+
+
+class HSTU(HSTUInputs):
+    """HSTU retrieval encoder: item sequence -> one L2-normalised user vector per position."""
+
+    def __init__(self, config: HSTUConfig) -> None:
+        super().__init__(config)
         self.layers = nn.ModuleList(HSTULayer(config) for _ in range(config.num_blocks))
 
     def encode(self, batch: Batch) -> torch.Tensor:
@@ -198,10 +225,7 @@ class HSTU(nn.Module):
         if (self.config.attention_impl == "jagged" and num_layers > 0
                 and jagged_pays(batch.lengths, N, torch.is_grad_enabled())):
             return jagged_encode_batch(self, batch, num_layers=num_layers, normalize=False)
-        d = self.config.embedding_dim
-        valid = (torch.arange(N, device=ids.device).unsqueeze(0) < batch.lengths.unsqueeze(1)).unsqueeze(-1)  # [B,N,1]
-        x = self.item_emb(ids) * math.sqrt(d) + self.pos_emb.weight[:N].unsqueeze(0)
-        x = self.input_dropout(x) * valid
+        x, valid = self._embed(ids, batch.lengths)  # [B, N, d], [B, N, 1]
         if num_layers == 0:
             return x
         pos = torch.arange(N, device=ids.device)
@@ -220,14 +244,3 @@ class HSTU(nn.Module):
             return None
         nb = self.config.num_time_buckets
         return rab_index(offsets, time_buckets(query_times, batch.timestamps, nb), batch.has_time, nb)
-
-    def _norm(self, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
-        """The attention normaliser: [1] (max_len) or [B] (each row's length)."""
-        if self.config.attention_norm == "max_len":
-            return torch.full((1,), float(self.config.max_len), device=batch.lengths.device)
-        return batch.lengths.clamp(min=1).to(dtype)
-
-    def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised item embeddings for ``ids`` (any shape) or, if None, the whole table [num_items + 1, d]."""
-        w = self.item_emb.weight if ids is None else self.item_emb(ids)
-        return output_normalize(w)
