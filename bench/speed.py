@@ -69,7 +69,14 @@ from genrec.data.batches import Batch  # noqa: E402
 from genrec.data.stochastic_length import expected_sparsity  # noqa: E402
 from genrec.models.hstu import HSTU, HSTUConfig, HSTULayer, hstu_attention, rab_index, time_buckets  # noqa: E402
 from genrec.ops.hstu_attention import blocked_hstu_attention  # noqa: E402
-from genrec.ops.jagged import jagged_context, jagged_encode_batch, jagged_hstu_layer, lengths_to_offsets  # noqa: E402
+from genrec.models.fuxi_alpha import FuXiAlpha, FuXiAlphaConfig  # noqa: E402
+from genrec.ops.jagged import (  # noqa: E402
+    jagged_context,
+    jagged_encode_batch,
+    jagged_fuxi_encode_batch,
+    jagged_hstu_layer,
+    lengths_to_offsets,
+)
 from genrec.ops.mfalcon import (  # noqa: E402
     build_history_cache,
     score_candidates,
@@ -317,6 +324,18 @@ def bench_jagged(ml_rows: int, tail_rows: int, tail_cap: int, reps: int) -> None
         ratio_rows(f"jagged/{name}", t_, [("jagged_vs_padded", "jagged", "padded_plain")],
                    f"encoder fwd+bwd, {len(lens)} rows (mean {lens.mean():.0f}, max {lens.max()}), {what}; "
                    f"d={d}, {blocks} layers, {heads}x{dim}; B·max²/Σn² = {waste:.1f}")
+    # FuXi-α-large (configs/ml-1m/fuxi-alpha-large.yaml) on the same ML-1M rows
+    lens = cases[0][1]
+    torch.manual_seed(0)
+    fuxi = FuXiAlpha(FuXiAlphaConfig(num_items=1000, max_len=200, embedding_dim=50, num_blocks=8, num_heads=2,
+                                     attention_dim=25, linear_dim=25, ffn_dim=50))  # fmt: skip
+    batch = make_batch(lens, 1000)
+    t_ = timed({
+        "padded_plain": fwd_bwd(lambda: fuxi.encode(batch)),
+        "jagged": fwd_bwd(lambda: jagged_fuxi_encode_batch(fuxi, batch)),
+    }, reps)
+    ratio_rows("jagged/ml-1m-fuxi-alpha", t_, [("jagged_vs_padded", "jagged", "padded_plain")],
+               f"FuXi-α encoder fwd+bwd, the same {len(lens)} ML-1M rows; d=50, 8 blocks, 2x25, SwiGLU 50")
 
 
 def bench_mfalcon(history: int, candidates: int, per_candidate: int, reps: int, microbatch: int = 64) -> None:
