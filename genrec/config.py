@@ -373,6 +373,8 @@ def save_config(config: RunConfig, path: str | Path) -> None:
 
 RankingModelName = Literal["hstu-ranker", "dlrm", "din", "popularity", "logreg"]
 RankingSelectMetric = Literal["NE", "AUC", "GAUC", "LogLoss"]
+# how the per-task losses of a multi-task ranker are combined into one update (genrec.train.multitask)
+TaskBalancing = Literal["fixed", "uncertainty", "mgda", "pe-ltr"]
 # select metric -> (key in genrec.eval.ranking_metrics' reports, higher is better)
 RANKING_SELECT_METRICS: dict[str, tuple[str, bool]] = {
     "NE": ("ne", False),
@@ -394,10 +396,16 @@ class RankingDataConfig:
     n_eval: int = 10  # user-last: validation and test candidates per user
     max_history: int = 200  # most recent history events per row
     max_candidates: int = 10  # candidates per row (C)
+    # domains (surfaces) of the examples: the name of one of the dataset's domain definitions (e.g. ML-1M "age" or
+    # "genre"), which fills RankingBatch.cand_domains; None = no domains. Checked against the dataset when it loads.
+    domains: str | None = None
+    only_domain: str | None = None  # keep only this domain's candidates in every part (a per-domain model)
 
     def __post_init__(self) -> None:
         _check_fields(self, "data")
         _check(self.dataset != "", "data.dataset", self.dataset, "must name a ranking dataset")
+        _check(self.only_domain is None or self.domains is not None, "data.only_domain", self.only_domain,
+               "needs data.domains (the domain definition it names a domain of)")
         _at_least(self, "data", n_eval=1, max_history=1, max_candidates=1)
 
 
@@ -436,6 +444,10 @@ class RankingTrainConfig:
     # NE and LogLoss lower is better, AUC and GAUC higher is better
     select_metric: RankingSelectMetric = "NE"
     task_weights: tuple[float, ...] | None = None  # loss weight per task (schema order); None = all 1
+    # fixed: Σ_t task_weights[t] · loss_t; uncertainty: learned per-task log-variances (Kendall et al. 2018);
+    # mgda: the min-norm convex combination of the task gradients (Sener & Koltun 2018); pe-ltr: the KKT step of
+    # PE-LTR with task_weights as lower bounds (Lin et al. 2019). See genrec.train.multitask.
+    task_balancing: TaskBalancing = "fixed"
     seed: int = 42
     num_threads: int = 0  # torch intra-op threads; 0 = leave PyTorch's default
     device: str = "cpu"

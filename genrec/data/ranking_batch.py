@@ -21,6 +21,11 @@ A ``RankingBatch`` is left-aligned and right-padded with id 0::
     labels          [B, C, T]  float  per-task 0/1 labels of the candidates; None at inference
     hist_labels     [B, L, T]  float  per-task labels of the history events (for training at every history
                                       position, e.g. the interleaved HSTU ranker); None when not built
+    label_weights   [B, C, T]  float  weight of each candidate label in the loss (>= 0; 0 = this task has no label
+                                      for this candidate, e.g. a delayed-feedback window head the example was not
+                                      routed to); None = weight 1 for every real candidate and task
+    cand_domains    [B, C]     long   domain (surface) id of each candidate, 1..len(schema.domains), 0 = unknown
+                                      (and padding); None when the data has no domains
 
 ``RankingSchema`` names what the integer columns mean, so models size their tables from it and never from data.
 """
@@ -43,6 +48,7 @@ class RankingSchema:
     user_features: tuple[str, ...] = ()  # F names
     user_feature_sizes: tuple[int, ...] = ()  # F cardinalities (ids 1..size, 0 = unknown)
     dense_features: tuple[str, ...] = ()  # D names
+    domains: tuple[str, ...] = ()  # domain names: cand_domains id k names domains[k - 1] (0 = unknown)
     notes: tuple[str, ...] = field(default=())  # data notes (e.g. filtered base rates) to print next to results
 
     def __post_init__(self) -> None:
@@ -76,6 +82,8 @@ class RankingBatch:
     dense_features: torch.Tensor
     labels: torch.Tensor | None = None
     hist_labels: torch.Tensor | None = None
+    label_weights: torch.Tensor | None = None
+    cand_domains: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "RankingBatch":
         return RankingBatch(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
@@ -99,6 +107,10 @@ class RankingBatch:
             expect["labels"] = (B, C, schema.num_tasks)
         if self.hist_labels is not None:
             expect["hist_labels"] = (B, L, schema.num_tasks)
+        if self.label_weights is not None:
+            expect["label_weights"] = (B, C, schema.num_tasks)
+        if self.cand_domains is not None:
+            expect["cand_domains"] = (B, C)
         for name, shape in expect.items():
             got = tuple(getattr(self, name).shape)
             if got != shape:
@@ -127,6 +139,13 @@ class RankingBatch:
                              f"{schema.num_actions} actions {schema.actions}")  # fmt: skip
         if self.dense_features.numel() and not bool(torch.isfinite(self.dense_features).all()):
             raise ValueError("RankingBatch.dense_features: NaN or infinite values")
+        if self.cand_domains is not None and (_min(self.cand_domains) < 0
+                                              or _max(self.cand_domains) > len(schema.domains)):
+            raise ValueError(f"RankingBatch.cand_domains: values must be in [0, {len(schema.domains)}] for the "
+                             f"schema's domains {schema.domains}")  # fmt: skip
+        w = self.label_weights
+        if w is not None and w.numel() and not bool((torch.isfinite(w) & (w >= 0)).all()):
+            raise ValueError("RankingBatch.label_weights: weights must be finite and >= 0")
 
 
 def _max(t: torch.Tensor) -> int:

@@ -43,7 +43,7 @@ from genrec.data.ranking_batch import RankingBatch, RankingSchema
 from genrec.models.ranking_floors import (
     check_task_weights,
     init_output_biases,
-    multitask_bce_loss,
+    multitask_loss_terms,
     real_candidates,
     scatter_candidates,
 )
@@ -173,6 +173,7 @@ class DIN(nn.Module):
         logits = self.heads(self.mlp(torch.cat(parts, dim=1)))  # [N, T]
         return scatter_candidates(logits, flat, batch)
 
-    def loss(self, batch: RankingBatch) -> torch.Tensor:
-        """Σ_t w_t · BCE over real candidates (``genrec.models.ranking_floors.multitask_bce_loss``)."""
-        return multitask_bce_loss(self(batch), batch.labels, batch.cand_mask, self.task_weights)
+    def loss(self, batch: RankingBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(Σ_t w_t · loss_t, {task: loss_t}), loss_t the mean BCE of task t over its labelled real candidates
+        (``genrec.models.ranking_floors.multitask_loss_terms``; ``batch.label_weights`` weigh the labels)."""
+        return multitask_loss_terms(self(batch), batch, self.task_weights, self.schema.tasks)

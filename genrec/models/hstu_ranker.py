@@ -395,26 +395,31 @@ class HSTURanker(nn.Module):
     def loss(self, batch: RankingBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(Σ_t task_weights[t] · loss_t, {task name: loss_t}) with loss_t the mean BCE-with-logits of task t over
         the real candidates (and, for the interleaved variant, the real history events when ``hist_labels`` is
-        given)."""
+        given). ``batch.label_weights`` [B, C, T] weigh the candidate labels (0 = no label for that task: the mean
+        is then over the task's labelled candidates; a task without any in the batch has loss 0)."""
         if batch.labels is None:
             raise ValueError("HSTURanker.loss needs batch.labels (per-task candidate labels)")
         self._check(batch)
         _check_labels("labels", batch.labels)
         batch = keep_most_recent(batch, self.config.max_history)
         cand_logits, hist_logits = self._logits(batch, truncated=True)  # [B, C, T], [B, L, T] or None
-        terms = [(cand_logits, batch.labels, batch.cand_mask)]
+        cand_weight = batch.cand_mask.unsqueeze(-1).to(cand_logits.dtype)  # [B, C, 1]
+        if batch.label_weights is not None:
+            cand_weight = cand_weight * batch.label_weights.to(cand_logits.dtype)  # [B, C, T]
+        terms = [(cand_logits, batch.labels, cand_weight)]
         if hist_logits is not None and batch.hist_labels is not None:
             _check_labels("hist_labels", batch.hist_labels)
             L = batch.hist_items.shape[1]
             real = torch.arange(L, device=batch.hist_lengths.device).unsqueeze(0) < batch.hist_lengths.unsqueeze(1)
-            terms.append((hist_logits, batch.hist_labels, real))
+            terms.append((hist_logits, batch.hist_labels, real.unsqueeze(-1).to(hist_logits.dtype)))
         total_bce = cand_logits.new_zeros(self.schema.num_tasks)  # [T]
-        count = cand_logits.new_zeros(())
-        for logits, labels, real in terms:
-            bce = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")  # [B, ·, T]
-            total_bce = total_bce + (bce * real.unsqueeze(-1)).sum(dim=(0, 1))
-            count = count + real.sum()
-        per_task = total_bce / count.clamp(min=1)  # [T]
+        count = cand_logits.new_zeros(self.schema.num_tasks)  # [T]
+        for logits, labels, weight in terms:  # weight [B, ·, 1] or [B, ·, T]
+            target = torch.where(weight > 0, labels.to(logits.dtype), torch.zeros_like(logits))
+            bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")  # [B, ·, T]
+            total_bce = total_bce + (bce * weight).sum(dim=(0, 1))
+            count = count + weight.expand_as(bce).sum(dim=(0, 1))
+        per_task = torch.where(count > 0, total_bce / count.clamp(min=1e-12), torch.zeros_like(count))  # [T]
         total = (per_task * self.task_weights).sum()
         return total, {name: per_task[t] for t, name in enumerate(self.schema.tasks)}
 

@@ -44,6 +44,8 @@ __all__ = [
     "check_task_weights",
     "init_output_biases",
     "multitask_bce_loss",
+    "multitask_bce_per_task",
+    "multitask_loss_terms",
     "real_candidates",
     "scatter_candidates",
 ]
@@ -102,28 +104,62 @@ def scatter_candidates(values: torch.Tensor, flat: torch.Tensor, batch: RankingB
     return out.view(B, C, values.shape[-1])
 
 
-def multitask_bce_loss(
-    logits: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tensor, task_weights: Sequence[float]
+def multitask_bce_per_task(
+    logits: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tensor, label_weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Σ_t w_t · mean over real candidates of BCE-with-logits(logits[..., t], labels[..., t]).
+    """Per-task mean BCE-with-logits over the labelled candidates -> [T].
 
-    logits [B, C, T], labels [B, C, T] (0/1 or soft targets in [0, 1]), mask [B, C] bool (real candidates).
-    Padded candidates contribute nothing, whatever their labels hold. A batch without real candidates gives a zero
-    loss that still backpropagates (to nothing). ValueError when labels are missing or not in [0, 1].
+    logits [B, C, T], labels [B, C, T] (0/1 or soft targets in [0, 1]), mask [B, C] bool (real candidates),
+    label_weights [B, C, T] (>= 0, ``RankingBatch.label_weights``) or None (weight 1 everywhere).
+    loss_t = Σ_{b,c} real · w_bct · BCE_bct / Σ_{b,c} real · w_bct, and 0 for a task without a labelled candidate
+    in the batch (its gradient is then 0). Without weights the denominator is the number of real candidates, the
+    same for every task. Padded candidates contribute nothing, whatever their labels hold. ValueError when labels
+    are missing, not in [0, 1], or the weights have another shape or are negative / not finite.
     """
     if labels is None:
         raise ValueError("RankingBatch.labels is None: the loss needs labelled candidates")
     if labels.shape != logits.shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape)}")
-    real = mask.unsqueeze(-1).expand_as(labels)  # [B, C, T]
-    target = torch.where(real, labels.to(logits.dtype), torch.zeros((), dtype=logits.dtype, device=logits.device))
+    real = mask.unsqueeze(-1).expand_as(labels).to(logits.dtype)  # [B, C, T]
+    if label_weights is not None:
+        if label_weights.shape != logits.shape:
+            raise ValueError(f"label_weights shape {tuple(label_weights.shape)} does not match logits "
+                             f"{tuple(logits.shape)}")  # fmt: skip
+        if label_weights.numel() and not bool((torch.isfinite(label_weights) & (label_weights >= 0)).all()):
+            raise ValueError("RankingBatch.label_weights: weights must be finite and >= 0")
+        real = real * label_weights.to(logits.dtype)
+    target = torch.where(real > 0, labels.to(logits.dtype), torch.zeros((), dtype=logits.dtype, device=logits.device))
     if target.numel() and not bool(((target >= 0) & (target <= 1)).all()):
         raise ValueError("RankingBatch.labels: real candidates' labels must lie in [0, 1] (NaN is refused too)")
     per = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * real  # [B, C, T]
-    count = mask.sum().clamp_min(1).to(logits.dtype)
-    per_task = per.sum(dim=(0, 1)) / count  # [T]
+    if label_weights is None:
+        return per.sum(dim=(0, 1)) / mask.sum().clamp_min(1).to(logits.dtype)  # [T]
+    denom = real.sum(dim=(0, 1))  # [T]
+    return torch.where(denom > 0, per.sum(dim=(0, 1)) / denom.clamp_min(1e-12), torch.zeros_like(denom))
+
+
+def multitask_bce_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    mask: torch.Tensor,
+    task_weights: Sequence[float],
+    label_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Σ_t w_t · loss_t with loss_t from :func:`multitask_bce_per_task` (the mean BCE-with-logits of task t over its
+    labelled real candidates). A batch without real candidates gives a zero loss that still backpropagates."""
+    per_task = multitask_bce_per_task(logits, labels, mask, label_weights)  # [T]
     weights = torch.tensor(task_weights, dtype=logits.dtype, device=logits.device)
     return (per_task * weights).sum()
+
+
+def multitask_loss_terms(
+    logits: torch.Tensor, batch: RankingBatch, task_weights: Sequence[float], tasks: Sequence[str]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A ranker's ``loss`` output: (Σ_t w_t · loss_t, {task name: loss_t}) for the batch's labels and label
+    weights (the per-task terms are what multi-objective balancing reads)."""
+    per_task = multitask_bce_per_task(logits, batch.labels, batch.cand_mask, batch.label_weights)  # [T]
+    weights = torch.tensor(task_weights, dtype=logits.dtype, device=logits.device)
+    return (per_task * weights).sum(), {name: per_task[t] for t, name in enumerate(tasks)}
 
 
 # ---------------------------------------------------------------------------------------------- popularity floor
@@ -185,8 +221,10 @@ class ItemPopularityRanker(nn.Module):
         logits = torch.logit(probs).to(torch.float32)[batch.cand_items.to(probs.device)]  # [B, C, T]
         return logits * batch.cand_mask.unsqueeze(-1).to(logits.device)
 
-    def loss(self, batch: RankingBatch) -> torch.Tensor:
-        return multitask_bce_loss(self(batch), batch.labels, batch.cand_mask, self.task_weights)
+    def loss(self, batch: RankingBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(Σ_t w_t · loss_t, {task: loss_t}), loss_t the mean BCE of task t over its labelled real candidates
+        (``genrec.models.ranking_floors.multitask_loss_terms``; ``batch.label_weights`` weigh the labels)."""
+        return multitask_loss_terms(self(batch), batch, self.task_weights, self.schema.tasks)
 
 
 # ---------------------------------------------------------------------------------------------- logistic regression
@@ -245,5 +283,7 @@ class LogisticRegressionRanker(nn.Module):
             logits = logits + self.dense(dense.to(self.bias.dtype))
         return scatter_candidates(logits, flat, batch)
 
-    def loss(self, batch: RankingBatch) -> torch.Tensor:
-        return multitask_bce_loss(self(batch), batch.labels, batch.cand_mask, self.task_weights)
+    def loss(self, batch: RankingBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(Σ_t w_t · loss_t, {task: loss_t}), loss_t the mean BCE of task t over its labelled real candidates
+        (``genrec.models.ranking_floors.multitask_loss_terms``; ``batch.label_weights`` weigh the labels)."""
+        return multitask_loss_terms(self(batch), batch, self.task_weights, self.schema.tasks)

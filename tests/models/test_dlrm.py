@@ -180,7 +180,7 @@ def test_action_weighted_pooling_uses_actions() -> None:
         base = model(batch)
         other = model(replace(batch, hist_actions=torch.where(batch.hist_actions > 0, 1, 0)))
     assert not torch.allclose(base, other)
-    loss = model.loss(batch)
+    loss = model.loss(batch)[0]
     loss.backward()
     assert model.action_theta.grad is not None and model.action_theta.grad.abs().sum() > 0
 
@@ -208,8 +208,8 @@ def test_ranker_task_weights_scale_the_loss() -> None:
     only_first = DLRMRanker(SCHEMA, DLRMRankerConfig(**{**vars(SMALL), "task_weights": (1.0, 0.0)}))
     only_first.load_state_dict(model.state_dict())
     with torch.no_grad():
-        assert float(weighted.loss(batch)) == pytest.approx(2 * float(only_first.loss(batch)), rel=1e-6)
-        assert float(only_first.loss(batch)) < float(model.loss(batch))
+        assert float(weighted.loss(batch)[0]) == pytest.approx(2 * float(only_first.loss(batch)[0]), rel=1e-6)
+        assert float(only_first.loss(batch)[0]) < float(model.loss(batch)[0])
     with pytest.raises(ValueError, match="labels is None"):
         model.loss(replace(batch, labels=None))
 
@@ -220,7 +220,7 @@ def test_ranker_without_dense_or_user_features() -> None:
     bare = replace(batch, user_features=torch.zeros(8, 0, dtype=torch.long), dense_features=torch.zeros(8, 4, 0))
     model = DLRMRanker(schema, SMALL)
     assert model(bare).shape == (8, 4, 2)
-    model.loss(bare).backward()
+    model.loss(bare)[0].backward()
 
 
 # ---------------------------------------------------------------- TorchRec parity

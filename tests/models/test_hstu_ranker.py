@@ -245,6 +245,31 @@ def test_summed_candidates_carry_the_unknown_action_not_a_label():
     assert not torch.allclose(base, moved, atol=1e-4)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_label_weights_restrict_each_task_to_its_labelled_candidates(variant):
+    """Weight 1 everywhere is the unweighted loss; a candidate whose weight is 0 for a task does not move that
+    task's loss whatever its label (the window heads of delayed feedback rely on it)."""
+    model = _model(variant)
+    batch = _batch(L=6, hist_lengths=[6, 2, 0], cand_counts=[4, 1, 3])
+    if variant == "interleaved":
+        batch = dataclasses.replace(batch, hist_labels=None)
+    base_total, base = model.loss(batch)
+    ones = dataclasses.replace(batch, label_weights=torch.ones_like(batch.labels))
+    total, per = model.loss(ones)
+    assert float(total) == pytest.approx(float(base_total), rel=1e-6)
+    w = torch.ones_like(batch.labels)
+    w[0, 0, 0] = 0.0  # task 0 of candidate (0, 0) is unlabelled
+    _, weighted = model.loss(dataclasses.replace(batch, label_weights=w))
+    flipped = batch.labels.clone()
+    flipped[0, 0, 0] = 1.0 - flipped[0, 0, 0]
+    _, weighted_flipped = model.loss(dataclasses.replace(batch, labels=flipped, label_weights=w))
+    task0, task1 = SCHEMA.tasks[0], SCHEMA.tasks[1]
+    assert float(weighted[task0]) == pytest.approx(float(weighted_flipped[task0]), rel=1e-6)
+    assert float(weighted[task1]) == pytest.approx(float(base[task1]), rel=1e-6)
+    _, unweighted_flipped = model.loss(dataclasses.replace(batch, labels=flipped))
+    assert abs(float(unweighted_flipped[task0]) - float(base[task0])) > 1e-4  # the label matters when weighted 1
+
+
 # ------------------------------------------------------------------------------------------- (4) padding invariance
 
 
@@ -257,7 +282,8 @@ def test_padding_does_not_change_logits(variant, contextual):
         base = model(batch)
         padded_hist = model(_pad_history(batch, 5))
         padded_cand = model(_pad_candidates(batch, 3))
-        alone = model(RankingBatch(**{f.name: getattr(batch, f.name)[1:2] for f in dataclasses.fields(batch)}))
+        alone = model(RankingBatch(**{f.name: None if getattr(batch, f.name) is None else getattr(batch, f.name)[1:2]
+                                      for f in dataclasses.fields(batch)}))  # fmt: skip
     assert torch.allclose(base, padded_hist, atol=1e-6)
     assert torch.allclose(base, padded_cand[:, :4], atol=1e-6)
     assert torch.equal(padded_cand[:, 4:], torch.zeros_like(padded_cand[:, 4:]))

@@ -13,6 +13,7 @@ from genrec.models.ranking_floors import (
     ItemPopularityRanker,
     LogisticRegressionRanker,
     multitask_bce_loss,
+    multitask_bce_per_task,
 )
 
 SCHEMA = RankingSchema(
@@ -81,7 +82,7 @@ def train(model: torch.nn.Module, batch: RankingBatch, steps: int, lr: float = 1
     losses = []
     for _ in range(steps):
         opt.zero_grad()
-        loss = model.loss(batch)
+        loss = model.loss(batch)[0]
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
@@ -151,7 +152,7 @@ def check_contract(model: torch.nn.Module, trained_steps: int = 3) -> None:
             torch.testing.assert_close(model(replace(batch, labels=labels)), logits)
         # a batch without real candidates, and one without any history column
         empty = replace(batch, cand_items=torch.zeros_like(batch.cand_items), cand_mask=torch.zeros_like(real))
-        assert (model(empty) == 0).all() and float(model.loss(empty)) == 0.0
+        assert (model(empty) == 0).all() and float(model.loss(empty)[0]) == 0.0
         no_hist = torch.zeros(B, 0, dtype=torch.long)
         bare = replace(batch, hist_items=no_hist, hist_actions=no_hist, hist_times=no_hist,
                        hist_lengths=torch.zeros(B, dtype=torch.long))  # fmt: skip
@@ -195,6 +196,32 @@ def test_multitask_loss_hand_computed_and_ignores_padding() -> None:
     task0 = (bce(0.0, 1) + bce(1.0, 0)) / 2
     task1 = (bce(2.0, 0) + bce(-1.0, 1)) / 2
     assert float(got) == pytest.approx(task0 + 0.5 * task1, rel=1e-6)
+
+
+def test_label_weights_make_each_task_a_mean_over_its_labelled_candidates() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 2, generator=g)
+    labels = torch.randint(0, 2, (2, 3, 2), generator=g).float()
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    ones = torch.ones(2, 3, 2)
+    # weight 1 everywhere is the unweighted loss
+    assert torch.allclose(multitask_bce_per_task(logits, labels, mask, ones), multitask_bce_per_task(logits, labels, mask))
+    # task 0 labelled on two candidates only, task 1 on none: the mean over those two, and 0
+    w = torch.zeros(2, 3, 2)
+    w[0, 1, 0] = w[1, 0, 0] = 1.0
+    w[1, 1, 0] = 5.0  # a padded candidate: its weight counts for nothing
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    got = multitask_bce_per_task(logits, labels, mask, w)
+    assert float(got[0]) == pytest.approx(float((bce[0, 1, 0] + bce[1, 0, 0]) / 2), rel=1e-6)
+    assert float(got[1]) == 0.0
+    # an unlabelled candidate's label can hold anything (it is not read)
+    labels2 = labels.clone()
+    labels2[0, 0] = float("nan")
+    assert torch.equal(multitask_bce_per_task(logits, labels2, mask, w), got)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        multitask_bce_per_task(logits, labels, mask, -w)
+    with pytest.raises(ValueError, match="label_weights shape"):
+        multitask_bce_per_task(logits, labels, mask, w[..., :1])
 
 
 def test_multitask_loss_refuses_missing_or_bad_labels() -> None:
@@ -256,7 +283,7 @@ def test_popularity_contract_and_learns_item_popularity() -> None:
     with torch.no_grad():
         logits = model(test)
     assert task_auc(logits, test, task=1) > 0.75
-    assert float(model.loss(test)) > 0
+    assert float(model.loss(test)[0]) > 0
     state = model.state_dict()
     assert set(state) == {"positives", "impressions"}
     again = ItemPopularityRanker(SCHEMA)

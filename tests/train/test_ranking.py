@@ -285,6 +285,8 @@ def test_dataset_must_match_the_config(tmp_path, dataset):
         ("train.device=gpu", "train.device: 'gpu' is not a device name"),
         ("train.batchsize=3", "unknown key(s) ['batchsize']"),
         ("model.params.task_weights=[1]", "is set in train.task_weights"),
+        ("train.task_balancing=pareto", "train.task_balancing"),
+        ("data.only_domain=young", "data.only_domain: 'young' needs data.domains"),
     ],
 )
 def test_config_errors_at_load(tmp_path, override, message):
