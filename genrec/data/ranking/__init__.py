@@ -2,7 +2,9 @@
 :class:`~genrec.data.ranking_batch.RankingBatch` batches; plus a plain tabular Criteo loader for DLRM sanity runs.
 
 * :mod:`.events`: the dataset-agnostic core (sorting, splits, labels, causal dense features, rows, batches);
-* :mod:`.sources`: ML-1M, Taobao UserBehavior and KuaiRand loaders (:func:`load_ranking_dataset`);
+* :mod:`.sources`: ML-1M, Taobao UserBehavior and KuaiRand loaders (:func:`load_ranking_dataset`) and their domain
+  (surface) definitions (:data:`DOMAIN_DEFINITIONS`: ML-1M user age groups and movie genre groups, Taobao category
+  groups), which fill ``RankingBatch.cand_domains`` and ``RankingSchema.domains``;
 * :mod:`.criteo`: Criteo DAC rows -> dense / sparse tensors (:func:`load_criteo`).
 
 Example::
@@ -27,12 +29,15 @@ from genrec.data.ranking.events import (
     build_ranking_dataset,
 )
 from genrec.data.ranking.sources import (
+    DOMAIN_DEFINITIONS,
     RANKING_DATASETS,
+    check_domain_definition,
     find_dataset_folder,
     load_ranking_dataset,
 )
 
 __all__ = [
+    "DOMAIN_DEFINITIONS",
     "PARTS",
     "RANKING_DATASETS",
     "SPLITS",
@@ -41,6 +46,7 @@ __all__ = [
     "RankingRows",
     "TabularSplit",
     "build_ranking_dataset",
+    "check_domain_definition",
     "find_dataset_folder",
     "load_criteo",
     "load_ranking_dataset",

@@ -13,6 +13,9 @@ Event table (one row per logged event, in file order), columns:
     task:<t>    0/1    for each task t: the event *is* an observed outcome of task t at its own time (an ML-1M
                        rating >= 4 for ``like``; a Taobao ``buy`` row for ``buy``)
     order       int    optional finer tie-break inside one second (e.g. KuaiRand milliseconds)
+    domain      int    optional domain (surface) id of the event, 1..len(domains), 0 = unknown; required when
+                       ``domains`` are given (the loaders compute it from a named definition,
+                       :data:`genrec.data.ranking.sources.DOMAIN_DEFINITIONS`)
 
 Ordering: each user's events are sorted by (timestamp, order, file position) with a stable sort, so equal
 timestamps keep file order.
@@ -50,6 +53,14 @@ Rows (one :class:`RankingBatch` row = one user, one history, up to C candidates)
   events; a validation row's history all earlier training events (and, with ``global-time``, the user's earlier
   validation events).
 
+Domains (surfaces): with ``domains`` the schema names them and every batch carries ``cand_domains`` [B, C], each
+candidate's own event's domain (0 at padding). :meth:`RankingDataset.restrict_to_domain` (``only_domain``) keeps
+only one domain's candidates in every part: the rows are cut into chunks exactly as without the restriction, then
+the other domains' candidates are dropped from each row (rows left empty are dropped). A kept candidate therefore
+has the same row time ``t0``, the same history and the same dense features as in the unrestricted dataset, so a
+per-domain model is scored on exactly the (history, candidate) pairs a consolidated model is scored on for that
+domain. Nothing else changes: the split, the histories (which keep every event, of any domain) and the schema.
+
 Dense "hand-made" features (for DLRM-style models), per (row, candidate); every statistic is computed from
 **training-part events strictly before the row's earliest candidate time** (t0), so nothing at or after the
 candidates' time, and no validation or test event, can reach them:
@@ -70,6 +81,7 @@ statistics (rather than whole-training-period totals) also keeps a training row'
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -109,7 +121,8 @@ class RankingRows:
     cands       [K]  event indices (into the dataset's sorted event arrays) of the part's candidates, user-major
     start, size      row r's candidates are ``cands[start[r] : start[r] + size[r]]`` (1 <= size <= C)
     user             internal user id of the row
-    t0               time of the row's earliest candidate
+    t0               time of the row's earliest candidate (with ``only_domain``: of the row before the other
+                     domains' candidates were dropped, so histories and features do not change)
     hist_end         history = sorted events ``[max(user_start, hist_end - L), hist_end)``; all have time < t0
     user_start       index of the user's first event
     """
@@ -260,6 +273,8 @@ class RankingDataset:
     tz_offset_s: int
     default_max_candidates: int
     notes: list[str] = field(default_factory=list)
+    ev_domain: np.ndarray | None = None  # [N] int64 domain id of each event (1..K, 0 unknown); None without domains
+    only_domain: str | None = None  # keep only this domain's candidates in every part (restrict_to_domain)
     # causal training statistics (see the module docstring); built by build_ranking_dataset
     _stats: dict = field(default_factory=dict, repr=False)
     _rows: dict = field(default_factory=dict, repr=False)
@@ -277,7 +292,37 @@ class RankingDataset:
             self._rows[key] = self._build_rows(part, C)
         return self._rows[key]
 
+    def restrict_to_domain(self, name: str | None) -> "RankingDataset":
+        """The dataset with only domain ``name``'s candidates in every part (see the module docstring); ``None``
+        gives all candidates back. The events, split, histories and schema are shared with this dataset."""
+        if name is not None:
+            self.domain_id(name)  # refuses an unknown name
+        return dataclasses.replace(self, only_domain=name, _rows={})
+
+    def domain_id(self, name: str) -> int:
+        """The id (1..K) of domain ``name``; ValueError naming the known domains otherwise."""
+        domains = self.schema.domains
+        if not domains:
+            raise ValueError(f"{self.name}: the dataset was built without domains, so it has no domain {name!r} "
+                             "(load it with domains=<definition name>)")  # fmt: skip
+        if name not in domains:
+            raise ValueError(f"{self.name}: unknown domain {name!r}; the dataset's domains are {list(domains)}")
+        return domains.index(name) + 1
+
     def _build_rows(self, part: str, C: int) -> RankingRows:
+        rows = self._chunk_rows(part, C)
+        if self.only_domain is None:
+            return rows
+        assert self.ev_domain is not None
+        keep = self.ev_domain[rows.cands] == self.domain_id(self.only_domain)  # [K]
+        kept = np.add.reduceat(keep.astype(np.int64), rows.start) if len(rows.start) else rows.size  # [R]
+        nonempty = kept > 0
+        size = kept[nonempty]
+        start = np.concatenate([[0], np.cumsum(size)[:-1]]).astype(np.int64) if len(size) else size
+        return RankingRows(part, C, rows.cands[keep], start, size, rows.user[nonempty], rows.t0[nonempty],
+                           rows.hist_end[nonempty], rows.user_start[nonempty])  # fmt: skip
+
+    def _chunk_rows(self, part: str, C: int) -> RankingRows:
         cands = np.flatnonzero(self.ev_candidate & (self.ev_part == _PART_ID[part]))
         users = self.ev_user[cands]
         n = len(cands)
@@ -376,6 +421,8 @@ class RankingDataset:
             dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
             labels=torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32)),
             hist_labels=hist_labels,
+            cand_domains=None if self.ev_domain is None else torch.from_numpy(
+                np.where(cmask, self.ev_domain[cidx], 0).astype(np.int64)),
         )
 
     def batches(
@@ -409,13 +456,18 @@ class RankingDataset:
         rows = self.rows(part, max_candidates)
         labels = self.ev_labels[rows.cands]
         rates = labels.mean(axis=0) if len(labels) else np.full(self.schema.num_tasks, np.nan)
-        return {
+        out = {
             "rows": len(rows),
             "candidates": len(rows.cands),
             "users": len(np.unique(rows.user)),
             "empty_history_rows": int((rows.hist_end == rows.user_start).sum()),
             "base_rates": {t: float(r) for t, r in zip(self.schema.tasks, rates)},
         }
+        if self.ev_domain is not None:  # candidates per domain (and per unknown domain, id 0)
+            per = np.bincount(self.ev_domain[rows.cands], minlength=len(self.schema.domains) + 1)
+            out["domain_candidates"] = {"unknown": int(per[0]),
+                                        **{d: int(per[k + 1]) for k, d in enumerate(self.schema.domains)}}
+        return out
 
     def describe(self, max_candidates: int | None = None) -> str:
         """A human summary: sizes, split, per-part counts and base rates, and the data notes."""
@@ -433,7 +485,11 @@ class RankingDataset:
             lines.append(
                 f"  {part}: {c['rows']:,} rows, {c['candidates']:,} candidates, {c['users']:,} users, "
                 f"{c['empty_history_rows']:,} rows with empty history; base rates: {rates}"
+                + ("" if "domain_candidates" not in c else "; candidates per domain: "
+                   + ", ".join(f"{d} {n:,}" for d, n in c["domain_candidates"].items()))
             )
+        if self.only_domain is not None:
+            lines.append(f"only domain {self.only_domain!r}: the other domains' candidates are dropped from every row")
         lines += [f"note: {n}" for n in self.schema.notes]
         return "\n".join(lines)
 
@@ -456,6 +512,27 @@ def _check_events(events: pd.DataFrame, tasks: Sequence[str]) -> None:
             raise ValueError(f"event table column 'task:{t}' must be 0/1 (row {int(np.flatnonzero(bad)[0])})")
 
 
+def _check_domains(events: pd.DataFrame, domains: tuple[str, ...]) -> np.ndarray | None:
+    """The event table's ``domain`` column as int64 [N] (None without domains), checked against ``domains``."""
+    if not domains:
+        if "domain" in events.columns:
+            raise ValueError("event table has a 'domain' column but no domain names were given (domains=...)")
+        return None
+    if len(set(domains)) != len(domains) or any(not d for d in domains):
+        raise ValueError(f"domain names must be distinct and non-empty, got {list(domains)}")
+    if "domain" not in events.columns:
+        raise ValueError(f"domains {list(domains)} given, but the event table has no 'domain' column")
+    col = events["domain"]
+    if not pd.api.types.is_integer_dtype(col.dtype) or col.isna().any():
+        raise ValueError("event table column 'domain' must be integers without missing values")
+    values = col.to_numpy(dtype=np.int64)
+    bad = (values < 0) | (values > len(domains))
+    if bad.any():
+        raise ValueError(f"event table column 'domain': value {int(values[bad][0])} (row {int(np.flatnonzero(bad)[0])})"
+                         f" is not in 0..{len(domains)} for the domains {list(domains)}")  # fmt: skip
+    return values
+
+
 def build_ranking_dataset(
     events: pd.DataFrame,
     *,
@@ -476,16 +553,19 @@ def build_ranking_dataset(
     smoothing: float = 10.0,
     tz_offset_s: int = 0,
     notes: Sequence[str] = (),
+    domains: Sequence[str] = (),
 ) -> RankingDataset:
     """Sort, split, label and index an event table (see the module docstring for every rule).
 
     ``user_features``: indexed by external user id, one integer column per feature with ids 1..size (0 = unknown),
     sizes in ``user_feature_sizes``; users missing from it get 0. ``item_dense``: indexed by external item id, float
     columns appended to the dense features (items missing from it get 0). ``max_candidates`` is the default C of
-    :meth:`RankingDataset.rows` / :meth:`RankingDataset.batches`.
+    :meth:`RankingDataset.rows` / :meth:`RankingDataset.batches`. ``domains``: the names of the domain ids in the
+    event table's ``domain`` column (id k names ``domains[k - 1]``, 0 = unknown); empty = no domains.
     """
-    tasks, actions, notes = tuple(tasks), tuple(actions), list(notes)
+    tasks, actions, notes, domains = tuple(tasks), tuple(actions), list(notes), tuple(str(d) for d in domains)
     _check_events(events, tasks)
+    ev_domain_raw = _check_domains(events, domains)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if n_eval < 1 or max_candidates < 1:
@@ -498,6 +578,7 @@ def build_ranking_dataset(
     order = np.lexsort((np.arange(len(t)), tie, t, u))  # stable: equal times keep file order
     u, it, t = u[order], it[order], t[order]
     acts = events["actions"].to_numpy(dtype=np.int64)[order]
+    ev_domain = None if ev_domain_raw is None else ev_domain_raw[order]
     cand = events["candidate"].to_numpy(dtype=bool)[order]
     task_ev = np.stack([events[f"task:{x}"].to_numpy(dtype=np.int64)[order] for x in tasks], axis=1)  # [N, T]
     N, U, I = len(t), len(user_map), len(item_map)
@@ -631,6 +712,7 @@ def build_ranking_dataset(
         user_features=uf_names,
         user_feature_sizes=tuple(int(x) for x in user_feature_sizes),
         dense_features=dense_names,
+        domains=domains,
         notes=tuple(notes),
     )
     return RankingDataset(
@@ -655,6 +737,7 @@ def build_ranking_dataset(
         tz_offset_s=int(tz_offset_s),
         default_max_candidates=int(max_candidates),
         notes=notes,
+        ev_domain=ev_domain,
         _stats=stats,
     )
 

@@ -33,6 +33,24 @@ of ``$GENREC_DATA_DIR``, then the cache directory; a search directory may also b
     tie-break inside a second. Default split ``global-time`` at the 0.8 / 0.9 time quantiles; ``user-last`` works
     too. Hours at Beijing time (UTC+8). The rows were filtered to liked-or-hated impressions, which the schema notes
     say: every base rate is skewed.
+
+Domains (surfaces; ``load_ranking_dataset(..., domains=<definition>, only_domain=<domain>)``), the definitions of
+:data:`DOMAIN_DEFINITIONS`; each gives every event a domain id, and a candidate's domain is its own event's:
+
+``ml-1m`` / ``age``: the user's ``users.dat`` age group, the three groups of the Scenario-Wise Rec benchmark
+    (Li et al. 2024, arXiv 2412.17374): ``under-25`` (age codes 1 and 18), ``25-34`` (25) and ``35-plus`` (35, 45,
+    50, 56). Every candidate of a user is in the user's group.
+``ml-1m`` / ``genre``: the candidate movie's ``movies.dat`` genres, by a fixed priority rule (the genre lists are
+    alphabetical, so "the first genre" means nothing): ``action-thriller`` when the movie has any of Action,
+    Adventure, Crime, Fantasy, Film-Noir, Horror, Mystery, Sci-Fi, Thriller, War, Western; else ``comedy`` when it
+    has Comedy; else ``drama-other`` (Drama, Romance, Children's, Animation, Musical, Documentary). On the complete
+    file the groups hold 572,007 / 248,855 / 179,347 ratings.
+``taobao-userbehavior-head`` / ``top-categories``: the file has leaf category ids only (2,914 on the head file) and
+    no category hierarchy, so there are no top-level categories. The two domains are ``top-20-categories`` (the 20
+    categories with the most page views in the training part, i.e. before the validation cut, so the grouping uses
+    no validation or test event) and ``other-categories``.
+``kuairand-27k-like-hate-subset``: none. KuaiRand's surface column ``tab`` was dropped when the subset was made, so
+    the surface of an impression is not in the file.
 """
 
 from __future__ import annotations
@@ -52,6 +70,7 @@ from genrec.data.registry import DatasetNotFoundError, resolve_data_dir
 __all__ = [
     "RANKING_DATASETS",
     "find_dataset_folder",
+    "DOMAIN_DEFINITIONS",
     "find_folder",
     "kuairand_events",
     "load_ranking_dataset",
@@ -177,22 +196,81 @@ def ml1m_events(folder: Path) -> tuple[pd.DataFrame, list[str]]:
     return events, [f"{path.name}: {len(df):,} ratings; like = rating >= 4, love = rating == 5"]
 
 
-def _load_ml1m(folder: Path, split: str, **kw) -> RankingDataset:
+# ML-1M domains (see the module docstring)
+ML_AGE_GROUPS = {"under-25": (1, 18), "25-34": (25,), "35-plus": (35, 45, 50, 56)}
+ML_ACTION_GENRES = ("Action", "Adventure", "Crime", "Fantasy", "Film-Noir", "Horror", "Mystery", "Sci-Fi",
+                    "Thriller", "War", "Western")  # fmt: skip
+ML_GENRE_GROUPS = ("action-thriller", "comedy", "drama-other")
+
+
+def ml_age_domain(ages: np.ndarray) -> np.ndarray:
+    """``users.dat`` age codes -> ML-1M ``age`` domain ids (1..3 in ``ML_AGE_GROUPS`` order; 0 for another code)."""
+    out = np.zeros(len(ages), dtype=np.int64)
+    for k, codes in enumerate(ML_AGE_GROUPS.values(), 1):
+        out[np.isin(ages, codes)] = k
+    return out
+
+
+def ml_genre_domain(genres: pd.DataFrame) -> np.ndarray:
+    """``read_ml_genres`` rows -> ML-1M ``genre`` domain ids (1 action-thriller, 2 comedy, 3 drama-other)."""
+    cols = [f"genre:{g}" for g in ML_ACTION_GENRES if f"genre:{g}" in genres.columns]
+    action = genres[cols].to_numpy().sum(axis=1) > 0
+    comedy = genres["genre:Comedy"].to_numpy() > 0 if "genre:Comedy" in genres.columns else np.zeros(len(genres), bool)
+    return np.where(action, 1, np.where(comedy, 2, 3)).astype(np.int64)
+
+
+def _ml1m_domain(definition: str, events: pd.DataFrame, users: pd.DataFrame | None,
+                 genres: pd.DataFrame | None) -> tuple[tuple[str, ...], np.ndarray, str]:  # fmt: skip
+    """(domain names, [N] domain id of each event, a note) of an ML-1M domain definition."""
+    if definition == "age":
+        if users is None:
+            raise ValueError("ml-1m domains='age' needs users.dat (the users' age codes), which is not in the folder")
+        by_user = pd.Series(ml_age_domain(users["age"].to_numpy()), index=users.index)
+        ids = events["user"].astype(str).map(by_user).fillna(0).to_numpy(dtype=np.int64)
+        names = tuple(ML_AGE_GROUPS)
+        how = "the user's users.dat age group: " + "; ".join(f"{n} = codes {c}" for n, c in ML_AGE_GROUPS.items())
+    elif definition == "genre":
+        if genres is None:
+            raise ValueError("ml-1m domains='genre' needs movies.dat (the movies' genres), which is not in the folder")
+        by_item = pd.Series(ml_genre_domain(genres), index=genres.index)
+        ids = events["item"].astype(str).map(by_item).fillna(0).to_numpy(dtype=np.int64)
+        names = ML_GENRE_GROUPS
+        how = ("the movie's genres: action-thriller if any of " + ", ".join(ML_ACTION_GENRES)
+               + "; else comedy if Comedy; else drama-other")
+    else:
+        raise ValueError(f"ml-1m: unknown domain definition {definition!r}; known: {list(DOMAIN_DEFINITIONS['ml-1m'])}")
+    return names, ids, how
+
+
+def _load_ml1m(folder: Path, split: str, domains: str | None = None, **kw) -> RankingDataset:
     events, notes = ml1m_events(folder)
-    users = item_dense = None
+    users = item_dense = raw_users = None
     sizes: list[int] = []
     if (folder / "users.dat").is_file():
-        users, sizes = _categorical(read_ml_users(folder / "users.dat"))
+        raw_users = read_ml_users(folder / "users.dat")
+        users, sizes = _categorical(raw_users)
     else:
         notes.append("no users.dat: no user features")
     if (folder / "movies.dat").is_file():
         item_dense = read_ml_genres(folder / "movies.dat")
     else:
         notes.append("no movies.dat: no genre features")
+    names: tuple[str, ...] = ()
+    if domains is not None:
+        names, ids, how = _ml1m_domain(domains, events, raw_users, item_dense)
+        events = events.assign(domain=ids)
+        notes.append(_domain_note(domains, names, ids, how))
     return build_ranking_dataset(
         events, name="ml-1m", tasks=("like", "love"), actions=("r1", "r2", "r3", "r4", "r5"), split=split,
-        user_features=users, user_feature_sizes=sizes, item_dense=item_dense, notes=notes, **kw,
+        user_features=users, user_feature_sizes=sizes, item_dense=item_dense, notes=notes, domains=names, **kw,
     )  # fmt: skip
+
+
+def _domain_note(definition: str, names: tuple[str, ...], ids: np.ndarray, how: str) -> str:
+    per = np.bincount(ids, minlength=len(names) + 1)
+    counts = ", ".join(f"{n} {int(per[k + 1]):,}" for k, n in enumerate(names))
+    unknown = f", unknown {int(per[0]):,}" if per[0] else ""
+    return f"domains {definition!r}: {how}; events per domain: {counts}{unknown}"
 
 
 # ------------------------------------------------------------------------------------------------ Taobao
@@ -223,6 +301,7 @@ def taobao_events(path: Path, drop_incomplete_last_user: bool = True) -> tuple[p
     if bad.any():
         line = int(np.flatnonzero(bad.to_numpy())[0]) + 1
         raise BadRowError(path, line, f"behaviour {df['event'].iloc[line - 1]!r} is not one of {_TAOBAO_BEHAVIOURS}")
+    df = df.assign(category=frame["category"].to_numpy())  # read_frame keeps every row, in order (bad rows raise)
     if truncated and drop_incomplete_last_user:
         last = df["user"].iloc[-1]
         keep = df["user"] != last
@@ -238,7 +317,7 @@ def taobao_events(path: Path, drop_incomplete_last_user: bool = True) -> tuple[p
         "timestamp": df["timestamp"].to_numpy(dtype=np.int64),
         "actions": np.left_shift(1, code), "candidate": code == 0,
         "task:cart": (code == 1).astype(np.int64), "task:fav": (code == 2).astype(np.int64),
-        "task:buy": (code == 3).astype(np.int64),
+        "task:buy": (code == 3).astype(np.int64), "category": df["category"].to_numpy(),
     })  # fmt: skip
     counts = ", ".join(f"{b} {int((code == i).sum()):,}" for i, b in enumerate(_TAOBAO_BEHAVIOURS))
     notes.append(f"{path.name}: {len(events):,} behaviour rows ({counts}); candidates are page views (pv)")
@@ -251,8 +330,28 @@ def _day_cuts(times: np.ndarray, valid_days: int, test_days: int, tz: int) -> tu
     return t_test - valid_days * 86400, t_test
 
 
+TAOBAO_TOP_CATEGORIES = 20  # the "top-categories" domain definition: this many categories vs the rest
+
+
+def taobao_category_domain(events: pd.DataFrame, before: int, top: int = TAOBAO_TOP_CATEGORIES
+                           ) -> tuple[tuple[str, ...], np.ndarray, str]:  # fmt: skip
+    """(names, [N] domain ids, note) of the Taobao ``top-categories`` definition: id 1 for events of the ``top``
+    categories with the most page views at times ``< before`` (the validation cut; ties broken by category id), 2
+    for every other category."""
+    pv = events["candidate"].to_numpy(dtype=bool) & (events["timestamp"].to_numpy() < before)
+    counts = events.loc[pv, "category"].value_counts()
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    head = {c for c, _ in ranked}
+    ids = np.where(events["category"].isin(head).to_numpy(), 1, 2).astype(np.int64)
+    names = (f"top-{top}-categories", "other-categories")
+    how = (f"the item's leaf category (the file has no category hierarchy): the {len(head)} categories with the "
+           f"most training-part page views ({', '.join(c for c, _ in ranked)}) vs all others")
+    return names, ids, how
+
+
 def _load_taobao(folder: Path, split: str, valid_days: int = 1, test_days: int = 1,
-                 drop_incomplete_last_user: bool = True, **kw) -> RankingDataset:  # fmt: skip
+                 drop_incomplete_last_user: bool = True, domains: str | None = None,
+                 **kw) -> RankingDataset:  # fmt: skip
     if split != "global-time":
         raise ValueError("taobao-userbehavior-head supports only split='global-time' (by day)")
     events, notes = taobao_events(folder / "UserBehavior_head.csv", drop_incomplete_last_user)
@@ -267,9 +366,15 @@ def _load_taobao(folder: Path, split: str, valid_days: int = 1, test_days: int =
         "labels: a page view's cart/fav/buy is 1 when the user carts/favs/buys the same item at or after the view "
         "and before the end of the view's split part" + (f" and within {window} s" if window else "")
     )
+    names: tuple[str, ...] = ()
+    if domains is not None:
+        names, ids, how = taobao_category_domain(events, int(kw["time_cuts"][0]))
+        events = events.assign(domain=ids)
+        notes.append(_domain_note(domains, names, ids, how))
     return build_ranking_dataset(
-        events, name="taobao-userbehavior-head", tasks=("cart", "fav", "buy"), actions=_TAOBAO_BEHAVIOURS,
-        split=split, labels_from_later_events=True, tz_offset_s=BEIJING, notes=notes, **kw,
+        events.drop(columns="category"), name="taobao-userbehavior-head", tasks=("cart", "fav", "buy"),
+        actions=_TAOBAO_BEHAVIOURS, split=split, labels_from_later_events=True, tz_offset_s=BEIJING, notes=notes,
+        domains=names, **kw,
     )  # fmt: skip
 
 
@@ -320,7 +425,8 @@ def kuairand_events(path: Path) -> tuple[pd.DataFrame, list[str]]:
     return events, notes
 
 
-def _load_kuairand(folder: Path, split: str, **kw) -> RankingDataset:
+def _load_kuairand(folder: Path, split: str, domains: str | None = None, **kw) -> RankingDataset:
+    assert domains is None  # load_ranking_dataset refuses domains for KuaiRand (no definition)
     events, notes = kuairand_events(folder / "processed_standard_kcore_15.tsv")
     return build_ranking_dataset(
         events, name="kuairand-27k-like-hate-subset", tasks=KUAI_TASKS, actions=KUAI_ACTIONS, split=split,
@@ -335,9 +441,26 @@ _DEFAULT_SPLIT = {"ml-1m": "user-last", "taobao-userbehavior-head": "global-time
 _LOADERS = {"ml-1m": _load_ml1m, "taobao-userbehavior-head": _load_taobao,
             "kuairand-27k-like-hate-subset": _load_kuairand}  # fmt: skip
 
+# dataset -> {domain definition name: what it is} (the module docstring has the exact rules)
+DOMAIN_DEFINITIONS: dict[str, dict[str, str]] = {
+    "ml-1m": {
+        "age": "the user's age group (under-25 / 25-34 / 35-plus), as in Scenario-Wise Rec",
+        "genre": "the candidate movie's genre group (action-thriller / comedy / drama-other)",
+    },
+    "taobao-userbehavior-head": {
+        "top-categories": f"the item's category: the {TAOBAO_TOP_CATEGORIES} most viewed training-part categories "
+        "vs the rest (the file has no category hierarchy)",
+    },
+    "kuairand-27k-like-hate-subset": {},
+}
+_NO_DOMAINS_WHY = {
+    "kuairand-27k-like-hate-subset": "KuaiRand's surface column 'tab' was dropped when the subset was made",
+}
+
 
 def load_ranking_dataset(
-    name: str, data_dir: str | os.PathLike | None = None, split: str | None = None, **options
+    name: str, data_dir: str | os.PathLike | None = None, split: str | None = None, *,
+    domains: str | None = None, only_domain: str | None = None, **options,
 ) -> RankingDataset:
     """Load a ranking dataset by name (``ml-1m``, ``taobao-userbehavior-head`` / ``taobao``,
     ``kuairand-27k-like-hate-subset`` / ``kuairand``).
@@ -346,9 +469,32 @@ def load_ranking_dataset(
     global-time). ``options`` go to :func:`~genrec.data.ranking.events.build_ranking_dataset` (``n_eval``,
     ``min_events``, ``time_cuts``, ``quantiles``, ``max_candidates``, ``label_window_s``, ``smoothing``) or to the
     loader (Taobao: ``valid_days``, ``test_days``, ``drop_incomplete_last_user``).
+
+    ``domains``: the name of one of the dataset's domain definitions (:data:`DOMAIN_DEFINITIONS`, e.g. ML-1M
+    ``"age"`` or ``"genre"``): the schema then names the domains and every batch carries ``cand_domains``.
+    ``only_domain``: keep only that domain's candidates in every part (a per-domain model's data; see
+    :meth:`~genrec.data.ranking.events.RankingDataset.restrict_to_domain`). Unknown names raise ValueError naming
+    the known ones, before any file is read.
     """
     key = _ALIASES.get(name, name)
     if key not in _LOADERS:
         raise ValueError(f"unknown ranking dataset {name!r}; known: {', '.join(sorted(_LOADERS))}")
+    check_domain_definition(key, domains, only_domain)
     folder = find_dataset_folder(key, data_dir)
-    return _LOADERS[key](folder, split or _DEFAULT_SPLIT[key], **options)
+    dataset = _LOADERS[key](folder, split or _DEFAULT_SPLIT[key], domains=domains, **options)
+    return dataset if only_domain is None else dataset.restrict_to_domain(only_domain)
+
+
+def check_domain_definition(name: str, domains: str | None, only_domain: str | None = None) -> None:
+    """ValueError unless ``domains`` is None or one of dataset ``name``'s domain definitions, and ``only_domain``
+    is None or comes with ``domains`` (its domain names are checked when the dataset is built)."""
+    key = _ALIASES.get(name, name)
+    if only_domain is not None and domains is None:
+        raise ValueError(f"only_domain={only_domain!r} needs domains=<definition> (the definition it is a domain of)")
+    if domains is None:
+        return
+    known = DOMAIN_DEFINITIONS.get(key, {})
+    if domains not in known:
+        why = f" ({_NO_DOMAINS_WHY[key]})" if key in _NO_DOMAINS_WHY else ""
+        listed = ", ".join(repr(k) for k in known) if known else "none" + why
+        raise ValueError(f"{key}: unknown domain definition {domains!r}; known: {listed}")
