@@ -43,6 +43,27 @@ One example is one ``RankingBatch`` row (``genrec.data.ranking_batch``). The mod
   labels of a task are averaged together (each label counts once). The summed variant cannot do this without
   leaking labels (token i contains action i), so it ignores ``hist_labels``.
 
+Multi-domain options (one model for several domains, or surfaces: ``schema.domains``, ``batch.cand_domains``; all
+off by default, and then the model, its parameters and its outputs are exactly those without them). They follow the
+parameter-untying ideas of Meta's Lattice (Luo et al., "Meta Lattice: Model Space Redesign for Cost-Effective
+Industry-Scale Ads Recommendations", 2025, arXiv 2512.09200: one consolidated model with domain-specific parts
+instead of one model per surface) and STAR (Sheng et al., "One Model to Serve All: Star Topology Adaptive
+Recommender for Multi-Domain CTR Prediction", CIKM 2021: shared plus domain-specific parameters):
+- ``domain_token``: a learned per-domain vector is added to each candidate's token, inside the scaled part:
+  ``(item_emb(c) + unknown_action + domain_emb[domain(c)]) · sqrt(d) + pos_emb[0]`` (a candidate-level context
+  token; the domain is a property of the candidate, e.g. its genre, so it cannot be one prefix token per row).
+- ``domain_towers``: one head tower per domain (Linear -> SwishLayerNorm -> Linear, as the shared one); a
+  candidate's logits come from its own domain's tower only. The item side ``W_i`` stays shared.
+- ``domain_ffn``: per-domain pointwise transformation for the candidate tokens: in every layer a candidate's
+  residual update is ``W_o[domain] · dropout(U ⊙ LN(A·V))`` with its domain's output projection, history and prefix
+  tokens keep the layer's shared ``W_o``. HSTU has no separate FFN block (paper §3.1: the gated output projection
+  is its pointwise transformation), so this is the documented equivalent of per-domain FFN weights; the U, V, Q, K
+  projection stays shared, so the cached history keys and values of ``rank_cached`` do not depend on the domain.
+Every option needs ``cand_domains`` with a known domain (1..K) at every real candidate (ValueError otherwise).
+``domain_towers`` is refused with the interleaved variant (its history positions are scored too, and a history
+event has no domain in the batch). ``rank_cached`` supports every option (tested equal to ``forward``); with
+``domain_token`` it does not read the candidate tables' first-layer rows (they are per item, not per domain).
+
 Deliberate deviations from the DLRM-v3 reference:
 - History truncation keeps the MOST RECENT ``max_history`` events (the reference's ``maybe_truncate_seq`` keeps
   the earliest, dropping the events closest to the candidates).
@@ -83,6 +104,8 @@ from genrec.data.ranking_batch import RankingBatch, RankingSchema
 from genrec.models.hstu import HSTUConfig, HSTULayer
 from genrec.models.ranking_floors import init_output_biases
 from genrec.ops.hstu_math import (
+    from_heads,
+    gated_residual,
     hstu_attention,
     input_norm,
     project,
@@ -124,6 +147,10 @@ class HSTURankerConfig:
     head_hidden_dim: int | None = None  # width of the shared head tower; None = embedding_dim
     task_weights: tuple[float, ...] | None = None  # loss weight per task (schema order); None = all 1
     task_base_rates: tuple[float, ...] | None = None  # initial output bias logit(rate) per task; None = bias 0
+    # multi-domain options (the number of domains comes from the schema; see the module docstring)
+    domain_token: bool = False  # add a learned per-domain vector to every candidate's token
+    domain_towers: bool = False  # one head tower per domain
+    domain_ffn: bool = False  # per-domain output projection W_o for the candidate tokens in every layer
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -145,6 +172,13 @@ class HSTURankerConfig:
             self.task_base_rates = tuple(float(r) for r in self.task_base_rates)
             if any(not 0.0 < r < 1.0 for r in self.task_base_rates):
                 raise ValueError(f"task_base_rates must be in (0, 1), got {self.task_base_rates}")
+        if self.domain_towers and self.variant == "interleaved":
+            raise ValueError("domain_towers needs variant='summed': the interleaved variant also scores history "
+                             "positions, and a history event has no domain in a RankingBatch")
+
+    @property
+    def uses_domains(self) -> bool:
+        return self.domain_token or self.domain_towers or self.domain_ffn
 
     @property
     def tokens_per_event(self) -> int:
@@ -157,7 +191,8 @@ class CandidateTables:
     (``HSTURanker.candidate_tables``).
 
     first_uvqk [num_items + 1, 2h(dv + dqk)]: the first layer's SiLU(LN(token) W_uvqk) of the item's candidate
-    token; item_side [num_items + 1, d]: the head's LN(W_i · item_emb(item))."""
+    token (without a domain vector: a model with ``domain_token`` does not read it); item_side [num_items + 1, d]:
+    the head's LN(W_i · item_emb(item))."""
 
     first_uvqk: torch.Tensor
     item_side: torch.Tensor
@@ -222,7 +257,11 @@ class HSTURanker(nn.Module):
             value = getattr(config, name)
             if value is not None and len(value) != T:
                 raise ValueError(f"{name} has {len(value)} values, but the schema has {T} tasks {schema.tasks}")
+        if config.uses_domains and not schema.domains:
+            raise ValueError("domain_token / domain_towers / domain_ffn need a schema with domains (load the data "
+                             "with domains=<definition>)")  # fmt: skip
         self.schema, self.config = schema, config
+        self.num_domains = len(schema.domains)  # K
         d = config.embedding_dim
         self.num_prefix = len(schema.user_features) if config.use_contextual else 0  # P
         # the longest sequence: P + tokens_per_event · max_history + one candidate position
@@ -251,13 +290,37 @@ class HSTURanker(nn.Module):
             use_position_bias=config.use_position_bias, num_time_buckets=config.num_time_buckets)
         self.layers = nn.ModuleList(HSTULayer(layer_config) for _ in range(config.num_blocks))
 
-        # the head: MLP(LN(user state) ⊙ LN(W_i item)) -> T logits, one shared tower
-        hidden = config.head_hidden_dim or d
+        # the head: MLP(LN(user state) ⊙ LN(W_i item)) -> T logits, one shared tower (or one per domain)
         self.item_tower = nn.Linear(d, d)
-        self.head = nn.Sequential(nn.Linear(d, hidden), SwishLayerNorm(hidden), nn.Linear(hidden, T))
+        if config.domain_towers:
+            self.domain_heads = nn.ModuleList(self._make_head() for _ in range(self.num_domains))
+        else:
+            self.head = self._make_head()
+
+        # multi-domain parts, made after every shared part (a model without them is initialised as before)
+        K = self.num_domains
+        if config.domain_token:
+            self.domain_emb = nn.Embedding(K + 1, d, padding_idx=0)  # [K + 1, d], row 0 = unknown (never used)
+            nn.init.normal_(self.domain_emb.weight, 0.0, 0.02)
+            with torch.no_grad():
+                self.domain_emb.weight[0].zero_()
+        if config.domain_ffn:
+            hdv = config.num_heads * config.linear_dim
+            self.domain_out = nn.ModuleList(nn.ModuleList(nn.Linear(hdv, d) for _ in range(K))
+                                            for _ in range(config.num_blocks))  # fmt: skip
+            for per_layer in self.domain_out:  # as each layer's shared W_o
+                for linear in per_layer:
+                    nn.init.xavier_uniform_(linear.weight)
+
+    def _make_head(self) -> nn.Sequential:
+        """One head tower: Linear -> SwishLayerNorm -> Linear to T logits, output bias 0 or logit(base rate)."""
+        d, T = self.config.embedding_dim, self.schema.num_tasks
+        hidden = self.config.head_hidden_dim or d
+        head = nn.Sequential(nn.Linear(d, hidden), SwishLayerNorm(hidden), nn.Linear(hidden, T))
         with torch.no_grad():
-            self.head[-1].bias.zero_()
-        init_output_biases(self.head[-1], config.task_base_rates, schema)  # logit(rate) when rates are given
+            head[-1].bias.zero_()
+        init_output_biases(head[-1], self.config.task_base_rates, self.schema)  # logit(rate) when rates are given
+        return head
 
     # ------------------------------------------------------------------------------------------------- public
 
@@ -364,8 +427,9 @@ class HSTURanker(nn.Module):
                 c_off = (cand_pos - positions.view(B, 1, H)).clamp(min=0)  # [B, 1, H]
                 c_index = rab_index_per_key(c_off, first, h_times, h_has_time, nb) if use_time else None
             items_c = batch.cand_items[:, lo:hi]  # [B, b]
+            domains_c = None if batch.cand_domains is None else batch.cand_domains[:, lo:hi]  # [B, b]
             for depth, (layer, (k_hist, v_hist)) in enumerate(zip(self.layers, cache)):
-                if depth == 0 and tables is not None:  # a candidate's first-layer input is its item's token
+                if depth == 0 and tables is not None and not self.config.domain_token:  # the item's token alone
                     uvqk = F.embedding(items_c, tables.first_uvqk)  # [B, b, 2h(dv + dqk)], rows by item id
                     if not bool(mask_c.all()):
                         uvqk = uvqk * keep_c  # padding candidates: 0, as their zero input token gives
@@ -378,9 +442,9 @@ class HSTURanker(nn.Module):
                 # of genrec.ops.mfalcon.score_candidates) rather than B·h·b products of 1 x 1 matrices
                 w_self = F.silu((q * k).sum(-1, keepdim=True) + layer.rab(s_off, s_index).unsqueeze(1))  # [B, h, b, 1]
                 own = w_self * v / norm.view(-1, 1, 1, 1)  # [B, h, b, dv]
-                xc = layer_finish(layer, xc, u, hist + own) * keep_c
+                xc = self._finish_candidates(depth, xc, u, hist + own, domains_c) * keep_c
             item_side = None if tables is None else F.embedding(items_c, tables.item_side)  # [B, b, d]
-            logits[:, lo:hi] = self._score(xc, items_c, item_side) * mask_c.unsqueeze(-1)
+            logits[:, lo:hi] = self._score(xc, items_c, item_side, domains_c) * mask_c.unsqueeze(-1)
         return logits
 
     def history_logits(self, batch: RankingBatch) -> torch.Tensor:
@@ -433,27 +497,53 @@ class HSTURanker(nn.Module):
         h = self._encode(batch)  # [B, P + W + C, d], zero at padding
         P, L = self.num_prefix, batch.hist_items.shape[1]
         W = self.config.tokens_per_event * L
-        cand = self._score(h[:, P + W:], batch.cand_items) * batch.cand_mask.unsqueeze(-1)  # [B, C, T]
+        cand = self._score(h[:, P + W:], batch.cand_items, domains=batch.cand_domains)  # [B, C, T]
+        cand = cand * batch.cand_mask.unsqueeze(-1)
         if self.config.variant != "interleaved":
             return cand, None
         real = torch.arange(L, device=h.device).unsqueeze(0) < batch.hist_lengths.unsqueeze(1)  # [B, L]
         hist = self._score(h[:, P:P + W:2], batch.hist_items) * real.unsqueeze(-1)  # item tokens -> [B, L, T]
         return cand, hist
 
-    def _score(self, state: torch.Tensor, items: torch.Tensor, item_side: torch.Tensor | None = None) -> torch.Tensor:
+    def _score(self, state: torch.Tensor, items: torch.Tensor, item_side: torch.Tensor | None = None,
+               domains: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """The head: user state at a token [B, K, d] and the item asked about [B, K] -> logits [B, K, T].
-        ``item_side``: ``_item_side(items)`` when the caller has it already."""
+        ``item_side``: ``_item_side(items)`` when the caller has it already. ``domains`` [B, K]: each token's
+        domain (1..K'), read with ``domain_towers`` (each token through its own domain's tower)."""
         item = self._item_side(items) if item_side is None else item_side  # [B, K, d]
-        return self.head(input_norm(state) * item)
+        z = input_norm(state) * item  # [B, K, d]
+        if not self.config.domain_towers:
+            return self.head(z)
+        assert domains is not None
+        return _select_domain(torch.stack([head(z) for head in self.domain_heads]), domains)  # [B, K, T]
+
+    def _finish_candidates(self, depth: int, x: torch.Tensor, u: torch.Tensor, av: torch.Tensor,
+                           domains: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """Layer ``depth``'s residual output for candidate tokens x [B, b, d] (u [B, b, h·dv], av [B, h, b, dv]):
+        ``x + W_o · dropout(U ⊙ LN(A·V))`` with the layer's shared W_o, or (``domain_ffn``) each candidate's own
+        domain's W_o (domains [B, b], 1..K; padding candidates may hold 0, their output is discarded)."""
+        layer = self.layers[depth]
+        if not self.config.domain_ffn:
+            return layer_finish(layer, x, u, av)
+        assert domains is not None
+        outs = self.domain_out[depth]
+
+        def out(z: torch.Tensor) -> torch.Tensor:  # [B, b, h·dv] -> [B, b, d]
+            return _select_domain(torch.stack([linear(z) for linear in outs]), domains)
+
+        return gated_residual(x, u, from_heads(av), out, layer.dropout)
 
     def _item_side(self, items: torch.Tensor) -> torch.Tensor:
         """The head's item input LN(W_i · item_emb(item)): items [...] -> [..., d]."""
         return input_norm(self.item_tower(self.item_emb(items)))
 
-    def _candidate_tokens(self, cand_items: torch.Tensor) -> torch.Tensor:
-        """Candidate input tokens from their item embeddings [..., d] (as ``_tokens`` builds them) -> [..., d]."""
+    def _candidate_tokens(self, cand_items: torch.Tensor, domains: torch.Tensor | None = None) -> torch.Tensor:
+        """Candidate input tokens from their item embeddings [..., d] (as ``_tokens`` builds them) -> [..., d].
+        ``domains`` [...]: the candidates' domains, added as ``domain_emb`` with ``domain_token`` (None: none)."""
         scale = math.sqrt(self.config.embedding_dim)
         cand_pos = self.pos_emb.weight[0]  # [d], recency 0 shared by all candidates
+        if self.config.domain_token and domains is not None:
+            cand_items = cand_items + self.domain_emb(domains)  # [..., d]
         if self.config.variant == "summed":
             return (cand_items + self.unknown_action) * scale + cand_pos
         return cand_items * scale + cand_pos
@@ -473,8 +563,17 @@ class HSTURanker(nn.Module):
         norm = torch.full((1,), float(self.max_len), device=x.device)
         keep = valid.unsqueeze(-1).to(x.dtype)  # [B, N, 1]
         x = self.input_dropout(x) * keep
-        for layer in self.layers:
-            x = layer(x, offsets, index, mask, norm) * keep
+        for depth, layer in enumerate(self.layers):
+            if not self.config.domain_ffn:
+                x = layer(x, offsets, index, mask, norm) * keep
+                continue
+            # the layer's math (HSTULayer.forward) with per-domain W_o for the candidate tokens (the last C)
+            u, v, q, k = layer_uvqk(layer, x)  # u [B, N, h·dv]; v, q, k [B, h, N, ·]
+            av = hstu_attention(q, k, v, layer.rab(offsets, index), mask, norm)  # [B, h, N, dv]
+            H = x.shape[1] - C
+            head = layer_finish(layer, x[:, :H], u[:, :H], av[:, :, :H])  # [B, H, d] prefix + history
+            cands = self._finish_candidates(depth, x[:, H:], u[:, H:], av[:, :, H:], batch.cand_domains)  # [B, C, d]
+            x = torch.cat([head, cands], dim=1) * keep
         return x
 
     def _tokens(self, batch: RankingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -497,7 +596,7 @@ class HSTURanker(nn.Module):
         else:
             history = torch.stack([items * scale + pos, actions * scale + pos], dim=2).flatten(1, 2)  # [B, 2L, d]
             hist_times = batch.hist_times.repeat_interleave(2, dim=1)  # [B, 2L]
-        candidates = self._candidate_tokens(self.item_emb(batch.cand_items))  # [B, C, d]
+        candidates = self._candidate_tokens(self.item_emb(batch.cand_items), batch.cand_domains)  # [B, C, d]
 
         parts = [history, candidates]
         time_parts = [hist_times, batch.cand_times]
@@ -513,8 +612,24 @@ class HSTURanker(nn.Module):
         return x, times, has_time
 
     def _check(self, batch: RankingBatch) -> None:
-        """The batch against the schema (shapes, id ranges, action bitmasks: ``RankingBatch.validate``)."""
+        """The batch against the schema (shapes, id ranges, action bitmasks: ``RankingBatch.validate``), and with a
+        domain option a known domain at every real candidate."""
         batch.validate(self.schema)
+        if not self.config.uses_domains:
+            return
+        if batch.cand_domains is None:
+            raise ValueError("this HSTU ranker has domain options (domain_token / domain_towers / domain_ffn) and "
+                             "needs batch.cand_domains (load the data with domains=<definition>)")  # fmt: skip
+        if bool((batch.cand_domains[batch.cand_mask] == 0).any()):
+            raise ValueError("RankingBatch.cand_domains: a real candidate has domain 0 (unknown); this HSTU ranker's "
+                             f"domain options need one of its domains {self.schema.domains} at every candidate")  # fmt: skip
+
+
+def _select_domain(per_domain: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
+    """per_domain [K, B, M, E] (every domain's output for every token), domains [B, M] (1..K; 0 at padding reads
+    domain 1, whose value the caller discards) -> [B, M, E], each token's own domain's output."""
+    index = (domains.clamp(min=1) - 1).unsqueeze(0).unsqueeze(-1)  # [1, B, M, 1]
+    return per_domain.gather(0, index.expand(1, *domains.shape, per_domain.shape[-1]))[0]
 
 
 def _check_labels(name: str, labels: torch.Tensor) -> None:
