@@ -33,6 +33,12 @@ of epoch e comes from a permutation seeded with ``(seed, e)`` and the torch RNG 
 ``(seed, e)`` at the start of every epoch, so a run resumed from the checkpoint of epoch e replays epochs e+1..
 exactly as the uninterrupted run would.
 
+Multi-objective training: ``train.task_balancing`` picks how the per-task losses of each batch become one update
+(:mod:`genrec.train.multitask`: fixed weights, uncertainty weighting, MGDA, PE-LTR). ``fixed`` back-propagates the
+ranker's own total, as training always did. The balancer's state (uncertainty weighting's log-variances, trained by
+the same optimizer) is stored in ``checkpoint.pt`` and restored on resume; every epoch's log line records the weights
+the balancer put on each task (``task_balance``).
+
 Run directories: everything (config, data, model parameters, on resume the checkpoint against the stored config)
 is checked before the first file is written; a directory that already holds a run is refused unless the call
 resumes it (``resume=True``) or replaces it (``overwrite=True``). Files are written atomically
@@ -97,6 +103,7 @@ from genrec.train.checkpoint import (
     with_absolute_paths,
     write_log,
 )
+from genrec.train.multitask import TaskBalancer, build_balancer
 
 log = logging.getLogger("genrec.train.ranking")
 
@@ -479,7 +486,7 @@ def train_ranker(
         known = ", ".join(repr(n) for n in [*RANKING_DATASETS, *DATASET_ALIASES])
         raise ConfigError(f"data.dataset: {dc.dataset!r} is not a ranking dataset; known: {known}")
     existing = check_run_directory(out, RANKING_RUN_FILES, resume=resume, overwrite=overwrite)
-    resumed_fields = ("seed", "task_weights", "select_metric")
+    resumed_fields = ("seed", "task_weights", "select_metric", "task_balancing")
     saved = resume_state(out, lambda stored: config_differences(
         with_absolute_paths(load_ranking_config(stored)), config, ("model", "data"), resumed_fields)) if resume else None
     if tc.num_threads > 0:
@@ -515,8 +522,21 @@ def train_ranker(
     fitted_by_counting = not trainable and hasattr(model, "fit")
     if not trainable and not fitted_by_counting:
         raise ValueError(f"{model_name}: the model has no trainable parameters and no fit(batches) method")
+    if fitted_by_counting and tc.task_balancing != "fixed":
+        raise ConfigError(f"train.task_balancing: {tc.task_balancing!r} needs a model trained by gradient steps; "
+                          f"{model_name} is fitted by counting (use fixed)")  # fmt: skip
+    if isinstance(model, LogisticRegressionRanker) and tc.task_balancing in ("mgda", "pe-ltr"):
+        raise ConfigError(f"train.task_balancing: {tc.task_balancing!r} balances the gradients of shared parameters, "
+                          "but the logistic regression is one separate linear model per task (nothing is shared); "
+                          "use fixed or uncertainty")  # fmt: skip
+    try:
+        balancer = build_balancer(tc.task_balancing, schema.tasks, weights, model).to(device)
+    except ValueError as exc:
+        raise ConfigError(f"train.task_balancing: {tc.task_balancing!r}: {exc}") from None
     optimizer = (torch.optim.AdamW(trainable, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
                  if trainable else None)  # fmt: skip
+    if optimizer is not None and balancer.extra_parameters():  # uncertainty's log-variances: no weight decay
+        optimizer.add_param_group({"params": balancer.extra_parameters(), "weight_decay": 0.0})
     with_hist_labels = bool(getattr(getattr(model, "config", None), "variant", None) == "interleaved"
                             and dataset.hist_labels_available)  # fmt: skip
     state = RankingTrainState()
@@ -527,11 +547,14 @@ def train_ranker(
             model.load_state_dict(saved["model"])
             if optimizer is not None:
                 optimizer.load_state_dict(saved["optimizer"])
+            balancer.load_state_dict(saved.get("balancer", {}))
             torch.set_rng_state(saved["torch_rng"])
             state = RankingTrainState(**saved["train_state"])
         except (RuntimeError, ValueError, TypeError, KeyError) as exc:
             raise CheckpointError(f"{ckpt_path}: cannot resume from it ({str(exc).strip().splitlines()[0]})") from None
 
+    if tc.task_balancing != "fixed":
+        _check_per_task_losses(model, dataset, config, device, with_hist_labels)
     valid_protocol = protocol(dataset, "valid", config)
     # The selection metric's definedness depends on the validation labels only: check it before writing anything.
     _check_selection_defined(dataset, config, select_tasks)
@@ -565,7 +588,7 @@ def train_ranker(
             model.fit(b.to(device) for b in batches)
             row_loss: dict[str, Any] = {"loss": None, "task_losses": None, "fitted_by_counting": True}
         else:
-            row_loss = _train_epoch(model, optimizer, batches, device, epoch, out, progress, schema.tasks)
+            row_loss = _train_epoch(model, optimizer, balancer, batches, device, epoch, out, progress, schema.tasks)
         train_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         valid = predict(model, dataset, "valid", batch_size=tc.eval_batch_size, max_history=dc.max_history,
@@ -595,6 +618,7 @@ def train_ranker(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else {},
             "torch_rng": torch.get_rng_state(),
+            "balancer": balancer.state_dict(),
             "train_state": dataclasses.asdict(state),
             "genrec_version": __version__,
         })  # fmt: skip
@@ -615,6 +639,7 @@ def train_ranker(
         "model": model_name,
         "tasks": list(schema.tasks),
         "task_weights": list(weights),
+        "task_balancing": tc.task_balancing,
         "selection": {
             "metric": tc.select_metric,
             "direction": "higher is better" if higher_better else "lower is better",
@@ -638,11 +663,16 @@ def train_ranker(
     return results
 
 
-def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, device: torch.device, epoch: int,
-                 out: Path, progress: bool, tasks: tuple[str, ...]) -> dict[str, Any]:  # fmt: skip
-    """One pass over the training batches; the candidate-weighted mean loss (and per-task losses when reported)."""
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, balancer: TaskBalancer, batches,
+                 device: torch.device, epoch: int, out: Path, progress: bool, tasks: tuple[str, ...]
+                 ) -> dict[str, Any]:  # fmt: skip
+    """One pass over the training batches: the candidate-weighted mean loss (Σ_t w_t · loss_t, the ranker's total),
+    the per-task losses when the ranker reports them, and ``task_balance``: the balancing method, the candidate-
+    weighted mean of the objective it back-propagated, the mean over steps of the weight it put on each task's loss
+    (:mod:`genrec.train.multitask`) and, for uncertainty weighting, the log-variances after the epoch."""
     model.train()
     total, count = 0.0, 0
+    objective_sum, weight_sum, steps = 0.0, torch.zeros(len(tasks), dtype=torch.float64), 0
     task_sums: dict[str, float] | None = None
     bar = tqdm(batches, desc=f"epoch {epoch}", disable=not (progress and is_terminal(sys.stderr)), leave=False)
     for step, batch in enumerate(bar, start=1):
@@ -657,11 +687,15 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, de
                 "or check the data and the model settings"
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        stacked = None if per_task is None or balancer.method == "fixed" else _stack_tasks(per_task, tasks)  # [T]
+        balanced = balancer.backward(loss, stacked)
         optimizer.step()
         n = int(batch.cand_mask.sum())
         total += value * n
         count += n
+        objective_sum += balanced.objective * n
+        weight_sum += balanced.weights
+        steps += 1
         if per_task is not None:
             task_sums = task_sums or {t: 0.0 for t in tasks}
             for t in tasks:
@@ -671,7 +705,44 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, de
     if count == 0:
         raise ValueError(f"epoch {epoch}: no training candidate was seen (empty training part?)")
     task_losses = None if task_sums is None else {t: s / count for t, s in task_sums.items()}
-    return {"loss": total / count, "task_losses": task_losses}
+    balance: dict[str, Any] = {"method": balancer.method, "objective": objective_sum / count,
+                               "weights": dict(zip(tasks, (weight_sum / steps).tolist()))}  # fmt: skip
+    if hasattr(balancer, "log_variances"):
+        balance["log_variances"] = dict(zip(tasks, balancer.log_variances.detach().cpu().double().tolist()))
+    return {"loss": total / count, "task_losses": task_losses, "task_balance": balance}
+
+
+def _stack_tasks(per_task: dict[str, torch.Tensor], tasks: tuple[str, ...]) -> torch.Tensor:
+    """{task: loss_t} -> [T] in schema order (every task must be there)."""
+    missing = [t for t in tasks if t not in per_task]
+    if missing:
+        raise ValueError(f"the ranker's loss reports no loss for task(s) {missing}; task balancing needs every task's")
+    return torch.stack([torch.as_tensor(per_task[t]).reshape(()) for t in tasks])
+
+
+def _check_per_task_losses(model: nn.Module, dataset: RankingDataset, config: RankingRunConfig, device: torch.device,
+                           with_hist_labels: bool) -> None:  # fmt: skip
+    """A balancing other than fixed reads the per-task losses: refuse, before anything is written, a ranker whose
+    ``loss`` returns only a total or leaves a task out (checked on the first training batch, in eval mode, without
+    gradients and without drawing random numbers)."""
+    dc, tc = config.data, config.train
+    batch = next(iter(dataset.batches("train", tc.batch_size, shuffle=False, max_history=dc.max_history,
+                                      max_candidates=dc.max_candidates, with_hist_labels=with_hist_labels)))  # fmt: skip
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model.loss(batch.to(device))
+    finally:
+        model.train(was_training)
+    name = type(model).__name__
+    if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], dict)):
+        raise ConfigError(f"train.task_balancing: {tc.task_balancing!r} needs the per-task losses, but "
+                          f"{name}.loss returns {type(output).__name__} instead of (total, {{task: loss}})")  # fmt: skip
+    try:
+        _stack_tasks(output[1], dataset.schema.tasks)
+    except ValueError as exc:
+        raise ConfigError(f"train.task_balancing: {tc.task_balancing!r}: {exc} ({name})") from None
 
 
 def _check_dataset_matches(dataset: RankingDataset, config: RankingRunConfig) -> None:

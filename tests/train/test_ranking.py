@@ -399,3 +399,102 @@ def test_run_directory_holds_the_ranking_state(tmp_path, dataset):
     (run / "ranking_state.json").write_text('{"format": 99}')
     with pytest.raises(ValueError, match="ranking_state.json.*format 99"):
         RankingState.load(run)
+
+
+# ------------------------------------------------------------------------------------------------ task balancing
+DLRM_PARAMS = {"embedding_dim": 8, "bottom_mlp": [16], "top_mlp": [16]}
+
+
+def balanced_config(tmp_path, method: str, out: str, epochs: int = 2, **train) -> RankingRunConfig:
+    config = make_config(tmp_path, epochs=epochs, select_metric="NE", task_balancing=method, **train)
+    return dataclasses.replace(config, model=RankingModelConfig(name="dlrm", params=DLRM_PARAMS),
+                               output_dir=str(tmp_path / out))  # fmt: skip
+
+
+def test_fixed_balancing_trains_the_weights_of_a_plain_adamw_loop(tmp_path, dataset):
+    """train.task_balancing=fixed is the training loop as it was: AdamW steps on the ranker's own total, with the
+    loop's seeding and batch order, give the same weights bit for bit."""
+    from genrec.train.ranking import _epoch_seed
+
+    config = balanced_config(tmp_path, "fixed", "fixed", epochs=2, task_weights=[1.0, 0.5])
+    train_ranker(config, dataset=dataset, progress=False)
+    trained = load_state(tmp_path / "fixed" / "checkpoint.pt")["model"]
+    # the reference: the loop written out by hand
+    tc, dc = config.train, config.data
+    torch.manual_seed(tc.seed)
+    model = build_ranker(config.model, dataset.schema, task_weights=tc.task_weights, seed=tc.seed,
+                         max_history=dc.max_history)  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    for epoch in (1, 2):
+        seed = _epoch_seed(tc.seed, epoch)
+        torch.manual_seed(seed)
+        model.train()
+        for batch in dataset.batches("train", tc.batch_size, shuffle=True, seed=seed, max_history=dc.max_history,
+                                     max_candidates=dc.max_candidates):  # fmt: skip
+            loss, _ = model.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    expected = model.state_dict()
+    assert set(trained) == set(expected)
+    for key in expected:
+        assert torch.equal(trained[key], expected[key]), key
+    log = read_log(tmp_path / "fixed")
+    assert log[0]["task_balance"]["method"] == "fixed"
+    assert log[0]["task_balance"]["weights"] == {"like": 1.0, "love": 0.5}
+
+
+def test_uncertainty_balancing_resumes_exactly(tmp_path, dataset):
+    full = train_ranker(balanced_config(tmp_path, "uncertainty", "full", epochs=3), dataset=dataset, progress=False)
+    train_ranker(balanced_config(tmp_path, "uncertainty", "split", epochs=1), dataset=dataset, progress=False)
+    resumed = train_ranker(balanced_config(tmp_path, "uncertainty", "split", epochs=3), dataset=dataset,
+                           resume=True, progress=False)  # fmt: skip
+    a = load_state(tmp_path / "full" / "checkpoint.pt")
+    b = load_state(tmp_path / "split" / "checkpoint.pt")
+    s = a["balancer"]["log_variances"]
+    assert s.shape == (2,) and bool((s != 0).all())  # learned, and stored in the checkpoint
+    assert torch.equal(s, b["balancer"]["log_variances"])
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    # the optimizer's state of the log-variances (their own group, without weight decay) is restored too
+    group = a["optimizer"]["param_groups"][1]
+    assert group["weight_decay"] == 0.0
+    for index in group["params"]:
+        for name, value in a["optimizer"]["state"][index].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][index][name]))
+    assert full["test"]["metrics"] == resumed["test"]["metrics"]
+    assert full["task_balancing"] == "uncertainty"
+    log_full, log_split = read_log(tmp_path / "full"), read_log(tmp_path / "split")
+    assert [r["task_balance"] for r in log_full] == [r["task_balance"] for r in log_split]
+    assert log_full[-1]["task_balance"]["log_variances"] == dict(zip(TASKS, s.double().tolist()))
+
+
+@pytest.mark.parametrize("method", ["mgda", "pe-ltr"])
+def test_pareto_balancing_logs_its_weights(tmp_path, dataset, method):
+    results = train_ranker(balanced_config(tmp_path, method, method, epochs=1, task_weights=[1.0, 3.0]),
+                           dataset=dataset, progress=False)  # fmt: skip
+    assert results["task_balancing"] == method and results["epochs_run"] == 1
+    balance = read_log(tmp_path / method)[0]["task_balance"]
+    weights = balance["weights"]
+    assert sum(weights.values()) == pytest.approx(1.0) and min(weights.values()) >= 0
+    if method == "pe-ltr":  # every step's weights respect the bounds 0.5 · w / Σ w, so does their mean
+        assert weights["like"] >= 0.125 - 1e-9 and weights["love"] >= 0.375 - 1e-9
+
+
+def test_task_balancing_is_checked_before_writing(tmp_path, dataset):
+    popularity = dataclasses.replace(make_config(tmp_path, name="popularity", task_balancing="mgda"))
+    with pytest.raises(ConfigError, match="fitted by counting"):
+        train_ranker(popularity, dataset=dataset, progress=False)
+    # a ranker whose loss is a bare total gives nothing to balance
+    tiny = TinyRanker(dataset.schema.num_items, dataset.schema.num_tasks)
+    with pytest.raises(ConfigError, match="needs the per-task losses"):
+        train_ranker(make_config(tmp_path, task_balancing="uncertainty"), dataset=dataset, model=tiny, progress=False)
+    # the logistic regression is one linear model per task: nothing shared for MGDA to balance
+    with pytest.raises(ConfigError, match="train.task_balancing: 'mgda'"):
+        train_ranker(make_config(tmp_path, task_balancing="mgda"), dataset=dataset, progress=False)
+    assert not (tmp_path / "run-logreg").exists() and not (tmp_path / "run-popularity").exists()
+    # a run is resumed with the balancing it was trained with
+    train_ranker(balanced_config(tmp_path, "fixed", "run", epochs=1), dataset=dataset, progress=False)
+    with pytest.raises(ConfigError, match="train.task_balancing"):
+        train_ranker(balanced_config(tmp_path, "uncertainty", "run", epochs=2), dataset=dataset, resume=True,
+                     progress=False)  # fmt: skip
