@@ -194,3 +194,15 @@ def test_taobao_top_categories_on_the_head_file():
     assert ds.ev_domain.tolist() == want
     test = ds.counts("test")["domain_candidates"]
     assert test["top-20-categories"] > 0 and test["other-categories"] > 0 and test["unknown"] == 0
+
+
+def test_max_users_keeps_a_seeded_sample_of_whole_users():
+    full = synthetic(n_users=8)
+    a, b, c = (synthetic(n_users=8, max_users=3, user_sample_seed=s) for s in (0, 0, 1))
+    users = lambda ds: sorted(ds.user_map.to_external(list(range(1, ds.schema.num_users + 1))))  # noqa: E731
+    assert users(a) == users(b) and len(users(a)) == 3 and users(a) != users(c)
+    assert len(a.ev_item) == 3 * 30  # every event of each kept user
+    assert any("a random sample of 3 of the 8 users" in n for n in a.schema.notes)
+    assert synthetic(n_users=8, max_users=100).schema.num_users == full.schema.num_users
+    with pytest.raises(ValueError, match="max_users must be >= 1"):
+        synthetic(max_users=0)

@@ -512,6 +512,20 @@ def _check_events(events: pd.DataFrame, tasks: Sequence[str]) -> None:
             raise ValueError(f"event table column 'task:{t}' must be 0/1 (row {int(np.flatnonzero(bad)[0])})")
 
 
+def _sample_users(events: pd.DataFrame, max_users: int, seed: int, notes: list[str]) -> pd.DataFrame:
+    """The events of ``max_users`` users drawn uniformly without replacement (see ``build_ranking_dataset``)."""
+    if max_users < 1:
+        raise ValueError(f"max_users must be >= 1, got {max_users}")
+    users = np.sort(events["user"].astype(str).unique())
+    if max_users >= len(users):
+        return events
+    chosen = np.random.default_rng(seed).choice(users, size=max_users, replace=False)
+    kept = events[events["user"].astype(str).isin(set(chosen.tolist()))]
+    notes.append(f"a random sample of {max_users:,} of the {len(users):,} users (seed {seed}), all their events: "
+                 f"{len(kept):,} of {len(events):,} events")  # fmt: skip
+    return kept
+
+
 def _check_domains(events: pd.DataFrame, domains: tuple[str, ...]) -> np.ndarray | None:
     """The event table's ``domain`` column as int64 [N] (None without domains), checked against ``domains``."""
     if not domains:
@@ -554,6 +568,8 @@ def build_ranking_dataset(
     tz_offset_s: int = 0,
     notes: Sequence[str] = (),
     domains: Sequence[str] = (),
+    max_users: int | None = None,
+    user_sample_seed: int = 0,
 ) -> RankingDataset:
     """Sort, split, label and index an event table (see the module docstring for every rule).
 
@@ -562,9 +578,14 @@ def build_ranking_dataset(
     columns appended to the dense features (items missing from it get 0). ``max_candidates`` is the default C of
     :meth:`RankingDataset.rows` / :meth:`RankingDataset.batches`. ``domains``: the names of the domain ids in the
     event table's ``domain`` column (id k names ``domains[k - 1]``, 0 = unknown); empty = no domains.
+    ``max_users``: keep only a uniform random sample of this many users (all their events), drawn with
+    ``user_sample_seed`` from the distinct user ids in sorted order, before anything else (a smaller dataset for
+    quick benchmarks; the note says so); None or at least the number of users keeps everyone.
     """
     tasks, actions, notes, domains = tuple(tasks), tuple(actions), list(notes), tuple(str(d) for d in domains)
     _check_events(events, tasks)
+    if max_users is not None:
+        events = _sample_users(events, int(max_users), int(user_sample_seed), notes)
     ev_domain_raw = _check_domains(events, domains)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

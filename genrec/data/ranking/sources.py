@@ -270,7 +270,7 @@ def _domain_note(definition: str, names: tuple[str, ...], ids: np.ndarray, how: 
     per = np.bincount(ids, minlength=len(names) + 1)
     counts = ", ".join(f"{n} {int(per[k + 1]):,}" for k, n in enumerate(names))
     unknown = f", unknown {int(per[0]):,}" if per[0] else ""
-    return f"domains {definition!r}: {how}; events per domain: {counts}{unknown}"
+    return f"domains {definition!r}: {how}; events per domain in the file: {counts}{unknown}"
 
 
 # ------------------------------------------------------------------------------------------------ Taobao
