@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import time
@@ -54,16 +53,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from genrec.config import (  # noqa: E402
+from genrec.config import (
     RankingDataConfig,
     RankingModelConfig,
     RankingRunConfig,
     RankingTrainConfig,
 )
-from genrec.data.ranking import load_ranking_dataset  # noqa: E402
-from genrec.eval.ranking_metrics import auc, normalized_entropy, paired_bootstrap  # noqa: E402
-from genrec.io import write_json  # noqa: E402
-from genrec.train.ranking import build_ranker, load_predictions, train_ranker  # noqa: E402
+from genrec.data.ranking import load_ranking_dataset
+from genrec.eval.ranking_metrics import auc, normalized_entropy, paired_bootstrap
+from genrec.io import write_json
+from genrec.train.ranking import build_ranker, load_predictions, train_ranker
 
 RESULTS = ROOT / "results" / "lattice_domains.json"
 RUNS = ROOT / "runs" / "lattice" / "domains"
@@ -115,10 +114,10 @@ def run_config(args, option: str, seed: int, domain: str | None) -> RankingRunCo
     return RankingRunConfig(
         data=RankingDataConfig(dataset=args.dataset, data_dir=args.data_dir, split=None, max_history=args.max_history,
                                max_candidates=args.max_candidates, domains=args.definition,
-                               only_domain=domain),  # fmt: skip
+                               only_domain=domain),
         model=RankingModelConfig(name="hstu-ranker", params=params),
         train=RankingTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                                 select_metric="NE", seed=seed, num_threads=args.threads),  # fmt: skip
+                                 select_metric="NE", seed=seed, num_threads=args.threads),
         output_dir=str(out if domain is None else out / domain),
     )
 
@@ -232,7 +231,7 @@ def compare(args, dataset, runs: dict[str, list[dict]], command: str, protocol: 
                     "train_seconds": [r["train_seconds"] for r in rs],
                     "eval_seconds": [r["eval_seconds"] for r in rs],
                     "epochs": [r["epochs"] for r in rs], "best_epoch": [r["best_epoch"] for r in rs],
-                    "test_candidates": int(mask.sum()), "test_users": int(len(np.unique(users[mask]))),
+                    "test_candidates": int(mask.sum()), "test_users": len(np.unique(users[mask])),
                     "test_positives": int(y.sum()),
                     "seeds": list(args.seeds), "command": command, "protocol": protocol, "settings": settings,
                 })  # fmt: skip
@@ -240,7 +239,7 @@ def compare(args, dataset, runs: dict[str, list[dict]], command: str, protocol: 
 
 
 def merge(path: Path, new: list[dict]) -> list[dict]:
-    key = lambda r: (r["dataset"], r["definition"], r["variant"], r["domain"], r["task"])  # noqa: E731
+    key = lambda r: (r["dataset"], r["definition"], r["variant"], r["domain"], r["task"])
     old = json.loads(path.read_text()) if path.is_file() else []
     fresh = {key(r) for r in new}
     return [r for r in old if key(r) not in fresh] + new

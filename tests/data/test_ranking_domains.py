@@ -7,7 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from genrec.data.ranking import DOMAIN_DEFINITIONS, build_ranking_dataset, load_ranking_dataset
+from genrec.data.ranking import (
+    DOMAIN_DEFINITIONS,
+    build_ranking_dataset,
+    load_ranking_dataset,
+)
 from tests.conftest import real_data_or_skip
 
 ML_ACTIONS = ("r1", "r2", "r3", "r4", "r5")
@@ -186,7 +190,7 @@ def test_taobao_top_categories_on_the_head_file():
     raw = raw[raw.u != raw.u.iloc[-1]]  # the loader drops the truncated last user
     t = raw.t.astype(np.int64)
     counts = raw[(raw.b == "pv") & (t < ds.time_cuts[0])].c.value_counts()
-    top = set(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:20][i][0] for i in range(20))
+    top = {c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:20]}
     category = dict(zip(zip(raw.u, raw.i, t), raw.c))  # (user, item, time) -> category (an item has one category)
     users = ds.user_map.to_external(ds.ev_user.tolist())
     items = ds.item_map.to_external(ds.ev_item.tolist())
@@ -199,7 +203,7 @@ def test_taobao_top_categories_on_the_head_file():
 def test_max_users_keeps_a_seeded_sample_of_whole_users():
     full = synthetic(n_users=8)
     a, b, c = (synthetic(n_users=8, max_users=3, user_sample_seed=s) for s in (0, 0, 1))
-    users = lambda ds: sorted(ds.user_map.to_external(list(range(1, ds.schema.num_users + 1))))  # noqa: E731
+    users = lambda ds: sorted(ds.user_map.to_external(list(range(1, ds.schema.num_users + 1))))
     assert users(a) == users(b) and len(users(a)) == 3 and users(a) != users(c)
     assert len(a.ev_item) == 3 * 30  # every event of each kept user
     assert any("a random sample of 3 of the 8 users" in n for n in a.schema.notes)

@@ -127,10 +127,10 @@ def test_a_candidates_domain_changes_only_its_own_logits(option):
     assert changed[0, 1] and changed.sum() == 1
 
 
-ALL = dict(domain_token=True, domain_towers=True, domain_ffn=True)
-CACHED_CASES = [(dict(domain_token=True), "summed"), (dict(domain_towers=True), "summed"), (dict(domain_ffn=True), "summed"),
-                (ALL, "summed"), (dict(domain_token=True), "interleaved"), (dict(domain_ffn=True), "interleaved"),
-                (dict(domain_token=True, domain_ffn=True), "interleaved")]  # towers need the summed variant
+ALL = {"domain_token": True, "domain_towers": True, "domain_ffn": True}
+TOKEN, TOWERS, FFN = {"domain_token": True}, {"domain_towers": True}, {"domain_ffn": True}
+CACHED_CASES = [(TOKEN, "summed"), (TOWERS, "summed"), (FFN, "summed"), (ALL, "summed"), (TOKEN, "interleaved"),
+                (FFN, "interleaved"), ({**TOKEN, **FFN}, "interleaved")]  # towers need the summed variant
 
 
 @pytest.mark.parametrize("options, variant", CACHED_CASES)
@@ -149,7 +149,7 @@ def test_cached_scoring_equals_the_forward_with_domain_options(options, variant,
 def test_domain_options_train_their_parameters():
     model = _model(domain_token=True, domain_towers=True, domain_ffn=True).train()
     batch = _batch()
-    loss, per_task = model.loss(batch)
+    loss, _ = model.loss(batch)
     loss.backward()
     present = set(batch.cand_domains[batch.cand_mask].tolist())
     for k in range(3):

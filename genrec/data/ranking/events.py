@@ -292,7 +292,7 @@ class RankingDataset:
             self._rows[key] = self._build_rows(part, C)
         return self._rows[key]
 
-    def restrict_to_domain(self, name: str | None) -> "RankingDataset":
+    def restrict_to_domain(self, name: str | None) -> RankingDataset:
         """The dataset with only domain ``name``'s candidates in every part (see the module docstring); ``None``
         gives all candidates back. The events, split, histories and schema are shared with this dataset."""
         if name is not None:

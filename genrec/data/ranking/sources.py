@@ -68,9 +68,9 @@ from genrec.data.readers.common import _read_bytes
 from genrec.data.registry import DatasetNotFoundError, resolve_data_dir
 
 __all__ = [
+    "DOMAIN_DEFINITIONS",
     "RANKING_DATASETS",
     "find_dataset_folder",
-    "DOMAIN_DEFINITIONS",
     "find_folder",
     "kuairand_events",
     "load_ranking_dataset",
