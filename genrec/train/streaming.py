@@ -17,7 +17,8 @@ pretrained model evaluated on every segment without further training.
 
 The model is any ranker over :class:`~genrec.data.ranking_batch.RankingBatch` with one task per window (the tasks
 in ascending window order) whose ``loss(batch)`` returns ``(total, {task: loss_t})`` honouring ``label_weights``.
-Each example is one row with one candidate, an empty history and ``StreamData.features`` as ``user_features``. The
+Each example is one row with one candidate, an empty history, ``StreamData.features`` as ``user_features`` and
+``StreamData.dense`` as its dense features. The
 training loss is ``Σ_t λ_t · loss_t`` with ``loss_t`` the mean BCE over the examples labelled for head t and
 ``λ`` the :class:`StreamConfig` head weights: for ``window_heads`` (and Pretrain, which trains every head) the
 routing probabilities, so the shared layers see every example with about the same weight as under a one-head
@@ -66,9 +67,15 @@ class StreamData:
     click: np.ndarray  # [N] int64 seconds, non-decreasing
     convert: np.ndarray  # [N] int64 seconds, NEVER when no conversion
     schema: RankingSchema  # one task per window, ascending
+    dense: np.ndarray | None = None  # [N, D] float row features known at click time (schema.dense_features); None: D=0
 
     def __post_init__(self) -> None:
         n = self.click.shape[0]
+        d = len(self.schema.dense_features)
+        if (self.dense is None and d) or (self.dense is not None and self.dense.shape != (n, d)):
+            raise ValueError(f"StreamData.dense: expected shape ({n}, {d}) (the schema's dense features)")
+        if self.dense is not None and not np.isfinite(self.dense).all():
+            raise ValueError("StreamData.dense: NaN or infinite values")
         for name in ("users", "items", "convert"):
             if getattr(self, name).shape != (n,):
                 raise ValueError(f"StreamData.{name}: shape {getattr(self, name).shape}, expected ({n},)")
@@ -117,6 +124,8 @@ class StreamTensors:
         self.items = torch.as_tensor(data.items, dtype=torch.long, device=device)
         self.features = torch.as_tensor(data.features, dtype=torch.long, device=device)
         self.click = torch.as_tensor(data.click, dtype=torch.long, device=device)
+        dense = np.zeros((len(data), 0), np.float32) if data.dense is None else data.dense
+        self.dense = torch.as_tensor(dense, dtype=torch.float32, device=device)
         self.device = device
 
 
@@ -131,7 +140,7 @@ def make_batch(t: StreamTensors, idx: np.ndarray, labels: np.ndarray | None = No
                         hist_lengths=torch.zeros(b, dtype=torch.long, device=t.device),
                         cand_items=t.items[i].unsqueeze(1), cand_times=t.click[i].unsqueeze(1),
                         cand_mask=torch.ones(b, 1, dtype=torch.bool, device=t.device),
-                        user_features=t.features[i], dense_features=torch.zeros(b, 1, 0, device=t.device),
+                        user_features=t.features[i], dense_features=t.dense[i].unsqueeze(1),
                         labels=as3(labels), label_weights=as3(weights))  # fmt: skip
 
 

@@ -176,7 +176,7 @@ def test_a_planted_late_conversion_is_seen_by_no_snapshot_before_its_time():
             assert not (changed & before & np.isin(rows, victims)).any()  # ... so no snapshot at b_k sees it
             assert not (changed & ~np.isin(rows, victims)).any()  # and nothing else moves
         # once observed, the planted conversion is learned by the methods whose window covers it
-        seen = np.isin(victims, np.flatnonzero((p.labels.sum(1) > 0)))
+        seen = np.isin(victims, np.flatnonzero(p.labels.sum(1) > 0))
         if method == "vanilla":
             assert not seen.any()  # trained 1 h after the click, 29 h before the conversion
         elif method == "wait":

@@ -126,7 +126,7 @@ def test_runs_are_seeded_and_leave_the_pretrained_model_alone(setup):
 
 
 def test_a_routed_example_trains_its_own_head_only(setup):
-    data, b, base = setup
+    data, b, _ = setup
     p = plan("window_heads", data, b)
     model = factory(data.schema)
     t = StreamTensors(data, torch.device("cpu"))
@@ -160,6 +160,14 @@ def test_bad_input_is_refused():
         dataclasses.replace(data, click=data.click[::-1].copy())
     with pytest.raises(ValueError, match="features"):
         dataclasses.replace(data, features=data.features[:, :0])
+    with pytest.raises(ValueError, match="dense"):
+        dataclasses.replace(data, dense=np.zeros((len(data), 2), np.float32))  # the schema has no dense features
+    with_dense = dataclasses.replace(data, schema=dataclasses.replace(data.schema, dense_features=("x",)),
+                                     dense=np.zeros((len(data), 1), np.float32))  # fmt: skip
+    with pytest.raises(ValueError, match="NaN"):
+        dataclasses.replace(with_dense, dense=np.full((len(data), 1), np.nan, np.float32))
+    t = StreamTensors(with_dense, torch.device("cpu"))
+    assert make_batch(t, np.arange(3)).dense_features.shape == (3, 1, 1)
     with pytest.raises(ValueError):
         StreamConfig(batch_size=0)
     with pytest.raises(ValueError):
