@@ -250,16 +250,53 @@ def average_precision(scores, labels, weights=None) -> float:
 
 def _ap_rows(s: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     """[r] average precision of scores s [n], labels y [n] under r weight rows w [r, n]; NaN without a positive."""
-    order = np.argsort(-s, kind="stable")
+    order = np.argsort(-s, kind="stable")  # O(n) when s is already sorted descending
     ss = s[order]
-    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])  # first position of each distinct score
-    wy = w[:, order] * y[order]  # [r, n]
-    tp = np.add.reduceat(wy, starts, axis=1)  # [r, G]
-    fp = np.add.reduceat(w[:, order], starts, axis=1) - tp  # [r, G]
-    ctp, cfp = np.cumsum(tp, axis=1), np.cumsum(fp, axis=1)
+    ends = np.flatnonzero(np.r_[ss[1:] != ss[:-1], True])  # last position of each distinct score (a threshold)
+    ws = w[:, order]  # [r, n]
+    ctp = np.cumsum(ws * y[order], axis=1)[:, ends]  # [r, G] weighted true positives at each threshold
+    call = np.cumsum(ws, axis=1)[:, ends]  # [r, G] weighted predicted positives
+    tp = np.diff(ctp, axis=1, prepend=0.0)  # [r, G] positives gained at each threshold (recall steps)
     with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(ctp + cfp > 0, ctp / (ctp + cfp), 0.0)
+        precision = np.where(call > 0, ctp / np.where(call > 0, call, 1.0), 0.0)
         return (tp * precision).sum(axis=1) / ctp[:, -1]
+
+
+def _resampled_ap(s: np.ndarray, y: np.ndarray, uidx: np.ndarray, counts: np.ndarray, chunk: int,
+                  matrix_limit: int = 50_000_000) -> np.ndarray:  # fmt: skip
+    """[R] average precision under per-user multiplicities ``counts [R, U]``, exactly as :func:`_ap_rows` on the
+    per-example weights ``counts[:, uidx]``, but in O(P · U) memory and one matrix product per block of resamples.
+
+    With examples sorted by descending score and ``e_i`` the last position of positive i's tie group (its
+    threshold), precision at i under weights is ``Σ_u c_u · A[i, u] / Σ_u c_u · B[i, u]`` where ``B[i, u]`` counts
+    user u's examples at positions ``<= e_i`` and ``A[i, u]`` its positives there; AP = Σ_i c_{u_i} · precision_i
+    / Σ_i c_{u_i}. When P · U exceeds ``matrix_limit`` the per-example form runs instead, ``chunk`` resamples at
+    a time.
+    """
+    U, P = counts.shape[1], int(y.sum())
+    if P == 0:
+        return np.full(counts.shape[0], np.nan)
+    if P * U > matrix_limit:
+        return np.concatenate([_ap_rows(s, y, counts[r:r + chunk][:, uidx].astype(np.float64))
+                               for r in range(0, counts.shape[0], chunk)])  # fmt: skip
+    order = np.argsort(-s, kind="stable")
+    ss, ys, us = s[order], y[order], uidx[order]
+    new = np.r_[True, ss[1:] != ss[:-1]]
+    group_end = np.flatnonzero(np.r_[new[1:], True])[np.cumsum(new) - 1]  # [n] last position of each one's group
+    pos = np.flatnonzero(ys == 1)  # [P] sorted positions of the positives
+    e = group_end[pos]  # [P] non-decreasing thresholds
+    block = np.searchsorted(e, np.arange(ss.size), side="left")  # [n] first positive whose threshold covers j
+    B = np.bincount(block * U + us, minlength=(P + 1) * U).reshape(P + 1, U)[:P].cumsum(0).astype(np.float32)
+    A = np.bincount(block[pos] * U + us[pos], minlength=(P + 1) * U).reshape(P + 1, U)[:P].cumsum(0)
+    A = A.astype(np.float32)
+    out = []
+    for r in range(0, counts.shape[0], max(chunk, 64)):
+        c = counts[r:r + max(chunk, 64)].T.astype(np.float32)  # [U, r]
+        w = c[us[pos]].astype(np.float64)  # [P, r] multiplicity of each positive
+        with np.errstate(invalid="ignore", divide="ignore"):
+            prec = (A @ c).astype(np.float64) / (B @ c).astype(np.float64)  # [P, r]
+            out.append(np.where(w > 0, w * prec, 0.0).sum(0) / w.sum(0))
+    return np.concatenate(out)
 
 
 def stream_metrics(probs, labels) -> dict[str, float]:
@@ -268,7 +305,7 @@ def stream_metrics(probs, labels) -> dict[str, float]:
     return {name: float(v[0]) for name, v in from_counts.items()}
 
 
-def resampled_stream_metrics(probs, labels, user_ids, counts: np.ndarray, chunk: int = 8,
+def resampled_stream_metrics(probs, labels, user_ids, counts: np.ndarray, chunk: int = 64,
                              eps: float = 1e-7) -> dict[str, np.ndarray]:  # fmt: skip
     """Each metric on each user resample: ``counts [R, U]`` multiplicities of the sorted unique users (as
     :func:`genrec.eval.ranking_metrics.bootstrap_user_counts` draws them) -> {metric: [R]}.
@@ -289,12 +326,11 @@ def resampled_stream_metrics(probs, labels, user_ids, counts: np.ndarray, chunk:
     ll = -(y * np.log(q) + (1.0 - y) * np.log1p(-q))
     per_user = np.stack([np.bincount(uidx, weights=x, minlength=U) for x in (np.ones_like(p), y, p, ll)])  # [4, U]
     n_u, pos_u, p_u, ll_u = (counts.astype(np.float64) @ per_user.T).T  # each [R]
-    out = {"auc": [], "pr_auc": []}
+    aucs = []
     for s in range(0, counts.shape[0], chunk):
         c = counts[s:s + chunk]
-        out["auc"].append(resampled_auc(p, y, uidx, c) if 0 < y.sum() < y.size else np.full(c.shape[0], np.nan))
-        out["pr_auc"].append(_ap_rows(p, y, c[:, uidx].astype(np.float64)))
+        aucs.append(resampled_auc(p, y, uidx, c) if 0 < y.sum() < y.size else np.full(c.shape[0], np.nan))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return {"auc": np.concatenate(out["auc"]), "pr_auc": np.concatenate(out["pr_auc"]),
+        return {"auc": np.concatenate(aucs), "pr_auc": _resampled_ap(p, y, uidx, counts, chunk),
                 "log_loss": ll_u / n_u, "calibration": p_u / pos_u}  # fmt: skip
 

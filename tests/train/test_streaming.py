@@ -22,6 +22,7 @@ from genrec.train.streaming import (
     stream_metrics,
     true_labels,
 )
+from genrec.train.streaming import _resampled_ap  # the two forms of the resampled average precision
 
 H, DAY = 3600, 86400
 WINDOWS = (1 * H, 24 * H, 72 * H)
@@ -87,6 +88,10 @@ def test_resampled_metrics_equal_the_metrics_of_the_resampled_data():
         assert got["log_loss"][r] == pytest.approx(log_loss(p[rep], y[rep]))
         assert got["calibration"][r] == pytest.approx(calibration(p[rep], y[rep]))
         assert got["pr_auc"][r] == pytest.approx(average_precision(p[rep], y[rep]))
+    # the matrix form of the resampled average precision equals the per-example form (ties included)
+    q = np.round(p, 2)
+    np.testing.assert_allclose(_resampled_ap(q, y, users, counts, 2),
+                               _resampled_ap(q, y, users, counts, 2, matrix_limit=0), rtol=1e-9)  # fmt: skip
     point = stream_metrics(p, y)
     assert point["auc"] == pytest.approx(auc(p, y)) and point["calibration"] == pytest.approx(calibration(p, y))
 
