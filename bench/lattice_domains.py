@@ -26,10 +26,10 @@ passes (and, separately, the validation passes) of every epoch run, summed over 
     python bench/lattice_domains.py --dataset taobao --definition top-categories --max-users 0
     python bench/lattice_domains.py --markdown            # the tables of results/lattice_domains.json
 
-Rows of ``results/lattice_domains.json`` (rows with the same dataset, definition, option, domain and task are
-replaced, others kept)::
+Rows of ``results/lattice_domains.json`` (rows with the same dataset, definition, setting, option, domain and
+task are replaced, others kept)::
 
-    {"study": "domains", "dataset", "definition", "domain" (a domain name or "all"), "variant" (the option),
+    {"study": "domains", "dataset", "definition", "setting" (--setting), "domain" (a domain name or "all"), "variant" (the option),
      "task", "metrics": {"AUC", "NE"} (seed means), "per_seed": {"AUC": [...], "NE": [...]},
      "ci": {"reference": "per-domain", "confidence", "num_resamples", "AUC" | "NE": {"diff", "low", "high",
             "excludes_zero", "seeds_agree"}} or null for the per-domain rows,
@@ -72,6 +72,7 @@ FLAGS = {"per-domain": {}, "shared": {}, "token": {"domain_token": True}, "tower
          "ffn": {"domain_ffn": True}}  # fmt: skip
 CANONICAL = {"taobao": "taobao-userbehavior-head", "kuairand": "kuairand-27k-like-hate-subset"}
 METRICS = {"auc": "AUC", "ne": "NE"}
+DEFAULT_SETTING = "small"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -99,6 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true", help="reuse finished runs with the same configuration")
     ap.add_argument("--runs", type=Path, default=RUNS)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--setting", default=DEFAULT_SETTING,
+                    help="a name for these settings: rows of other settings are kept next to them (e.g. 4-epochs)")
     ap.add_argument("--markdown", action="store_true", help="print the tables of --out and exit")
     return ap.parse_args(argv)
 
@@ -110,7 +113,7 @@ def run_config(args, option: str, seed: int, domain: str | None) -> RankingRunCo
     params = {"variant": "summed", "embedding_dim": args.embedding_dim, "num_blocks": args.num_blocks,
               "num_heads": args.num_heads, "attention_dim": args.attention_dim, "linear_dim": args.linear_dim,
               **FLAGS[option]}  # fmt: skip
-    out = args.runs / args.dataset / args.definition / option / f"seed{seed}"
+    out = args.runs / args.dataset / args.definition / args.setting / option / f"seed{seed}"
     return RankingRunConfig(
         data=RankingDataConfig(dataset=args.dataset, data_dir=args.data_dir, split=None, max_history=args.max_history,
                                max_candidates=args.max_candidates, domains=args.definition,
@@ -223,7 +226,8 @@ def compare(args, dataset, runs: dict[str, list[dict]], command: str, protocol: 
                 per_seed = {"AUC": [auc(p, y) for p in probs], "NE": [normalized_entropy(p, y) for p in probs]}
                 rs = runs[option]
                 rows.append({
-                    "study": STUDY, "dataset": dataset.name, "definition": args.definition, "domain": domain,
+                    "study": STUDY, "dataset": dataset.name, "definition": args.definition, "setting": args.setting,
+                    "domain": domain,
                     "variant": option, "task": task,
                     "metrics": {k: float(np.mean(v)) for k, v in per_seed.items()}, "per_seed": per_seed,
                     **entry,
@@ -239,13 +243,19 @@ def compare(args, dataset, runs: dict[str, list[dict]], command: str, protocol: 
 
 
 def merge(path: Path, new: list[dict]) -> list[dict]:
-    key = lambda r: (r["dataset"], r["definition"], r["variant"], r["domain"], r["task"])
+    def key(r: dict) -> tuple:
+        return r["dataset"], r["definition"], _setting(r), r["variant"], r["domain"], r["task"]
+
     old = json.loads(path.read_text()) if path.is_file() else []
     fresh = {key(r) for r in new}
     return [r for r in old if key(r) not in fresh] + new
 
 
 # ------------------------------------------------------------------------------------------------ tables
+
+
+def _setting(row: dict) -> str:
+    return row.get("setting", DEFAULT_SETTING)
 
 
 def _cell(row: dict, metric: str, which: str = "ci") -> str:
@@ -265,13 +275,14 @@ def markdown_tables(path: Path = RESULTS) -> str:
         return f"(no results: {path.name} does not exist; run bench/lattice_domains.py)"
     rows = [r for r in json.loads(path.read_text()) if r.get("study") == STUDY]
     out = []
-    for ds, definition in dict.fromkeys((r["dataset"], r["definition"]) for r in rows):
-        mine = [r for r in rows if r["dataset"] == ds and r["definition"] == definition]
+    for ds, definition, setting in dict.fromkeys((r["dataset"], r["definition"], _setting(r)) for r in rows):
+        mine = [r for r in rows if r["dataset"] == ds and r["definition"] == definition and _setting(r) == setting]
         options = [o for o in OPTIONS if any(r["variant"] == o for r in mine)]
         domains = list(dict.fromkeys(r["domain"] for r in mine))
         domains = [d for d in domains if d != "all"] + ["all"]
         first = mine[0]
-        out.append(f"### {ds}, domains {definition!r}\n\n{first['protocol']}\n\nCommand: `{first['command']}`\n")
+        out.append(f"### {ds}, domains {definition!r}, setting {setting!r}\n\n{first['protocol']}\n\n"
+                   f"Command: `{first['command']}`\n")
         counts = {d: next(r for r in mine if r["domain"] == d) for d in domains}
         out.append("Test candidates (users): " + ", ".join(
             f"{d} {counts[d]['test_candidates']:,} ({counts[d]['test_users']:,})" for d in domains) + "\n")
