@@ -110,8 +110,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if "fixed" not in args.methods:
         p.error("--methods must include fixed: every other method is compared with it")
-    args.command = "python bench/lattice_objectives.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args.command = clean_command(sys.argv[1:] if argv is None else argv)
     return args
+
+
+def clean_command(argv: list[str]) -> str:
+    """The command that made the rows, without ``--data-dir <dir>`` (a machine's own path; the data is found as the
+    module docstring says)."""
+    words, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--data-dir":
+            skip = True
+        elif not word.startswith("--data-dir="):
+            words.append(word)
+    return "python bench/lattice_objectives.py " + shlex.join(words)
 
 
 def run_config(args, method: str, seed: int) -> RankingRunConfig:
