@@ -126,15 +126,19 @@ def run_config(args, option: str, seed: int, domain: str | None) -> RankingRunCo
 
 
 def train(args, config: RankingRunConfig, dataset) -> dict:
-    """Train (or, with --resume, reuse a finished run of the same configuration); the run's summary."""
+    """Train (or, with --resume, reuse a finished run of the same model, training and data settings and the same
+    test rows); the run's summary."""
     out = Path(config.output_dir)
     done = out / "results.json"
     results = None
     if args.resume and done.is_file():
         stored = json.loads(done.read_text())
         mine = config.to_dict()
-        if all(stored["config"].get(k) == mine[k] for k in ("model", "train")) \
-                and stored["config"]["data"]["only_domain"] == mine["data"]["only_domain"]:  # fmt: skip
+        data_keys = ("dataset", "domains", "only_domain", "max_history", "max_candidates", "n_eval")
+        test = dataset.counts("test", config.data.max_candidates)
+        same_rows = all(stored["test"]["protocol"][k] == test[k] for k in ("rows", "candidates", "users"))
+        if same_rows and all(stored["config"].get(k) == mine[k] for k in ("model", "train")) \
+                and all(stored["config"]["data"][k] == mine["data"][k] for k in data_keys):  # fmt: skip
             results = stored
     if results is None:
         results = train_ranker(config, dataset=dataset, overwrite=True, progress=False)
