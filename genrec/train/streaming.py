@@ -120,12 +120,14 @@ class StreamTensors:
     """The stream's id columns as tensors on one device (built once, indexed per mini-batch)."""
 
     def __init__(self, data: StreamData, device: torch.device):
-        self.users = torch.as_tensor(data.users, dtype=torch.long, device=device)
-        self.items = torch.as_tensor(data.items, dtype=torch.long, device=device)
-        self.features = torch.as_tensor(data.features, dtype=torch.long, device=device)
-        self.click = torch.as_tensor(data.click, dtype=torch.long, device=device)
-        dense = np.zeros((len(data), 0), np.float32) if data.dense is None else data.dense
-        self.dense = torch.as_tensor(dense, dtype=torch.float32, device=device)
+        def copy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:  # a copy: the arrays may be read-only views
+            return torch.tensor(np.asarray(a), dtype=dtype, device=device)
+
+        self.users = copy(data.users, torch.long)
+        self.items = copy(data.items, torch.long)
+        self.features = copy(data.features, torch.long)
+        self.click = copy(data.click, torch.long)
+        self.dense = copy(np.zeros((len(data), 0), np.float32) if data.dense is None else data.dense, torch.float32)
         self.device = device
 
 
