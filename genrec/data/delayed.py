@@ -17,10 +17,12 @@ method (:func:`training_plan`, index ``k`` = boundary ``b_k``):
 * ``vanilla`` (pending-as-negative, the FNW/FNC papers' "Vanilla" baseline): at the first boundary after the
   click, label ``[v <= t] and [v - c <= W]``.
 * ``wait`` (wait for the longest window): at the first boundary ``t >= c + W``, label ``[v - c <= W]``.
-* ``window_heads`` (Lattice Zipper; Meta, "Lattice: ... (Lattice Zipper)", 2025 — each impression is routed by a
-  deterministic hash of (user, item, time) to exactly one attribution window, the model has one head per window on a
-  shared backbone, serving reads the longest-window head): the example routed to window ``w`` is trained at the
-  first boundary ``t >= c + w``, on head ``w`` only (a one-hot ``label_weights`` row), label ``[v - c <= w]``.
+* ``window_heads`` ("Lattice Zipper" of L. Luo et al., "Meta Lattice: Model Space Redesign for Cost-Effective
+  Industry-Scale Ads Recommendations", arXiv:2512.09200, 2025, as secondary summaries describe it: each impression
+  is routed by a deterministic hash of (user, item, time) to exactly one attribution window, the model has one head
+  per window on a shared backbone, serving reads the longest-window head): the example routed to window ``w`` is
+  trained at the first boundary ``t >= c + w``, on head ``w`` only (a one-hot ``label_weights`` row), label
+  ``[v - c <= w]``. Routing probabilities are configurable (uniform by default, as described).
 * ``oracle`` (an upper bound, not a method): at the first boundary after the click, with the true label
   ``[v - c <= W]`` (it reads the future).
 
