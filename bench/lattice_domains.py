@@ -34,7 +34,8 @@ task are replaced, others kept)::
      "ci": {"reference": "per-domain", "confidence", "num_resamples", "AUC" | "NE": {"diff", "low", "high",
             "excludes_zero", "seeds_agree"}} or null for the per-domain rows,
      "ci_vs_shared": the same against the shared model (token / towers / ffn rows) or null,
-     "parameters", "train_seconds" and "eval_seconds" (per seed: [...]), "epochs" (per seed: [...], for per-domain
+     "parameters", "train_rows_per_epoch" (training rows of one epoch; per-domain: summed over its models: each
+     row is one history pass, the main training cost), "train_seconds" and "eval_seconds" (per seed: [...]), "epochs" (per seed: [...], for per-domain
      the per-domain models' epochs), "test_candidates", "test_users", "seeds", "command", "protocol", "settings"}
 """
 
@@ -176,10 +177,12 @@ def run_option(args, option: str, seed: int, dataset) -> dict:
         r = train(args, run_config(args, option, seed, None), dataset)
         check_aligned(r["predictions"], dataset, cands)
         return {**r, "probs": r["predictions"].probs, "labels": r["predictions"].labels,
-                "epochs": [r["epochs"]], "best_epoch": [r["best_epoch"]]}  # fmt: skip
+                "epochs": [r["epochs"]], "best_epoch": [r["best_epoch"]],
+                "train_rows": dataset.counts("train", C)["rows"]}  # fmt: skip
     probs = np.full((len(cands), dataset.schema.num_tasks), np.nan, dtype=np.float32)
     labels = np.full_like(probs, np.nan)
-    total = {"parameters": 0, "train_seconds": 0.0, "eval_seconds": 0.0, "epochs": [], "best_epoch": []}
+    total = {"parameters": 0, "train_seconds": 0.0, "eval_seconds": 0.0, "epochs": [], "best_epoch": [],
+             "train_rows": 0}
     for k, name in enumerate(dataset.schema.domains, 1):
         part = dataset.restrict_to_domain(name)
         r = train(args, run_config(args, option, seed, name), part)
@@ -188,6 +191,7 @@ def run_option(args, option: str, seed: int, dataset) -> dict:
         probs[where], labels[where] = r["predictions"].probs, r["predictions"].labels
         for key in ("parameters", "train_seconds", "eval_seconds"):
             total[key] += r[key]
+        total["train_rows"] += part.counts("train", C)["rows"]
         total["epochs"].append(r["epochs"])
         total["best_epoch"].append(r["best_epoch"])
     if np.isnan(probs).any():
@@ -235,7 +239,7 @@ def compare(args, dataset, runs: dict[str, list[dict]], command: str, protocol: 
                     "variant": option, "task": task,
                     "metrics": {k: float(np.mean(v)) for k, v in per_seed.items()}, "per_seed": per_seed,
                     **entry,
-                    "parameters": rs[0]["parameters"],
+                    "parameters": rs[0]["parameters"], "train_rows_per_epoch": rs[0]["train_rows"],
                     "train_seconds": [r["train_seconds"] for r in rs],
                     "eval_seconds": [r["eval_seconds"] for r in rs],
                     "epochs": [r["epochs"] for r in rs], "best_epoch": [r["best_epoch"] for r in rs],
@@ -327,14 +331,17 @@ def markdown_tables(path: Path = RESULTS) -> str:
                 out.append(f"| {option} | {task} | " + " | ".join(cells) + " |")
         out.append("")
         out.append("**Cost** (per seed; per-domain = the sum over its models)\n")
-        out.append("| option | parameters | training seconds | validation seconds | epochs run (best) |")
-        out.append("|---|---|---|---|---|")
+        out.append("| option | parameters | training rows per epoch | training seconds | validation seconds | "
+                   "epochs run (best) |")
+        out.append("|---|---|---|---|---|---|")
         for option in options:
             r = next(r for r in mine if r["variant"] == option)
             secs = ", ".join(f"{s:.0f}" for s in r["train_seconds"])
             evs = ", ".join(f"{s:.0f}" for s in r["eval_seconds"])
             ep = "; ".join(f"{e} ({b})" for e, b in zip(r["epochs"], r["best_epoch"]))
-            out.append(f"| {option} | {r['parameters']:,} | {secs} | {evs} | {ep} |")
+            rows_ = r.get("train_rows_per_epoch")
+            out.append(f"| {option} | {r['parameters']:,} | {'—' if rows_ is None else f'{rows_:,}'} | {secs} | {evs} "
+                       f"| {ep} |")
         out.append("")
         out.append(winners(mine, domains))
     return "\n".join(out)
