@@ -17,8 +17,8 @@ pretrained model evaluated on every segment without further training.
 
 The model is any ranker over :class:`~genrec.data.ranking_batch.RankingBatch` with one task per window (the tasks
 in ascending window order) whose ``loss(batch)`` returns ``(total, {task: loss_t})`` honouring ``label_weights``.
-Each example is one row with one candidate, an empty history, ``StreamData.features`` as ``user_features`` and
-``StreamData.dense`` as its dense features. The
+Each example is one row with one candidate, its history (``StreamData.history``; empty when None),
+``StreamData.features`` as ``user_features`` and ``StreamData.dense`` as its dense features. The
 training loss is ``Σ_t λ_t · loss_t`` with ``loss_t`` the mean BCE over the examples labelled for head t and
 ``λ`` the :class:`StreamConfig` head weights: for ``window_heads`` (and Pretrain, which trains every head) the
 routing probabilities, so the shared layers see every example with about the same weight as under a one-head
@@ -44,6 +44,7 @@ from genrec.eval.ranking_metrics import resampled_auc
 __all__ = [
     "StreamConfig",
     "StreamData",
+    "StreamHistory",
     "StreamResult",
     "StreamTensors",
     "average_precision",
@@ -58,6 +59,26 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class StreamHistory:
+    """Each example's earlier events (all strictly before its click), left-aligned, oldest first, 0-padded."""
+
+    items: np.ndarray  # [N, L] int64 item ids, 0 = padding
+    actions: np.ndarray  # [N, L] int64 action bitmasks (schema.actions), 0 = padding
+    times: np.ndarray  # [N, L] int64 seconds, 0 = padding
+    lengths: np.ndarray  # [N] int64 real events per row
+
+    def check(self, click: np.ndarray) -> None:
+        n, L = self.items.shape
+        if self.actions.shape != (n, L) or self.times.shape != (n, L) or self.lengths.shape != (n,):
+            raise ValueError(f"StreamHistory: items, actions, times must be [{n}, {L}] and lengths [{n}]")
+        real = np.arange(L)[None, :] < self.lengths[:, None]  # [N, L]
+        if bool((self.lengths < 0).any()) or bool((self.lengths > L).any()) or bool((self.items[~real] != 0).any()):
+            raise ValueError("StreamHistory: rows must be left-aligned with lengths in [0, L]")
+        if bool((np.where(real, self.times, np.iinfo(np.int64).min) >= click[:, None]).any()):
+            raise ValueError("StreamHistory: a history event is not strictly before its example's click")
+
+
+@dataclass(frozen=True)
 class StreamData:
     """N click examples in click-time order, and the schema of the ranker that reads them."""
 
@@ -68,9 +89,14 @@ class StreamData:
     convert: np.ndarray  # [N] int64 seconds, NEVER when no conversion
     schema: RankingSchema  # one task per window, ascending
     dense: np.ndarray | None = None  # [N, D] float row features known at click time (schema.dense_features); None: D=0
+    history: StreamHistory | None = None  # each example's earlier events; None: empty histories
 
     def __post_init__(self) -> None:
         n = self.click.shape[0]
+        if self.history is not None:
+            if self.history.items.shape[0] != n:
+                raise ValueError(f"StreamData.history: {self.history.items.shape[0]} rows for {n} examples")
+            self.history.check(self.click)
         d = len(self.schema.dense_features)
         if (self.dense is None and d) or (self.dense is not None and self.dense.shape != (n, d)):
             raise ValueError(f"StreamData.dense: expected shape ({n}, {d}) (the schema's dense features)")
@@ -128,18 +154,26 @@ class StreamTensors:
         self.features = copy(data.features, torch.long)
         self.click = copy(data.click, torch.long)
         self.dense = copy(np.zeros((len(data), 0), np.float32) if data.dense is None else data.dense, torch.float32)
+        h, n = data.history, len(data)
+        empty = np.zeros((n, 0), np.int64)
+        self.hist_items = copy(empty if h is None else h.items, torch.long)
+        self.hist_actions = copy(empty if h is None else h.actions, torch.long)
+        self.hist_times = copy(empty if h is None else h.times, torch.long)
+        self.hist_lengths = copy(np.zeros(n, np.int64) if h is None else h.lengths, torch.long)
         self.device = device
 
 
 def make_batch(t: StreamTensors, idx: np.ndarray, labels: np.ndarray | None = None, weights: np.ndarray | None = None
                ) -> RankingBatch:  # fmt: skip
-    """Rows ``idx`` as a RankingBatch: one candidate per row, empty history; labels / weights [n, T] or None."""
+    """Rows ``idx`` as a RankingBatch: one candidate per row, the stream's history (empty when it has none);
+    labels / weights [n, T] or None."""
     i = torch.as_tensor(idx, dtype=torch.long, device=t.device)
     b = i.shape[0]
-    empty = torch.zeros(b, 0, dtype=torch.long, device=t.device)
+    lengths = t.hist_lengths[i]  # [b]
+    L = int(lengths.max()) if b else 0  # trim the padding columns no row of this batch uses
     as3 = (lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32, device=t.device).unsqueeze(1))
-    return RankingBatch(user_ids=t.users[i], hist_items=empty, hist_actions=empty, hist_times=empty,
-                        hist_lengths=torch.zeros(b, dtype=torch.long, device=t.device),
+    return RankingBatch(user_ids=t.users[i], hist_items=t.hist_items[i, :L], hist_actions=t.hist_actions[i, :L],
+                        hist_times=t.hist_times[i, :L], hist_lengths=lengths,
                         cand_items=t.items[i].unsqueeze(1), cand_times=t.click[i].unsqueeze(1),
                         cand_mask=torch.ones(b, 1, dtype=torch.bool, device=t.device),
                         user_features=t.features[i], dense_features=t.dense[i].unsqueeze(1),

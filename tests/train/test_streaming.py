@@ -12,6 +12,7 @@ from genrec.models.dlrm import DLRMRanker, DLRMRankerConfig
 from genrec.train.streaming import (
     StreamConfig,
     StreamData,
+    StreamHistory,
     StreamTensors,
     average_precision,
     make_batch,
@@ -179,3 +180,25 @@ def test_bad_input_is_refused():
         StreamConfig(lr=0.0)
     with pytest.raises(ValueError, match="pretrained"):
         run_stream(None, data, b, None, CFG)
+
+
+def test_a_history_reaches_the_batch_and_must_precede_the_click():
+    data, _ = make_stream(2_000)
+    n = len(data)
+    items = np.zeros((n, 3), np.int64)
+    times = np.zeros((n, 3), np.int64)
+    lengths = np.zeros(n, np.int64)
+    items[5, :2], times[5, :2], lengths[5] = (7, 8), (data.click[5] - 10, data.click[5] - 1), 2
+    hist = StreamHistory(items=items, actions=(items > 0).astype(np.int64), times=times, lengths=lengths)
+    with_hist = dataclasses.replace(data, history=hist)
+    batch = make_batch(StreamTensors(with_hist, torch.device("cpu")), np.array([4, 5]))
+    assert batch.hist_items.tolist() == [[0, 0], [7, 8]] and batch.hist_lengths.tolist() == [0, 2]
+    batch.validate(data.schema)
+    late = times.copy()
+    late[5, 1] = data.click[5]  # an event at the click's own second is not before it
+    with pytest.raises(ValueError, match="strictly before"):
+        dataclasses.replace(data, history=dataclasses.replace(hist, times=late))
+    gap = items.copy()
+    gap[5] = (7, 0, 8)
+    with pytest.raises(ValueError, match="left-aligned"):
+        dataclasses.replace(data, history=dataclasses.replace(hist, items=gap))
