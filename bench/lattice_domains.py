@@ -283,7 +283,9 @@ def markdown_tables(path: Path = RESULTS) -> str:
         return f"(no results: {path.name} does not exist; run bench/lattice_domains.py)"
     rows = [r for r in json.loads(path.read_text()) if r.get("study") == STUDY]
     out = []
-    for ds, definition, setting in dict.fromkeys((r["dataset"], r["definition"], _setting(r)) for r in rows):
+    sections = sorted(dict.fromkeys((r["dataset"], r["definition"], _setting(r)) for r in rows),
+                      key=lambda k: (k[0], k[1], k[2] != DEFAULT_SETTING, k[2]))  # fmt: skip
+    for ds, definition, setting in sections:
         mine = [r for r in rows if r["dataset"] == ds and r["definition"] == definition and _setting(r) == setting]
         options = [o for o in OPTIONS if any(r["variant"] == o for r in mine)]
         domains = list(dict.fromkeys(r["domain"] for r in mine))
