@@ -63,9 +63,11 @@ from genrec.data.synthetic import SyntheticStreamConfig, generate_conversion_str
 from genrec.eval.ranking_metrics import bootstrap_user_counts  # noqa: E402
 from genrec.io import write_json  # noqa: E402
 from genrec.models.dlrm import DLRMRanker, DLRMRankerConfig  # noqa: E402
+from genrec.models.hstu_ranker import HSTURanker, HSTURankerConfig  # noqa: E402
 from genrec.train.streaming import (  # noqa: E402
     StreamConfig,
     StreamData,
+    StreamHistory,
     pretrain,
     resampled_stream_metrics,
     run_stream,
@@ -90,7 +92,8 @@ def _tasks(windows_h) -> tuple[str, ...]:
 
 
 def synthetic_source(args) -> tuple[StreamData, np.ndarray, dict]:
-    cfg = SyntheticStreamConfig(num_events=args.events, days=args.days, seed=args.data_seed)
+    cfg = SyntheticStreamConfig(num_events=args.events, days=args.days, item_lifetime_days=args.item_lifetime_days,
+                                seed=args.data_seed)  # fmt: skip
     s = generate_conversion_stream(cfg)
     windows_h = SYNTHETIC_WINDOWS_H
     schema = RankingSchema(num_items=s.num_items, num_users=s.num_users, tasks=_tasks(windows_h), actions=("click",),
@@ -109,6 +112,24 @@ def _count_before(keys: np.ndarray, times: np.ndarray, at_keys: np.ndarray, at_t
     composite = np.sort(keys * shift + times)
     return np.searchsorted(composite, at_keys * shift + at_times, side="left") - np.searchsorted(
         composite, at_keys * shift, side="left")
+
+
+def _history(eu: np.ndarray, et: np.ndarray, ei: np.ndarray, ea: np.ndarray, users: np.ndarray, click: np.ndarray,
+             max_len: int) -> StreamHistory:  # fmt: skip
+    """Each view's user's most recent ``max_len`` events strictly before the view, oldest first."""
+    order = np.lexsort((et, eu))  # events by user, then time
+    eu, et, ei, ea = eu[order], et[order], ei[order], ea[order]
+    shift = np.int64(1 << 32)
+    key = eu * shift + et
+    start = np.searchsorted(eu, users, side="left")  # [N] first event of the view's user
+    end = np.searchsorted(key, users * shift + click, side="left")  # [N] first event at or after the click
+    lengths = np.minimum(end - start, max_len)
+    slots = np.arange(max_len)[None, :]
+    idx = (end - lengths)[:, None] + slots  # [N, L]
+    real = slots < lengths[:, None]
+    idx = np.where(real, idx, 0)
+    return StreamHistory(items=np.where(real, ei[idx], 0), actions=np.where(real, ea[idx], 0),
+                         times=np.where(real, et[idx], 0), lengths=lengths.astype(np.int64))  # fmt: skip
 
 
 def taobao_source(args) -> tuple[StreamData, np.ndarray, dict]:
@@ -148,10 +169,13 @@ def taobao_source(args) -> tuple[StreamData, np.ndarray, dict]:
     hour = ((click + 8 * HOUR) // HOUR) % 24 + 1  # Beijing hour of day, 1..24
     windows_h = tuple(args.taobao_windows_h)
     schema = RankingSchema(num_items=int(ev["i"].max()), num_users=int(ev["u"].max()), tasks=_tasks(windows_h),
-                           actions=("pv",), user_features=("hour",), user_feature_sizes=(24,),
+                           actions=("pv", "cart", "fav", "buy"), user_features=("hour",), user_feature_sizes=(24,),
                            dense_features=tuple(feats))  # fmt: skip
+    history = None
+    if args.model == "hstu-ranker":  # the user's earlier behaviours (views, carts, favs, buys), all observed by then
+        history = _history(eu, et, ei, ev["actions"].to_numpy(np.int64), users, click, args.history_len)
     data = StreamData(users=users, items=items, features=hour[:, None], click=click, convert=convert, schema=schema,
-                      dense=dense)  # fmt: skip
+                      dense=dense, history=history)  # fmt: skip
     # the stream ends when the longest window of its last click closes at the end of the log (labels uncensored)
     end = TAOBAO_START + 9 * DAY - int(windows_h[-1] * HOUR)
     b = segment_boundaries(TAOBAO_START + int(args.taobao_pretrain_days * DAY), end,
@@ -169,7 +193,17 @@ def run_source(data: StreamData, b: np.ndarray, windows_s: tuple[int, ...], args
     pre = pretrain_plan(data.click, data.convert, int(b[0]), windows_s)
     rows = pre.at(0)
     rates = tuple(float(np.clip(pre.labels[rows, t].mean(), 1e-4, 0.5)) for t in range(len(windows_s)))
-    model_cfg = DLRMRankerConfig(embedding_dim=16, bottom_mlp=(32,), top_mlp=(64, 32), task_base_rates=rates)
+    if args.model == "dlrm":
+        dlrm_cfg = DLRMRankerConfig(embedding_dim=16, bottom_mlp=(32,), top_mlp=(64, 32), task_base_rates=rates)
+
+        def factory(schema):
+            return DLRMRanker(schema, dlrm_cfg)
+    else:
+        hstu_cfg = HSTURankerConfig(embedding_dim=32, num_blocks=2, num_heads=2, attention_dim=16, linear_dim=16,
+                                    max_history=args.history_len, task_base_rates=rates)  # fmt: skip
+
+        def factory(schema):
+            return HSTURanker(schema, hstu_cfg)
     plans = {m: training_plan(m, data.click, data.convert, b, routing, data.users, data.items)
              for m in METHODS[1:]}  # fmt: skip
     probs: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
@@ -179,7 +213,7 @@ def run_source(data: StreamData, b: np.ndarray, windows_s: tuple[int, ...], args
         cfg = StreamConfig(batch_size=batch_size, lr=args.lr, passes=1, pretrain_epochs=args.pretrain_epochs,
                            head_weights=routing.probs, seed=seed)  # fmt: skip
         t0 = time.perf_counter()
-        base = pretrain(lambda schema: DLRMRanker(schema, model_cfg), data, pre, cfg)
+        base = pretrain(factory, data, pre, cfg)
         seconds["pretrain"] += time.perf_counter() - t0
         for m in METHODS:
             t0 = time.perf_counter()
@@ -251,13 +285,18 @@ def protocol_text(source: str, args, b: np.ndarray, data: StreamData, windows_h:
     common = (f"Windows {wins}, uniform hash routing of (user, item, click time) (salt {args.routing_salt}). Pretrain "
               f"({args.pretrain_epochs} epochs) on the clicks whose {W} window closed by the stream start, every head "
               f"on its window label; then {b.size - 1} segments, each predicted before training; every streamed "
-              f"example trained once (1 pass, Adam lr {args.lr}); DLRM (embedding 16, bottom MLP (32,), top (64, 32), "
-              "one head per window; user id, item id, one row categorical). Evaluation on the true "
+              f"example trained once (1 pass, Adam lr {args.lr}); " + (
+                  "DLRM (embedding 16, bottom MLP (32,), top (64, 32), one head per window; user id, item id, one "
+                  "row categorical)" if args.model == "dlrm" else
+                  f"HSTU ranker (summed variant, embedding 32, 2 blocks, 2 heads, one head per window; the user's "
+                  f"last {args.history_len} behaviours before the view as history, the hour as a prefix token)") + (
+              ". Evaluation on the true "
               f"{W} labels of every streamed click, the {W} head's prediction; paired user bootstrap "
-              f"({args.resamples} resamples, the same draws for every method and seed), intervals of seed means.")
+              f"({args.resamples} resamples, the same draws for every method and seed), intervals of seed means."))
     if source == "synthetic":
         return (f"Synthetic conversion stream (genrec.data.synthetic, data seed {args.data_seed}): {len(data):,} "
-                f"clicks over {args.days:g} days, item catalogue turning over every 3 days, true p logistic in "
+                f"clicks over {args.days:g} days, item catalogue turning over every {args.item_lifetime_days:g} days (an "
+                f"item lives that long), true p logistic in "
                 f"user / item / context effects, item-dependent delay mixture (52% of conversions within 1 h, 81% "
                 f"within 24 h, 96% within 72 h). Stream from day {args.pretrain_days:g} in "
                 f"{args.segment_minutes:g}-minute segments. " + common)  # fmt: skip
@@ -282,9 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-days", type=float, default=5.0, help="synthetic stream start (day)")
     ap.add_argument("--segment-minutes", type=float, default=60.0)
     ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--item-lifetime-days", type=float, default=3.0,
+                    help="synthetic item lifetime (catalogue turnover); rows of another value get their own dataset")
     ap.add_argument("--taobao-pretrain-days", type=float, default=2.0, help="Taobao stream start (days after 11-25)")
     ap.add_argument("--taobao-segment-minutes", type=float, default=20.0)
     ap.add_argument("--taobao-windows-h", type=float, nargs="+", default=list(TAOBAO_WINDOWS_H))
+    ap.add_argument("--model", default="dlrm", choices=["dlrm", "hstu-ranker"],
+                    help="hstu-ranker: Taobao only, each view with its user's earlier behaviours as history")
+    ap.add_argument("--history-len", type=int, default=50, help="hstu-ranker: most recent events kept")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--pretrain-epochs", type=int, default=2)
     ap.add_argument("--routing-salt", type=int, default=0)
@@ -293,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--markdown", action="store_true", help="print the tables of --out and exit")
     args = ap.parse_args(argv)
+    if args.model == "hstu-ranker" and "synthetic" in args.sources:
+        ap.error("--model hstu-ranker runs on --sources taobao only (synthetic rows have no history)")
     if args.markdown:
         print(markdown_tables(args.out))
         return 0
@@ -306,8 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         probs, idx, seconds = run_source(data, b, windows_s, args, batch_size=512 if source == "synthetic" else 256)
         labels, users = _labels(data, idx, windows_s[-1]), data.users[idx]
         point, cis = compare(probs, labels, users, args.resamples, seed=0)
-        dataset = "synthetic" if source == "synthetic" else "taobao-userbehavior-head"
-        base = {"study": "delay", "dataset": dataset, "task": data.schema.tasks[-1],
+        dataset = "taobao-userbehavior-head"
+        if source == "synthetic":
+            dataset = "synthetic" if args.item_lifetime_days == 3.0 else f"synthetic-item-life-{args.item_lifetime_days:g}d"
+        base = {"study": "delay", "dataset": dataset, "model": args.model, "task": data.schema.tasks[-1],
                 "seeds": list(args.seeds), "command": command, "protocol": protocol_text(source, args, b, data, windows_h),
                 "evaluated": int(idx.size), "positives": int(labels.sum()),
                 "parameters": {"windows_s": list(windows_s), "routing_probs": [1 / len(windows_s)] * len(windows_s), "segments": int(b.size - 1),
@@ -323,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics["per_seed"] = {METRICS[k]: v for k, v in point[m]["per_seed"].items()}
             rows.append({**base, "variant": LABELS[m], "metrics": metrics, "ci": cis[m], "seconds": seconds[m]})
     old = json.loads(args.out.read_text()) if args.out.exists() else []
-    done = {r["dataset"] for r in rows}
-    write_json(args.out, [r for r in old if r.get("dataset") not in done] + rows)
+    done = {(r["dataset"], r["model"]) for r in rows}
+    write_json(args.out, [r for r in old if (r.get("dataset"), r.get("model", "dlrm")) not in done] + rows)
     print(markdown_tables(args.out))
     return 0
 
@@ -341,10 +389,10 @@ def markdown_tables(path: Path = RESULTS) -> str:
     """The study's tables from its results file (one block per dataset)."""
     rows = [r for r in json.loads(Path(path).read_text()) if r.get("study") == "delay"]
     out = []
-    for dataset in dict.fromkeys(r["dataset"] for r in rows):
-        rs = [r for r in rows if r["dataset"] == dataset]
+    for dataset, model in dict.fromkeys((r["dataset"], r.get("model", "dlrm")) for r in rows):
+        rs = [r for r in rows if r["dataset"] == dataset and r.get("model", "dlrm") == model]
         r0 = rs[0]
-        out.append(f"### {dataset}: {r0['evaluated']:,} evaluated clicks, {r0['positives']:,} positives "
+        out.append(f"### {dataset}, {model}: {r0['evaluated']:,} evaluated clicks, {r0['positives']:,} positives "
                    f"({r0['task']} labels), seeds {r0['seeds']}\n")  # fmt: skip
         out.append("| method | calibration | AUC | PR-AUC | LogLoss | RI-AUC | RI-PR-AUC | RI-LogLoss |")
         out.append("|---|---|---|---|---|---|---|---|")
