@@ -20,8 +20,8 @@ put together into one prediction per test candidate, so every comparison pairs t
 the sum over the per-domain models for (a), the one model's otherwise. Training cost: seconds of the training
 passes (and, separately, the validation passes) of every epoch run, summed over the per-domain models; epochs run.
 
-    python bench/lattice_domains.py --definition age      # ML-1M age groups, 1,500 users, 2 seeds (about 10 min)
-    python bench/lattice_domains.py --definition genre    # ML-1M genre groups
+    python bench/lattice_domains.py --definition age      # ML-1M age groups, 1,500 users, 2 seeds (about 12 min)
+    python bench/lattice_domains.py --definition genre    # ML-1M genre groups (about 17 min: more rows, see the docs)
     python bench/lattice_domains.py --definition age --max-users 0 --epochs 3 --embedding-dim 64   # larger
     python bench/lattice_domains.py --dataset taobao --definition top-categories --max-users 0
     python bench/lattice_domains.py --markdown            # the tables of results/lattice_domains.json
