@@ -22,7 +22,7 @@ passes (and, separately, the validation passes) of every epoch run, summed over 
 
     python bench/lattice_domains.py --definition age      # ML-1M age groups, 1,500 users, 2 seeds (about 12 min)
     python bench/lattice_domains.py --definition genre    # ML-1M genre groups (about 17 min: more rows, see the docs)
-    python bench/lattice_domains.py --definition age --max-users 0 --epochs 3 --embedding-dim 64   # larger
+    python bench/lattice_domains.py --definition age --max-users 0 --epochs 3 --embedding-dim 64 --setting all-d64
     python bench/lattice_domains.py --dataset taobao --definition top-categories --max-users 0
     python bench/lattice_domains.py --markdown            # the tables of results/lattice_domains.json
 
