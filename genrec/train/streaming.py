@@ -190,7 +190,19 @@ def predict(model: nn.Module, t: StreamTensors, idx: np.ndarray, batch_size: int
 
 
 def _train_rows(model: nn.Module, optimizer: torch.optim.Optimizer, t: StreamTensors, rows: np.ndarray, plan: TrainingPlan,
-                head_weights: torch.Tensor, batch_size: int, passes: int, rng: np.random.Generator) -> None:  # fmt: skip
+                head_weights: torch.Tensor, batch_size: int, passes: int, rng: np.random.Generator,
+                torch_seed: int) -> None:  # fmt: skip
+    """``passes`` shuffled passes over ``rows``; the model's own randomness (dropout) is drawn from a torch RNG
+    seeded with ``torch_seed`` inside a forked RNG state, so runs repeat and the global state is left alone."""
+    devices = [t.device] if t.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(torch_seed)
+        _train_passes(model, optimizer, t, rows, plan, head_weights, batch_size, passes, rng)
+
+
+def _train_passes(model: nn.Module, optimizer: torch.optim.Optimizer, t: StreamTensors, rows: np.ndarray,
+                  plan: TrainingPlan, head_weights: torch.Tensor, batch_size: int, passes: int,
+                  rng: np.random.Generator) -> None:  # fmt: skip
     model.train()
     tasks = model.schema.tasks
     for _ in range(passes):
@@ -202,6 +214,11 @@ def _train_rows(model: nn.Module, optimizer: torch.optim.Optimizer, t: StreamTen
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
+
+def _torch_seed(seed: int, step: int) -> int:
+    """The torch seed of one training call (``step`` = boundary index, or -1 - epoch for pretraining)."""
+    return int(np.random.default_rng([seed, 1 << 21, step + (1 << 20)]).integers(1 << 62))
 
 
 def _head_weights(weights: Sequence[float] | None, num_tasks: int, device: torch.device) -> torch.Tensor:
@@ -227,7 +244,7 @@ def pretrain(model_factory: Callable[[RankingSchema], nn.Module], data: StreamDa
     hw = _head_weights(config.head_weights, data.schema.num_tasks, device)
     for epoch in range(config.pretrain_epochs):
         _train_rows(model, optimizer, t, rows, plan, hw, config.batch_size, 1,
-                    np.random.default_rng([config.seed, 1 << 20, epoch]))  # fmt: skip
+                    np.random.default_rng([config.seed, 1 << 20, epoch]), _torch_seed(config.seed, -1 - epoch))
     return model, optimizer
 
 
@@ -257,7 +274,7 @@ def run_stream(pretrained: tuple[nn.Module, torch.optim.Optimizer] | None, data:
             rows = plan.at(k)
             if rows.size:
                 _train_rows(model, optimizer, t, rows, plan, hw, config.batch_size, config.passes,
-                            np.random.default_rng([config.seed, k]))  # fmt: skip
+                            np.random.default_rng([config.seed, k]), _torch_seed(config.seed, k))
                 trained += rows.size
         lo, hi = starts[k], starts[k + 1]
         probs[lo:hi] = predict(model, t, eval_index[lo:hi])

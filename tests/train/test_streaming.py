@@ -9,6 +9,7 @@ from genrec.data.ranking_batch import RankingSchema
 from genrec.data.synthetic import SyntheticStreamConfig, generate_conversion_stream
 from genrec.eval.ranking_metrics import auc, calibration, log_loss
 from genrec.models.dlrm import DLRMRanker, DLRMRankerConfig
+from genrec.models.ranking_floors import multitask_loss_terms
 from genrec.train.streaming import (
     StreamConfig,
     StreamData,
@@ -202,3 +203,27 @@ def test_a_history_reaches_the_batch_and_must_precede_the_click():
     gap[5] = (7, 0, 8)
     with pytest.raises(ValueError, match="left-aligned"):
         dataclasses.replace(data, history=dataclasses.replace(hist, items=gap))
+
+
+class _DroppedRanker(torch.nn.Module):
+    """The DLRM ranker with dropout on its logits: a model whose training draws random numbers."""
+
+    def __init__(self, schema):
+        super().__init__()
+        self.schema, self.inner = schema, factory(schema)
+
+    def forward(self, batch):
+        return torch.nn.functional.dropout(self.inner(batch), 0.5, self.training)
+
+    def loss(self, batch):
+        return multitask_loss_terms(self(batch), batch, (1.0,) * 3, self.schema.tasks)
+
+
+def test_a_model_with_dropout_streams_the_same_twice_and_leaves_the_global_rng_alone():
+    data, b = make_stream(4_000)
+    pre = pretrain_plan(data.click, data.convert, int(b[0]), WINDOWS)
+    p = plan("vanilla", data, b)
+    state = torch.random.get_rng_state()
+    runs = [run_stream(pretrain(_DroppedRanker, data, pre, CFG), data, b, p, CFG).probs for _ in range(2)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert torch.equal(state, torch.random.get_rng_state())
