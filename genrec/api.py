@@ -779,6 +779,8 @@ def _prepared_data(interactions: Any, config: RunConfig, columns: Mapping[str, A
             min_seq_len=config.data.min_seq_len,
             notes=notes,
             duplicates=config.data.duplicates,
+            ties=config.data.ties,
+            ties_seed=config.data.ties_seed,
         )
         data_cfg = dataclasses.replace(config.data, dataset="table", path=None, columns=dict(roles))
         return PreparedData(seqs, None, []), dataclasses.replace(config, data=data_cfg)

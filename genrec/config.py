@@ -47,6 +47,10 @@ class DataConfig:
     max_len: int = 200  # most recent items kept per sequence (history window)
     duplicates: Literal["drop", "keep"] = "drop"  # exact duplicate (user, item, timestamp) rows: drop (counted in a data note) or keep
     min_seq_len: int = 3  # users with fewer interactions cannot be split leave-one-out and are dropped (counted)
+    # order of a user's interactions that share one timestamp: "file" (stable sort, file order) or "shuffle" (a
+    # random order drawn with ties_seed, as an unstable sort gives; measures how much a result owes to the order)
+    ties: Literal["file", "shuffle"] = "file"
+    ties_seed: int = 0
 
     def __post_init__(self) -> None:
         _check_fields(self, "data")

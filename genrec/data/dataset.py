@@ -41,5 +41,6 @@ def prepare_data(config: DataConfig) -> PreparedData:
         notes.append(f"skipped {bad:,} malformed rows (on_bad_rows=skip)")
     # ``duplicates`` ("drop" | "keep"): what to do with exact duplicate (user, item, timestamp) rows.
     duplicates = config.duplicates
-    seqs = build_sequences(frame, min_seq_len=config.min_seq_len, notes=notes, duplicates=duplicates)
+    seqs = build_sequences(frame, min_seq_len=config.min_seq_len, notes=notes, duplicates=duplicates,
+                           ties=config.ties, ties_seed=config.ties_seed)
     return PreparedData(seqs, titles, files)

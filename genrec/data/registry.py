@@ -376,7 +376,7 @@ def _tie_note(df: pd.DataFrame) -> str | None:
     tied = int(known.duplicated(["user", "timestamp"], keep=False).sum())
     return (
         f"{_fmt(tied)} of {_fmt(len(known))} timed interactions share their timestamp with "
-        "another interaction of the same user; order such ties by file order (stable sort)"
+        "another interaction of the same user; they keep their file order unless data.ties=shuffle"
     )
 
 

@@ -5,7 +5,8 @@ Storage is jagged: one ``items`` array holding every user's sequence back to bac
 
 Ordering rule: a user's interactions are sorted by timestamp with a *stable* sort, so interactions that share a
 timestamp keep their file order (the reference preprocessing uses pandas' unstable sort, which reorders ~25% of ML
-test targets). A user with any missing timestamp keeps file order, which the readers define as time order, and is
+test targets). ``ties="shuffle"`` orders the interactions of one timestamp randomly instead (seeded by
+``ties_seed``), to measure how much a result owes to the file order of ties. A user with any missing timestamp keeps file order, which the readers define as time order, and is
 flagged ``has_time = False`` so that time-aware models switch their time term off for that user.
 
 Duplicate rule: rows that repeat an earlier row's (user, item, timestamp) exactly are logging duplicates, not
@@ -122,6 +123,8 @@ def build_sequences(
     min_seq_len: int = 3,
     notes: list[str] | None = None,
     duplicates: str = "drop",
+    ties: str = "file",
+    ties_seed: int = 0,
 ) -> SequenceData:
     """Group an interactions table (file order; columns user, item[, timestamp]) into per-user sequences.
 
@@ -129,9 +132,13 @@ def build_sequences(
     users. Users with fewer than ``min_seq_len`` interactions are dropped and the count is recorded in ``notes``.
     ``duplicates``: "drop" (default) or "keep" rows that repeat an earlier row's (user, item, timestamp); either
     way their number is recorded in ``notes`` (see the module docstring).
+    ``ties``: "file" (interactions of one timestamp keep their file order) or "shuffle" (a random order drawn from
+    ``ties_seed``; users without timestamps keep file order either way).
     """
     if duplicates not in DUPLICATE_POLICIES:
         raise ValueError(f"duplicates must be 'drop' or 'keep', got {duplicates!r}")
+    if ties not in ("file", "shuffle"):
+        raise ValueError(f"ties must be 'file' or 'shuffle', got {ties!r}")
     notes = list(notes or [])
     if len(interactions) == 0:
         raise ValueError("build_sequences: the interactions table is empty")
@@ -150,7 +157,14 @@ def build_sequences(
     user_has_time = known_counts == counts
     # Sort key within a user: its timestamp when all of the user's times are known, else its file position.
     key = np.where(user_has_time[user_codes], ts, np.arange(n_rows, dtype=np.int64))
-    order = np.lexsort((key, user_codes))  # lexsort is stable: equal timestamps keep file order
+    if ties == "shuffle":
+        # a random rank breaks ties of (user, key); untimed users' keys are unique positions, so they keep file order
+        tiebreak = np.random.default_rng(ties_seed).permutation(n_rows)
+        order = np.lexsort((tiebreak, key, user_codes))
+        notes.append(f"interactions of a user that share a timestamp are in a random order (data.ties=shuffle, "
+                     f"seed {ties_seed}), not in file order")
+    else:
+        order = np.lexsort((key, user_codes))  # lexsort is stable: equal timestamps keep file order
 
     keep_user = counts >= min_seq_len
     dropped = int((~keep_user).sum())

@@ -21,6 +21,30 @@ def test_stable_sort_keeps_file_order_for_ties():
     assert d.has_time.tolist() == [True, True]
 
 
+def test_shuffled_ties_reorder_only_within_a_timestamp_and_are_seeded():
+    rng = np.random.default_rng(0)
+    rows = [("a", f"i{k}", int(t)) for k, t in enumerate(rng.integers(0, 8, 60))]
+    rows += [("u", "p", None), ("u", "q", None), ("u", "r", 1)]  # a user without every timestamp keeps file order
+    f = _frame(rows)
+    file_order = build_sequences(f)
+    orders = set()
+    for seed in range(4):
+        d = build_sequences(f, ties="shuffle", ties_seed=seed)
+        seq = d.item_map.to_external(d.sequence(0))
+        times = [int(k[1:]) for k in seq]
+        stamps = [rows[t][2] for t in times]
+        assert stamps == sorted(stamps)  # still time-ordered
+        assert sorted(seq) == sorted(file_order.item_map.to_external(file_order.sequence(0)))
+        assert d.item_map.to_external(d.sequence(1)) == ["p", "q", "r"]
+        again = build_sequences(f, ties="shuffle", ties_seed=seed)
+        assert again.item_map.to_external(again.sequence(0)) == seq  # the seed fixes the order
+        assert any("data.ties=shuffle" in n for n in d.notes)
+        orders.add(tuple(seq))
+    assert len(orders) > 1 and tuple(file_order.item_map.to_external(file_order.sequence(0))) not in orders
+    with pytest.raises(ValueError, match="ties must be"):
+        build_sequences(f, ties="random")
+
+
 def test_missing_timestamps_keep_file_order_and_flag_user():
     f = _frame([("a", "x", 5), ("a", "y", None), ("a", "z", 1), ("b", "x", 3), ("b", "y", 2), ("b", "z", 1)])
     d = build_sequences(f)
