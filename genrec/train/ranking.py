@@ -470,7 +470,8 @@ def train_ranker(
 
     Args:
         dataset: an already built ranking dataset (``config.data.dataset`` and ``config.data.split`` must then name
-            it, or the split be None); by default the dataset is loaded from ``config.data``.
+            it, or the split be None, and ``config.data.domains`` / ``config.data.only_domain`` describe its domains);
+            by default the dataset is loaded from ``config.data`` (with its domain definition and only_domain).
         model: a ranker following the contract (``forward``, ``loss``) to train instead of building
             ``config.model`` (results then name its class); on resume pass the same kind of model again.
         overwrite: replace the run in ``output_dir`` (its run files, ``RANKING_RUN_FILES``, are removed first).
@@ -498,7 +499,8 @@ def train_ranker(
 
     if dataset is None:
         dataset = load_ranking_dataset(canonical, data_dir=dc.data_dir, split=dc.split, n_eval=dc.n_eval,
-                                       max_candidates=dc.max_candidates)  # fmt: skip
+                                       max_candidates=dc.max_candidates, domains=dc.domains,
+                                       only_domain=dc.only_domain)  # fmt: skip
     else:
         _check_dataset_matches(dataset, config)
     schema = dataset.schema
@@ -752,12 +754,43 @@ def _check_dataset_matches(dataset: RankingDataset, config: RankingRunConfig) ->
         raise ConfigError(f"data.dataset: {dc.dataset!r}, but the dataset passed in is {dataset.name!r}")
     if dc.split is not None and dc.split != dataset.split:
         raise ConfigError(f"data.split: {dc.split!r}, but the dataset passed in is split {dataset.split!r}")
+    _check_domains_match(dataset, dc.domains, dc.only_domain)
     if dataset.split == "user-last":  # the protocol records data.n_eval: it must be the dataset's
         per_user = np.bincount(dataset.ev_user[dataset.ev_part == 1])
         held = np.unique(per_user[per_user > 0])
         if held.size and not (held.size == 1 and int(held[0]) == dc.n_eval):
             raise ConfigError(f"data.n_eval: {dc.n_eval}, but the dataset passed in holds out {int(held.max())} "
                               "validation candidates per user")  # fmt: skip
+
+
+def dataset_domain_definition(dataset: RankingDataset) -> str | None:
+    """The name of the domain definition a loaded dataset was built with, as its loader records it in the schema's
+    notes (``domains '<definition>': ...``); None when no note names one (no domains, or a dataset built directly
+    from an event table)."""
+    for note in dataset.schema.notes:
+        if note.startswith("domains '"):
+            name, sep, _ = note[len("domains '"):].partition("':")
+            if sep:
+                return name
+    return None
+
+
+def _check_domains_match(dataset: RankingDataset, domains: str | None, only_domain: str | None) -> None:
+    """``data.domains`` / ``data.only_domain`` must describe the dataset passed in: a model trained on other domains
+    (or on every domain instead of one) would be stored and reported under the wrong data."""
+    has = bool(dataset.schema.domains)
+    if domains is None and has:
+        raise ConfigError(f"data.domains: None, but the dataset passed in has the domains {list(dataset.schema.domains)}"
+                          f" (definition {dataset_domain_definition(dataset)!r}); set data.domains to its definition")
+    if domains is not None and not has:
+        raise ConfigError(f"data.domains: {domains!r}, but the dataset passed in was built without domains")
+    recorded = dataset_domain_definition(dataset) if has else None
+    if domains is not None and recorded is not None and recorded != domains:
+        raise ConfigError(f"data.domains: {domains!r}, but the dataset passed in was built with the domain "
+                          f"definition {recorded!r}")  # fmt: skip
+    if only_domain != dataset.only_domain:
+        raise ConfigError(f"data.only_domain: {only_domain!r}, but the dataset passed in keeps "
+                          + ("every domain" if dataset.only_domain is None else f"only domain {dataset.only_domain!r}"))
 
 
 def _check_selection_defined(dataset: RankingDataset, config: RankingRunConfig, tasks: tuple[str, ...]) -> None:

@@ -498,3 +498,81 @@ def test_task_balancing_is_checked_before_writing(tmp_path, dataset):
     with pytest.raises(ConfigError, match="train.task_balancing"):
         train_ranker(balanced_config(tmp_path, "uncertainty", "run", epochs=2), dataset=dataset, resume=True,
                      progress=False)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ domains
+def write_tiny_ml1m(folder, num_users: int = 24, num_items: int = 12, events: int = 10, seed: int = 0) -> None:
+    """A small folder in the ML-1M file formats (ratings.dat, users.dat, movies.dat), so the real loader and its
+    domain definitions run on it."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    ages = (1, 18, 25, 35, 45, 50, 56)
+    genres = ("Action", "Comedy", "Drama", "Comedy|Romance", "Thriller|Drama", "Animation")
+    (folder / "users.dat").write_text("".join(f"{u}::{'MF'[u % 2]}::{ages[u % len(ages)]}::{u % 20}::0000{u}\n"
+                                              for u in range(1, num_users + 1)))  # fmt: skip
+    (folder / "movies.dat").write_text("".join(f"{i}::Movie {i} (2000)::{genres[i % len(genres)]}\n"
+                                               for i in range(1, num_items + 1)))  # fmt: skip
+    quality = rng.normal(0.0, 1.0, num_items + 1)
+    lines = []
+    for u in range(1, num_users + 1):
+        t = 978_300_000 + int(rng.integers(0, 10_000))
+        for i in rng.permutation(np.arange(1, num_items + 1))[:events]:
+            t += int(rng.integers(60, 3600))
+            stars = int(np.clip(np.round(3 + quality[i] + rng.normal(0.0, 0.8)), 1, 5))
+            lines.append(f"{u}::{i}::{stars}::{t}\n")
+    (folder / "ratings.dat").write_text("".join(lines))
+
+
+HSTU_TOWERS = {"embedding_dim": 8, "num_blocks": 1, "num_heads": 1, "attention_dim": 4, "linear_dim": 4,
+               "domain_towers": True}  # fmt: skip
+
+
+def domain_config(tmp_path, domains: str | None, only_domain: str | None = None, out: str = "run-domains"):
+    return RankingRunConfig(
+        data=RankingDataConfig(dataset="ml-1m", data_dir=str(tmp_path / "data"), n_eval=2, max_history=8,
+                               max_candidates=2, domains=domains, only_domain=only_domain),
+        model=RankingModelConfig(name="hstu-ranker", params=HSTU_TOWERS),
+        train=RankingTrainConfig(epochs=1, batch_size=8, lr=0.01, select_metric="NE", num_threads=1),
+        output_dir=str(tmp_path / out),
+    )  # fmt: skip
+
+
+def test_domains_from_the_config_reach_the_data_and_the_model(tmp_path):
+    from genrec.data.ranking import load_ranking_dataset
+
+    write_tiny_ml1m(tmp_path / "data" / "ml-1m")
+    results = train_ranker(domain_config(tmp_path, "age"), progress=False)  # loads the data itself
+    assert results["epochs_run"] == 1 and results["model"] == "hstu-ranker"
+    assert any(note.startswith("domains 'age'") for note in results["data"]["notes"])
+    # one domain only: every scored test candidate is of that domain
+    train_ranker(domain_config(tmp_path, "age", "25-34", out="run-one"), progress=False)
+    one = load_predictions(tmp_path / "run-one" / "test_predictions.npz")
+    full = load_ranking_dataset("ml-1m", tmp_path / "data", n_eval=2, max_candidates=2, domains="age")
+    age_group = {int(u): full.ev_domain[full.ev_user == u][0] for u in np.unique(one.user_ids)}
+    assert len(one.user_ids) > 0 and set(age_group.values()) == {2}
+    # without data.domains the tower option has no domains to read: refused before anything is written
+    with pytest.raises(ValueError, match="domain"):
+        train_ranker(domain_config(tmp_path, None, out="run-none"), progress=False)
+    assert not (tmp_path / "run-none").exists()
+
+
+def test_a_dataset_with_other_domains_than_the_config_is_refused(tmp_path):
+    from genrec.data.ranking import load_ranking_dataset
+
+    write_tiny_ml1m(tmp_path / "data" / "ml-1m")
+    by_genre = load_ranking_dataset("ml-1m", tmp_path / "data", n_eval=2, max_candidates=2, domains="genre")
+    with pytest.raises(ConfigError, match="data.domains: 'age', but .* definition 'genre'"):
+        train_ranker(domain_config(tmp_path, "age"), dataset=by_genre, progress=False)
+    with pytest.raises(ConfigError, match=r"data.domains: None, but .* domains \['action-thriller'"):
+        train_ranker(domain_config(tmp_path, None), dataset=by_genre, progress=False)
+    plain = load_ranking_dataset("ml-1m", tmp_path / "data", n_eval=2, max_candidates=2)
+    with pytest.raises(ConfigError, match="data.domains: 'genre', but .* built without domains"):
+        train_ranker(domain_config(tmp_path, "genre"), dataset=plain, progress=False)
+    with pytest.raises(ConfigError, match="data.only_domain: 'comedy', but the dataset passed in keeps every domain"):
+        train_ranker(domain_config(tmp_path, "genre", "comedy"), dataset=by_genre, progress=False)
+    comedy = by_genre.restrict_to_domain("comedy")
+    with pytest.raises(ConfigError, match="data.only_domain: None, but .* keeps only domain 'comedy'"):
+        train_ranker(domain_config(tmp_path, "genre"), dataset=comedy, progress=False)
+    assert not (tmp_path / "run-domains").exists()
+    results = train_ranker(domain_config(tmp_path, "genre", "comedy"), dataset=comedy, progress=False)
+    assert results["epochs_run"] == 1
