@@ -223,7 +223,8 @@ class RankingState:
     Files (``save`` / ``load``, all written atomically, read without executing code)::
 
         ranking_state.json      format, dataset name and split, the schema (sizes, tasks, actions, user feature
-                                names and sizes, dense feature names, data notes), the raw values behind each user
+                                names and sizes, dense feature names, data notes, domain names; a file without
+                                ``domains`` has none), the raw values behind each user
                                 feature's ids, and the dense features' scalars (time index base, smoothing, time zone)
         ranking_item_ids.json   external item id of internal id i at position i - 1
         ranking_features.npz    the dense features' training statistics (``DenseFeatureState`` arrays), with the
@@ -263,7 +264,7 @@ class RankingState:
                 "num_items": s.num_items, "num_users": s.num_users, "tasks": list(s.tasks),
                 "actions": list(s.actions), "user_features": list(s.user_features),
                 "user_feature_sizes": list(s.user_feature_sizes), "dense_features": list(s.dense_features),
-                "notes": list(s.notes),
+                "notes": list(s.notes), "domains": list(s.domains),
             },
             "user_feature_values": self.user_feature_values,
             "dense_feature_state": self.features.scalars(),
@@ -301,6 +302,7 @@ class RankingState:
                 actions=tuple(sc["actions"]), user_features=tuple(sc["user_features"]),
                 user_feature_sizes=tuple(int(x) for x in sc["user_feature_sizes"]),
                 dense_features=tuple(sc["dense_features"]), notes=tuple(sc["notes"]),
+                domains=_domain_names(sc.get("domains", [])),  # files written before domains: none
             )  # fmt: skip
             values = {str(k): (None if v is None else [str(x) for x in v])
                       for k, v in meta["user_feature_values"].items()}  # fmt: skip
@@ -328,6 +330,13 @@ class RankingState:
         if features.names != schema.dense_features or features.item_dense_table.shape[0] != schema.num_items + 1:
             raise ValueError(f"{npz}: the dense features do not match the schema in {path}")
         return cls(schema, item_map, features, values, dataset, split, tuple(cuts) if cuts else None)
+
+
+def _domain_names(value: Any) -> tuple[str, ...]:
+    """A stored list of domain names -> tuple; ValueError unless they are distinct non-empty strings."""
+    if not isinstance(value, list) or not all(isinstance(d, str) and d for d in value) or len(set(value)) != len(value):
+        raise ValueError(f"schema.domains {value!r} is not a list of distinct non-empty names")
+    return tuple(value)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

@@ -576,3 +576,29 @@ def test_a_dataset_with_other_domains_than_the_config_is_refused(tmp_path):
     assert not (tmp_path / "run-domains").exists()
     results = train_ranker(domain_config(tmp_path, "genre", "comedy"), dataset=comedy, progress=False)
     assert results["epochs_run"] == 1
+
+
+def test_ranking_state_keeps_the_domains(tmp_path):
+    from genrec.data.ranking import load_ranking_dataset
+    from genrec.ranking_api import Ranker
+    from genrec.train.ranking import RankingState
+
+    write_tiny_ml1m(tmp_path / "data" / "ml-1m")
+    by_age = load_ranking_dataset("ml-1m", tmp_path / "data", n_eval=2, max_candidates=2, domains="age")
+    RankingState.from_dataset(by_age).save(tmp_path / "state")
+    state = RankingState.load(tmp_path / "state")
+    assert state.schema.domains == ("under-25", "25-34", "35-plus") and state.schema == by_age.schema
+    # a state file written before domains were stored loads with no domains
+    path = tmp_path / "state" / "ranking_state.json"
+    meta = json.loads(path.read_text())
+    del meta["schema"]["domains"]
+    path.write_text(json.dumps(meta))
+    assert RankingState.load(tmp_path / "state").schema.domains == ()
+    meta["schema"]["domains"] = "age"  # a malformed entry is refused with the file's name
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="ranking_state.json.*schema.domains"):
+        RankingState.load(tmp_path / "state")
+    # a run trained with domain towers reloads through the ranking API with its domains
+    train_ranker(domain_config(tmp_path, "age"), dataset=by_age, progress=False)
+    ranker = Ranker.load(tmp_path / "run-domains")
+    assert ranker.state_.schema.domains == ("under-25", "25-34", "35-plus")
