@@ -9,6 +9,7 @@ regenerated from it.
     python bench/quality.py refit --dataset ml-1m --name hstu               # refit on train+valid, test once
     python bench/quality.py seeds --dataset ml-1m --names A B C --row "hstu (3 seeds)"   # mean ± sd row
     python bench/quality.py baselines                                      # popularity + transition chain
+    python bench/quality.py baselines --ties-seed 0                        # the same, same-timestamp ties shuffled
     python bench/quality.py compare --dataset ml-1m --a A1 A2 --b B1 B2      # paired bootstrap of A - B (test)
     python bench/quality.py table                                          # rewrite the docs table
     python bench/quality.py all                                            # everything, sequentially (hours)
@@ -173,7 +174,9 @@ def finalize_run(dataset: str, run_dir: Path, name: str, data_dir: str, threads:
     ]
 
 
-def run_baselines(dataset: str, data_dir: str, max_len: int) -> list[dict]:
+def run_baselines(dataset: str, data_dir: str, max_len: int, ties_seed: int | None = None) -> list[dict]:
+    """Popularity and the transition chain; with ``ties_seed`` the interactions of one timestamp are shuffled
+    (``data.ties=shuffle``) and the rows are named "<model> (ties shuffled, seed k)"."""
     from genrec.config import DataConfig
     from genrec.data.dataset import prepare_data
     from genrec.data.sequences import leave_one_out
@@ -181,7 +184,9 @@ def run_baselines(dataset: str, data_dir: str, max_len: int) -> list[dict]:
     from genrec.eval.protocol import EvalProtocol
     from genrec.models.baselines import PopularityRecommender, TransitionChainRecommender
 
-    seqs = prepare_data(DataConfig(dataset=dataset, data_dir=data_dir, max_len=max_len)).sequences
+    ties = {} if ties_seed is None else {"ties": "shuffle", "ties_seed": ties_seed}
+    suffix = "" if ties_seed is None else f" (ties shuffled, seed {ties_seed})"
+    seqs = prepare_data(DataConfig(dataset=dataset, data_dir=data_dir, max_len=max_len, **ties)).sequences
     train_split = leave_one_out(seqs, "train")
     train_seqs = [seqs.items[s:e] for s, e in zip(train_split.starts, train_split.ends)]
     rows = []
@@ -192,7 +197,7 @@ def run_baselines(dataset: str, data_dir: str, max_len: int) -> list[dict]:
         for split in ("valid", "test"):
             protocol = EvalProtocol(target=split, max_history=max_len)
             metrics = evaluate(baseline_score_fn(rec), seqs, protocol)
-            rows.append({"dataset": dataset, "model": rec.name, "split": split, "protocol": protocol.to_dict(),
+            rows.append({"dataset": dataset, "model": rec.name + suffix, "split": split, "protocol": protocol.to_dict(),
                          "epoch": None, "seconds_per_epoch": fit_seconds, "metrics": metrics})  # fmt: skip
             log.info("%s %s %s %s", dataset, rec.name, split, {k: round(v, 4) for k, v in metrics.items()})
     return rows
@@ -360,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--set", nargs="*", action="extend", default=[], help="config overrides (may be repeated)")
     r.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     r.add_argument("--name", help="row name and run directory (default: the model name)")
-    for s in (r, sub.add_parser("baselines"), sub.add_parser("all")):
+    bl = sub.add_parser("baselines")
+    bl.add_argument("--ties-seed", type=int, default=None,
+                    help="shuffle the interactions that share a timestamp (data.ties=shuffle) with this seed")
+    for s in (r, bl, sub.add_parser("all")):
         s.add_argument("--data-dir", default=None,
                        help="where the dataset files are (else $GENREC_DATA_DIR, then the cache directory)")
         s.add_argument("--threads", type=int, default=0)
@@ -410,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         _save_compare(compare_runs(args.dataset, args.a, args.b, args.metrics, args.data_dir, args.resamples))
     elif args.cmd == "baselines":
         for d in DATASETS:
-            _save_rows(run_baselines(d, args.data_dir, MAX_LEN[d]))
+            _save_rows(run_baselines(d, args.data_dir, MAX_LEN[d], args.ties_seed))
     elif args.cmd == "all":
         for d in DATASETS:
             _save_rows(run_baselines(d, args.data_dir, MAX_LEN[d]))
