@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "lattice.md")
     args = ap.parse_args(argv)
     rows = gather(args.results)
-    (args.results / "lattice.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    lines = ",\n".join(json.dumps(r, separators=(",", ":")) for r in rows)  # one row per line
+    (args.results / "lattice.json").write_text(f"[\n{lines}\n]\n", encoding="utf-8")
     args.docs.write_text(docs_page(args.results), encoding="utf-8")
     counts = {s: sum(r["study"] == s for r in rows) for s in STUDIES}
     print(f"results/lattice.json: {len(rows)} rows {counts}; wrote {args.docs}")
