@@ -43,6 +43,12 @@ What the model sees
     per item at ``fit`` / ``load`` (``HSTURanker.candidate_tables``, kept when at most ``CANDIDATE_TABLE_BYTES``)
     and read by id; the same values.
 
+Domains (``rank(..., candidate_domains=...)``)
+    A model trained on data with domains (``data.domains``; ``Ranker.domains`` names them) takes each candidate's
+    domain by name, one per candidate or one for all; it fills ``RankingBatch.cand_domains``. A model with the HSTU
+    ranker's domain options (``Ranker.needs_domains``) needs every candidate's domain; otherwise a domain may be
+    left out (unknown, id 0). Unknown names are refused with the model's domains listed.
+
 Probabilities
     ``probs[task]``: the sigmoid of the model's logit for every model (the learned rankers and the floors all
     return logits; the popularity floor's are logits of its smoothed rates). NaN for an unknown candidate.
@@ -141,7 +147,8 @@ class RankQuery:
 
     items, actions, times [n] int64: the kept history (oldest first); query_time: the candidates' impression time;
     last_time: the most recent history event's time (-1 when the history is empty); user_features [F] int64;
-    candidates: as given (external); candidate_ids: internal ids, 0 where unknown."""
+    candidates: as given (external); candidate_ids: internal ids, 0 where unknown; candidate_domains [n] int64: each
+    candidate's domain id (1..K in ``schema.domains`` order, 0 = not given), None when no domains were given."""
 
     items: np.ndarray
     actions: np.ndarray
@@ -153,6 +160,7 @@ class RankQuery:
     candidate_ids: np.ndarray
     unknown: tuple[str, ...]
     warnings: tuple[str, ...]
+    candidate_domains: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,6 +199,19 @@ class Ranker:
         """Task names, in the schema's order."""
         self.check_fitted()
         return self.state_.schema.tasks
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """The model's domain names (``candidate_domains`` of ``rank``), in the schema's order; () without domains."""
+        self.check_fitted()
+        return self.state_.schema.domains
+
+    @property
+    def needs_domains(self) -> bool:
+        """Whether the model scores a candidate with its domain's parameters (the HSTU ranker's domain options), so
+        that ``rank`` needs every candidate's domain."""
+        self.check_fitted()
+        return bool(getattr(getattr(self.model_, "config", None), "uses_domains", False))
 
     @property
     def model_id(self) -> str:
@@ -355,11 +376,17 @@ class Ranker:
         *,
         query_time: int | None = None,
         user_features: Mapping[str, int | str] | None = None,
+        candidate_domains: str | Sequence[str | None] | None = None,
     ) -> RankResult:
         """Per-task probabilities of ``candidates`` (in their order; NaN for unknown ids) after ``history``.
-        Unknown history ids are ignored with an ``UnknownItemWarning``; see the module docstring."""
-        result = self.rank_batch([history], [candidates], query_times=[query_time],
-                                 user_features=[user_features])[0]  # fmt: skip
+        Unknown history ids are ignored with an ``UnknownItemWarning``; see the module docstring.
+
+        ``candidate_domains``: for a model with domains (``domains``), each candidate's domain name, one per
+        candidate, or one name for all of them; None (or a None entry) = not known. A model that scores with its
+        domain's parameters (``needs_domains``) needs every candidate's domain. An unknown name, a missing domain
+        when one is needed, or domains for a model without domains raise ``InvalidInputError``."""
+        result = self.rank_batch([history], [candidates], query_times=[query_time], user_features=[user_features],
+                                 candidate_domains=[candidate_domains])[0]  # fmt: skip
         _warn_unknown([result])
         return result
 
@@ -370,9 +397,11 @@ class Ranker:
         *,
         query_times: int | Sequence[int | None] | None = None,
         user_features: Mapping[str, int | str] | Sequence[Mapping[str, int | str] | None] | None = None,
+        candidate_domains: Sequence[str | Sequence[str | None] | None] | None = None,
     ) -> list[RankResult]:
         """One ``RankResult`` per (history, candidate list). ``query_times`` and ``user_features`` are one value for
-        all histories or one per history. One model pass per micro-batch of histories."""
+        all histories or one per history; ``candidate_domains`` is None or one entry per history (each as ``rank``'s
+        ``candidate_domains``). One model pass per micro-batch of histories."""
         self.check_fitted()
         if isinstance(histories, (str, bytes, Mapping)) or not isinstance(histories, (Sequence, np.ndarray)):
             raise InvalidInputError(f"histories must be a list of histories, got {type(histories).__name__}")
@@ -387,8 +416,15 @@ class Ranker:
             features = list(user_features)
         else:
             raise InvalidInputError(f"user_features must be a mapping, None, or one per history ({len(histories)})")
-        queries = [self.prepare_rank(h, c, query_time=t, user_features=f)
-                   for h, c, t, f in zip(histories, candidates_list, times, features)]  # fmt: skip
+        if candidate_domains is None:
+            domains: list[Any] = [None] * len(histories)
+        elif isinstance(candidate_domains, (str, bytes, Mapping)) or not isinstance(candidate_domains, Sequence) \
+                or len(candidate_domains) != len(histories):  # fmt: skip
+            raise InvalidInputError(f"candidate_domains must be None or one entry per history ({len(histories)})")
+        else:
+            domains = list(candidate_domains)
+        queries = [self.prepare_rank(h, c, query_time=t, user_features=f, candidate_domains=d)
+                   for h, c, t, f, d in zip(histories, candidates_list, times, features, domains)]  # fmt: skip
         return self.execute(queries)
 
     def prepare_rank(
@@ -398,11 +434,13 @@ class Ranker:
         *,
         query_time: int | None = None,
         user_features: Mapping[str, int | str] | None = None,
+        candidate_domains: str | Sequence[str | None] | None = None,
     ) -> RankQuery:
         """Validate and map one rank request (raises ``InvalidInputError``) without running the model."""
         self.check_fitted()
         schema = self.state_.schema
         cands = _id_list(candidates, "candidates")
+        cand_domains = self._candidate_domains(candidate_domains, len(cands))
         ids, timed, times, acts = _parse_history(history, schema.actions)
         query_time = _timestamp(query_time, "query_time")
         if query_time is not None and query_time < 0:
@@ -451,7 +489,42 @@ class Ranker:
         if (cand_ids == 0).any():
             notes.append(f"{int((cand_ids == 0).sum())} unknown candidate id(s) have no probability")
         return RankQuery(internal, actions, times, int(query_time), last_time, feats, tuple(cands), cand_ids,
-                         unknown, tuple(notes))  # fmt: skip
+                         unknown, tuple(notes), cand_domains)  # fmt: skip
+
+    def _candidate_domains(self, given: Any, n: int) -> np.ndarray | None:
+        """The [n] domain ids (1..K, 0 = not known) of a request's ``candidate_domains`` for its n candidates, or
+        None when none are given; raises ``InvalidInputError`` (see ``rank``)."""
+        domains = self.state_.schema.domains
+        if given is None:
+            if self.needs_domains and n:
+                raise InvalidInputError(f"candidate_domains: this model scores every candidate with its domain's "
+                                        f"parameters and needs each candidate's domain, one of {list(domains)}")  # fmt: skip
+            return None
+        if not domains:
+            raise InvalidInputError("candidate_domains: this model was trained without domains; leave them out")
+        if isinstance(given, str):
+            names: list[Any] = [given] * n
+        elif isinstance(given, (bytes, Mapping)) or not isinstance(given, (Sequence, np.ndarray)):
+            raise InvalidInputError(f"candidate_domains must be a domain name or a list of them, one per candidate, "
+                                    f"got {type(given).__name__}")  # fmt: skip
+        else:
+            names = list(given)
+            if len(names) != n:
+                raise InvalidInputError(f"candidate_domains: {len(names)} domain(s) for {n} candidates (give one per "
+                                        "candidate, or one name for all)")  # fmt: skip
+        index = {name: k for k, name in enumerate(domains, 1)}
+        ids = np.zeros(n, dtype=np.int64)
+        for i, name in enumerate(names):
+            if name is None:
+                if self.needs_domains:
+                    raise InvalidInputError(f"candidate_domains[{i}]: missing; this model needs every candidate's "
+                                            f"domain, one of {list(domains)}")  # fmt: skip
+                continue
+            if not isinstance(name, str) or name not in index:
+                raise InvalidInputError(f"candidate_domains[{i}]: unknown domain {name!r:.60}; the model's domains: "
+                                        f"{list(domains)}")  # fmt: skip
+            ids[i] = index[name]
+        return ids
 
     def _user_features(self, given: Any) -> tuple[np.ndarray, list[str]]:
         """The [F] feature ids of a request's ``user_features`` mapping (0 = unknown) and notes."""
@@ -531,12 +604,14 @@ class Ranker:
         qt = np.zeros(B, dtype=np.int64)
         last = np.zeros(B, dtype=np.int64)
         feats = np.zeros((B, F), dtype=np.int64)
+        domains = np.zeros((B, C), dtype=np.int64)  # 0 = unknown domain (and padding)
         for r, (q, k) in enumerate(zip(queries, known)):
             n = len(q.items)
             hist[0, r, :n], hist[1, r, :n], hist[2, r, :n] = q.items, q.actions, q.times
             cand[r, : len(k)] = k
             cmask[r, : len(k)] = True
             qt[r], last[r], feats[r] = q.query_time, q.last_time, q.user_features
+            domains[r, : len(k)] = self._query_domains(q)
         cand_times = np.where(cmask, qt[:, None], 0)
         if getattr(self.model_, "reads_dense_features", True):
             dense = state.features.features(np.zeros((B, C), np.int64), np.broadcast_to(qt[:, None], (B, C)), cand,
@@ -556,8 +631,20 @@ class Ranker:
             cand_mask=torch.from_numpy(cmask),
             user_features=torch.from_numpy(feats),
             dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
+            cand_domains=torch.from_numpy(domains) if state.schema.domains else None,
         )
         return batch.to(self.device_)
+
+    def _query_domains(self, query: RankQuery) -> np.ndarray:
+        """[K] domain ids of a prepared query's known candidates (0 = not known); ``InvalidInputError`` when the
+        model needs them and the query has none for its candidates (e.g. candidates set after ``prepare_rank``)."""
+        known = query.candidate_ids > 0
+        if query.candidate_domains is not None and len(query.candidate_domains) == len(query.candidate_ids):
+            return query.candidate_domains[known]
+        if query.candidate_domains is not None or (self.needs_domains and known.any()):
+            raise InvalidInputError(f"the query's candidate_domains do not give the domain of each of its "
+                                    f"{len(query.candidate_ids)} candidates, which this model needs")  # fmt: skip
+        return np.zeros(int(known.sum()), dtype=np.int64)
 
     def _probabilities(self, queries: list[RankQuery]) -> list[np.ndarray]:
         """[K_q, T] probabilities of each query's known candidates."""

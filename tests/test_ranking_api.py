@@ -478,3 +478,66 @@ def test_every_ranker_kind_fits_ranks_and_round_trips(model, tmp_path):
     perm = [3, 1, 4, 0, 2]
     permuted = probs(ranker.rank(HISTORY, [CANDS[i] for i in perm], query_time=1_021_600))
     np.testing.assert_allclose(permuted, p[perm], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ domains
+DOMAINS = ("even", "odd")
+DOMAIN_HISTORY = [("m3", 1_020_000), {"item": "m7", "ts": 1_020_500, "actions": ["clicked", "liked"]}]
+
+
+def test_candidate_domains_reach_a_model_with_domain_towers(tmp_path):
+    frame = table()
+    frame["domain"] = frame["movie"].str[1:].astype(int) % 2 + 1  # 1 = even movie id, 2 = odd
+    events_domain = frame["domain"].to_numpy()
+    events = pd.DataFrame({"user": frame["uid"], "item": frame["movie"], "timestamp": frame["when"],
+                           "actions": frame["click"] + 2 * frame["like"], "candidate": True,
+                           "task:click": frame["click"], "task:like": frame["like"], "domain": events_domain})  # fmt: skip
+    dataset = build_ranking_dataset(events, name="synthetic", tasks=TASKS, actions=("clicked", "liked"),
+                                    split="user-last", n_eval=2, max_candidates=1, domains=DOMAINS)  # fmt: skip
+    config = run_config(tmp_path, {"name": "hstu-ranker", "params": {**HSTU["params"], "domain_towers": True}})
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, domains="parity"))
+    train_ranker(config, dataset=dataset, progress=False)
+    ranker = Ranker.load(tmp_path / "run")
+    assert ranker.domains == DOMAINS and ranker.needs_domains
+    # the API's answers with each candidate's domain are the trained model's on the test part
+    reference = predict(ranker.model_, dataset, "test", batch_size=64, max_history=10, max_candidates=1)
+    rows = dataset.rows("test", 1)
+    actions = dataset.schema.actions
+    got = []
+    for r in range(len(rows)):
+        lo = max(rows.user_start[r], rows.hist_end[r] - 10)
+        history = [{"item": dataset.item_map.external[dataset.ev_item[e] - 1], "ts": int(dataset.ev_time[e]),
+                    "actions": [a for b, a in enumerate(actions) if dataset.ev_actions[e] >> b & 1]}
+                   for e in range(lo, rows.hist_end[r])]  # fmt: skip
+        e = rows.cands[rows.start[r]]
+        cand, domain = dataset.item_map.external[dataset.ev_item[e] - 1], DOMAINS[dataset.ev_domain[e] - 1]
+        got.append(probs(ranker.rank(history, [cand], query_time=int(rows.t0[r]), candidate_domains=[domain]))[0])
+    np.testing.assert_allclose(np.array(got), reference.probs, rtol=0, atol=2e-6)
+    # the domain is read: one name for all candidates fills cand_domains, and another domain's tower answers otherwise
+    query = ranker.prepare_rank(DOMAIN_HISTORY, ["m2", "nope", "m5"], candidate_domains="odd")
+    np.testing.assert_array_equal(ranker.make_batch([query]).cand_domains.numpy(), [[2, 2]])
+    as_even, as_odd = (probs(ranker.rank(DOMAIN_HISTORY, ["m2"], candidate_domains=d)) for d in ("even", "odd"))
+    assert not np.allclose(as_even, as_odd)
+    # bad or missing domains are refused with the model's domains listed
+    with pytest.raises(InvalidInputError, match=r"needs each candidate's domain, one of \['even', 'odd'\]"):
+        ranker.rank(DOMAIN_HISTORY, ["m2"])
+    with pytest.raises(InvalidInputError, match=r"candidate_domains\[1\]: unknown domain 'comedy'; .*\['even', 'odd'\]"):
+        ranker.rank(DOMAIN_HISTORY, ["m2", "m5"], candidate_domains=["even", "comedy"])
+    with pytest.raises(InvalidInputError, match=r"candidate_domains\[0\]: missing"):
+        ranker.rank(DOMAIN_HISTORY, ["m2", "m5"], candidate_domains=[None, "odd"])
+    with pytest.raises(InvalidInputError, match="1 domain.* for 2 candidates"):
+        ranker.rank(DOMAIN_HISTORY, ["m2", "m5"], candidate_domains=["even"])
+    with pytest.raises(InvalidInputError, match="one entry per history"):
+        ranker.rank_batch([DOMAIN_HISTORY, DOMAIN_HISTORY], [["m2"], ["m5"]], candidate_domains=["even"])
+    # candidates set after prepare_rank (without their domains) are refused, not scored with domain 0
+    later = dataclasses.replace(ranker.prepare_rank(DOMAIN_HISTORY, []), candidates=("m2",),
+                                candidate_ids=ranker.state_.item_map.to_internal(["m2"]))  # fmt: skip
+    with pytest.raises(InvalidInputError, match="candidate_domains"):
+        ranker.execute([later])
+
+
+def test_candidate_domains_are_refused_by_a_model_without_domains(hstu):
+    assert hstu.domains == () and not hstu.needs_domains
+    with pytest.raises(InvalidInputError, match="trained without domains"):
+        hstu.rank(HISTORY, CANDS, candidate_domains="even")
+    assert hstu.make_batch([hstu.prepare_rank(HISTORY, CANDS)]).cand_domains is None
