@@ -39,7 +39,7 @@ from torch import nn
 
 from genrec.data.delayed import TrainingPlan, segment_of, window_labels
 from genrec.data.ranking_batch import RankingBatch, RankingSchema
-from genrec.eval.ranking_metrics import resampled_auc
+from genrec.eval.ranking_metrics import average_precision, resampled_auc, resampled_average_precision
 
 __all__ = [
     "StreamConfig",
@@ -287,71 +287,6 @@ def true_labels(data: StreamData, idx: np.ndarray, longest_s: int) -> np.ndarray
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def average_precision(scores, labels, weights=None) -> float:
-    """PR-AUC as average precision, ``Σ_thresholds (R_k − R_{k−1}) · P_k`` (tied scores form one threshold; the
-    step-wise estimator of scikit-learn's ``average_precision_score``), with optional non-negative weights (a
-    weight k counts an example k times). ValueError without a positive."""
-    s = np.asarray(scores, np.float64)
-    y = np.asarray(labels, np.float64)
-    w = np.ones_like(s) if weights is None else np.asarray(weights, np.float64)
-    if s.ndim != 1 or s.shape != y.shape or s.shape != w.shape:
-        raise ValueError("average_precision: scores, labels and weights must be 1-D of one length")
-    if not np.isfinite(s).all() or not np.isin(y, (0.0, 1.0)).all() or (w < 0).any():
-        raise ValueError("average_precision: finite scores, 0/1 labels and non-negative weights are required")
-    return float(_ap_rows(s, y, w[None, :])[0])
-
-
-def _ap_rows(s: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """[r] average precision of scores s [n], labels y [n] under r weight rows w [r, n]; NaN without a positive."""
-    order = np.argsort(-s, kind="stable")  # O(n) when s is already sorted descending
-    ss = s[order]
-    ends = np.flatnonzero(np.r_[ss[1:] != ss[:-1], True])  # last position of each distinct score (a threshold)
-    ws = w[:, order]  # [r, n]
-    ctp = np.cumsum(ws * y[order], axis=1)[:, ends]  # [r, G] weighted true positives at each threshold
-    call = np.cumsum(ws, axis=1)[:, ends]  # [r, G] weighted predicted positives
-    tp = np.diff(ctp, axis=1, prepend=0.0)  # [r, G] positives gained at each threshold (recall steps)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(call > 0, ctp / np.where(call > 0, call, 1.0), 0.0)
-        return (tp * precision).sum(axis=1) / ctp[:, -1]
-
-
-def _resampled_ap(s: np.ndarray, y: np.ndarray, uidx: np.ndarray, counts: np.ndarray, chunk: int,
-                  matrix_limit: int = 50_000_000) -> np.ndarray:  # fmt: skip
-    """[R] average precision under per-user multiplicities ``counts [R, U]``, exactly as :func:`_ap_rows` on the
-    per-example weights ``counts[:, uidx]``, but in O(P · U) memory and one matrix product per block of resamples.
-
-    With examples sorted by descending score and ``e_i`` the last position of positive i's tie group (its
-    threshold), precision at i under weights is ``Σ_u c_u · A[i, u] / Σ_u c_u · B[i, u]`` where ``B[i, u]`` counts
-    user u's examples at positions ``<= e_i`` and ``A[i, u]`` its positives there; AP = Σ_i c_{u_i} · precision_i
-    / Σ_i c_{u_i}. When P · U exceeds ``matrix_limit`` the per-example form runs instead, ``chunk`` resamples at
-    a time.
-    """
-    U, P = counts.shape[1], int(y.sum())
-    if P == 0:
-        return np.full(counts.shape[0], np.nan)
-    if P * U > matrix_limit:
-        return np.concatenate([_ap_rows(s, y, counts[r:r + chunk][:, uidx].astype(np.float64))
-                               for r in range(0, counts.shape[0], chunk)])  # fmt: skip
-    order = np.argsort(-s, kind="stable")
-    ss, ys, us = s[order], y[order], uidx[order]
-    new = np.r_[True, ss[1:] != ss[:-1]]
-    group_end = np.flatnonzero(np.r_[new[1:], True])[np.cumsum(new) - 1]  # [n] last position of each one's group
-    pos = np.flatnonzero(ys == 1)  # [P] sorted positions of the positives
-    e = group_end[pos]  # [P] non-decreasing thresholds
-    block = np.searchsorted(e, np.arange(ss.size), side="left")  # [n] first positive whose threshold covers j
-    B = np.bincount(block * U + us, minlength=(P + 1) * U).reshape(P + 1, U)[:P].cumsum(0).astype(np.float32)
-    A = np.bincount(block[pos] * U + us[pos], minlength=(P + 1) * U).reshape(P + 1, U)[:P].cumsum(0)
-    A = A.astype(np.float32)
-    out = []
-    for r in range(0, counts.shape[0], max(chunk, 64)):
-        c = counts[r:r + max(chunk, 64)].T.astype(np.float32)  # [U, r]
-        w = c[us[pos]].astype(np.float64)  # [P, r] multiplicity of each positive
-        with np.errstate(invalid="ignore", divide="ignore"):
-            prec = (A @ c).astype(np.float64) / (B @ c).astype(np.float64)  # [P, r]
-            out.append(np.where(w > 0, w * prec, 0.0).sum(0) / w.sum(0))
-    return np.concatenate(out)
-
-
 def stream_metrics(probs, labels) -> dict[str, float]:
     """AUC, PR-AUC, log loss and calibration (Σ p / Σ y) of one set of predictions."""
     from_counts = resampled_stream_metrics(probs, labels, np.zeros(len(labels), np.int64), np.ones((1, 1), np.int64))
@@ -364,7 +299,8 @@ def resampled_stream_metrics(probs, labels, user_ids, counts: np.ndarray, chunk:
     :func:`genrec.eval.ranking_metrics.bootstrap_user_counts` draws them) -> {metric: [R]}.
 
     A user drawn k times counts k times; AUC comes from ``genrec.eval.ranking_metrics.resampled_auc`` (exact), the
-    others from per-user sums (log loss, calibration) or weighted average precision. Resamples are processed
+    others from per-user sums (log loss, calibration) or ``genrec.eval.ranking_metrics.resampled_average_precision``
+    (PR-AUC). Resamples are processed
     ``chunk`` at a time to bound memory.
     """
     p = np.asarray(probs, np.float64)
@@ -384,6 +320,6 @@ def resampled_stream_metrics(probs, labels, user_ids, counts: np.ndarray, chunk:
         c = counts[s:s + chunk]
         aucs.append(resampled_auc(p, y, uidx, c) if 0 < y.sum() < y.size else np.full(c.shape[0], np.nan))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return {"auc": np.concatenate(aucs), "pr_auc": _resampled_ap(p, y, uidx, counts, chunk),
+        return {"auc": np.concatenate(aucs), "pr_auc": resampled_average_precision(p, y, uidx, counts, chunk),
                 "log_loss": ll_u / n_u, "calibration": p_u / pos_u}  # fmt: skip
 

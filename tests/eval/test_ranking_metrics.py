@@ -14,6 +14,7 @@ from genrec.eval.ranking_metrics import (
     PROB_EPS,
     UndefinedMetricError,
     auc,
+    average_precision,
     binary_entropy,
     bootstrap_user_counts,
     calibration,
@@ -25,6 +26,7 @@ from genrec.eval.ranking_metrics import (
     paired_bootstrap,
     ranking_metrics,
     resampled_auc,
+    resampled_average_precision,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -422,3 +424,85 @@ def test_against_sklearn():
             num += sel.sum() * metrics.roc_auc_score(y[sel], p[sel])
             den += sel.sum()
     assert gauc(p, y, u)[0] == pytest.approx(num / den, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Average precision (PR-AUC)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def loop_average_precision(scores, labels, weights=None) -> float:
+    """sum_k (R_k - R_{k-1}) * P_k over the distinct thresholds, descending, by explicit loops."""
+    s, y = np.asarray(scores, float), np.asarray(labels, float)
+    w = np.ones_like(s) if weights is None else np.asarray(weights, float)
+    total_pos = sum(wi * yi for wi, yi in zip(w, y))
+    ap, previous_recall = 0.0, 0.0
+    for t in sorted(set(s.tolist()), reverse=True):
+        tp = sum(wi * yi for si, wi, yi in zip(s, w, y) if si >= t)
+        predicted = sum(wi for si, wi in zip(s, w) if si >= t)
+        recall = tp / total_pos
+        if predicted > 0:
+            ap += (recall - previous_recall) * (tp / predicted)
+        previous_recall = recall
+    return ap
+
+
+def test_average_precision_hand_computed():
+    # thresholds 0.9 (P 1, R 1/2), 0.8 (P 1/2), 0.7 (P 2/3, R 1), 0.6: AP = 1/2 * 1 + 1/2 * 2/3
+    assert average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx((1 + 2 / 3) / 2)
+    # tied scores are one threshold: 0.9 (P 0, R 0), 0.8 x2 (P 2/3, R 1): AP = 2/3
+    assert average_precision([0.9, 0.8, 0.8, 0.3], [0, 1, 1, 0]) == pytest.approx(2 / 3)
+    assert average_precision([0.5, 0.5], [1, 0]) == pytest.approx(0.5)
+    assert average_precision([0.9, 0.1], [1, 0]) == 1.0
+    # a weight of 2 is the example twice: 0.9 (P 1, R 2/3), 0.8 (P 2/3), 0.7 (P 3/4, R 1)
+    assert average_precision([0.9, 0.8, 0.7], [1, 0, 1], [2, 1, 1]) == pytest.approx(2 / 3 + 1 / 3 * 3 / 4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_average_precision_equals_a_loop_over_thresholds(seed):
+    rng = np.random.default_rng(seed)
+    n = 200
+    s = np.round(rng.random(n), 1 + seed % 2)  # many ties
+    y = (rng.random(n) < 0.25).astype(float)
+    w = rng.integers(0, 4, n).astype(float)
+    assert average_precision(s, y) == pytest.approx(loop_average_precision(s, y), abs=1e-12)
+    assert average_precision(s, y, w) == pytest.approx(loop_average_precision(s, y, w), abs=1e-12)
+    assert average_precision(torch.tensor(s), torch.tensor(y)) == pytest.approx(loop_average_precision(s, y))
+
+
+def test_average_precision_refuses_bad_or_undefined_input():
+    with pytest.raises(UndefinedMetricError, match="without a positive"):
+        average_precision([0.4, 0.3], [0, 0])
+    with pytest.raises(UndefinedMetricError, match="without a positive"):
+        average_precision([0.4, 0.3], [1, 0], [0, 1])  # the only positive weighs nothing
+    with pytest.raises(ValueError, match="scores: 1 value"):
+        average_precision([0.5, np.nan], [1, 0])
+    with pytest.raises(ValueError, match="labels: must be 0 or 1"):
+        average_precision([0.5, 0.4], [1, 2])
+    with pytest.raises(ValueError, match="different lengths"):
+        average_precision([0.5, 0.4], [1])
+    with pytest.raises(ValueError, match="weights: must be non-negative"):
+        average_precision([0.5, 0.4], [1, 0], [1, -1])
+    with pytest.raises(ValueError, match="1-D"):
+        average_precision([[0.5, 0.4]], [[1, 0]])
+
+
+def test_resampled_average_precision_equals_the_resampled_data():
+    p, y, u = synthetic(n=600, users=30, seed=3, ties=True)
+    users = np.unique(u)
+    assert len(users) == 30
+    y = np.where(u == users[0], 0.0, y)  # the first user has no positive
+    counts = bootstrap_user_counts(30, 6, seed=1)
+    counts[0] = 0
+    counts[0, 0] = 2  # a resample of that user alone has no positive: NaN
+    got = resampled_average_precision(p, y, u, counts, chunk=4)
+    for r in range(1, 6):
+        rep = np.repeat(np.arange(len(p)), counts[r][np.searchsorted(users, u)])
+        assert got[r] == pytest.approx(loop_average_precision(p[rep], y[rep]), abs=1e-9)
+    assert math.isnan(got[0])
+    with pytest.raises(ValueError, match=r"counts: expected \[R, 30\]"):
+        resampled_average_precision(p, y, u, counts[:, :5])
+    with pytest.raises(ValueError, match="non-negative integers"):
+        resampled_average_precision(p, y, u, counts.astype(float))
+    with pytest.raises(ValueError, match="chunk"):
+        resampled_average_precision(p, y, u, counts, chunk=0)

@@ -24,7 +24,7 @@ from genrec.train.streaming import (
     stream_metrics,
     true_labels,
 )
-from genrec.train.streaming import _resampled_ap  # the two forms of the resampled average precision
+from genrec.eval.ranking_metrics import _resampled_ap  # the two forms of the resampled average precision
 
 H, DAY = 3600, 86400
 WINDOWS = (1 * H, 24 * H, 72 * H)
@@ -63,17 +63,10 @@ def plan(method, data, b):
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def test_average_precision():
-    assert average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx((1 + 2 / 3) / 2)
-    assert average_precision([0.5, 0.5], [1, 0]) == pytest.approx(0.5)  # tied scores are one threshold
-    assert average_precision([0.9, 0.1], [1, 0]) == 1.0
-    rng = np.random.default_rng(0)
-    s, y, w = rng.random(300), (rng.random(300) < 0.2).astype(float), rng.integers(0, 4, 300)
-    assert average_precision(s, y, w) == pytest.approx(average_precision(np.repeat(s, w), np.repeat(y, w)))
-    with pytest.raises(ValueError):
-        average_precision([0.5, np.nan], [1, 0])
-    with pytest.raises(ValueError):
-        average_precision([0.5, 0.4], [1, 2])
+def test_streaming_reexports_the_evaluation_average_precision():
+    from genrec.eval import ranking_metrics
+
+    assert average_precision is ranking_metrics.average_precision
 
 
 def test_resampled_metrics_equal_the_metrics_of_the_resampled_data():
