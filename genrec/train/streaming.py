@@ -39,7 +39,11 @@ from torch import nn
 
 from genrec.data.delayed import TrainingPlan, segment_of, window_labels
 from genrec.data.ranking_batch import RankingBatch, RankingSchema
-from genrec.eval.ranking_metrics import average_precision, resampled_auc, resampled_average_precision
+from genrec.eval.ranking_metrics import (
+    average_precision,
+    resampled_auc,
+    resampled_average_precision,
+)
 
 __all__ = [
     "StreamConfig",

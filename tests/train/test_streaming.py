@@ -4,10 +4,21 @@ import numpy as np
 import pytest
 import torch
 
-from genrec.data.delayed import WindowRouting, pretrain_plan, segment_boundaries, segment_of, training_plan
+from genrec.data.delayed import (
+    WindowRouting,
+    pretrain_plan,
+    segment_boundaries,
+    segment_of,
+    training_plan,
+)
 from genrec.data.ranking_batch import RankingSchema
 from genrec.data.synthetic import SyntheticStreamConfig, generate_conversion_stream
-from genrec.eval.ranking_metrics import auc, calibration, log_loss
+from genrec.eval.ranking_metrics import (
+    _resampled_ap,  # the two forms of the resampled average precision
+    auc,
+    calibration,
+    log_loss,
+)
 from genrec.models.dlrm import DLRMRanker, DLRMRankerConfig
 from genrec.models.ranking_floors import multitask_loss_terms
 from genrec.train.streaming import (
@@ -24,7 +35,6 @@ from genrec.train.streaming import (
     stream_metrics,
     true_labels,
 )
-from genrec.eval.ranking_metrics import _resampled_ap  # the two forms of the resampled average precision
 
 H, DAY = 3600, 86400
 WINDOWS = (1 * H, 24 * H, 72 * H)
