@@ -256,7 +256,7 @@ def test_label_weights_restrict_each_task_to_its_labelled_candidates(variant):
     base_total, base = model.loss(batch)
     ones = dataclasses.replace(batch, label_weights=torch.ones_like(batch.labels))
     total, per = model.loss(ones)
-    assert float(total) == pytest.approx(float(base_total), rel=1e-6)
+    assert total.item() == pytest.approx(base_total.item(), rel=1e-6)
     w = torch.ones_like(batch.labels)
     w[0, 0, 0] = 0.0  # task 0 of candidate (0, 0) is unlabelled
     _, weighted = model.loss(dataclasses.replace(batch, label_weights=w))
