@@ -264,10 +264,10 @@ def test_label_weights_restrict_each_task_to_its_labelled_candidates(variant):
     flipped[0, 0, 0] = 1.0 - flipped[0, 0, 0]
     _, weighted_flipped = model.loss(dataclasses.replace(batch, labels=flipped, label_weights=w))
     task0, task1 = SCHEMA.tasks[0], SCHEMA.tasks[1]
-    assert float(weighted[task0]) == pytest.approx(float(weighted_flipped[task0]), rel=1e-6)
-    assert float(weighted[task1]) == pytest.approx(float(base[task1]), rel=1e-6)
+    assert weighted[task0].item() == pytest.approx(weighted_flipped[task0].item(), rel=1e-6)
+    assert weighted[task1].item() == pytest.approx(base[task1].item(), rel=1e-6)
     _, unweighted_flipped = model.loss(dataclasses.replace(batch, labels=flipped))
-    assert abs(float(unweighted_flipped[task0]) - float(base[task0])) > 1e-4  # the label matters when weighted 1
+    assert abs(unweighted_flipped[task0].item() - base[task0].item()) > 1e-4  # the label matters when weighted 1
 
 
 # ------------------------------------------------------------------------------------------- (4) padding invariance
