@@ -180,6 +180,20 @@ def _describe_single_class(y: np.ndarray) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _scored_examples(scores: Any, labels: Any, weights: Any | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked (scores [N], 0/1 labels [N], non-negative weights [N], 1 when None) of a weighted binary metric."""
+    s = _check_scores(scores)
+    y = _check_labels(labels)
+    _same_length(scores=s, labels=y)
+    if weights is None:
+        return s, y, np.ones_like(s)
+    w = _check_scores(weights, "weights")
+    _same_length(scores=s, weights=w)
+    if (w < 0).any():
+        raise ValueError("weights: must be non-negative")
+    return s, y, w
+
+
 def auc(scores: Any, labels: Any, weights: Any | None = None) -> float:
     """ROC AUC with ties counted one half, optionally with per-example non-negative weights.
 
@@ -196,16 +210,7 @@ def auc(scores: Any, labels: Any, weights: Any | None = None) -> float:
     Raises:
         UndefinedMetricError: only one class present (or all weight on one class).
     """
-    s = _check_scores(scores)
-    y = _check_labels(labels)
-    _same_length(scores=s, labels=y)
-    if weights is None:
-        w = np.ones_like(s)
-    else:
-        w = _check_scores(weights, "weights")
-        _same_length(scores=s, weights=w)
-        if (w < 0).any():
-            raise ValueError("weights: must be non-negative")
+    s, y, w = _scored_examples(scores, labels, weights)
     pos = y == 1.0
     neg_scores = s[~pos]
     order = np.argsort(neg_scores, kind="stable")
@@ -645,16 +650,7 @@ def average_precision(scores: Any, labels: Any, weights: Any | None = None) -> f
     Raises:
         UndefinedMetricError: no positive label (or all positive weight zero): recall is undefined.
     """
-    s = _check_scores(scores)
-    y = _check_labels(labels)
-    _same_length(scores=s, labels=y)
-    if weights is None:
-        w = np.ones_like(s)
-    else:
-        w = _check_scores(weights, "weights")
-        _same_length(scores=s, weights=w)
-        if (w < 0).any():
-            raise ValueError("weights: must be non-negative")
+    s, y, w = _scored_examples(scores, labels, weights)
     if not (w * y).sum() > 0:
         raise UndefinedMetricError("average precision is undefined without a positive label (recall needs one)")
     return float(_ap_rows(s, y, w[None, :])[0])
