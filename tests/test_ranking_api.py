@@ -271,6 +271,14 @@ def synthetic_dataset(frame: pd.DataFrame, **kw):
                                  split="user-last", n_eval=2, max_candidates=1, **kw)  # fmt: skip
 
 
+def _raw_history(dataset, rows, r: int, actions, max_history: int = 10) -> list[dict]:
+    """Row r's most recent ``max_history`` history events as raw API events (external item id, time, actions)."""
+    lo = max(rows.user_start[r], rows.hist_end[r] - max_history)
+    return [{"item": dataset.item_map.external[dataset.ev_item[e] - 1], "ts": int(dataset.ev_time[e]),
+             "actions": [a for b, a in enumerate(actions) if dataset.ev_actions[e] >> b & 1]}
+            for e in range(lo, rows.hist_end[r])]  # fmt: skip
+
+
 def test_a_train_ranker_run_directory_loads_and_ranks_like_the_trained_model(tmp_path):
     frame = table()
     dataset = synthetic_dataset(frame)
@@ -285,10 +293,7 @@ def test_a_train_ranker_run_directory_loads_and_ranks_like_the_trained_model(tmp
     actions = dataset.schema.actions
     got = []
     for r in range(len(rows)):
-        lo = max(rows.user_start[r], rows.hist_end[r] - 10)
-        history = [{"item": dataset.item_map.external[dataset.ev_item[e] - 1], "ts": int(dataset.ev_time[e]),
-                    "actions": [a for b, a in enumerate(actions) if dataset.ev_actions[e] >> b & 1]}
-                   for e in range(lo, rows.hist_end[r])]  # fmt: skip
+        history = _raw_history(dataset, rows, r, actions)
         cand = dataset.item_map.external[dataset.ev_item[rows.cands[rows.start[r]]] - 1]
         got.append(probs(ranker.rank(history, [cand], query_time=int(rows.t0[r])))[0])
     np.testing.assert_allclose(np.array(got), reference.probs, rtol=0, atol=2e-6)
@@ -505,10 +510,7 @@ def test_candidate_domains_reach_a_model_with_domain_towers(tmp_path):
     actions = dataset.schema.actions
     got = []
     for r in range(len(rows)):
-        lo = max(rows.user_start[r], rows.hist_end[r] - 10)
-        history = [{"item": dataset.item_map.external[dataset.ev_item[e] - 1], "ts": int(dataset.ev_time[e]),
-                    "actions": [a for b, a in enumerate(actions) if dataset.ev_actions[e] >> b & 1]}
-                   for e in range(lo, rows.hist_end[r])]  # fmt: skip
+        history = _raw_history(dataset, rows, r, actions)
         e = rows.cands[rows.start[r]]
         cand, domain = dataset.item_map.external[dataset.ev_item[e] - 1], DOMAINS[dataset.ev_domain[e] - 1]
         got.append(probs(ranker.rank(history, [cand], query_time=int(rows.t0[r]), candidate_domains=[domain]))[0])
