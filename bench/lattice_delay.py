@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -189,7 +190,7 @@ def taobao_source(args) -> tuple[StreamData, np.ndarray, dict]:
 def run_source(data: StreamData, b: np.ndarray, windows_s: tuple[int, ...], args, batch_size: int
                ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, float]]:  # fmt: skip
     """{method: probs [S, M]}, eval_index [M], seconds per method (summed over seeds)."""
-    routing = WindowRouting.uniform(windows_s, salt=args.routing_salt)
+    routing = _routing(windows_s, args)
     pre = pretrain_plan(data.click, data.convert, int(b[0]), windows_s)
     rows = pre.at(0)
     rates = tuple(float(np.clip(pre.labels[rows, t].mean(), 1e-4, 0.5)) for t in range(len(windows_s)))
@@ -226,6 +227,13 @@ def run_source(data: StreamData, b: np.ndarray, windows_s: tuple[int, ...], args
                   + " ".join(f"{k} {v:.4f}" for k, v in stream_metrics(res.probs, _labels(data, res.eval_index, windows_s[-1])).items()),
                   flush=True)  # fmt: skip
     return {m: np.stack(v) for m, v in probs.items()}, eval_index, seconds
+
+
+def _routing(windows_s: tuple[int, ...], args) -> WindowRouting:
+    """Uniform routing unless ``--routing-probs`` gives one probability per window."""
+    if args.routing_probs is None:
+        return WindowRouting.uniform(windows_s, salt=args.routing_salt)
+    return WindowRouting(windows_s, tuple(args.routing_probs), salt=args.routing_salt)
 
 
 def _labels(data: StreamData, idx: np.ndarray, longest_s: int) -> np.ndarray:
@@ -282,7 +290,9 @@ def compare(probs: dict[str, np.ndarray], labels: np.ndarray, users: np.ndarray,
 def protocol_text(source: str, args, b: np.ndarray, data: StreamData, windows_h: tuple[float, ...]) -> str:
     wins = " / ".join(f"{h:g} h" for h in windows_h)
     W = f"{windows_h[-1]:g} h"
-    common = (f"Windows {wins}, uniform hash routing of (user, item, click time) (salt {args.routing_salt}). Pretrain "
+    probs = "uniform" if args.routing_probs is None else "/".join(f"{p:g}" for p in args.routing_probs)
+    common = (f"Windows {wins}, hash routing of (user, item, click time) with probabilities {probs} "
+              f"(salt {args.routing_salt}). Pretrain "
               f"({args.pretrain_epochs} epochs) on the clicks whose {W} window closed by the stream start, every head "
               f"on its window label; then {b.size - 1} segments, each predicted before training; every streamed "
               f"example trained once (1 pass, Adam lr {args.lr}); " + (
@@ -332,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--pretrain-epochs", type=int, default=2)
     ap.add_argument("--routing-salt", type=int, default=0)
+    ap.add_argument("--routing-probs", type=float, nargs="+", default=None,
+                    help="window-heads routing probability per window, shortest first (default uniform)")
     ap.add_argument("--resamples", type=int, default=500)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -349,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         data, b, info = synthetic_source(args) if source == "synthetic" else taobao_source(args)
         windows_h = info["windows_h"]
         windows_s = tuple(int(h * HOUR) for h in windows_h)
+        try:
+            _routing(windows_s, args)
+        except ValueError as e:
+            ap.error(f"--routing-probs: {e}")
         probs, idx, seconds = run_source(data, b, windows_s, args, batch_size=512 if source == "synthetic" else 256)
         labels, users = _labels(data, idx, windows_s[-1]), data.users[idx]
         point, cis = compare(probs, labels, users, args.resamples, seed=0)
@@ -358,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         base = {"study": "delay", "dataset": dataset, "model": args.model, "task": data.schema.tasks[-1],
                 "seeds": list(args.seeds), "command": command, "protocol": protocol_text(source, args, b, data, windows_h),
                 "evaluated": int(idx.size), "positives": int(labels.sum()),
-                "parameters": {"windows_s": list(windows_s), "routing_probs": [1 / len(windows_s)] * len(windows_s), "segments": int(b.size - 1),
+                "parameters": {"windows_s": list(windows_s), "routing_probs": list(_routing(windows_s, args).probs), "segments": int(b.size - 1),
                                "stream_start": int(b[0]), "lr": args.lr, "pretrain_epochs": args.pretrain_epochs,
                                "resamples": args.resamples, **info["params"]}}  # fmt: skip
         if info["true_prob"] is not None:
@@ -371,10 +387,22 @@ def main(argv: list[str] | None = None) -> int:
             metrics["per_seed"] = {METRICS[k]: v for k, v in point[m]["per_seed"].items()}
             rows.append({**base, "variant": LABELS[m], "metrics": metrics, "ci": cis[m], "seconds": seconds[m]})
     old = json.loads(args.out.read_text()) if args.out.exists() else []
-    done = {(r["dataset"], r["model"]) for r in rows}
-    write_json(args.out, [r for r in old if (r.get("dataset"), r.get("model", "dlrm")) not in done] + rows)
+    done = {_block_key(r) for r in rows}
+    write_json(args.out, [r for r in old if _block_key(r) not in done] + rows)
     print(markdown_tables(args.out))
     return 0
+
+
+def _block_key(row: dict) -> tuple[str, str, tuple[float, ...]]:
+    """One results block: a run's rows share the dataset, the model and the window-heads routing probabilities."""
+    return (row["dataset"], row.get("model", "dlrm"),
+            tuple(round(p, 6) for p in row.get("parameters", {}).get("routing_probs", ())))  # fmt: skip
+
+
+def _routing_text(probs: tuple[float, ...]) -> str:
+    if probs and all(math.isclose(p, probs[0], rel_tol=1e-4) for p in probs):
+        return "uniform"
+    return " / ".join(f"{p:g}" for p in probs)
 
 
 def _ci(c: dict | None, key: str, metric: str, digits: int = 4) -> str:
@@ -389,11 +417,12 @@ def markdown_tables(path: Path = RESULTS) -> str:
     """The study's tables from its results file (one block per dataset)."""
     rows = [r for r in json.loads(Path(path).read_text()) if r.get("study") == "delay"]
     out = []
-    for dataset, model in dict.fromkeys((r["dataset"], r.get("model", "dlrm")) for r in rows):
-        rs = [r for r in rows if r["dataset"] == dataset and r.get("model", "dlrm") == model]
+    for key in dict.fromkeys(_block_key(r) for r in rows):
+        rs = [r for r in rows if _block_key(r) == key]
+        dataset, model, routing = key
         r0 = rs[0]
-        out.append(f"### {dataset}, {model}: {r0['evaluated']:,} evaluated clicks, {r0['positives']:,} positives "
-                   f"({r0['task']} labels), seeds {r0['seeds']}\n")  # fmt: skip
+        out.append(f"### {dataset}, {model}, window-heads routing {_routing_text(routing)}: {r0['evaluated']:,} "
+                   f"evaluated clicks, {r0['positives']:,} positives ({r0['task']} labels), seeds {r0['seeds']}\n")
         out.append("| method | calibration | AUC | PR-AUC | LogLoss | RI-AUC | RI-PR-AUC | RI-LogLoss |")
         out.append("|---|---|---|---|---|---|---|---|")
         for r in rs:
