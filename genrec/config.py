@@ -379,6 +379,7 @@ RankingModelName = Literal["hstu-ranker", "dlrm", "din", "popularity", "logreg"]
 RankingSelectMetric = Literal["NE", "AUC", "GAUC", "LogLoss"]
 # how the per-task losses of a multi-task ranker are combined into one update (genrec.train.multitask)
 TaskBalancing = Literal["fixed", "uncertainty", "mgda", "pe-ltr"]
+DistillHead = Literal["serving", "aux"]
 # select metric -> (key in genrec.eval.ranking_metrics' reports, higher is better)
 RANKING_SELECT_METRICS: dict[str, tuple[str, bool]] = {
     "NE": ("ne", False),
@@ -404,6 +405,9 @@ class RankingDataConfig:
     # "genre"), which fills RankingBatch.cand_domains; None = no domains. Checked against the dataset when it loads.
     domains: str | None = None
     only_domain: str | None = None  # keep only this domain's candidates in every part (a per-domain model)
+    # unix seconds: train only on the training rows whose earliest candidate is before it (e.g. a stale teacher
+    # trained on data up to an earlier cut); validation, test and histories are unchanged. None = every row.
+    train_until: int | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self, "data")
@@ -456,6 +460,14 @@ class RankingTrainConfig:
     num_threads: int = 0  # torch intra-op threads; 0 = leave PyTorch's default
     device: str = "cpu"
     max_steps_per_epoch: int = 0  # 0 = whole epoch; >0 only for smoke tests
+    # Distillation (genrec.train.distill): a teacher's run directory (a train-ranker output on the same data); its
+    # logits on the training candidates become soft targets. distill_weight α mixes them with the labels:
+    # (1 - α) · BCE(labels) + α · BCE(sigmoid(teacher / τ)), through the serving heads themselves ("serving") or
+    # through one auxiliary head per task that serving never reads ("aux").
+    distill_teacher: str | None = None
+    distill_weight: float = 0.5
+    distill_head: DistillHead = "serving"
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         _check_fields(self, "train")
@@ -469,6 +481,14 @@ class RankingTrainConfig:
             w = self.task_weights
             _check(len(w) > 0 and all(0.0 <= x < float("inf") for x in w) and any(x > 0 for x in w),
                    "train.task_weights", list(w), "must be finite, non-negative and not all zero")  # fmt: skip
+        _check(0.0 < self.distill_weight < 1.0, "train.distill_weight", self.distill_weight,
+               "must be in (0, 1): the share of the loss on the teacher's targets")  # fmt: skip
+        _check(0.0 < self.distill_temperature < float("inf"), "train.distill_temperature", self.distill_temperature,
+               "must be a positive number")  # fmt: skip
+        _check(self.distill_teacher is None or self.distill_teacher != "", "train.distill_teacher",
+               self.distill_teacher, "must name a ranking run directory, or be null")  # fmt: skip
+        _check(self.distill_teacher is None or self.task_balancing == "fixed", "train.task_balancing",
+               self.task_balancing, "must be fixed when distilling (train.distill_teacher is set)")  # fmt: skip
 
 
 @dataclass

@@ -95,7 +95,7 @@ from genrec.api import (
 from genrec.config import RankingRunConfig, load_ranking_config, save_config
 from genrec.data.ranking_batch import RankingBatch
 from genrec.models.hstu_ranker import HSTURanker
-from genrec.train.ranking import RANKING_STATE_FILES, RankingState, build_ranker
+from genrec.train.ranking import RANKING_STATE_FILES, RankingState, build_run_model
 
 __all__ = ["RankQuery", "RankResult", "Ranker"]
 
@@ -303,8 +303,7 @@ class Ranker:
     def _load_state(self, directory: Path, device: str) -> None:
         state = RankingState.load(directory)
         config = load_ranking_config(directory / "config.yaml")
-        model = build_ranker(config.model, state.schema, task_weights=config.train.task_weights,
-                             seed=config.train.seed, max_history=config.data.max_history)  # fmt: skip
+        model = build_run_model(config, state.schema)
         weights_path = directory / "best.safetensors"
         weights = weights_path.read_bytes()
         try:

@@ -57,6 +57,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import sys
 import time
 import typing
@@ -102,6 +103,14 @@ from genrec.train.checkpoint import (
     save_weights,
     with_absolute_paths,
     write_log,
+)
+from genrec.train.distill import (
+    ServingHeads,
+    TeacherTargets,
+    aux_schema,
+    aux_task_weights,
+    distilled_batches,
+    teacher_targets,
 )
 from genrec.train.multitask import TaskBalancer, build_balancer
 
@@ -199,6 +208,50 @@ def build_ranker(
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model.params: {exc} (model.name={name!r})") from None
     return _construct(cls, name, schema, config)
+
+
+def build_run_model(config: RankingRunConfig, schema: RankingSchema) -> nn.Module:
+    """The ranker a run config trains and serves: :func:`build_ranker` for ``schema``, or, when the run distils
+    through auxiliary heads (``train.distill_head=aux``), the ranker on :func:`genrec.train.distill.aux_schema` with
+    loss weights ``(1 - α) · w`` and ``α · w``, wrapped in :class:`~genrec.train.distill.ServingHeads`."""
+    tc, dc = config.train, config.data
+    if tc.distill_teacher is None or tc.distill_head != "aux":
+        return build_ranker(config.model, schema, task_weights=tc.task_weights, seed=tc.seed,
+                            max_history=dc.max_history)  # fmt: skip
+    params = dict(config.model.params)
+    rates = params.get("task_base_rates")
+    if isinstance(rates, (list, tuple)) and len(rates) == schema.num_tasks:
+        params["task_base_rates"] = [*rates, *rates]  # the teacher's targets start at the labels' rates
+    inner = build_ranker(dataclasses.replace(config.model, params=params), aux_schema(schema),
+                         task_weights=aux_task_weights(tc.task_weights, schema.num_tasks, tc.distill_weight),
+                         seed=tc.seed, max_history=dc.max_history)  # fmt: skip
+    return ServingHeads(inner, schema.num_tasks)
+
+
+def load_teacher(directory: str | Path, dataset: RankingDataset) -> tuple[nn.Module, RankingRunConfig]:
+    """A trained ranker run (``genrec train-ranker`` output: config.yaml, best.safetensors, the ranking state) to
+    teach a student on ``dataset``; ConfigError unless it was trained on the same data (dataset, split, tasks, item
+    and user ids). Nothing is executed while reading it."""
+    directory = Path(directory)
+    for name in ("config.yaml", "best.safetensors", *RANKING_STATE_FILES):
+        if not (directory / name).is_file():
+            raise ConfigError(f"train.distill_teacher: {directory / name} not found (the teacher must be a finished "
+                              "train-ranker run directory)")  # fmt: skip
+    config = load_ranking_config(directory / "config.yaml")
+    state = RankingState.load(directory)
+    s, d = state.schema, dataset.schema
+    problems = [what for what, same in (
+        ("dataset", state.dataset == dataset.name), ("split", state.split == dataset.split),
+        ("tasks", s.tasks == d.tasks), ("items", state.item_map.external == dataset.item_map.external),
+        ("users", s.num_users == d.num_users), ("user features", s.user_features == d.user_features),
+        ("dense features", s.dense_features == d.dense_features), ("domains", s.domains == d.domains),
+    ) if not same]  # fmt: skip
+    if problems:
+        raise ConfigError(f"train.distill_teacher: {directory} was trained on other data than this run "
+                          f"({', '.join(problems)} differ)")  # fmt: skip
+    model = build_run_model(config, s)
+    load_weights(directory / "best.safetensors", model)
+    return model, config
 
 
 def _typed_params(params: dict[str, Any], allowed: dict[str, Any], name: str) -> dict[str, Any]:
@@ -471,6 +524,7 @@ def train_ranker(
     *,
     dataset: RankingDataset | None = None,
     model: nn.Module | None = None,
+    teacher: TeacherTargets | None = None,
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
@@ -483,12 +537,18 @@ def train_ranker(
             by default the dataset is loaded from ``config.data`` (with its domain definition and only_domain).
         model: a ranker following the contract (``forward``, ``loss``) to train instead of building
             ``config.model`` (results then name its class); on resume pass the same kind of model again.
+        teacher: with ``train.distill_teacher`` set, that teacher's logits on this dataset's training candidates
+            (:func:`genrec.train.distill.teacher_targets`), computed once and shared by several students; by default
+            they are computed here from the teacher run directory.
         overwrite: replace the run in ``output_dir`` (its run files, ``RANKING_RUN_FILES``, are removed first).
         resume: continue the run in ``output_dir`` from its ``checkpoint.pt``; the stored model and data sections,
             ``train.seed``, ``train.task_weights`` and ``train.select_metric`` must equal ``config``'s.
         progress: a tqdm bar per epoch while stderr is a terminal (per-epoch log lines either way).
     """
     config = with_absolute_paths(config)
+    if config.train.distill_teacher is not None:  # the saved config must find the teacher from anywhere
+        teacher_dir = os.path.abspath(os.path.expanduser(config.train.distill_teacher))
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, distill_teacher=teacher_dir))
     dc, tc = config.data, config.train
     out = Path(config.output_dir)
     canonical = DATASET_ALIASES.get(dc.dataset, dc.dataset)
@@ -496,7 +556,8 @@ def train_ranker(
         known = ", ".join(repr(n) for n in [*RANKING_DATASETS, *DATASET_ALIASES])
         raise ConfigError(f"data.dataset: {dc.dataset!r} is not a ranking dataset; known: {known}")
     existing = check_run_directory(out, RANKING_RUN_FILES, resume=resume, overwrite=overwrite)
-    resumed_fields = ("seed", "task_weights", "select_metric", "task_balancing")
+    resumed_fields = ("seed", "task_weights", "select_metric", "task_balancing", "distill_teacher", "distill_weight",
+                      "distill_head", "distill_temperature")
     saved = resume_state(out, lambda stored: config_differences(
         with_absolute_paths(load_ranking_config(stored)), config, ("model", "data"), resumed_fields)) if resume else None
     if tc.num_threads > 0:
@@ -512,6 +573,11 @@ def train_ranker(
                                        only_domain=dc.only_domain)  # fmt: skip
     else:
         _check_dataset_matches(dataset, config)
+    if dc.train_until is not None:
+        try:
+            dataset = dataset.restrict_training_until(dc.train_until)
+        except ValueError as exc:
+            raise ConfigError(f"data.train_until: {exc}") from None
     schema = dataset.schema
     log.info("data: %s", dataset.describe(dc.max_candidates))
     for part in ("train", "valid", "test"):
@@ -526,8 +592,10 @@ def train_ranker(
 
     torch.manual_seed(tc.seed)
     if model is None:
-        model = build_ranker(config.model, schema, task_weights=tc.task_weights, seed=tc.seed,
-                             max_history=dc.max_history)  # fmt: skip
+        model = build_run_model(config, schema)
+    elif tc.distill_teacher is not None and tc.distill_head == "aux" and not isinstance(model, ServingHeads):
+        raise ValueError("train.distill_head=aux: pass a model built by build_run_model (a ServingHeads ranker on "
+                         "the schema with the teacher's tasks), or none")  # fmt: skip
     model = model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     fitted_by_counting = not trainable and hasattr(model, "fit")
@@ -566,6 +634,26 @@ def train_ranker(
 
     if tc.task_balancing != "fixed":
         _check_per_task_losses(model, dataset, config, device, with_hist_labels)
+    targets: TeacherTargets | None = None
+    if teacher is not None and tc.distill_teacher is None:
+        raise ValueError("teacher targets were given, but train.distill_teacher is not set")
+    if tc.distill_teacher is not None and fitted_by_counting:
+        raise ConfigError(f"train.distill_teacher: {model_name} is fitted by counting, not by gradient steps")
+    if teacher is not None:
+        if teacher.tasks != schema.tasks:
+            raise ValueError(f"teacher targets for tasks {teacher.tasks}, the dataset has {schema.tasks}")
+        targets = teacher
+    elif tc.distill_teacher is not None:
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):  # building the teacher draws initial weights: keep the run's stream
+            teacher_model, teacher_config = load_teacher(tc.distill_teacher, dataset)
+            targets = teacher_targets(teacher_model.to(device), dataset, "train", batch_size=tc.eval_batch_size,
+                                      max_history=teacher_config.data.max_history,
+                                      max_candidates=teacher_config.data.max_candidates, device=device)  # fmt: skip
+        del teacher_model
+        log.info("distillation: teacher %s (%s) scored %d training candidates in %.1fs; head %s, weight %g, "
+                 "temperature %g", tc.distill_teacher, teacher_config.model.name, targets.events.size,
+                 time.perf_counter() - t0, tc.distill_head, tc.distill_weight, tc.distill_temperature)  # fmt: skip
     valid_protocol = protocol(dataset, "valid", config)
     # The selection metric's definedness depends on the validation labels only: check it before writing anything.
     _check_selection_defined(dataset, config, select_tasks)
@@ -590,8 +678,14 @@ def train_ranker(
         epoch = state.epoch + 1
         seed = _epoch_seed(tc.seed, epoch)
         torch.manual_seed(seed)
-        batches = dataset.batches("train", tc.batch_size, shuffle=True, seed=seed, max_history=dc.max_history,
-                                  max_candidates=dc.max_candidates, with_hist_labels=with_hist_labels)  # fmt: skip
+        if targets is None:
+            batches = dataset.batches("train", tc.batch_size, shuffle=True, seed=seed, max_history=dc.max_history,
+                                      max_candidates=dc.max_candidates, with_hist_labels=with_hist_labels)  # fmt: skip
+        else:
+            batches = distilled_batches(dataset, targets, head=tc.distill_head, weight=tc.distill_weight,
+                                        temperature=tc.distill_temperature, batch_size=tc.batch_size, seed=seed,
+                                        max_history=dc.max_history, max_candidates=dc.max_candidates,
+                                        with_hist_labels=with_hist_labels)  # fmt: skip
         if tc.max_steps_per_epoch > 0:
             batches = itertools.islice(batches, tc.max_steps_per_epoch)
         t0 = time.perf_counter()
@@ -651,6 +745,12 @@ def train_ranker(
         "tasks": list(schema.tasks),
         "task_weights": list(weights),
         "task_balancing": tc.task_balancing,
+        "distillation": None if tc.distill_teacher is None else {
+            "teacher": tc.distill_teacher, "head": tc.distill_head, "weight": tc.distill_weight,
+            "temperature": tc.distill_temperature,
+            "rule": "loss = (1 - weight) * BCE(labels) + weight * BCE(sigmoid(teacher logit / temperature)), through "
+                    + ("the serving heads" if tc.distill_head == "serving" else "one auxiliary head per task"),
+        },
         "selection": {
             "metric": tc.select_metric,
             "direction": "higher is better" if higher_better else "lower is better",

@@ -275,6 +275,7 @@ class RankingDataset:
     notes: list[str] = field(default_factory=list)
     ev_domain: np.ndarray | None = None  # [N] int64 domain id of each event (1..K, 0 unknown); None without domains
     only_domain: str | None = None  # keep only this domain's candidates in every part (restrict_to_domain)
+    train_until: int | None = None  # keep only training rows with t0 < train_until (restrict_training_until)
     # causal training statistics (see the module docstring); built by build_ranking_dataset
     _stats: dict = field(default_factory=dict, repr=False)
     _rows: dict = field(default_factory=dict, repr=False)
@@ -299,6 +300,18 @@ class RankingDataset:
             self.domain_id(name)  # refuses an unknown name
         return dataclasses.replace(self, only_domain=name, _rows={})
 
+    def restrict_training_until(self, cut: int | None) -> RankingDataset:
+        """The dataset whose training part keeps only the rows whose earliest candidate is before ``cut`` (unix
+        seconds): a model trained on it has seen nothing at or after ``cut`` (e.g. a stale teacher). The validation
+        and test parts, the histories, the dense features and the schema are unchanged; ``None`` restores them."""
+        if cut is not None:
+            cut = int(cut)
+            rows = self._chunk_rows("train", self.default_max_candidates)
+            if not bool((rows.t0 < cut).any()):
+                raise ValueError(f"{self.name}: no training row starts before train_until={cut} (the earliest "
+                                 f"starts at {int(rows.t0.min()) if len(rows) else 'none'})")  # fmt: skip
+        return dataclasses.replace(self, train_until=cut, _rows={})
+
     def domain_id(self, name: str) -> int:
         """The id (1..K) of domain ``name``; ValueError naming the known domains otherwise."""
         domains = self.schema.domains
@@ -311,6 +324,13 @@ class RankingDataset:
 
     def _build_rows(self, part: str, C: int) -> RankingRows:
         rows = self._chunk_rows(part, C)
+        if part == "train" and self.train_until is not None:
+            early = rows.t0 < self.train_until  # [R]
+            cands = rows.cands[np.repeat(early, rows.size)]  # a row's candidates are contiguous, rows in order
+            size = rows.size[early]
+            start = np.concatenate([[0], np.cumsum(size)[:-1]]).astype(np.int64) if len(size) else size
+            rows = RankingRows(part, C, cands, start, size, rows.user[early], rows.t0[early], rows.hist_end[early],
+                               rows.user_start[early])  # fmt: skip
         if self.only_domain is None:
             return rows
         assert self.ev_domain is not None
@@ -389,11 +409,8 @@ class RankingDataset:
         hidx = np.where(hmask, (hist_end - hist_len)[:, None] + pos[None, :], 0)
         last_hist_time = np.where(avail > 0, self.ev_time[np.maximum(hist_end - 1, 0)], -1)
 
-        size, start = rows.size[which], rows.start[which]
-        C = max(1, int(size.max()) if B else 1)
-        cpos = np.arange(C)
-        cmask = cpos[None, :] < size[:, None]  # [B, C]
-        cidx = rows.cands[np.where(cmask, start[:, None] + cpos[None, :], 0)]
+        cidx, cmask = self.candidate_events(rows, which)  # [B, C], [B, C]
+        C = cmask.shape[1]
         cand_items = np.where(cmask, self.ev_item[cidx], 0)
         cand_times = np.where(cmask, self.ev_time[cidx], 0)
         dense = self.dense_features_for(
@@ -425,6 +442,31 @@ class RankingDataset:
                 np.where(cmask, self.ev_domain[cidx], 0).astype(np.int64)),
         )
 
+    @staticmethod
+    def candidate_events(rows: RankingRows, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(event index [B, C] of each candidate of rows ``which``, real-candidate mask [B, C]); C is the largest
+        row's candidate count (at least 1) and padding positions hold event 0. An event index names one candidate
+        whatever the row chunking, so per-candidate data (e.g. a teacher's logits) can be looked up by it."""
+        which = np.asarray(which, dtype=np.int64)
+        size, start = rows.size[which], rows.start[which]
+        C = max(1, int(size.max()) if len(which) else 1)
+        cpos = np.arange(C)
+        cmask = cpos[None, :] < size[:, None]  # [B, C]
+        return rows.cands[np.where(cmask, start[:, None] + cpos[None, :], 0)], cmask
+
+    def batch_rows(self, part: str = "train", batch_size: int = 128, *, shuffle: bool | None = None, seed: int = 0,
+                   max_candidates: int | None = None, drop_last: bool = False) -> Iterator[np.ndarray]:  # fmt: skip
+        """The row indices (into ``rows(part, max_candidates)``) of each batch :meth:`batches` yields, in order."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(self.rows(part, max_candidates))
+        order = np.arange(n)
+        if shuffle if shuffle is not None else part == "train":
+            order = np.random.default_rng(seed).permutation(n)
+        stop = n - (n % batch_size if drop_last else 0)
+        for i in range(0, stop, batch_size):
+            yield order[i : i + batch_size]
+
     def batches(
         self,
         part: str = "train",
@@ -440,15 +482,10 @@ class RankingDataset:
         """Batches of ``part``'s rows. ``shuffle`` defaults to True for ``"train"`` (a permutation from ``seed``)
         and False otherwise (user order, then time). Each batch is padded to its own longest history (at most
         ``max_history``, at least 1) and its own largest candidate count (at most ``max_candidates``)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         rows = self.rows(part, max_candidates)
-        order = np.arange(len(rows))
-        if shuffle if shuffle is not None else part == "train":
-            order = np.random.default_rng(seed).permutation(len(rows))
-        stop = len(order) - (len(order) % batch_size if drop_last else 0)
-        for i in range(0, stop, batch_size):
-            yield self.make_batch(rows, order[i : i + batch_size], max_history, with_hist_labels)
+        for which in self.batch_rows(part, batch_size, shuffle=shuffle, seed=seed, max_candidates=max_candidates,
+                                     drop_last=drop_last):  # fmt: skip
+            yield self.make_batch(rows, which, max_history, with_hist_labels)
 
     # ------------------------------------------------------------------ summaries
     def counts(self, part: str, max_candidates: int | None = None) -> dict:
@@ -488,6 +525,8 @@ class RankingDataset:
                 + ("" if "domain_candidates" not in c else "; candidates per domain: "
                    + ", ".join(f"{d} {n:,}" for d, n in c["domain_candidates"].items()))
             )
+        if self.train_until is not None:
+            lines.append(f"training rows restricted to those starting before {self.train_until} (unix seconds)")
         if self.only_domain is not None:
             lines.append(f"only domain {self.only_domain!r}: the other domains' candidates are dropped from every row")
         lines += [f"note: {n}" for n in self.schema.notes]
