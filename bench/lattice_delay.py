@@ -438,7 +438,7 @@ def markdown_tables(path: Path = RESULTS) -> str:
         for key, title in (("vs_vanilla", "Vanilla"), ("vs_pretrain", "Pretrain")):
             out.append(f"\nDifference vs {title} (seed means; 95% paired user-bootstrap CI; * = CI excludes 0; "
                        "|cal−1| is the calibration error, lower is better):\n")  # fmt: skip
-            out.append("| method | Δ|cal−1| | ΔAUC | ΔPR-AUC | ΔLogLoss |")
+            out.append("| method | Δ calibration error | ΔAUC | ΔPR-AUC | ΔLogLoss |")
             out.append("|---|---|---|---|---|")
             for r in rs:
                 if r["ci"] and key in r["ci"]:
