@@ -161,16 +161,17 @@ def _distill_table(rows: list[dict]) -> list[str]:
         out += [f"{dataset}: a large HSTU ranker teaches a small HSTU ranker and DLRM (test, seed means; differences "
                 "from the undistilled student with paired user-bootstrap 95% intervals, * = excludes 0; TR = share of "
                 "the teacher–student NE gap closed)\n",
-                "| task | model | distillation | AUC | NE | ΔNE | TR | ms / 1k candidates |",
-                "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in rs:
-            ci, m = r.get("ci") or {}, r["metrics"]
-            tr = ci.get("TR")
-            lat = r.get("latency_ms_per_1k")
-            tr_text = f"{tr['value']:.2f} [{tr['low']:.2f}, {tr['high']:.2f}]" if tr else ""
-            lat_text = "" if lat is None else f"{lat:.1f}"
-            out.append(f"| {r['task']} | {r['student']} | {r['variant']} | {m['AUC']:.4f} | {m['NE']:.4f} | "
-                       f"{_iv(ci.get('NE'))} | {tr_text} | {lat_text} |")  # fmt: skip
+                "| task | model | distillation | AUC | ΔAUC | NE | ΔNE | calibration | Δ calibration error | TR | "
+                "ms / 1k candidates |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for task in dict.fromkeys(r["task"] for r in rs):
+            for r in (x for x in rs if x["task"] == task):
+                ci, m = r.get("ci") or {}, r["metrics"]
+                lat = r.get("latency_ms_per_1k")
+                tr_text = _script("lattice_distill.py").tr_text(ci)
+                lat_text = "" if lat is None else f"{lat:.1f}"
+                out.append(f"| {task} | {r['student']} | {r['variant']} | {m['AUC']:.4f} | {_iv(ci.get('AUC'))} | "
+                           f"{m['NE']:.4f} | {_iv(ci.get('NE'))} | {m['calibration']:.3f} | "
+                           f"{_iv(ci.get('cal_error'), 3)} | {tr_text} | {lat_text} |")  # fmt: skip
         out.append("")
     return out
 

@@ -116,7 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--stale-quantile must lie in (0, 1)")
     words = sys.argv[1:] if argv is None else argv
     keep = [w for i, w in enumerate(words) if w != "--data-dir" and (i == 0 or words[i - 1] != "--data-dir")]
-    args.command = "python bench/lattice_distill.py " + shlex.join(keep)  # without the machine's data path
+    args.command = ("python bench/lattice_distill.py " + shlex.join(keep)).strip()  # without the machine's data path
     return args
 
 
@@ -335,6 +335,17 @@ def _ci(c: dict | None, metric: str, digits: int = 4) -> str:
                                                                                            else "")  # fmt: skip
 
 
+def tr_text(ci: dict | None) -> str:
+    """TR with its interval; when the teacher is not measurably better than the student (the NE gap's interval
+    includes 0 or lies on the wrong side) there is no gap to close and the ratio means nothing."""
+    tr = (ci or {}).get("TR")
+    if not tr:
+        return ""
+    gap = ci["teacher_gap"]["NE"]  # NE(student) - NE(teacher): > 0 when the teacher is better
+    text = f"{tr['value']:.2f} [{tr['low']:.2f}, {tr['high']:.2f}]"
+    return text if gap["excludes_zero"] and gap["diff"] > 0 else f"{text} (no gap: teacher not better)"
+
+
 def markdown_tables(path: str | Path = RESULTS) -> str:
     rows = [r for r in json.loads(Path(path).read_text()) if r.get("study") == STUDY]
     out = []
@@ -342,14 +353,15 @@ def markdown_tables(path: str | Path = RESULTS) -> str:
         rs = [r for r in rows if r["dataset"] == dataset]
         r0 = rs[0]
         for task in dict.fromkeys(r["task"] for r in rs):
-            out.append(f"### {dataset}, task {task} (students: seeds {r0['seeds']}; smoke run: {r0['smoke']})\n")
+            seeds = next((r["seeds"] for r in rs if r["student"] in STUDENT_PARAMS), r0["seeds"])
+            out.append(f"### {dataset}, task {task} (students: seeds {seeds}; teachers: seed {r0['seeds']}; smoke "
+                       f"run: {r0['smoke']})\n")  # fmt: skip
             out.append("| model | distillation | AUC | NE | calibration | ΔAUC vs undistilled | ΔNE vs undistilled | "
                        "Δ calibration error vs undistilled | TR (share of the NE gap closed) | params | ms / 1k candidates |")
             out.append("|---|---|---|---|---|---|---|---|---|---|---|")
             for r in (x for x in rs if x["task"] == task):
                 m, c = r["metrics"], r["ci"]
-                tr = (c or {}).get("TR")
-                trs = f"{tr['value']:.2f} [{tr['low']:.2f}, {tr['high']:.2f}]" if tr else ""
+                trs = tr_text(c)
                 lat = r.get("latency_ms_per_1k")
                 out.append(f"| {r['student']} | {r['variant']} | {m['AUC']:.4f} | {m['NE']:.4f} | "
                            f"{m['calibration']:.3f} | {_ci(c, 'AUC')} | {_ci(c, 'NE')} | {_ci(c, 'cal_error', 3)} | "
