@@ -96,7 +96,7 @@ def synthetic_source(args) -> tuple[StreamData, np.ndarray, dict]:
     cfg = SyntheticStreamConfig(num_events=args.events, days=args.days, item_lifetime_days=args.item_lifetime_days,
                                 seed=args.data_seed)  # fmt: skip
     s = generate_conversion_stream(cfg)
-    windows_h = SYNTHETIC_WINDOWS_H
+    windows_h = tuple(args.synthetic_windows_h)
     schema = RankingSchema(num_items=s.num_items, num_users=s.num_users, tasks=_tasks(windows_h), actions=("click",),
                            user_features=("context",), user_feature_sizes=(s.num_contexts,))  # fmt: skip
     data = StreamData(users=s.users, items=s.items, features=s.contexts[:, None], click=s.click_time,
@@ -336,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--taobao-pretrain-days", type=float, default=2.0, help="Taobao stream start (days after 11-25)")
     ap.add_argument("--taobao-segment-minutes", type=float, default=20.0)
     ap.add_argument("--taobao-windows-h", type=float, nargs="+", default=list(TAOBAO_WINDOWS_H))
+    ap.add_argument("--synthetic-windows-h", type=float, nargs="+", default=list(SYNTHETIC_WINDOWS_H),
+                    help="attribution windows of the synthetic stream, ascending; the longest is evaluated")
     ap.add_argument("--model", default="dlrm", choices=["dlrm", "hstu-ranker"],
                     help="hstu-ranker: Taobao only, each view with its user's earlier behaviours as history")
     ap.add_argument("--history-len", type=int, default=50, help="hstu-ranker: most recent events kept")
@@ -393,10 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _block_key(row: dict) -> tuple[str, str, tuple[float, ...]]:
-    """One results block: a run's rows share the dataset, the model and the window-heads routing probabilities."""
-    return (row["dataset"], row.get("model", "dlrm"),
-            tuple(round(p, 6) for p in row.get("parameters", {}).get("routing_probs", ())))  # fmt: skip
+def _block_key(row: dict) -> tuple[str, str, tuple[float, ...], tuple[int, ...]]:
+    """One results block: a run's rows share the dataset, the model, the window-heads routing probabilities and
+    the windows."""
+    params = row.get("parameters", {})
+    return (row["dataset"], row.get("model", "dlrm"), tuple(round(p, 6) for p in params.get("routing_probs", ())),
+            tuple(params.get("windows_s", ())))  # fmt: skip
 
 
 def _routing_text(probs: tuple[float, ...]) -> str:
@@ -419,7 +423,7 @@ def markdown_tables(path: Path = RESULTS) -> str:
     out = []
     for key in dict.fromkeys(_block_key(r) for r in rows):
         rs = [r for r in rows if _block_key(r) == key]
-        dataset, model, routing = key
+        dataset, model, routing, _ = key
         r0 = rs[0]
         out.append(f"### {dataset}, {model}, window-heads routing {_routing_text(routing)}: {r0['evaluated']:,} "
                    f"evaluated clicks, {r0['positives']:,} positives ({r0['task']} labels), seeds {r0['seeds']}\n")
