@@ -616,8 +616,12 @@ def train_ranker(
                  if trainable else None)  # fmt: skip
     if optimizer is not None and balancer.extra_parameters():  # uncertainty's log-variances: no weight decay
         optimizer.add_param_group({"params": balancer.extra_parameters(), "weight_decay": 0.0})
-    with_hist_labels = bool(getattr(getattr(model, "config", None), "variant", None) == "interleaved"
+    base_model = model.inner if isinstance(model, ServingHeads) else model
+    with_hist_labels = bool(getattr(getattr(base_model, "config", None), "variant", None) == "interleaved"
                             and dataset.hist_labels_available)  # fmt: skip
+    if with_hist_labels and isinstance(model, ServingHeads):
+        raise ConfigError("train.distill_head=aux: the interleaved HSTU ranker also learns from its history events' "
+                          "labels, for which the teacher has no logits; use train.distill_head=serving")  # fmt: skip
     state = RankingTrainState()
     ckpt_path = out / "checkpoint.pt"
     if saved is not None:

@@ -194,3 +194,17 @@ def test_teacher_targets_given_once_equal_those_computed_from_the_run(tmp_path, 
     assert a["test"]["metrics"] == b["test"]["metrics"]
     with pytest.raises(ValueError, match="not set"):
         train_ranker(dlrm_config(tmp_path, "c"), dataset=dataset, teacher=targets, progress=False)
+
+
+def test_aux_heads_with_history_labels_are_refused_before_writing(tmp_path, dataset, teacher_dir):
+    config = dlrm_config(tmp_path, "inter", distill_teacher=str(teacher_dir), distill_head="aux")
+    params = {"embedding_dim": 16, "num_blocks": 1, "num_heads": 1, "attention_dim": 8, "linear_dim": 8,
+              "variant": "interleaved"}  # fmt: skip
+    config = dataclasses.replace(config, model=RankingModelConfig(name="hstu-ranker", params=params))
+    with pytest.raises(ConfigError, match="interleaved"):
+        train_ranker(config, dataset=dataset, progress=False)
+    assert not (tmp_path / "inter").exists()
+    serving = dataclasses.replace(config, train=dataclasses.replace(config.train, distill_head="serving"),
+                                  output_dir=str(tmp_path / "inter-serving"))  # fmt: skip
+    results = train_ranker(serving, dataset=dataset, progress=False)
+    assert results["distillation"]["head"] == "serving"
