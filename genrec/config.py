@@ -456,6 +456,9 @@ class RankingTrainConfig:
     # mgda: the min-norm convex combination of the task gradients (Sener & Koltun 2018); pe-ltr: the KKT step of
     # PE-LTR with task_weights as lower bounds (Lin et al. 2019). See genrec.train.multitask.
     task_balancing: TaskBalancing = "fixed"
+    # learning rate of the balancer's own parameters (uncertainty weighting's log-variances); None = train.lr.
+    # They move slowly at a network's lr, so a larger one (e.g. 10-100x) lets them settle within a few epochs.
+    balancer_lr: float | None = None
     seed: int = 42
     num_threads: int = 0  # torch intra-op threads; 0 = leave PyTorch's default
     device: str = "cpu"
@@ -481,6 +484,8 @@ class RankingTrainConfig:
             w = self.task_weights
             _check(len(w) > 0 and all(0.0 <= x < float("inf") for x in w) and any(x > 0 for x in w),
                    "train.task_weights", list(w), "must be finite, non-negative and not all zero")  # fmt: skip
+        _check(self.balancer_lr is None or 0.0 < self.balancer_lr < float("inf"), "train.balancer_lr",
+               self.balancer_lr, "must be a positive number, or null for train.lr")  # fmt: skip
         _check(0.0 < self.distill_weight < 1.0, "train.distill_weight", self.distill_weight,
                "must be in (0, 1): the share of the loss on the teacher's targets")  # fmt: skip
         _check(0.0 < self.distill_temperature < float("inf"), "train.distill_temperature", self.distill_temperature,

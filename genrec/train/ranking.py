@@ -556,8 +556,8 @@ def train_ranker(
         known = ", ".join(repr(n) for n in [*RANKING_DATASETS, *DATASET_ALIASES])
         raise ConfigError(f"data.dataset: {dc.dataset!r} is not a ranking dataset; known: {known}")
     existing = check_run_directory(out, RANKING_RUN_FILES, resume=resume, overwrite=overwrite)
-    resumed_fields = ("seed", "task_weights", "select_metric", "task_balancing", "distill_teacher", "distill_weight",
-                      "distill_head", "distill_temperature")
+    resumed_fields = ("seed", "task_weights", "select_metric", "task_balancing", "balancer_lr", "distill_teacher",
+                      "distill_weight", "distill_head", "distill_temperature")
     saved = resume_state(out, lambda stored: config_differences(
         with_absolute_paths(load_ranking_config(stored)), config, ("model", "data"), resumed_fields)) if resume else None
     if tc.num_threads > 0:
@@ -615,7 +615,8 @@ def train_ranker(
     optimizer = (torch.optim.AdamW(trainable, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
                  if trainable else None)  # fmt: skip
     if optimizer is not None and balancer.extra_parameters():  # uncertainty's log-variances: no weight decay
-        optimizer.add_param_group({"params": balancer.extra_parameters(), "weight_decay": 0.0})
+        optimizer.add_param_group({"params": balancer.extra_parameters(), "weight_decay": 0.0,
+                                   "lr": tc.lr if tc.balancer_lr is None else tc.balancer_lr})  # fmt: skip
     base_model = model.inner if isinstance(model, ServingHeads) else model
     with_hist_labels = bool(getattr(getattr(base_model, "config", None), "variant", None) == "interleaved"
                             and dataset.hist_labels_available)  # fmt: skip

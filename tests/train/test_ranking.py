@@ -444,6 +444,23 @@ def test_fixed_balancing_trains_the_weights_of_a_plain_adamw_loop(tmp_path, data
     assert log[0]["task_balance"]["weights"] == {"like": 1.0, "love": 0.5}
 
 
+def test_balancer_lr_sets_the_log_variances_own_learning_rate(tmp_path, dataset):
+    slow = train_ranker(balanced_config(tmp_path, "uncertainty", "slow", epochs=1), dataset=dataset, progress=False)
+    fast = train_ranker(balanced_config(tmp_path, "uncertainty", "fast", epochs=1, balancer_lr=0.5), dataset=dataset,
+                        progress=False)  # fmt: skip
+    a = load_state(tmp_path / "slow" / "checkpoint.pt")
+    b = load_state(tmp_path / "fast" / "checkpoint.pt")
+    assert a["optimizer"]["param_groups"][1]["lr"] == 0.01 and b["optimizer"]["param_groups"][1]["lr"] == 0.5
+    assert b["optimizer"]["param_groups"][0]["lr"] == 0.01  # the network keeps train.lr
+    # Adam moves a parameter by about lr per step: 50x the rate moves the log-variances much further
+    moved_slow = a["balancer"]["log_variances"].abs().max()
+    moved_fast = b["balancer"]["log_variances"].abs().max()
+    assert moved_fast > 5 * moved_slow
+    assert slow["config"]["train"]["balancer_lr"] is None and fast["config"]["train"]["balancer_lr"] == 0.5
+    with pytest.raises(ConfigError, match="balancer_lr"):
+        RankingTrainConfig(balancer_lr=0.0)
+
+
 def test_uncertainty_balancing_resumes_exactly(tmp_path, dataset):
     full = train_ranker(balanced_config(tmp_path, "uncertainty", "full", epochs=3), dataset=dataset, progress=False)
     train_ranker(balanced_config(tmp_path, "uncertainty", "split", epochs=1), dataset=dataset, progress=False)
