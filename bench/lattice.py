@@ -23,6 +23,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from readme_table import write_between_markers  # noqa: E402
 RESULTS = ROOT / "results"
 # study -> (script, its results file, heading)
 STUDIES = {
@@ -191,15 +194,6 @@ def readme_tables(rows: list[dict]) -> str:
     return "\n".join(parts).strip() + "\n"
 
 
-def replace_between_markers(text: str, body: str, markers: tuple[str, str] = README_MARKERS) -> str:
-    start, end = markers
-    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-        raise ValueError(f"the README needs exactly one {start} ... {end} block")
-    head, rest = text.split(start)
-    _, tail = rest.split(end)
-    return f"{head}{start}\n{body}{end}{tail}"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the studies' result files")
@@ -210,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = ",\n".join(json.dumps(r, separators=(",", ":")) for r in rows)  # one row per line
     (args.results / "lattice.json").write_text(f"[\n{lines}\n]\n", encoding="utf-8")
     args.docs.write_text(docs_page(args.results), encoding="utf-8")
-    readme = args.readme.read_text(encoding="utf-8")
-    args.readme.write_text(replace_between_markers(readme, readme_tables(rows)), encoding="utf-8")
+    if not write_between_markers(args.readme, *README_MARKERS, readme_tables(rows).rstrip("\n")):
+        raise SystemExit(f"{args.readme}: no {README_MARKERS[0]} ... {README_MARKERS[1]} block to write the tables into")
     counts = {s: sum(r["study"] == s for r in rows) for s in STUDIES}
     print(f"results/lattice.json: {len(rows)} rows {counts}; wrote {args.docs}")
     return 0
