@@ -158,6 +158,7 @@ def _delay_table(rows: list[dict]) -> list[str]:
 
 
 def _distill_table(rows: list[dict]) -> list[str]:
+    tr_text = _script("lattice_distill.py").tr_text  # the study's own TR rule (no TR without a teacher-student gap)
     out = []
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         rs = [r for r in rows if r["dataset"] == dataset]
@@ -170,11 +171,10 @@ def _distill_table(rows: list[dict]) -> list[str]:
             for r in (x for x in rs if x["task"] == task):
                 ci, m = r.get("ci") or {}, r["metrics"]
                 lat = r.get("latency_ms_per_1k")
-                tr_text = _script("lattice_distill.py").tr_text(ci)
                 lat_text = "" if lat is None else f"{lat:.1f}"
                 out.append(f"| {task} | {r['student']} | {r['variant']} | {m['AUC']:.4f} | {_iv(ci.get('AUC'))} | "
                            f"{m['NE']:.4f} | {_iv(ci.get('NE'))} | {m['calibration']:.3f} | "
-                           f"{_iv(ci.get('cal_error'), 3)} | {tr_text} | {lat_text} |")  # fmt: skip
+                           f"{_iv(ci.get('cal_error'), 3)} | {tr_text(ci)} | {lat_text} |")  # fmt: skip
         out.append("")
     return out
 

@@ -265,6 +265,7 @@ def make_rows(args, ds, runs: dict, latency: dict) -> list[dict]:
                 "cpu": cpu_name()}  # fmt: skip
     rows = []
     for (who, variant), group in runs.items():
+        num_params = int(sum(p.numel() for p in build_run_model(group[0]["config"], ds.schema).parameters()))
         for k, task in enumerate(tasks):
             y = reference.labels[:, k]
             probs = np.stack([r["pred"].probs[:, k] for r in group])  # [S, N]
@@ -302,7 +303,7 @@ def make_rows(args, ds, runs: dict, latency: dict) -> list[dict]:
                 "study": STUDY, "dataset": ds.name, "split": ds.split, "student": who, "variant": variant,
                 "task": task, "seeds": [s["seed"] for s in per_seed], "metrics": metrics, "per_seed": per_seed,
                 "ci": ci, "latency_ms_per_1k": latency.get((who, variant)),
-                "parameters": int(sum(p.numel() for p in _model(group[0]["config"], ds).parameters())),
+                "parameters": num_params,
                 "seconds": round(sum(r["seconds"] for r in group), 1), "smoke": args.max_steps > 0,
                 "command": args.command, "protocol": PROTOCOL, "settings": settings,
             })  # fmt: skip
@@ -311,10 +312,6 @@ def make_rows(args, ds, runs: dict, latency: dict) -> list[dict]:
 
 def _entry(d) -> dict:
     return {"diff": d.diff, "low": d.ci_low, "high": d.ci_high, "excludes_zero": d.excludes_zero}
-
-
-def _model(config: RankingRunConfig, ds):
-    return build_run_model(config, ds.schema)
 
 
 def merge_rows(out: Path, rows: list[dict]) -> None:
