@@ -31,6 +31,8 @@ from pathlib import Path
 
 import quality
 
+from genrec.runtime import machine_summary, native_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "efficiency_quality.json"
 VARIANTS = {
@@ -68,6 +70,9 @@ def run_variant(
     dataset: str, variant: str, data_dir: str, threads: int, extra: list[str], baseline: list[str] | None = None
 ) -> dict:
     base = baseline_row(dataset, baseline)
+    if variant == "bf16" and not native_bf16("cpu"):  # the run would compute in fp32 (resolve_autocast)
+        raise SystemExit(f"--variants bf16: this CPU has no native bf16 ({machine_summary()}); a bf16 run here "
+                         "computes in fp32, so there is no bf16 quality to measure")  # fmt: skip
     name = f"hstu-{variant}"
     rows = quality.run_model(dataset, "hstu", data_dir, threads, VARIANTS[variant] + extra, name=name)
     test = next(r for r in rows if r["split"] == "test")
@@ -76,7 +81,8 @@ def run_variant(
     return {"dataset": dataset, "variant": variant, "split": "test", "protocol": test["protocol"],
             "epoch": test["epoch"], "seconds_per_epoch": test["seconds_per_epoch"], "metrics": test["metrics"],
             "relative_ndcg10": rel, "stochastic_length": res.get("stochastic_length"),
-            "overrides": VARIANTS[variant] + extra, "baseline_runs": base["baseline_runs"]}  # fmt: skip
+            "overrides": VARIANTS[variant] + extra, "baseline_runs": base["baseline_runs"],
+            "autocast": res.get("autocast"), "machine": res.get("machine")}  # fmt: skip
 
 
 def save(rows: list[dict]) -> None:

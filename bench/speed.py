@@ -50,8 +50,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -69,6 +67,7 @@ from genrec.data.batches import Batch  # noqa: E402
 from genrec.data.stochastic_length import expected_sparsity  # noqa: E402
 from genrec.models.hstu import HSTU, HSTUConfig, HSTULayer, hstu_attention, rab_index, time_buckets  # noqa: E402
 from genrec.ops.hstu_attention import blocked_hstu_attention  # noqa: E402
+from genrec.runtime import machine_info, machine_summary  # noqa: E402
 from genrec.models.fuxi_alpha import FuXiAlpha, FuXiAlphaConfig  # noqa: E402
 from genrec.ops.jagged import (  # noqa: E402
     jagged_context,
@@ -552,17 +551,6 @@ TABLE_START, TABLE_END = "<!-- speed-table:start -->", "<!-- speed-table:end -->
 DOC = ROOT / "docs" / "performance.md"
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows) and the logical CPU count."""
-    name = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            name = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
-
-
 def markdown(rows: list[dict]) -> str:
     """The docs/performance.md table: every row of results/speed.json, its value, its detail (without the torch
     note) and the CPU it ran on (rows written before the CPU was recorded say so)."""
@@ -622,14 +610,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in args.sections:
         (quick if args.quick else full)[name]()
-    cpu = cpu_model()
-    meta = f"torch {torch.__version__}, {args.threads} threads, {cpu}"
+    machine = machine_info()
+    cpu = machine_summary(machine)  # the CPU, its ISA (avx2 / avx512f / avx512_bf16 / amx), torch and the BLAS
+    meta = f"{args.threads} threads, {cpu}"
     for r in ROWS:
         r["detail"] += f" [{meta}{', quick' if args.quick else ''}]"
     measured = time.strftime("%Y-%m-%d")
     for r in ROWS:
         r["measured"] = measured
         r["cpu"] = cpu
+        r["machine"] = machine
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # rows of the sections not run this time stay (a section's rows are replaced by name)

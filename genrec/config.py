@@ -123,7 +123,9 @@ class TrainConfig:
     eval_batch_size: int = 128
     max_steps_per_epoch: int = 0  # 0 = whole epoch; >0 only for smoke tests
     length_buckets: int = 0  # >0: sort rows by length within chunks of this many batches (faster, costs quality)
-    autocast: Literal["none", "bfloat16"] = "none"  # "bfloat16": run the encoder under torch.autocast (loss in fp32)
+    # "bfloat16": run the encoder under torch.autocast (loss in fp32) where the device has native bf16; elsewhere the
+    # run computes in fp32 with a warning (genrec.runtime.resolve_autocast)
+    autocast: Literal["none", "bfloat16"] = "none"
     stochastic_length_alpha: float = 0.0  # >0: Stochastic Length (HSTU paper §3.3) on training rows, alpha in (1, 2]
 
     def __post_init__(self) -> None:

@@ -10,13 +10,28 @@ process keeps its peak heap instead of shrinking after it: right for a server, w
 every batch. ``genrec serve`` applies it (``create_app(keep_memory=True)``). Training gained nothing measurable (an
 HSTU-large ML-1M epoch at two threads: 20.9 s with glibc's defaults, 22.5 and 23.4 s with memory kept; attention
 and layer benchmarks at length 1024 within their noise), so ``genrec train`` leaves malloc alone.
+
+``machine_info`` / ``cpu_flags`` — which machine a speed figure comes from: the CPU model, the instruction-set
+extensions that decide kernel speed (``avx2``, ``avx512f``, ``avx512_bf16``, ``amx_bf16`` ...), PyTorch's own CPU
+dispatch level, the torch build and its BLAS. Every benchmark row records them.
+
+``resolve_autocast`` — bf16 autocast only where it pays. On a CPU with native bf16 arithmetic (AVX-512 BF16 or AMX)
+bf16 matmuls run about 4x faster than fp32; on one without (AVX2 only) PyTorch emulates them and the same training
+step runs 7-15x *slower*. A ``train.autocast=bfloat16`` run on such a CPU therefore runs in fp32, with one warning
+saying so; CUDA devices use bf16 where the device supports it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
+import os
+import platform
+import re
+
+import torch
 
 log = logging.getLogger("genrec")
 
@@ -47,3 +62,90 @@ def keep_freed_memory() -> bool:
     if not ok:
         log.warning("glibc mallopt refused a setting: freed memory may still go back to the kernel")
     return ok
+
+
+# ------------------------------------------------------------------------------------------------- machine facts
+# The instruction-set extensions that decide how fast genrec's CPU kernels and PyTorch's BLAS run, in the names
+# Linux's /proc/cpuinfo uses (aarch64 says "bf16" for its bf16 dot products).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "bf16")
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (lower case) from ``/proc/cpuinfo``; empty where the file is not there (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key = line.split(":", 1)[0].strip().lower()
+                if key in ("flags", "features"):  # x86 / aarch64
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def blas_name() -> str:
+    """The BLAS this torch build calls for CPU matmuls (``BLAS_INFO`` of ``torch.__config__.show()``)."""
+    found = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    return found.group(1) if found else "unknown"
+
+
+def machine_info() -> dict:
+    """What a speed figure depends on: ``{"cpu", "logical_cpus", "isa", "torch_cpu_capability", "torch", "blas"}``.
+    ``isa`` lists the extensions of ``ISA_FLAGS`` this CPU has (empty where the flags cannot be read)."""
+    flags = cpu_flags()
+    return {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "isa": [f for f in ISA_FLAGS if f in flags],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "blas": blas_name(),
+    }
+
+
+def machine_summary(info: dict | None = None) -> str:
+    """One line for a table: ``"AMD EPYC, 2 logical CPUs, avx2+fma, torch 2.13.0+cpu, mkl"``."""
+    info = info or machine_info()
+    isa = "+".join(info["isa"]) or "ISA unknown"
+    return f"{info['cpu']}, {info['logical_cpus']} logical CPUs, {isa}, torch {info['torch']}, {info['blas']}"
+
+
+# ------------------------------------------------------------------------------------------------------- autocast
+def native_bf16(device: torch.device | str, flags: frozenset[str] | None = None) -> bool:
+    """Whether ``device`` computes in bf16 natively: a CPU with AVX-512 BF16, AMX-BF16 or aarch64 BF16 (``flags``:
+    the CPU's flags, read from the machine when None); a CUDA device that supports bf16."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    return bool((cpu_flags() if flags is None else flags) & NATIVE_BF16_FLAGS)
+
+
+def resolve_autocast(requested: str, device: torch.device | str, flags: frozenset[str] | None = None) -> str:
+    """The autocast a run uses: ``requested`` ("none" or "bfloat16"), except that bf16 on a device without native
+    bf16 becomes "none" (fp32), with one warning naming the device and the reason."""
+    if requested not in ("none", "bfloat16"):
+        raise ValueError(f"autocast must be 'none' or 'bfloat16', got {requested!r}")
+    if requested == "none" or native_bf16(device, flags):
+        return requested
+    device = torch.device(device)
+    where = f"this CPU ({cpu_model()}) has no native bf16 (no avx512_bf16 / amx_bf16)" if device.type == "cpu" \
+        else f"device {device} has no native bf16"
+    log.warning("autocast=bfloat16 requested, but %s: bf16 would be emulated and run several times slower than "
+                "fp32 there, so this run computes in fp32", where)  # fmt: skip
+    return "none"

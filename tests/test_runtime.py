@@ -48,3 +48,50 @@ def test_keep_freed_memory_stops_refaulting_freed_blocks():
     assert kept["applied"] is True
     assert min(default["faults"][1:]) > 3000  # the defaults: 24 MiB of fresh pages every round
     assert max(kept["faults"][1:]) < 100  # kept: the first round's pages are reused
+
+
+# ------------------------------------------------------------------------------------ machine facts, bf16 dispatch
+AVX2 = frozenset({"fpu", "sse2", "avx", "avx2", "fma"})
+AVX512_BF16 = AVX2 | {"avx512f", "avx512_vnni", "avx512_bf16"}
+AMX = AVX2 | {"avx512f", "amx_tile", "amx_bf16"}
+
+
+@pytest.mark.parametrize(("flags", "native"), [
+    (AVX2, False), (AVX2 | {"avx512f"}, False), (AVX512_BF16, True), (AMX, True), (frozenset({"asimd", "bf16"}), True),
+    (frozenset(), False),
+])  # fmt: skip
+def test_native_bf16_needs_avx512_bf16_or_amx(flags, native):
+    from genrec.runtime import native_bf16
+
+    assert native_bf16("cpu", flags) is native
+
+
+def test_bf16_on_a_cpu_without_native_bf16_runs_in_fp32_with_one_warning(caplog):
+    from genrec.runtime import resolve_autocast
+
+    with caplog.at_level("WARNING", logger="genrec"):
+        assert resolve_autocast("bfloat16", "cpu", AVX2) == "none"
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "fp32" in warnings[0].getMessage() and "bf16" in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="genrec"):
+        assert resolve_autocast("bfloat16", "cpu", AVX512_BF16) == "bfloat16"
+        assert resolve_autocast("none", "cpu", AVX2) == "none"
+        assert resolve_autocast("none", "cpu", AVX512_BF16) == "none"
+    assert not caplog.records
+    with pytest.raises(ValueError, match="autocast"):
+        resolve_autocast("float16", "cpu", AVX2)
+
+
+def test_machine_info_names_the_cpu_isa_torch_and_blas():
+    import torch
+
+    from genrec.runtime import ISA_FLAGS, cpu_flags, machine_info, machine_summary
+
+    info = machine_info()
+    assert set(info) == {"cpu", "logical_cpus", "isa", "torch_cpu_capability", "torch", "blas"}
+    assert info["torch"] == torch.__version__ and info["cpu"] and info["blas"]
+    assert set(info["isa"]) <= set(ISA_FLAGS) and set(info["isa"]) == set(ISA_FLAGS) & cpu_flags()
+    line = machine_summary(info)
+    assert info["cpu"] in line and info["torch"] in line
+    assert machine_summary({**info, "isa": []}).count("ISA unknown") == 1

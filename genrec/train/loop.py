@@ -47,6 +47,7 @@ from genrec.eval.evaluate import (
 )
 from genrec.eval.protocol import protocol_from_config
 from genrec.models import build_model
+from genrec.runtime import machine_info, resolve_autocast
 from genrec.train.checkpoint import (
     RUN_FILES,
     CheckpointError,
@@ -143,7 +144,9 @@ def train(
     if saved is not None:
         _check_same_items(out, seqs)
 
-    use_bf16 = tc.autocast == "bfloat16"
+    # bf16 only where the device computes it natively (genrec.runtime.resolve_autocast warns when it falls back)
+    autocast = resolve_autocast(tc.autocast, device)
+    use_bf16 = autocast == "bfloat16"
     if config.eval.selection == "valid":
         valid_protocol = protocol_from_config(config, "valid")
         train_split = leave_one_out(seqs, "train")
@@ -331,6 +334,8 @@ def train(
         "stopped_early": state.bad_epochs >= tc.patience,
         "stopped_by_time_budget": out_of_time,
         "selection": config.eval.selection,
+        "autocast": autocast,  # what the run computed in (train.autocast may have asked for bf16)
+        "machine": machine_info(),
         "seconds_per_epoch": float(np.median([h["train_seconds"] for h in epochs_done])) if epochs_done else None,
         "stochastic_length": None
         if sl_info is None

@@ -318,3 +318,12 @@ def test_warmup_longer_than_training_is_refused_before_any_file(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.warmup_epochs: 4(\.0)? is longer than train\.epochs=3"):
         train(cfg, progress=False)
     assert not (tmp_path / "long-warmup").exists()
+
+
+def test_bf16_autocast_runs_only_where_the_cpu_has_native_bf16(tmp_path):
+    from genrec.runtime import native_bf16
+
+    res = train(_config(tmp_path, "bf16", extra=["train.epochs=1", "train.autocast=bfloat16"]), progress=False)
+    assert res["autocast"] == ("bfloat16" if native_bf16("cpu") else "none")
+    assert res["config"]["train"]["autocast"] == "bfloat16"  # what was asked stays in the saved config
+    assert res["machine"]["torch"] == torch.__version__
