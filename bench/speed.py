@@ -10,6 +10,7 @@ means the fast side is faster. Forward+backward means one forward and one ``back
     python bench/speed.py --quick --out /tmp/speed.json   # seconds-long smoke run with small shapes
     python bench/speed.py --sections loss training   # some sections only: their rows replace those of the same name
     python bench/speed.py --table                    # rewrite the table in docs/performance.md from results/speed.json
+    python bench/speed.py --device cuda --out results/speed_cuda.json   # the GPU section (a CUDA device + Triton)
 
 Rows (``name``, ``value``, ``unit``, ``detail``):
 - ``attention/...``: HSTU attention (4 heads × 64, relative bias with position and time terms) plain and blocked vs
@@ -36,6 +37,9 @@ Rows (``name``, ``value``, ``unit``, ``detail``):
 - ``loss/...``: one ML-1M HSTU training step with per-position negatives, the logits from sparse products
   (``genrec.train.loss.sampled_logits``) vs a full-catalogue product and a gather.
 - ``stochastic_length/...``: expected sparsity (fraction of tokens dropped) for α ∈ {1.6, 1.8, 2.0}.
+- ``gpu/...`` (``--device cuda``, needs a CUDA device and Triton): HSTU attention through the Triton kernel
+  (``genrec.ops.triton_hstu``) vs causal SDPA (FlashAttention), fwd+bwd, bf16, lengths 1k-8k; one HSTU-large ML-1M
+  training step in bf16, the Triton jagged path vs the padded PyTorch path. CUDA times synchronise the device.
 
 - ``epoch/...``: one ML-1M training epoch (no evaluation) of the SASRec, HSTU and HSTU-large configs, and HSTU-large
   without the native kernel, with bf16 autocast and with shared negatives, one after the other; HSTU vs SASRec, and
@@ -90,6 +94,7 @@ PLAIN_BASELINE_SECONDS = 50.0
 PLAIN_BASELINE = (f"{PLAIN_BASELINE_SECONDS:.0f} s (one epoch of a plain-PyTorch HSTU-large with shared negatives, "
                   "a fixed reference figure)")
 SECTIONS = ("attention", "layer", "jagged", "mfalcon", "ranking", "training", "loss", "epochs", "stochastic_length")
+GPU_SECTIONS = ("gpu",)  # --device cuda: the Triton kernel against FlashAttention (SDPA), a bf16 training step
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -545,6 +550,73 @@ def bench_stochastic_length() -> None:
             "expected fraction of tokens dropped, N=4096, synthetic lognormal(5, 1.5) lengths")
 
 
+# ------------------------------------------------------------------------------------------------------------ GPU
+
+
+def timed_cuda(fns: dict, reps: int) -> dict[str, float]:
+    """``timed`` for CUDA work: the device is synchronised around every call, so each time covers its kernels."""
+
+    def synced(f):
+        def run():
+            f()
+            torch.cuda.synchronize()
+
+        return run
+
+    torch.cuda.synchronize()
+    return timed({name: synced(f) for name, f in fns.items()}, reps)
+
+
+def bench_gpu(lengths: list[int], reps: int, rows: int) -> None:
+    """The paper's §5 comparison on a CUDA device: HSTU attention through the Triton kernel (jagged, causal, relative
+    position + time bias) against PyTorch's fused causal SDPA (FlashAttention where available), fwd+bwd, bf16, one
+    sequence of each length, 4 heads x 64 (the paper reports 5.3-15.2x at 8k); and one HSTU-large ML-1M training
+    step in bf16 through the Triton jagged path against the padded PyTorch path."""
+    from genrec.ops.triton_hstu import triton_jagged_hstu_attention
+
+    dev, dtype, h, dim = torch.device("cuda"), torch.bfloat16, 4, 64
+    name = torch.cuda.get_device_name(dev)
+    for N in lengths:
+        g = torch.Generator().manual_seed(N)
+        q, k, v = ((torch.randn(N, h, dim, generator=g) * 0.3).to(dev, dtype).requires_grad_() for _ in range(3))
+        ts = torch.cumsum(torch.randint(0, 100_000, (N + 1,), generator=g), 0).to(dev)
+        layer = HSTULayer(HSTUConfig(num_items=1, max_len=N, num_heads=h, attention_dim=dim, linear_dim=dim)).to(dev)
+        pos_w, ts_w = layer.rab.pos_w, layer.rab.ts_w
+        offsets = torch.tensor([0, N], device=dev)
+        has_time = torch.ones(1, dtype=torch.bool, device=dev)
+        qh, kh, vh = (x.detach().transpose(0, 1).unsqueeze(0).requires_grad_() for x in (q, k, v))  # [1, h, N, d]
+        fns = {
+            "sdpa": fwd_bwd(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True), qh, kh, vh),
+            "triton": fwd_bwd(lambda: triton_jagged_hstu_attention(q, k, v, offsets, pos_w, ts_w, ts[:-1], ts[1:],
+                                                                   has_time, 128, float(N)), q, k, v, pos_w, ts_w),
+        }
+        t_ = timed_cuda(fns, reps)
+        ratio_rows(f"gpu/attention/bf16/N={N}", t_, [("triton_vs_sdpa", "triton", "sdpa")],
+                   f"fwd+bwd, 1 sequence, 4 heads x 64, bf16, rab = position + time, {name}")
+    lengths_ml, source = ml1m_training_lengths()
+    lens = lengths_ml[np.random.default_rng(1).choice(len(lengths_ml), rows, replace=False)]
+    batch = make_batch(lens, 3952).to(dev)
+    model = hstu(3952, 200, 50, 8, 2, 25).to(dev)  # HSTU-large ML-1M
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
+
+    def step(jagged: bool):
+        def run():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                user = jagged_encode_batch(model, batch, engine="triton") if jagged else model.encode(batch)
+            loss = sampled_softmax_loss(user.float(), batch.targets, model.item_vectors, 3952, 128, 0.05, "per_sequence")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return run
+
+    t_ = timed_cuda({"padded_bf16": step(False), "triton_bf16": step(True)}, reps)
+    what = f"one step, {rows} rows, {int(lens.sum())} tokens, HSTU-large ML-1M (d=50, 8 layers, 2x25), {source}, {name}"
+    for key, t in t_.items():
+        row(f"gpu/train/tokens_per_s/{key}", int(lens.sum()) / t, "tokens/s", f"{t * 1e3:.1f} ms per step; {what}")
+    ratio_rows("gpu/train", t_, [("triton_vs_padded_bf16", "triton_bf16", "padded_bf16")], what)
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 
 TABLE_START, TABLE_END = "<!-- speed-table:start -->", "<!-- speed-table:end -->"
@@ -570,11 +642,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=None, help="rounds per measurement (default 5, quick 2)")
     p.add_argument("--out", default=str(ROOT / "results" / "speed.json"))
-    p.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS), help="default: all")
+    p.add_argument("--sections", nargs="*", choices=SECTIONS + GPU_SECTIONS, default=None,
+                   help="default: all CPU sections; with --device cuda: gpu")  # fmt: skip
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the GPU section (needs a CUDA device and Triton: pip install genrec[gpu])")
     p.add_argument("--replace", action="store_true", help="overwrite --out instead of merging rows into it")
     p.add_argument("--table", action="store_true", help="only rewrite the docs/performance.md table from results/speed.json")
     p.add_argument("--data-dir", default=None, help="where ML-1M is (else $GENREC_DATA_DIR, then the cache directory)")
     args = p.parse_args(argv)
+    if args.sections is None:
+        args.sections = list(GPU_SECTIONS if args.device == "cuda" else SECTIONS)
+    if ("gpu" in args.sections) != (args.device == "cuda") or (args.device == "cuda" and len(args.sections) > 1):
+        p.error("the gpu section runs alone and only with --device cuda; the other sections run on the CPU")
+    if args.device == "cuda":
+        from genrec.ops.jagged import triton_available
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: this PyTorch sees no CUDA device")
+        if not triton_available():
+            p.error("--device cuda: Triton is not installed (pip install genrec[gpu])")
     if args.table:
         from readme_table import write_between_markers
 
@@ -596,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss": lambda: bench_loss_paths(rows=16, reps=reps),
         "epochs": lambda: bench_epochs(args.threads, max_steps=2),  # two steps per "epoch": a smoke run
         "stochastic_length": bench_stochastic_length,
+        "gpu": lambda: bench_gpu([1024], reps, rows=16),
     }
     full = {
         "attention": lambda: bench_attention([256, 1024, 4096], reps, [torch.float32, torch.bfloat16], plain_max=4096),
@@ -607,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss": lambda: bench_loss_paths(rows=128, reps=reps),
         "epochs": lambda: bench_epochs(args.threads),
         "stochastic_length": bench_stochastic_length,
+        "gpu": lambda: bench_gpu([1024, 2048, 4096, 8192], reps, rows=128),
     }
     for name in args.sections:
         (quick if args.quick else full)[name]()

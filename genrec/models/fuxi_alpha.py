@@ -54,7 +54,8 @@ Deliberate deviations from the reference code (the math of a block is kept):
   HSTU's blocked attention engine without a bias, the positional and temporal channels over the same causal tiles):
   attention work ∝ Σ nᵢ² instead of B·max(n)², and the pointwise parts on real tokens only; tested equal to this
   path (outputs and gradients). Its dropout draws other masks than ``nn.Dropout`` (same distribution). Inference
-  batches of a few rows with little padding take this padded path instead (``genrec.ops.jagged.jagged_pays``).
+  batches of a few rows with little padding take this padded path instead (``genrec.ops.jagged.jagged_pays``), and
+  so does every batch on a device other than the CPU (the jagged engine's kernels are CPU kernels).
   On the padded path, padded keys sit after every real query, so the causal mask hides them, and padded positions
   are zeroed after every block.
 """
@@ -84,7 +85,11 @@ from genrec.ops.hstu_math import (
     time_buckets,
     to_heads,
 )
-from genrec.ops.jagged import jagged_fuxi_encode_batch, jagged_pays
+from genrec.ops.jagged import (
+    jagged_attention_engine,
+    jagged_fuxi_encode_batch,
+    jagged_pays,
+)
 
 __all__ = ["FuXiAlpha", "FuXiAlphaConfig", "FuXiAlphaLayer"]
 
@@ -223,8 +228,9 @@ class FuXiAlpha(HSTUInputs):
         if N > self.config.max_len:
             raise ValueError(f"sequence width {N} exceeds max_len {self.config.max_len}")
         # the fast path, tested equal to the rest of this function; small inference batches with little padding are
-        # cheaper on the plain path (see jagged_pays)
-        if (self.config.attention_impl == "jagged" and num_layers > 0
+        # cheaper on the plain path (see jagged_pays). The jagged FuXi-α engine runs on CPU; other devices take this
+        # padded path.
+        if (self.config.attention_impl == "jagged" and num_layers > 0 and jagged_attention_engine(ids.device) == "blocked"
                 and jagged_pays(batch.lengths, N, torch.is_grad_enabled())):
             return jagged_fuxi_encode_batch(self, batch, num_layers=num_layers, normalize=False)
         x, valid = self._embed(ids, batch.lengths)  # [B, N, d], [B, N, 1]

@@ -35,6 +35,9 @@ Deliberate deviations from the reference research code (each keeps the math, cha
 - ``attention_impl="jagged"`` runs the same math on jagged values (``genrec.ops.jagged``): attention work ∝ Σ nᵢ²
   instead of B·max(n)² (``bench/speed.py --sections training``: HSTU-large ML-1M steps); tested equal to this path.
   Inference batches of a few rows with little padding take the padded path instead (``genrec.ops.jagged.jagged_pays``).
+  The jagged engine follows the device (``genrec.ops.jagged.jagged_attention_engine``): the blocked C engine on CPU,
+  the Triton kernel (``genrec.ops.triton_hstu``, the paper's §5) on CUDA when Triton is installed, this padded path
+  elsewhere.
 - ``encode_last`` (what evaluation and serving call) runs the last layer's attention for the last position only.
 - Rows whose timestamps are unknown (``Batch.has_time`` False, e.g. users of a sequence file read without a timestamp
   file) get no time term; the reference has no notion of missing timestamps.
@@ -63,7 +66,7 @@ from genrec.ops.hstu_math import (  # the layer's math, shared with the fast pat
     time_buckets,
     to_heads,
 )
-from genrec.ops.jagged import jagged_encode_batch, jagged_pays
+from genrec.ops.jagged import jagged_attention_engine, jagged_encode_batch, jagged_pays
 
 __all__ = ["HSTU", "HSTUConfig", "HSTULayer", "HSTURelativeBias", "bucket_lookup", "hstu_attention", "rab_index",
            "time_buckets"]
@@ -221,10 +224,12 @@ class HSTU(HSTUInputs):
         if N > self.config.max_len:
             raise ValueError(f"sequence width {N} exceeds max_len {self.config.max_len}")
         # the fast path, tested equal to the rest of this function; small inference batches with little padding are
-        # cheaper on the plain path (see jagged_pays)
-        if (self.config.attention_impl == "jagged" and num_layers > 0
-                and jagged_pays(batch.lengths, N, torch.is_grad_enabled())):
-            return jagged_encode_batch(self, batch, num_layers=num_layers, normalize=False)
+        # cheaper on the plain path (see jagged_pays). The engine follows the device: the blocked C engine on CPU, the
+        # Triton kernel on CUDA, this padded path where neither runs (jagged_attention_engine).
+        if self.config.attention_impl == "jagged" and num_layers > 0:
+            engine = jagged_attention_engine(ids.device)
+            if engine != "padded" and jagged_pays(batch.lengths, N, torch.is_grad_enabled()):
+                return jagged_encode_batch(self, batch, num_layers=num_layers, normalize=False, engine=engine)
         x, valid = self._embed(ids, batch.lengths)  # [B, N, d], [B, N, 1]
         if num_layers == 0:
             return x

@@ -21,6 +21,13 @@ Public: ``lengths_to_offsets``, ``padded_to_jagged``, ``jagged_to_padded``, ``Ja
 ``to_blocks`` / ``to_blocks_split`` / ``split_uvqk`` / ``from_blocks``, ``jagged_hstu_layer``, ``jagged_encode`` and
 ``jagged_encode_batch`` (padded ``Batch`` in and out, a drop-in for ``HSTU.encode``).
 
+Devices: the blocked engine and its native kernels run on CPU. ``jagged_attention_engine`` picks the engine for a
+device: "blocked" on CPU; "triton" on CUDA when Triton is installed (``genrec.ops.triton_hstu``: the paper's §5 kernel,
+jagged and causal with the relative bias, forward and backward, on the flat [T, h, d] values, no blocks); "padded"
+otherwise, i.e. the model's plain PyTorch path. ``jagged_encode(engine="triton" | "reference")`` runs the flat
+layer (``flat_hstu_layer``: the same steps of ``genrec.ops.hstu_math`` around a flat attention function) on any
+device; "reference" is the per-sequence plain attention, the parity baseline of both engines.
+
 FuXi-α (``genrec.models.fuxi_alpha``) on the same layout, tested equal to its padded path: ``jagged_fuxi_context``,
 ``jagged_bias_channels`` (the positional and temporal channels over the causal tiles), ``jagged_fuxi_layer``,
 ``jagged_fuxi_encode`` and ``jagged_fuxi_encode_batch`` (a drop-in for ``FuXiAlpha.encode``).
@@ -52,12 +59,14 @@ from genrec.ops.hstu_math import (
     input_norm,
     interleave_channels,
     output_normalize,
+    project,
     rab_index,
     relative_bias,
     rms_norm,
     swiglu_residual,
     time_buckets,
 )
+from genrec.ops.hstu_math import split_uvqk as split_uvqk_math
 
 # ---------------------------------------------------------------------------------------------------------- layout
 
@@ -276,19 +285,19 @@ def jagged_hstu_attention_reference(
     """Plain reference: one sequence at a time through ``genrec.ops.hstu_math.hstu_attention`` (same arguments as
     ``jagged_hstu_attention``). Also ∝ Σ nᵢ², but one Python iteration and full n×n scores per sequence."""
     outs = []
-    norm = torch.as_tensor(norm, dtype=torch.float32).reshape(-1)
+    norm = torch.as_tensor(norm, dtype=torch.float32, device=q.device).reshape(-1)
     for s in range(len(offsets) - 1):
         a, b = int(offsets[s]), int(offsets[s + 1])
         n = b - a
-        idx = torch.arange(n)
+        idx = torch.arange(n, device=q.device)
         off = (idx.view(1, n, 1) - idx.view(1, 1, n)).clamp(min=0)  # [1, n, n]
         index = None
         if ts_w is not None and has_time is not None and bool(has_time[s]):
             index = rab_index(off, time_buckets(query_times[a:b].view(1, n), timestamps[a:b].view(1, n), num_buckets),
                               None, num_buckets)
-        pos = pos_w if pos_w is not None else torch.zeros(n)
+        pos = pos_w if pos_w is not None else torch.zeros(n, device=q.device)
         rab = relative_bias(pos, ts_w, off, index, use_position=pos_w is not None)  # [1, n, n]
-        causal = torch.ones(n, n).tril()
+        causal = torch.ones(n, n, device=q.device).tril()
         ns = norm[s if norm.numel() > 1 else 0].view(1)
         qs, ks, vs = (x[a:b].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, h, n, d]
         outs.append(hstu_attention(qs, ks, vs, rab, causal, ns)[0].transpose(0, 1))  # [n, h, dv]
@@ -325,6 +334,71 @@ def jagged_context(
     return JaggedContext(jb, buckets, norm, native)
 
 
+ENGINES = ("blocked", "triton", "reference")
+
+
+def triton_available() -> bool:
+    """Whether the Triton HSTU kernel can be used here (the ``triton`` package imports)."""
+    from genrec.ops import triton_hstu
+
+    return triton_hstu.available()
+
+
+def jagged_attention_engine(device: torch.device | str, has_triton: bool | None = None) -> str:
+    """The engine for jagged HSTU attention on ``device``: "blocked" on CPU (the C tile engine); "triton" on CUDA
+    when Triton is installed (``has_triton``: None = look); "padded" where neither runs, meaning that the caller
+    should take the model's padded PyTorch path."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "blocked"
+    if device.type == "cuda" and (triton_available() if has_triton is None else has_triton):
+        return "triton"
+    return "padded"
+
+
+def _flat_attention(engine: str):
+    if engine == "triton":
+        from genrec.ops.triton_hstu import triton_jagged_hstu_attention
+
+        return triton_jagged_hstu_attention
+    if engine == "reference":
+        return jagged_hstu_attention_reference
+    raise ValueError(f"flat jagged attention engine must be 'triton' or 'reference', got {engine!r}")
+
+
+def flat_hstu_layer(
+    layer, x: torch.Tensor, offsets: torch.Tensor, timestamps, query_times, has_time, num_buckets: int,
+    norm: torch.Tensor | float, attention,
+) -> torch.Tensor:
+    """One HSTU layer on jagged x [T, d] with a flat attention function (``triton_jagged_hstu_attention`` or
+    ``jagged_hstu_attention_reference``: q, k, v [T, h, ·] and offsets, no block layout): ``HSTULayer.forward``'s
+    steps, with the layer's own ``nn.Dropout``. ``layer`` as ``jagged_hstu_layer``; timestamps None = no time term."""
+    T = x.shape[0]
+    h, dqk, dv = layer.h, layer.dqk, layer.dv
+    u, v, q, k = split_uvqk_math(project(input_norm(x), layer.uvqk), h, dv, dqk)  # [T, h·dim] each
+    pos_w = layer.rab.pos_w if layer.rab.use_position else None
+    ts_w = layer.rab.ts_w if timestamps is not None else None
+    av = attention(q.view(T, h, dqk), k.view(T, h, dqk), v.view(T, h, dv), offsets, pos_w, ts_w, timestamps,
+                   query_times, has_time, num_buckets, norm)  # [T, h, dv]  # fmt: skip
+    return gated_residual(x, u, av.reshape(T, h * dv), layer.out, layer.dropout)
+
+
+def _flat_encode(model, values, offsets, timestamps, query_times, has_time, num_layers, engine) -> torch.Tensor:
+    """``jagged_encode``'s body for a flat engine (any device): [T, d], not normalised."""
+    cfg = model.config
+    lengths = offsets[1:] - offsets[:-1]
+    _, pos = _token_seq_pos(offsets)
+    timed = cfg.use_time_bias and timestamps is not None and bool(has_time.any())
+    norm = float(cfg.max_len) if cfg.attention_norm == "max_len" else lengths.clamp(min=1).to(torch.float32)
+    x = model.item_emb(values) * math.sqrt(cfg.embedding_dim) + model.pos_emb.weight[pos]  # [T, d]
+    x = model.input_dropout(x)
+    attention = _flat_attention(engine)
+    for layer in model.layers[:num_layers]:
+        x = flat_hstu_layer(layer, x, offsets, timestamps if timed else None, query_times if timed else None,
+                            has_time, cfg.num_time_buckets, norm, attention)  # fmt: skip
+    return x
+
+
 def jagged_hstu_layer(layer, x: torch.Tensor, ctx: JaggedContext) -> torch.Tensor:
     """One HSTU layer on jagged x [T, d] -> [T, d]: ``HSTULayer.forward``'s steps (``genrec.ops.hstu_math``) with the
     projection split straight into blocks and the blocked attention engine. ``layer``: any object with the layer's
@@ -352,6 +426,7 @@ def jagged_encode(
     block: int | None = None,
     num_layers: int | None = None,
     normalize: bool = True,
+    engine: str = "blocked",
 ) -> torch.Tensor:
     """``HSTU.encode`` on a jagged batch, with ``model``'s parameters (the first ``num_layers`` layers, default all;
     ``normalize=False`` skips the final L2 normalisation). ``model``: any object with the encoder's ``config``,
@@ -359,14 +434,23 @@ def jagged_encode(
 
     values [T] item ids (no padding); offsets [B + 1]; timestamps, query_times [T] long (as ``Batch``: the time of
     each item / of the item each position predicts); has_time [B] bool (None: True iff timestamps are given)
-    -> L2-normalised [T, d]. block: attention block size (None: ``choose_block`` for these lengths).
+    -> L2-normalised [T, d]. block: attention block size (None: ``choose_block`` for these lengths). engine:
+    "blocked" (CPU), or a flat engine, "triton" (CUDA) or "reference" (any device; see the module docstring).
     """
     cfg = model.config
     lengths = offsets[1:] - offsets[:-1]
     if len(lengths) and int(lengths.max()) > cfg.max_len:
         raise ValueError(f"sequence length {int(lengths.max())} exceeds max_len {cfg.max_len}")
     if has_time is None:
-        has_time = torch.full((len(lengths),), timestamps is not None, dtype=torch.bool)
+        has_time = torch.full((len(lengths),), timestamps is not None, dtype=torch.bool, device=offsets.device)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine != "blocked":
+        x = _flat_encode(model, values, offsets, timestamps, query_times, has_time, num_layers, engine)
+        return output_normalize(x) if normalize else x
+    if values.device.type != "cpu":
+        raise ValueError(f"engine='blocked' runs on CPU tensors, got {values.device} (jagged_attention_engine "
+                         "picks the engine for a device)")  # fmt: skip
     ctx = jagged_context(model, offsets, timestamps, query_times, has_time, block)
     d = cfg.embedding_dim
     x = model.item_emb(values) * math.sqrt(d) + model.pos_emb.weight[ctx.jb.pos]  # [T, d]
@@ -396,15 +480,17 @@ def jagged_pays(lengths: torch.Tensor, width: int, grad: bool) -> bool:
 
 
 def jagged_encode_batch(
-    model, batch: Batch, block: int | None = None, num_layers: int | None = None, normalize: bool = True
+    model, batch: Batch, block: int | None = None, num_layers: int | None = None, normalize: bool = True,
+    engine: str = "blocked",
 ) -> torch.Tensor:
-    """Drop-in for ``HSTU.encode(batch)``: padded ``Batch`` in, [B, N, d] out (zero rows at padding), jagged inside."""
+    """Drop-in for ``HSTU.encode(batch)``: padded ``Batch`` in, [B, N, d] out (zero rows at padding), jagged inside
+    (``engine`` as ``jagged_encode``)."""
     lengths = batch.lengths
     offsets = lengths_to_offsets(lengths)
     values = padded_to_jagged(batch.item_ids, lengths)
     ts = padded_to_jagged(batch.timestamps, lengths)
     qt = padded_to_jagged(batch.query_times, lengths)
-    out = jagged_encode(model, values, offsets, ts, qt, batch.has_time, block, num_layers, normalize)
+    out = jagged_encode(model, values, offsets, ts, qt, batch.has_time, block, num_layers, normalize, engine)
     return jagged_to_padded(out, offsets, batch.item_ids.shape[1])
 
 
