@@ -71,7 +71,7 @@ from genrec.data.batches import Batch  # noqa: E402
 from genrec.data.stochastic_length import expected_sparsity  # noqa: E402
 from genrec.models.hstu import HSTU, HSTUConfig, HSTULayer, hstu_attention, rab_index, time_buckets  # noqa: E402
 from genrec.ops.hstu_attention import blocked_hstu_attention  # noqa: E402
-from genrec.runtime import machine_info, machine_summary  # noqa: E402
+from genrec.runtime import machine_info, machine_summary, native_bf16  # noqa: E402
 from genrec.models.fuxi_alpha import FuXiAlpha, FuXiAlphaConfig  # noqa: E402
 from genrec.ops.jagged import (  # noqa: E402
     jagged_context,
@@ -454,10 +454,11 @@ def bench_training(rows: int, reps: int, peak_n: int) -> None:
 
         return run
 
-    t_ = timed({
-        "plain_fp32": step(False, False), "jagged_fp32": step(True, False),
-        "plain_bf16": step(False, True), "jagged_bf16": step(True, True),
-    }, reps)
+    bf16 = native_bf16("cpu")  # emulated bf16 is never used by genrec (resolve_autocast), so not timed
+    fns = {"plain_fp32": step(False, False), "jagged_fp32": step(True, False)}
+    if bf16:
+        fns |= {"plain_bf16": step(False, True), "jagged_bf16": step(True, True)}
+    t_ = timed(fns, reps)
     peaks = {"fp32": matmul_peak(torch.float32, peak_n, reps), "bf16": matmul_peak(torch.bfloat16, peak_n, reps)}
     for dt, p in peaks.items():
         row(f"train/matmul_peak/{dt}", p, "GFLOP/s", f"torch.mm {peak_n}x{peak_n}, {torch.get_num_threads()} threads")
@@ -467,10 +468,10 @@ def bench_training(rows: int, reps: int, peak_n: int) -> None:
         row(f"train/tokens_per_s/{name}", tokens / t, "tokens/s", f"{t * 1e3:.0f} ms per step; {what}")
         row(f"train/gflops/{name}", flops / t / 1e9, "GFLOP/s", f"model FLOPs {flops / 1e9:.2f} GFLOP per step")
         row(f"train/peak_fraction/{name}", flops / t / 1e9 / peaks[dt], "fraction", f"of the {dt} matmul peak")
-    ratio_rows("train", t_, [
-        ("jagged_vs_plain_fp32", "jagged_fp32", "plain_fp32"), ("jagged_vs_plain_bf16", "jagged_bf16", "plain_bf16"),
-        ("bf16_vs_fp32_jagged", "jagged_bf16", "jagged_fp32"),
-    ], what)
+    pairs = [("jagged_vs_plain_fp32", "jagged_fp32", "plain_fp32")]
+    if bf16:
+        pairs += [("jagged_vs_plain_bf16", "jagged_bf16", "plain_bf16"), ("bf16_vs_fp32_jagged", "jagged_bf16", "jagged_fp32")]
+    ratio_rows("train", t_, pairs, what)
 
 
 def bench_loss_paths(rows: int, reps: int) -> None:
@@ -515,6 +516,8 @@ def bench_epochs(threads: int, max_steps: int = 0) -> None:
     cases = [("sasrec", "sasrec", []), ("hstu", "hstu", []), ("hstu-large", "hstu-large", []),
              ("hstu-large/torch-passes", "hstu-large", []), ("hstu-large/bf16", "hstu-large", ["train.autocast=bfloat16"]),
              ("hstu-large/shared-negatives", "hstu-large", ["train.negatives=shared"])]  # fmt: skip
+    if not native_bf16("cpu"):  # the bf16 config would run in fp32 here (resolve_autocast)
+        cases = [c for c in cases if c[0] != "hstu-large/bf16"]
     data = None
     times = {}
     for name, cfg_name, extra in cases:
@@ -534,8 +537,9 @@ def bench_epochs(threads: int, max_steps: int = 0) -> None:
     row("epoch/ml-1m/hstu_vs_sasrec", times["sasrec"] / times["hstu"], "x", "SASRec epoch time / HSTU epoch time")
     row("epoch/ml-1m/hstu-large_vs_50s", PLAIN_BASELINE_SECONDS / times["hstu-large"], "x",
         f"{PLAIN_BASELINE} / this HSTU-large epoch")
-    row("epoch/ml-1m/hstu-large-bf16_vs_50s", PLAIN_BASELINE_SECONDS / times["hstu-large/bf16"], "x",
-        f"{PLAIN_BASELINE} / this HSTU-large epoch, bf16 autocast")
+    if "hstu-large/bf16" in times:
+        row("epoch/ml-1m/hstu-large-bf16_vs_50s", PLAIN_BASELINE_SECONDS / times["hstu-large/bf16"], "x",
+            f"{PLAIN_BASELINE} / this HSTU-large epoch, bf16 autocast")
     row("epoch/ml-1m/hstu-large_native_vs_torch_passes", times["hstu-large/torch-passes"] / times["hstu-large"], "x",
         "HSTU-large epoch with the attention's PyTorch elementwise passes / with the native kernel")
 
@@ -672,8 +676,13 @@ def main(argv: list[str] | None = None) -> int:
     DATA_DIR = args.data_dir
     torch.set_num_threads(args.threads)
     reps = args.reps or (2 if args.quick else 5)
+    # bf16 rows only where the CPU computes bf16 natively: elsewhere genrec never runs bf16 (resolve_autocast), and
+    # an emulated bf16 pass takes 7-15x the fp32 time
+    dtypes = [torch.float32, torch.bfloat16] if native_bf16("cpu") else [torch.float32]
+    if len(dtypes) == 1:
+        print(f"no native bf16 on this CPU ({machine_summary()}): fp32 rows only", flush=True)
     quick = {
-        "attention": lambda: bench_attention([256], reps, [torch.float32, torch.bfloat16], plain_max=256),
+        "attention": lambda: bench_attention([256], reps, dtypes, plain_max=256),
         "layer": lambda: bench_layer([256], reps, plain_max=256),
         "jagged": lambda: bench_jagged(ml_rows=32, tail_rows=4, tail_cap=512, reps=reps),
         "mfalcon": lambda: bench_mfalcon(history=128, candidates=128, per_candidate=16, reps=reps),
@@ -685,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": lambda: bench_gpu([1024], reps, rows=16),
     }
     full = {
-        "attention": lambda: bench_attention([256, 1024, 4096], reps, [torch.float32, torch.bfloat16], plain_max=4096),
+        "attention": lambda: bench_attention([256, 1024, 4096], reps, dtypes, plain_max=4096),
         "layer": lambda: bench_layer([256, 1024, 4096], reps, plain_max=4096),
         "jagged": lambda: bench_jagged(ml_rows=128, tail_rows=8, tail_cap=4096, reps=reps),
         "mfalcon": lambda: bench_mfalcon(history=512, candidates=1024, per_candidate=128, reps=reps),
