@@ -9,13 +9,13 @@ from pathlib import Path
 
 
 def write_between_markers(readme: Path, start: str, end: str, table: str) -> bool:
-    """Replace the text between ``start`` and ``end`` in the markdown page ``readme`` with ``table``; False if the
-    page or a marker is missing."""
+    """Replace the text between ``start`` and ``end`` in the markdown page ``readme`` with ``table``; False (and the
+    page left as it is) if the page is missing or does not hold exactly one ``start`` followed by one ``end``."""
     if not readme.exists():
         return False
     text = readme.read_text()
-    if start not in text or end not in text:
-        print(f"{readme.name} has no {start} ... {end} markers; table not written", file=sys.stderr)
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        print(f"{readme.name} needs exactly one {start} ... {end} block; table not written", file=sys.stderr)
         return False
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)

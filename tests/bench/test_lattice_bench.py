@@ -103,3 +103,20 @@ def test_readme_lattice_tables_are_generated_from_the_committed_results():
     start, end = bench.README_MARKERS
     block = readme.split(start)[1].split(end)[0]
     assert block == "\n" + bench.readme_tables(bench.gather())
+
+
+def test_readme_block_is_written_only_between_exactly_one_pair_of_markers(tmp_path):
+    """The README writer the lattice bench uses (bench/readme_table.write_between_markers)."""
+    _bench()  # puts bench/ on sys.path
+    from readme_table import write_between_markers
+
+    start, end = _bench().README_MARKERS
+    page = tmp_path / "README.md"
+    for text in ("no markers", f"a{start}x{end}b{start}y{end}c", f"a{end}x{start}b"):
+        page.write_text(text)
+        assert write_between_markers(page, start, end, "new") is False
+        assert page.read_text() == text  # left as it was
+    page.write_text(f"a{start}old{end}b")
+    assert write_between_markers(page, start, end, "new") is True
+    assert page.read_text() == f"a{start}\nnew\n{end}b"
+    assert write_between_markers(tmp_path / "missing.md", start, end, "new") is False
