@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import shlex
 import statistics
 import sys
@@ -62,6 +61,7 @@ from genrec.data.ranking import load_ranking_dataset  # noqa: E402
 from genrec.eval.ranking_metrics import bootstrap_user_counts, paired_bootstrap  # noqa: E402
 from genrec.io import write_json  # noqa: E402
 from genrec.models.hstu_ranker import HSTURanker  # noqa: E402
+from genrec.runtime import cpu_model  # noqa: E402
 from genrec.train.checkpoint import load_weights  # noqa: E402
 from genrec.train.distill import ServingHeads, teacher_targets  # noqa: E402
 from genrec.train.ranking import build_run_model, load_predictions, load_teacher, train_ranker  # noqa: E402
@@ -223,16 +223,6 @@ def latency_ms(run_dir: Path, ds, reps: int, candidates: int = 1000) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ rows
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _interval(samples: np.ndarray, point: float) -> dict:
     lo, hi = (float(x) for x in np.quantile(samples, [0.025, 0.975]))
     return {"diff": float(point), "low": lo, "high": hi, "excludes_zero": bool(lo > 0 or hi < 0)}
@@ -262,7 +252,7 @@ def make_rows(args, ds, runs: dict, latency: dict) -> list[dict]:
                 "alpha": args.alpha, "stale_quantile": args.stale_quantile, "epochs_cap": args.epochs,
                 "patience": args.patience, "max_history": args.max_history, "max_candidates": args.max_candidates,
                 "threads": args.threads, "max_steps_per_epoch": args.max_steps, "teacher_seed": args.teacher_seed,
-                "cpu": cpu_name()}  # fmt: skip
+                "cpu": cpu_model()}  # fmt: skip
     rows = []
     for (who, variant), group in runs.items():
         num_params = int(sum(p.numel() for p in build_run_model(group[0]["config"], ds.schema).parameters()))

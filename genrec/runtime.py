@@ -72,29 +72,31 @@ NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (lower case) from ``/proc/cpuinfo``; empty where the file is not there (not Linux)."""
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, feature flags in lower case) from ``/proc/cpuinfo``; ("", empty) where it is not there."""
+    model, flags = "", frozenset()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                key = line.split(":", 1)[0].strip().lower()
-                if key in ("flags", "features"):  # x86 / aarch64
-                    return frozenset(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key == "model name" and not model:
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:  # x86 / aarch64
+                    flags = frozenset(value.split())
     except OSError:
         pass
-    return frozenset()
+    return model, flags
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (lower case) from ``/proc/cpuinfo``; empty where the file is not there (not Linux)."""
+    return _cpuinfo()[1]
 
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return _cpuinfo()[0] or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def blas_name() -> str:
