@@ -141,13 +141,21 @@ def _delay_table(rows: list[dict]) -> list[str]:
            "95% intervals (* = excludes 0); RI-AUC = (method − Pretrain) / (Oracle − Pretrain)\n",
            "| stream | routing | method | calibration | Δ calibration error vs Vanilla | AUC | ΔAUC vs Vanilla | ΔLogLoss vs Vanilla "
            "| RI-AUC |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        if not r["dataset"].startswith("synthetic") or r["variant"] not in ("Vanilla", "WindowHeads", "Oracle"):
-            continue
+    def routing_of(r: dict) -> str:
         probs = r.get("parameters", {}).get("routing_probs", [])
-        routing = "uniform" if len(set(round(p, 6) for p in probs)) <= 1 else " / ".join(f"{p:g}" for p in probs)
-        days = 3 if r["dataset"] == "synthetic" else r["dataset"].removeprefix("synthetic-item-life-").removesuffix("d")
-        life = f"items live {days} days"
+        return "uniform" if len(set(round(p, 6) for p in probs)) <= 1 else " / ".join(f"{p:g}" for p in probs)
+
+    def days_of(r: dict) -> float:  # the generator's item lifetime (the default stream: 3 days)
+        return 3.0 if r["dataset"] == "synthetic" else float(
+            r["dataset"].removeprefix("synthetic-item-life-").removesuffix("d"))
+
+    methods = ("Vanilla", "WindowHeads", "Oracle")
+    shown = [r for r in rows if r["dataset"].startswith("synthetic") and r["variant"] in methods]
+    # uniform routing first, then by item lifetime (catalogue turnover), methods in a fixed order
+    shown.sort(key=lambda r: (routing_of(r) != "uniform", routing_of(r), days_of(r), methods.index(r["variant"])))
+    for r in shown:
+        routing = routing_of(r)
+        life = f"items live {days_of(r):g} days"
         ci, m = r.get("ci") or {}, r["metrics"]
         ri = (ci.get("RI") or {}).get("AUC")
         vs = ci.get("vs_vanilla") or {}
