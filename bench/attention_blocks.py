@@ -7,9 +7,11 @@ one warm-up, the block sizes of one length interleaved round by round.
 
     python bench/attention_blocks.py                                  # lengths 256-4096, blocks 64 / 128 / 256 / auto
     python bench/attention_blocks.py --lengths 1024 4096 --blocks auto --reps 5 --out /tmp/blocks.json
+    python bench/attention_blocks.py --isa avx2 --out results/attention_blocks_avx2.json   # as on an AVX2-only CPU
 
-Rows (``results/attention_blocks.json`` by default): ``{"length", "block", "chosen", "ms", "reps"}``; block "auto"
-is ``choose_block``'s pick, named in ``chosen``.
+Rows (``results/attention_blocks.json`` by default): ``{"length", "block", "chosen", "ms", "reps", "machine"}``;
+block "auto" is ``choose_block``'s pick, named in ``chosen``; ``machine`` is ``genrec.runtime.machine_info()`` (the
+CPU, its ISA, and the ``--isa`` limits in force).
 """
 
 from __future__ import annotations
@@ -20,14 +22,20 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from readme_table import write_rows
+from isa import ISA_CHOICES, ISA_HELP, isa_env_missing, reexec_for_isa
+
+if __name__ == "__main__":
+    reexec_for_isa(sys.argv[1:])  # --isa avx2: start again with the settings in the environment, before torch loads
+
+import torch  # noqa: E402
+from readme_table import write_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from genrec.models.hstu import HSTUConfig, HSTULayer  # noqa: E402
 from genrec.ops.hstu_attention import blocked_hstu_attention, choose_block  # noqa: E402
+from genrec.runtime import machine_info  # noqa: E402
 
 HEADS, DIM, BUCKETS = 4, 64, 128
 
@@ -47,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=0, help="runs per measurement (default: 30 at 256 down to 3 at 4096)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "results" / "attention_blocks.json"))
+    p.add_argument("--isa", choices=ISA_CHOICES, default="native", help=ISA_HELP)
     args = p.parse_args(argv)
+    if isa_env_missing(args.isa):
+        p.error(f"--isa {args.isa}: run this script directly (it sets the environment and starts again)")
+    machine = machine_info()
     torch.set_num_threads(args.threads)
     rows = []
     for N in args.lengths:
@@ -71,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 times[b].append(run(block))
         for b, block in blocks.items():
             ms = statistics.median(times[b]) * 1e3
-            rows.append({"length": N, "block": b, "chosen": chosen, "ms": round(ms, 2), "reps": reps})
+            rows.append({"length": N, "block": b, "chosen": chosen, "ms": round(ms, 2), "reps": reps,
+                         "machine": machine})
             print(f"N={N:5d}  block {b:>4} ({block:3d})  {ms:8.1f} ms", flush=True)
     write_rows(args.out, rows)
     return 0

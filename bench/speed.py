@@ -59,8 +59,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from isa import ISA_CHOICES, ISA_HELP, isa_env_missing, reexec_for_isa  # noqa: E402
+
+if __name__ == "__main__":
+    reexec_for_isa(sys.argv[1:])  # --isa avx2: start again with the settings in the environment, before torch loads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import torch.nn.functional as F
 from torch import nn
 
@@ -653,7 +659,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replace", action="store_true", help="overwrite --out instead of merging rows into it")
     p.add_argument("--table", action="store_true", help="only rewrite the docs/performance.md table from results/speed.json")
     p.add_argument("--data-dir", default=None, help="where ML-1M is (else $GENREC_DATA_DIR, then the cache directory)")
+    p.add_argument("--isa", choices=ISA_CHOICES, default="native", help=ISA_HELP + " (fp32 rows only)")
     args = p.parse_args(argv)
+    if isa_env_missing(args.isa):
+        p.error(f"--isa {args.isa}: run this script directly (it sets the environment and starts again)")
     if args.sections is None:
         args.sections = list(GPU_SECTIONS if args.device == "cuda" else SECTIONS)
     if ("gpu" in args.sections) != (args.device == "cuda") or (args.device == "cuda" and len(args.sections) > 1):
@@ -678,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (2 if args.quick else 5)
     # bf16 rows only where the CPU computes bf16 natively: elsewhere genrec never runs bf16 (resolve_autocast), and
     # an emulated bf16 pass takes 7-15x the fp32 time
-    dtypes = [torch.float32, torch.bfloat16] if native_bf16("cpu") else [torch.float32]
+    dtypes = [torch.float32, torch.bfloat16] if native_bf16("cpu") and args.isa == "native" else [torch.float32]
     if len(dtypes) == 1:
         print(f"no native bf16 on this CPU ({machine_summary()}): fp32 rows only", flush=True)
     quick = {

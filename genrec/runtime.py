@@ -105,9 +105,17 @@ def blas_name() -> str:
     return found.group(1) if found else "unknown"
 
 
+# Settings that make a machine run narrower code than it could: PyTorch's kernel dispatch level, MKL's instruction
+# set, and what genrec's native kernels are compiled for (genrec.ops.native). ``bench/speed.py --isa avx2`` sets all
+# three, so that an AVX-512 machine measures what an AVX2-only machine runs.
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "GENREC_NATIVE_ISA")
+
+
 def machine_info() -> dict:
-    """What a speed figure depends on: ``{"cpu", "logical_cpus", "isa", "torch_cpu_capability", "torch", "blas"}``.
-    ``isa`` lists the extensions of ``ISA_FLAGS`` this CPU has (empty where the flags cannot be read)."""
+    """What a speed figure depends on: ``{"cpu", "logical_cpus", "isa", "torch_cpu_capability", "torch", "blas",
+    "isa_limits"}``. ``isa`` lists the extensions of ``ISA_FLAGS`` this CPU has (empty where the flags cannot be
+    read); ``isa_limits`` the ``ISA_LIMITS`` variables set in the environment (the code then runs narrower than
+    ``isa``)."""
     flags = cpu_flags()
     return {
         "cpu": cpu_model(),
@@ -116,14 +124,21 @@ def machine_info() -> dict:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "blas": blas_name(),
+        "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)},
     }
 
 
 def machine_summary(info: dict | None = None) -> str:
-    """One line for a table: ``"AMD EPYC, 2 logical CPUs, avx2+fma, torch 2.13.0+cpu, mkl"``."""
+    """One line for a table: ``"AMD EPYC, 2 logical CPUs, avx2+fma, torch 2.13.0+cpu, mkl"``, followed by
+    ``", run as avx2 (ATEN_CPU_CAPABILITY=avx2 ...)"`` when ISA limits are set."""
     info = info or machine_info()
     isa = "+".join(info["isa"]) or "ISA unknown"
-    return f"{info['cpu']}, {info['logical_cpus']} logical CPUs, {isa}, torch {info['torch']}, {info['blas']}"
+    line = f"{info['cpu']}, {info['logical_cpus']} logical CPUs, {isa}, torch {info['torch']}, {info['blas']}"
+    limits = info.get("isa_limits") or {}
+    if limits:
+        line += (f", run as {str(info['torch_cpu_capability']).lower()} ("
+                 + " ".join(f"{k}={v}" for k, v in limits.items()) + ")")
+    return line
 
 
 # ------------------------------------------------------------------------------------------------------- autocast

@@ -89,9 +89,24 @@ def test_machine_info_names_the_cpu_isa_torch_and_blas():
     from genrec.runtime import ISA_FLAGS, cpu_flags, machine_info, machine_summary
 
     info = machine_info()
-    assert set(info) == {"cpu", "logical_cpus", "isa", "torch_cpu_capability", "torch", "blas"}
+    assert set(info) == {"cpu", "logical_cpus", "isa", "torch_cpu_capability", "torch", "blas", "isa_limits"}
     assert info["torch"] == torch.__version__ and info["cpu"] and info["blas"]
     assert set(info["isa"]) <= set(ISA_FLAGS) and set(info["isa"]) == set(ISA_FLAGS) & cpu_flags()
     line = machine_summary(info)
     assert info["cpu"] in line and info["torch"] in line
     assert machine_summary({**info, "isa": []}).count("ISA unknown") == 1
+
+
+def test_isa_limits_are_recorded_and_named_in_the_summary(monkeypatch):
+    from genrec.runtime import ISA_LIMITS, machine_info, machine_summary
+
+    for name in ISA_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    plain = machine_info()
+    assert plain["isa_limits"] == {} and "run as" not in machine_summary(plain)
+    monkeypatch.setenv("GENREC_NATIVE_ISA", "avx2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    limited = machine_info()
+    assert limited["isa_limits"] == {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "GENREC_NATIVE_ISA": "avx2"}
+    line = machine_summary(limited)
+    assert "run as" in line and "GENREC_NATIVE_ISA=avx2" in line and "MKL_ENABLE_INSTRUCTIONS=AVX2" in line

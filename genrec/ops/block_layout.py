@@ -59,13 +59,15 @@ def choose_block(lengths, heads: int, head_dim: int, tile_elems: int = DEFAULT_T
     the padding of each sequence's last block), per-tile GEMM calls and row copies, and per-chunk overhead. Small
     blocks waste little on short rows; large ones cut per-tile costs on long rows (it picks 32 for ML-1M batches with
     2 heads x 25, and 128-256 for one row of 256-4096 with 4 heads x 64)."""
-    lengths = torch.as_tensor(lengths, dtype=torch.long).reshape(-1)
+    lengths = torch.as_tensor(lengths, dtype=torch.long).reshape(-1).numpy()
     best, best_cost = BLOCK_SIZES[0], float("inf")
     for block in BLOCK_SIZES:
         m = (lengths + block - 1) // block  # blocks per sequence
         tiles = int((m * (m + 1) // 2).sum())
         per_chunk = max(1, tile_elems // (heads * block * block))
-        chunks = sum(-(-int((m - d).clamp(min=0).sum()) // per_chunk) for d in range(int(m.max()) if len(m) else 0))
+        # tiles at each distance d (Σ over sequences of max(m - d, 0)), run in chunks of per_chunk
+        at_d = np.maximum(m[None, :] - np.arange(int(m.max()) if len(m) else 0)[:, None], 0).sum(axis=1)
+        chunks = int((-(-at_d // per_chunk)).sum())
         per_tile = heads * (7 * GEMM_CALL_S + 8 * block * head_dim * COPY_S
                             + block * block * (PAIR_COST_S + 14 * head_dim * FLOP_COST_S))
         cost = tiles * per_tile + chunks * CHUNK_COST_S

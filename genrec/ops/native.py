@@ -15,7 +15,10 @@ and keeps it in ``$GENREC_CACHE_DIR/native`` (else ``$XDG_CACHE_HOME/genrec/nati
 two processes building at once never load (or leave) a partial library; both may compile, one rename wins.
 ``-march=native`` is safe because the key includes this CPU's feature flags. It tries ``-fopenmp`` first (the
 kernels then run on the OpenMP pool that PyTorch has already loaded, sized by ``torch.set_num_threads``), then
-without OpenMP, then without ``-march=native``.
+without OpenMP, then without ``-march=native``. ``GENREC_NATIVE_ISA=avx2`` compiles for ``-march=x86-64-v3``
+(AVX2 + FMA, no AVX-512) instead of ``-march=native``: with ``ATEN_CPU_CAPABILITY=avx2`` and
+``MKL_ENABLE_INSTRUCTIONS=AVX2`` an AVX-512 machine then runs the code an AVX2-only machine runs
+(``bench/speed.py --isa avx2`` sets all three).
 
 Why ctypes and not ``torch.utils.cpp_extension``: the kernels need no ATen (they work on raw fp32 / bf16 / int64
 buffers between the engine's ATen matmuls), so one C file compiles in about a second with the system ``cc``,
@@ -67,6 +70,8 @@ FLAG_SETS = (
     [*BASE_FLAGS, "-march=native"],
     BASE_FLAGS,
 )
+# GENREC_NATIVE_ISA: what the kernels are compiled for instead of this CPU ("native", the default)
+ISA_MARCH = {"native": "-march=native", "avx2": "-march=x86-64-v3"}
 DROPOUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # tensor dtypes the dropout kernel takes (its dtype code)
 _OFF = {"0", "false", "off", "no"}
 _STATE: dict[str, object] = {}
@@ -110,10 +115,12 @@ STRUCTS = (TileArgs, BucketArgs, DropoutArgs, AttnArgs)  # index = ``which`` of 
 
 
 class Kernels:
-    """The loaded library, one typed method per kernel. ``has_sgemm``: the fp32 tile loop can run here."""
+    """The loaded library, one typed method per kernel. ``has_sgemm``: the fp32 tile loop can run here; ``flags``:
+    the compiler flags it was built with."""
 
-    def __init__(self, cdll: ctypes.CDLL, path: Path) -> None:
+    def __init__(self, cdll: ctypes.CDLL, path: Path, flags: tuple[str, ...] = ()) -> None:
         self.path = path
+        self.flags = tuple(flags)
         self._lib = cdll
         for name, struct, restype in (("genrec_tile_pass", TileArgs, None), ("genrec_dropout", DropoutArgs, None),
                                       ("genrec_time_buckets_tiles", BucketArgs, _int),
@@ -270,6 +277,20 @@ def _blas_sgemm() -> int | None:
     return None
 
 
+def native_isa() -> str:
+    """``$GENREC_NATIVE_ISA`` (default "native"); ValueError for a value that is not a key of ``ISA_MARCH``."""
+    isa = os.environ.get("GENREC_NATIVE_ISA", "native").strip().lower() or "native"
+    if isa not in ISA_MARCH:
+        raise ValueError(f"GENREC_NATIVE_ISA={isa!r}: expected one of {sorted(ISA_MARCH)}")
+    return isa
+
+
+def flag_sets(isa: str = "native") -> tuple[list[str], ...]:
+    """The flag sets tried in order (``FLAG_SETS`` with ``-march=native`` replaced by the ISA's ``-march``)."""
+    march = ISA_MARCH[isa]
+    return tuple([march if f == "-march=native" else f for f in flags] for flags in FLAG_SETS)
+
+
 def enabled_by_env() -> bool:
     return os.environ.get("GENREC_NATIVE", "1").strip().lower() not in _OFF
 
@@ -284,13 +305,18 @@ def _load() -> Kernels | None:
         log.warning("genrec's native CPU kernels are unavailable (%s): using their PyTorch implementations (same "
                     "results, slower). GENREC_NATIVE=0 turns them off without this message.", why)
         return None
+    try:
+        isa = native_isa()
+    except ValueError as e:
+        log.warning("genrec's native CPU kernels are unavailable (%s): using their PyTorch implementations", e)
+        return None
     errors = []
-    for flags in FLAG_SETS:
+    for flags in flag_sets(isa):
         try:
             path = build(cmd, flags)
             cdll = ctypes.CDLL(str(path))
             check_layout(cdll)
-            return Kernels(cdll, path)
+            return Kernels(cdll, path, tuple(flags))
         except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
             errors.append(f"[{' '.join(flags)}] {e}")
     log.warning("could not build genrec's native CPU kernels with %s: using their PyTorch implementations (same "

@@ -103,6 +103,41 @@ def test_struct_layout_mismatch_is_refused(monkeypatch):
         native_mod.check_layout(cdll)
 
 
+def test_isa_setting_picks_the_march_flag_and_refuses_unknown_values(fresh_state, monkeypatch, caplog):
+    assert native_mod.flag_sets("native") == native_mod.FLAG_SETS
+    avx2 = native_mod.flag_sets("avx2")
+    assert [f for flags in avx2 for f in flags if f.startswith("-march")] == ["-march=x86-64-v3"] * 2
+    assert avx2[-1] == native_mod.BASE_FLAGS  # the last resort compiles for no particular CPU either way
+    monkeypatch.delenv("GENREC_NATIVE_ISA", raising=False)
+    assert native_mod.native_isa() == "native"
+    monkeypatch.setenv("GENREC_NATIVE_ISA", "AVX2")
+    assert native_mod.native_isa() == "avx2"
+    monkeypatch.setenv("GENREC_NATIVE_ISA", "avx1024")
+    with pytest.raises(ValueError, match="avx1024"):
+        native_mod.native_isa()
+    with caplog.at_level(logging.WARNING, logger="genrec.native"):
+        assert native_mod.load() is None
+    assert "GENREC_NATIVE_ISA" in caplog.text
+
+
+def test_avx2_build_gives_the_reference_results(monkeypatch, tmp_path):
+    """The AVX2 vector rows of the tile loop (what an AVX2-only CPU runs) against the PyTorch passes."""
+    from genrec.runtime import cpu_flags
+
+    cmd = _compiler_or_skip()
+    if not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("this CPU cannot run AVX2 + FMA code")
+    flags = native_mod.flag_sets("avx2")[1]  # without OpenMP: one build for this test, in its own directory
+    path = native_mod.build(cmd, flags, directory=tmp_path)
+    kernels = native_mod.Kernels(ctypes.CDLL(str(path)), path, tuple(flags))
+    if not kernels.has_sgemm:
+        pytest.skip("no exported BLAS sgemm in this torch build: the C tile loop does not run")
+    reference = _attention_and_grads(native=False)
+    monkeypatch.setattr(native_mod, "_STATE", {"lib": kernels})
+    for a, b in zip(_attention_and_grads(native=True), reference):
+        assert max_diff(a, b) <= 1e-5
+
+
 @pytest.mark.parametrize("value", ["0", "off", "false", "No"])
 def test_environment_switch(fresh_state, monkeypatch, value):
     monkeypatch.setenv("GENREC_NATIVE", value)
