@@ -1,6 +1,9 @@
 """The ``genrec`` command: a thin layer over the library.
 
     genrec train --config configs/ml-1m/hstu.yaml [--set train.lr=0.002 --set train.epochs=50 ...] [--resume|--overwrite]
+    genrec train --config ... --nproc 4                    (data-parallel on 4 processes of this machine)
+    torchrun --nproc_per_node 4 [--nnodes ...] -m genrec train --config ...      (the same, any torchrun setup)
+    genrec train-ranker --config configs/ml-1m/ranking-hstu.yaml [--nproc 4]   (ranking; data-parallel likewise)
     genrec evaluate --checkpoint runs/ml-1m/hstu [--target test] [--candidates sampled]
     genrec recommend --checkpoint runs/ml-1m/hstu --history 1193,661,914 -k 10
     genrec serve --checkpoint runs/ml-1m/hstu [--host 127.0.0.1 --port 8000] [--workers 2]
@@ -31,22 +34,88 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def _check_nproc(args: argparse.Namespace) -> bool:
+    """Whether ``--nproc N`` asks this command to start N > 1 processes under torchrun (ValueError when it is out of
+    range, or given to a process torchrun already started)."""
+    from genrec.train import distributed
+
+    if args.nproc is None:
+        return False
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if distributed.launched_by_torchrun():
+        raise ValueError("--nproc starts torchrun itself; under torchrun, leave it out (torchrun sets the processes)")
+    return args.nproc > 1
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from genrec.config import load_config
+    from genrec.train import distributed
+
+    if _check_nproc(args):
+        return _launch_torchrun(args.nproc, _without_nproc(args.argv))
+    config = load_config(args.config, _overrides(args))
     from genrec.train.loop import train
 
-    config = load_config(args.config, _overrides(args))
-    results = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    _print_results(results)
+    info = distributed.init_from_env(config.train.device)
+    if info is not None and not info.is_main:  # one process reports: the others log warnings and errors only
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        results = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, dist=info)
+    except BaseException:
+        distributed.shutdown(info, wait=False)
+        raise
+    distributed.shutdown(info)
+    if info is None or info.is_main:
+        _print_results(results)
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line without its ``--nproc N`` / ``--nproc=N``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def _launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run ``genrec <argv>`` on ``nproc`` processes of this machine under torchrun (``torch.distributed.run``,
+    standalone: a local rendezvous on a free port); the exit status of the run."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "genrec", *argv]  # fmt: skip
+    logging.getLogger("genrec.train").info("starting %d processes: %s", nproc, " ".join(command))
+    return subprocess.call(command)
 
 
 def _cmd_train_ranker(args: argparse.Namespace) -> int:
     from genrec.config import load_ranking_config
+    from genrec.train import distributed
+
+    if _check_nproc(args):
+        return _launch_torchrun(args.nproc, _without_nproc(args.argv))
+    config = load_ranking_config(args.config, _overrides(args))
     from genrec.train.ranking import train_ranker
 
-    config = load_ranking_config(args.config, _overrides(args))
-    results = train_ranker(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    info = distributed.init_from_env(config.train.device)
+    if info is not None and not info.is_main:  # one process reports: the others log warnings and errors only
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        results = train_ranker(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                               dist=info)  # fmt: skip
+    except BaseException:
+        distributed.shutdown(info, wait=False)
+        raise
+    distributed.shutdown(info)
+    if info is not None and not info.is_main:
+        return 0
     print(f"\n{results['dataset']} ({results['split']}) / {results['model']}: best validation epoch "
           f"{results['best_epoch']} of {results['epochs_run']}; selection: {results['selection']['rule']}")  # fmt: skip
     for note in results["data"]["notes"]:
@@ -235,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "or --resume, a directory that already holds a run is refused")  # fmt: skip
     t.add_argument("--no-progress", action="store_true",
                    help="no progress bars (there are none anyway when stderr is not a terminal)")
+    t.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="data-parallel training on N processes of this machine (starts torchrun; one per GPU with "
+                        "train.device=cuda). train.batch_size stays the global batch and must divide by N. For "
+                        "several machines run `torchrun ... -m genrec train` instead")  # fmt: skip
     t.set_defaults(func=_cmd_train)
 
     tr = sub.add_parser("train-ranker", help="train a ranking model (HSTU ranker, DLRM, DIN, floors) from a YAML config")
@@ -247,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     run_mode.add_argument("--resume", action="store_true", help="continue the run in OUTPUT_DIR from its checkpoint")
     run_mode.add_argument("--overwrite", action="store_true", help="replace the run that OUTPUT_DIR already holds")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars (there are none unless stderr is a terminal)")
+    tr.add_argument("--nproc", type=int, default=None, metavar="N",
+                    help="data-parallel training on N processes of this machine (starts torchrun; one per GPU with "
+                         "train.device=cuda). train.batch_size stays the global batch and must divide by N; "
+                         "train.task_balancing must be fixed. For several machines run `torchrun ... -m genrec "
+                         "train-ranker` instead")  # fmt: skip
     tr.set_defaults(func=_cmd_train_ranker)
 
     e = sub.add_parser("evaluate", help="evaluate a trained run directory")
@@ -320,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line itself, for `train --nproc`, which runs it again under torchrun
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "genrec.export": 7,
     "genrec.serve": 7,
     "genrec.cli": 8,
+    "genrec.__main__": 8,  # ``python -m genrec`` (and ``torchrun -m genrec``): the command line
 }
 
 

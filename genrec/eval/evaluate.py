@@ -75,13 +75,40 @@ class UserRanks:
         atomic_write(path, write)
 
     @classmethod
+    def merge(cls, parts: list[UserRanks]) -> UserRanks:
+        """One result from the disjoint parts of a sharded evaluation (``evaluate_ranks(..., shard=...)``), users
+        ascending: equal to the unsharded result."""
+        if not parts or len({p.repeat_targets for p in parts}) != 1:
+            raise ValueError("UserRanks.merge: needs one or more parts of the same evaluation")
+        users = np.concatenate([p.users for p in parts])
+        ranks = np.concatenate([p.ranks for p in parts])
+        by_user = np.argsort(users, kind="stable")
+        if len(users) > 1 and (np.diff(users[by_user]) == 0).any():
+            raise ValueError("UserRanks.merge: the parts overlap (a user is ranked twice)")
+        return cls(users=users[by_user], ranks=ranks[by_user], repeat_targets=parts[0].repeat_targets)
+
+    @classmethod
     def load(cls, path: str | Path) -> UserRanks:
         with np.load(path, allow_pickle=False) as z:
             return cls(users=z["users"], ranks=z["ranks"], repeat_targets=int(z["repeat_targets"]))
 
 
-def evaluate_ranks(score_fn: ScoreFn, data: SequenceData, protocol: EvalProtocol, batch_size: int = 512) -> UserRanks:
-    """The target rank of every evaluated user under ``protocol`` (see :func:`evaluate` for who is evaluated)."""
+def evaluate_ranks(
+    score_fn: ScoreFn,
+    data: SequenceData,
+    protocol: EvalProtocol,
+    batch_size: int = 512,
+    shard: tuple[int, int] | None = None,
+) -> UserRanks:
+    """The target rank of every evaluated user under ``protocol`` (see :func:`evaluate` for who is evaluated).
+
+    ``shard=(rank, world_size)``: score only batches ``rank, rank + world_size, ...`` of the unsharded run and return
+    the ranks of their users. The batches are the unsharded ones (same rows, same ``batch_size``) and sampled
+    candidates are still drawn for every batch, in order, so ``UserRanks.merge`` of the ``world_size`` parts equals
+    the unsharded result exactly.
+    """
+    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+        raise ValueError(f"evaluate_ranks: shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
     split = leave_one_out(data, protocol.target)
     acc = RankAccumulator()
     rng = protocol.rng()
@@ -102,9 +129,18 @@ def evaluate_ranks(score_fn: ScoreFn, data: SequenceData, protocol: EvalProtocol
                 "exclude_seen such users are left out, so no user is left to evaluate; evaluate with "
                 "eval.exclude_seen=false, or check the data for duplicate rows"
             )
-    for lo in range(0, len(order), batch_size):
+    scored = []  # [num batches scored] arrays of rows into ``split``
+    for index, lo in enumerate(range(0, len(order), batch_size)):
         rows = order[lo : lo + batch_size]
+        mine = shard is None or index % shard[1] == shard[0]
+        if not mine and protocol.candidates != "sampled":
+            continue
         hist, htimes, qtimes, has_time, targets = split_histories(data, split, rows, protocol.max_history)
+        if not mine:  # another shard scores this batch; its candidates are drawn here too, to keep ``rng`` in step
+            sample_candidates([data.sequence(u) for u in split.users[rows]], targets, data.num_items,
+                              protocol.num_negatives, rng)  # fmt: skip
+            continue
+        scored.append(rows)
         scores = score_fn(hist, htimes, qtimes, has_time)
         targets_t = torch.as_tensor(targets, dtype=torch.long)
         exclude = None
@@ -118,7 +154,7 @@ def evaluate_ranks(score_fn: ScoreFn, data: SequenceData, protocol: EvalProtocol
             whole = [data.sequence(u) for u in split.users[rows]]
             candidates = sample_candidates(whole, targets, data.num_items, protocol.num_negatives, rng)
         acc.add(target_ranks(scores, targets_t, exclude, candidates))
-    users = split.users[order]
+    users = split.users[np.concatenate(scored)] if scored else np.zeros(0, dtype=split.users.dtype)
     by_user = np.argsort(users, kind="stable")
     return UserRanks(users=users[by_user], ranks=acc.ranks[by_user], repeat_targets=n_repeats)
 

@@ -13,6 +13,13 @@ records the learning rate of its last step (``"lr"``).
 Run directories: everything is checked (config, data, and on resume the checkpoint against the stored config) before
 the first file is written. A directory that already holds a run is refused unless the call resumes it or asks to
 overwrite it, so two runs never mix in one ``log.jsonl``.
+
+Data-parallel training (``dist``, see ``genrec.train.distributed``): N processes train the model one process trains
+with the same ``train.batch_size`` (the global batch; B / N rows per process), within float rounding. Negatives,
+dropout masks and Stochastic Length are drawn for the global batch on every process, so every example gets the
+randomness it gets in a one-process run, with two exceptions that only change which masks are drawn (same
+distribution): SASRec's attention dropout and the jagged attention engine's dropout. Process 0 alone writes the run
+directory; its checkpoint resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from genrec.data.sequences import leave_one_out, load_item_map, save_id_maps
 from genrec.data.stochastic_length import expected_kept, expected_sparsity
 from genrec.eval.evaluate import (
     INTEGER_METRICS,
-    evaluate,
+    UserRanks,
     evaluate_ranks,
     metrics_from_user_ranks,
     model_score_fn,
@@ -64,7 +71,20 @@ from genrec.train.checkpoint import (
     write_json,
     write_log,
 )
-from genrec.train.loss import sampled_softmax_loss
+from genrec.train.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    any_process,
+    broadcast_module,
+    check_batch_size,
+    gather_objects,
+    global_batch_dropout,
+    run_on_main,
+    shard_batch,
+    training_device,
+    wrap_ddp,
+)
+from genrec.train.loss import GlobalBatchShard, sampled_softmax_loss
 from genrec.train.schedule import LRSchedule, check_schedule_config
 
 log = logging.getLogger("genrec.train")
@@ -98,6 +118,34 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator
     return batches
 
 
+class RetrievalObjective(torch.nn.Module):
+    """The training loss of one batch as a module, so that DistributedDataParallel can wrap it (DDP reduces the
+    gradients of what its ``forward`` computes; ``model.encode`` called directly would bypass it).
+
+    ``forward(batch, normalizer, shard=None, weight=1.0)``: the encoder on ``batch`` (under bf16 autocast when
+    ``use_bf16``), then the sampled softmax, summed over real positions and divided by ``normalizer``, times
+    ``weight``. ``shard`` places the batch in a data-parallel global batch (``GlobalBatchShard``)."""
+
+    def __init__(self, model: torch.nn.Module, num_items: int, train_config, use_bf16: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.num_items = num_items
+        self.tc = train_config
+        self.use_bf16 = use_bf16
+
+    def forward(self, batch, normalizer: float, shard: GlobalBatchShard | None = None, weight: float = 1.0):
+        tc = self.tc
+        device_type = batch.item_ids.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            user = self.model.encode(batch)  # [B, N, d]
+        user = user.float()
+        loss = sampled_softmax_loss(
+            user, batch.targets, self.model.item_vectors, self.num_items, tc.num_negatives, tc.temperature,
+            tc.negatives, normalizer=normalizer, in_batch_negatives=tc.in_batch_negatives, shard=shard,
+        )  # fmt: skip
+        return loss if weight == 1.0 else loss * weight
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919) % (2**63 - 1)
 
@@ -109,6 +157,7 @@ def train(
     overwrite: bool = False,
     data: PreparedData | None = None,
     progress: bool = True,
+    dist: DistInfo | None = None,
 ) -> dict:
     """Train ``config`` into ``config.output_dir`` and return the results dict (also written to results.json).
 
@@ -120,19 +169,31 @@ def train(
             refused.
         data: already prepared data (``config.data`` is then only recorded).
         progress: tqdm bars while stderr is a terminal (per-epoch log lines either way).
+        dist: this process's place in a data-parallel run (``genrec.train.distributed.init_from_env``), or None
+            for a one-process run. Every process calls ``train`` with the same arguments; ``train.batch_size`` is
+            the global batch and must divide by the number of processes. Process 0 checks and writes the run
+            directory (the others need not see it); every process needs the data. All return the results dict.
     """
     config = with_absolute_paths(config)
     tc = config.train
     check_schedule_config(tc)
+    if dist is not None:
+        check_batch_size(tc.batch_size, dist.world_size)
+    is_main = dist is None or dist.is_main
     out = Path(config.output_dir)
     if data is None:
         check_dataset_name(config.data.dataset)
-    existing = check_run_directory(out, RUN_FILES, resume=resume, overwrite=overwrite)
-    saved = resume_state(out, lambda stored: _differences(load_config(stored), config)) if resume else None
+
+    def check_directory() -> tuple[list[str], dict | None]:
+        existing = check_run_directory(out, RUN_FILES, resume=resume, overwrite=overwrite)
+        saved = resume_state(out, lambda stored: _differences(load_config(stored), config)) if resume else None
+        return existing, saved
+
+    existing, saved = run_on_main(dist, check_directory)  # process 0 reads; the others get its answer
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
         log.info("torch.set_num_threads(%d)", tc.num_threads)
-    device = torch.device(tc.device)
+    device = training_device(tc.device, dist)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={tc.device!r}, but this PyTorch build sees no CUDA device (use train.device=cpu)")
 
@@ -142,7 +203,7 @@ def train(
     for note in seqs.notes:
         log.info("data note: %s", note)
     if saved is not None:
-        _check_same_items(out, seqs)
+        run_on_main(dist, lambda: _check_same_items(out, seqs))
 
     # bf16 only where the device computes it natively (genrec.runtime.resolve_autocast warns when it falls back)
     autocast = resolve_autocast(tc.autocast, device)
@@ -183,10 +244,17 @@ def train(
         log.info("learning rate: %s, %d warm-up step(s), %d steps in all (%d per epoch)", tc.lr_schedule,
                  schedule.warmup_steps, schedule.total_steps, steps_per_epoch)  # fmt: skip
     time_notes = _time_notes(config, seqs)
+    if dist is not None:
+        log.info("data-parallel: process %d of %d (%s), %d rows per process of each global batch of %d", dist.rank,
+                 dist.world_size, dist.backend, tc.batch_size // dist.world_size, tc.batch_size)  # fmt: skip
+        note = _world_size_dependent_randomness(config)
+        if note:
+            log.warning("data-parallel: %s, so this run matches a one-process run in distribution, not exactly", note)
 
     torch.manual_seed(tc.seed)
     model = build_model(config.model, seqs.num_items, config.data.max_len).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    objective = RetrievalObjective(model, seqs.num_items, tc, use_bf16)
     state = TrainState()
     ckpt_path = out / "checkpoint.pt"
     if saved is not None:
@@ -199,25 +267,13 @@ def train(
         except (RuntimeError, ValueError, TypeError, KeyError) as exc:
             raise CheckpointError(f"{ckpt_path}: cannot resume from it ({str(exc).strip().splitlines()[0]})") from None
 
-    # Everything is checked: from here on the run directory is written.
-    out.mkdir(parents=True, exist_ok=True)
-    stale = remove_stale_temporaries(out)
-    if stale:
-        log.info("removed %d temporary file(s) left by an interrupted write: %s", len(stale), ", ".join(stale))
-    if overwrite and existing:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        log.info("--overwrite: removed the previous run's files from %s", out)
-    save_config(config, out / "config.yaml")
-    save_id_maps(seqs, out)
-    write_popularity(seqs, out)  # the serving fallback for histories without a known item
-    if data.titles:
-        write_json(out / "titles.json", data.titles)
-    if saved is not None:
-        # log.jsonl holds exactly the epochs the checkpoint covers (a run killed after logging an epoch but before
-        # its checkpoint would otherwise log that epoch twice).
-        write_log(out / "log.jsonl", state.history)
-        log.info("resumed from %s after epoch %d", ckpt_path, state.epoch)
+    # Everything is checked: from here on the run directory is written (by process 0 alone).
+    if is_main:
+        _start_run_directory(out, config, seqs, data, state, existing, overwrite=overwrite, resumed=saved is not None)
+    # The step's module: the objective itself, or DDP around it (built after the resumed weights are loaded, so
+    # every process starts from the same ones; DDP broadcasts process 0's anyway).
+    step_module = objective if dist is None else wrap_ddp(objective, dist, device)
+    normalizer = loss_normalizer if dist is None else loss_normalizer / dist.world_size  # DDP averages the N gradients
 
     started = time.monotonic()
     out_of_time = False
@@ -232,17 +288,19 @@ def train(
         total, tokens, positions = 0.0, 0, 0
         lr = tc.lr
         sl_rng = np.random.default_rng([tc.seed, epoch, 1]) if sl_alpha else None
-        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not (progress and is_terminal(sys.stderr)), leave=False)
+        show = progress and is_main and is_terminal(sys.stderr)
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not show, leave=False)
         for step, rows in enumerate(bar, start=1):
-            batch = training_batch(seqs, train_split, rows, config.data.max_len, sl_alpha, sl_rng).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                user = model.encode(batch)
-            user = user.float()
-            loss = sampled_softmax_loss(
-                user, batch.targets, model.item_vectors, seqs.num_items, tc.num_negatives, tc.temperature, tc.negatives,
-                normalizer=loss_normalizer, in_batch_negatives=tc.in_batch_negatives,
-            )
-            loss_value = loss.item()
+            # The whole global batch on every process (so Stochastic Length draws alike everywhere), then its slice.
+            batch = training_batch(seqs, train_split, rows, config.data.max_len, sl_alpha, sl_rng)
+            if dist is None:
+                loss = step_module(batch.to(device), normalizer)
+                loss_value = loss.item()
+            else:
+                local, shard, weight = shard_batch(batch, dist)
+                with global_batch_dropout(model, shard):
+                    loss = step_module(local.to(device), normalizer, shard, weight)
+                loss_value = all_reduce_mean(loss.item(), dist, device)  # the global batch's loss, on every process
             if not math.isfinite(loss_value):
                 raise FloatingPointError(
                     f"epoch {epoch}, step {step}: the training loss is {loss_value}; stopped before updating the "
@@ -268,15 +326,17 @@ def train(
         if valid_protocol is None:  # refit: no evaluation, every epoch replaces the last
             valid, metric = {}, float(epoch)
         else:
-            valid = evaluate(model_score_fn(model, config.data.max_len, device), seqs, valid_protocol, tc.eval_batch_size)
+            valid = metrics_from_user_ranks(_evaluate_ranks(model, seqs, valid_protocol, config, device, dist),
+                                            valid_protocol)  # fmt: skip
             metric = valid[tc.select_metric]
         eval_seconds = time.perf_counter() - t1
         improved = metric > state.best_metric
         if improved:
             state.best_metric, state.best_epoch, state.bad_epochs = metric, epoch, 0
-            save_weights(out / "best.safetensors", model)
-            proto = None if valid_protocol is None else valid_protocol.to_dict()
-            write_json(out / "best.json", {"epoch": epoch, "protocol": proto, "metrics": valid})
+            if is_main:
+                save_weights(out / "best.safetensors", model)
+                proto = None if valid_protocol is None else valid_protocol.to_dict()
+                write_json(out / "best.json", {"epoch": epoch, "protocol": proto, "metrics": valid})
         else:
             state.bad_epochs += 1
         row = {
@@ -292,8 +352,9 @@ def train(
         }
         state.history.append(row)
         state.epoch = epoch
-        with open(out / "log.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        if is_main:
+            with open(out / "log.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
         if valid_protocol is None:
             log.info("epoch %d/%d loss %.4f %.1fs train (refit: no evaluation)", epoch, tc.epochs, row["loss"], train_seconds)
         else:
@@ -301,28 +362,36 @@ def train(
                 "epoch %d loss %.4f valid %s %.4f (best %.4f @ %d) %.1fs train %.1fs eval",
                 epoch, row["loss"], tc.select_metric, metric, state.best_metric, state.best_epoch, train_seconds, eval_seconds,
             )  # fmt: skip
-        if tc.time_budget_minutes > 0 and time.monotonic() - started > 60 * tc.time_budget_minutes:
-            out_of_time = True
-            log.warning("stopping after epoch %d: time budget of %.0f min used", epoch, tc.time_budget_minutes)
-        save_state(
-            ckpt_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "train_state": state.__dict__,
-                "genrec_version": __version__,
-            },
-        )
+        if tc.time_budget_minutes > 0:
+            out_of_time = time.monotonic() - started > 60 * tc.time_budget_minutes
+            if dist is not None:  # every process stops after the same epoch
+                out_of_time = any_process(out_of_time, dist, device)
+            if out_of_time:
+                log.warning("stopping after epoch %d: time budget of %.0f min used", epoch, tc.time_budget_minutes)
+        if is_main:
+            save_state(
+                ckpt_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "train_state": state.__dict__,
+                    "genrec_version": __version__,
+                },
+            )
 
-    # Test once, at the best validation epoch.
-    load_weights(out / "best.safetensors", model)
+    # Test once, at the best validation epoch (process 0 reads the weights it wrote and hands them on).
+    if is_main:
+        load_weights(out / "best.safetensors", model)
+    if dist is not None:
+        broadcast_module(model, dist)
     model.eval()
     test_protocol = protocol_from_config(config, "test")
-    test_ranks = evaluate_ranks(model_score_fn(model, config.data.max_len, device), seqs, test_protocol, tc.eval_batch_size)
+    test_ranks = _evaluate_ranks(model, seqs, test_protocol, config, device, dist)
     test = metrics_from_user_ranks(test_ranks, test_protocol)
     # Every evaluated user's test rank (users ascending), for paired comparisons between runs (bench/quality.py).
-    test_ranks.save(out / "test_ranks.npz")
+    if is_main:
+        test_ranks.save(out / "test_ranks.npz")
     log.info("test protocol: %s — %s", test_protocol.name, test_protocol.describe())
     log.info("test @ best epoch %d: %s", state.best_epoch, _fmt(test))
     epochs_done = state.history
@@ -348,14 +417,64 @@ def train(
         "config": config.to_dict(),
         "genrec_version": __version__,
     }
-    write_json(out / "results.json", results)
+    if dist is not None:
+        results["distributed"] = {"processes": dist.world_size, "backend": dist.backend}
+    if is_main:
+        write_json(out / "results.json", results)
     return results
 
 
+def _start_run_directory(out: Path, config: RunConfig, seqs, data: PreparedData, state: TrainState,
+                         existing: list[str], *, overwrite: bool, resumed: bool) -> None:
+    """Create or refresh the run directory before the first epoch: stale temporaries and (``overwrite``) the previous
+    run's files removed, config, id maps, popularity and titles written, and on resume ``log.jsonl`` cut back to the
+    epochs the checkpoint covers."""
+    out.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temporaries(out)
+    if stale:
+        log.info("removed %d temporary file(s) left by an interrupted write: %s", len(stale), ", ".join(stale))
+    if overwrite and existing:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        log.info("--overwrite: removed the previous run's files from %s", out)
+    save_config(config, out / "config.yaml")
+    save_id_maps(seqs, out)
+    write_popularity(seqs, out)  # the serving fallback for histories without a known item
+    if data.titles:
+        write_json(out / "titles.json", data.titles)
+    if resumed:
+        # log.jsonl holds exactly the epochs the checkpoint covers (a run killed after logging an epoch but before
+        # its checkpoint would otherwise log that epoch twice).
+        write_log(out / "log.jsonl", state.history)
+        log.info("resumed from %s after epoch %d", out / "checkpoint.pt", state.epoch)
+
+
+def _evaluate_ranks(model, seqs, protocol, config: RunConfig, device: torch.device, dist: DistInfo | None):
+    """Per-user ranks of ``protocol`` for ``model``: evaluated whole, or (data-parallel) each process scoring its
+    share of the batches and the parts gathered on every process; both give the same result."""
+    score_fn = model_score_fn(model, config.data.max_len, device)
+    batch_size = config.train.eval_batch_size
+    if dist is None:
+        return evaluate_ranks(score_fn, seqs, protocol, batch_size)
+    part = evaluate_ranks(score_fn, seqs, protocol, batch_size, shard=(dist.rank, dist.world_size))
+    return UserRanks.merge(gather_objects(part, dist))
+
+
+def _world_size_dependent_randomness(config: RunConfig) -> str | None:
+    """What in ``config`` draws random numbers that depend on how the global batch is split, or None."""
+    m = config.model
+    if m.name == "sasrec" and m.dropout > 0:
+        return f"SASRec's attention dropout (model.dropout={m.dropout}) is drawn inside the attention kernel per process"
+    if m.attention_impl == "jagged" and (m.dropout > 0 or m.linear_dropout > 0):
+        return "the jagged attention engine draws its dropout masks per process (model.attention_impl=jagged)"
+    return None
+
+
 def check_dataset_name(name: str) -> None:
-    """Raise ``ConfigError`` unless ``name`` is a registry dataset, "table" or "sequences"."""
-    if name not in DATASETS and name not in ("table", "sequences"):
-        known = ", ".join(repr(n) for n in [*DATASETS, "table", "sequences"])
+    """Raise ``ConfigError`` unless ``name`` is a registry dataset, "table", "sequences" or "preprocessed"."""
+    own = ("table", "sequences", "preprocessed")
+    if name not in DATASETS and name not in own:
+        known = ", ".join(repr(n) for n in [*DATASETS, *own])
         raise ConfigError(f"data.dataset: {name!r} is not one of {known} (`genrec data list` describes them)")
 
 

@@ -55,6 +55,7 @@ losses' scoring work.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,39 @@ def catalogue_cross_entropy(
     return _CatalogueCrossEntropy.apply(u, table, targets, temperature, chunk)
 
 
+@dataclass(frozen=True)
+class GlobalBatchShard:
+    """Where one process's rows sit in the global batch of a data-parallel step (``genrec.train.distributed``).
+
+    Every random draw of the loss is then made for the whole global batch, identically on every process, and this
+    process keeps its slice: the negatives of its rows or positions, the in-batch negatives of the global batch. The
+    per-example randomness, and the state of the generator afterwards, are therefore the same whatever the number
+    of processes, and N processes compute the same loss terms as one process given the whole batch.
+
+    rows: ``[row_offset, row_offset + B)`` of ``global_rows`` rows are this process's ``[B, N]`` batch.
+    positions: this batch's real positions are ``[position_offset, position_offset + M)`` of the global batch's
+    ``global_targets.numel()`` real positions, in row-major order; ``global_targets`` [M_global] long are their
+    targets (the in-batch negatives and their logQ shares come from them).
+    """
+
+    row_offset: int
+    global_rows: int
+    position_offset: int
+    global_targets: torch.Tensor
+
+    @property
+    def global_positions(self) -> int:
+        return int(self.global_targets.numel())
+
+
+def _draw(high: int, shape: tuple[int, ...], generator, device, shard_offset: int | None, global_size: int | None):
+    """randint(1, high + 1) of ``shape``; with a shard, drawn for ``global_size`` leading rows and sliced."""
+    if shard_offset is None:
+        return torch.randint(1, high + 1, shape, generator=generator, device=device)
+    full = torch.randint(1, high + 1, (global_size, *shape[1:]), generator=generator, device=device)
+    return full[shard_offset : shard_offset + shape[0]]
+
+
 def sampled_softmax_loss(
     user: torch.Tensor,
     targets: torch.Tensor,
@@ -170,6 +204,7 @@ def sampled_softmax_loss(
     full_logits_budget: int = 2**27,
     per_position_path: str = "auto",
     in_batch_negatives: int = 0,
+    shard: GlobalBatchShard | None = None,
 ) -> torch.Tensor:
     """user [B, N, d] (normalised), targets [B, N] long (0 = padding), item_vectors(ids) -> normalised [..., d].
 
@@ -185,6 +220,9 @@ def sampled_softmax_loss(
     ``in_batch_negatives = K_b > 0`` adds K_b negatives drawn from the batch's real targets, shared by all positions,
     and the logQ correction of every logit (module docstring); they are drawn after the uniform negatives, from the
     same ``generator``. Not with ``mode="full"``.
+
+    ``shard``: this batch is a slice of a data-parallel global batch (``GlobalBatchShard``); the draws are made for
+    the global batch and sliced, so the loss terms do not depend on how the global batch is split.
     """
     if in_batch_negatives < 0:
         raise ValueError(f"in_batch_negatives must be >= 0, got {in_batch_negatives}")
@@ -205,12 +243,15 @@ def sampled_softmax_loss(
         hit = pos_ids.unsqueeze(1) == neg_ids.unsqueeze(0)
     elif mode == "per_sequence":
         B = user.shape[0]
-        neg_ids = torch.randint(1, num_items + 1, (B, num_negatives), generator=generator, device=user.device)  # [B, K]
+        neg_ids = _draw(num_items, (B, num_negatives), generator, user.device,  # [B, K]
+                        None if shard is None else shard.row_offset, None if shard is None else shard.global_rows)
         neg_logit_all = torch.bmm(user, item_vectors(neg_ids).transpose(1, 2))  # [B, N, K]
         neg_logit = neg_logit_all[valid]  # [M, K]
         hit = pos_ids.unsqueeze(1) == neg_ids.unsqueeze(1).expand(-1, targets.shape[1], -1)[valid]
     elif mode == "per_position":
-        neg_ids = torch.randint(1, num_items + 1, (u.shape[0], num_negatives), generator=generator, device=user.device)
+        neg_ids = _draw(num_items, (u.shape[0], num_negatives), generator, user.device,  # [M, K]
+                        None if shard is None else shard.position_offset,
+                        None if shard is None else shard.global_positions)
         path = per_position_path
         if path == "auto":
             fits = u.shape[0] * (num_items + 1) <= full_logits_budget
@@ -229,9 +270,11 @@ def sampled_softmax_loss(
         hit = pos_ids.unsqueeze(1) == neg_ids
     else:
         raise ValueError(f"negatives must be 'shared', 'per_sequence', 'per_position' or 'full', got {mode!r}")
-    if in_batch_negatives and len(u) > 0:
+    batch_targets = pos_ids if shard is None else shard.global_targets.to(pos_ids.device)  # [M_global]
+    if in_batch_negatives and len(batch_targets) > 0:
         logits = _mixed_logits(u, pos_ids, pos_logit, neg_logit, neg_ids, hit, item_vectors, num_items,
-                               num_negatives, temperature, in_batch_negatives, generator, valid, mode)  # fmt: skip
+                               num_negatives, temperature, in_batch_negatives, generator, valid, mode,
+                               batch_targets)  # fmt: skip
     else:
         logits = torch.cat([pos_logit, neg_logit], dim=1) / temperature
         logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(hit, -5e4)], dim=1)
@@ -256,18 +299,20 @@ def _mixed_logits(
     generator: torch.Generator | None,
     valid: torch.Tensor,
     mode: str,
+    batch_targets: torch.Tensor,
 ) -> torch.Tensor:
     """[M, 1 + K + K_b] logQ-corrected, masked logits: the positive, the K uniform and the K_b in-batch negatives.
 
     u [M, d], pos_ids [M], pos_logit [M, 1], neg_logit [M, K]; neg_ids [K] ("shared"), [B, K] ("per_sequence") or
-    [M, K] ("per_position"); hit [M, K]: the uniform negatives equal to the position's positive; valid [B, N].
+    [M, K] ("per_position"); hit [M, K]: the uniform negatives equal to the position's positive; valid [B, N];
+    batch_targets [M_batch]: the real targets of the whole (global) batch, ``pos_ids`` itself unless data-parallel.
     """
-    M, K = neg_logit.shape
+    M_batch = len(batch_targets)
     # K_b targets of real positions, uniformly over positions (so by popularity in the batch), shared by all rows.
-    draw = torch.randint(0, M, (in_batch,), generator=generator, device=u.device)  # [K_b]
-    batch_ids = pos_ids[draw]  # [K_b]
+    draw = torch.randint(0, M_batch, (in_batch,), generator=generator, device=u.device)  # [K_b]
+    batch_ids = batch_targets[draw]  # [K_b]
     # log of each item's expected count among a position's candidates: K/N uniform + K_b · (its share of the targets)
-    share = torch.bincount(pos_ids, minlength=num_items + 1).to(u.dtype) / M  # [num_items + 1]
+    share = torch.bincount(batch_targets, minlength=num_items + 1).to(u.dtype) / M_batch  # [num_items + 1]
     log_e = torch.log(num_negatives / num_items + in_batch * share)  # [num_items + 1]
     neg_corr = log_e[neg_ids]  # [K] | [B, K] | [M, K]
     if mode == "per_sequence":  # a sequence's draws for each of its real positions
