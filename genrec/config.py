@@ -35,9 +35,11 @@ ColumnRole = Literal["user", "item", "timestamp", "rating", "event"]  # genrec.d
 class DataConfig:
     """Where the interactions come from and how user sequences are cut."""
 
-    dataset: str = "ml-1m"  # a registry name (genrec.data.registry.DATASETS) or "table"/"sequences" for own files
+    # a registry name (genrec.data.registry.DATASETS), "table"/"sequences" for own files, or "preprocessed" for a
+    # directory written by ``python -m genrec.data.preprocess``
+    dataset: str = "ml-1m"
     data_dir: str | None = None  # searched before $GENREC_DATA_DIR and the cache dir
-    path: str | None = None  # for dataset="table" / "sequences": the file to read
+    path: str | None = None  # for dataset="table" / "sequences": the file to read; "preprocessed": the directory
     timestamps_path: str | None = None  # for dataset="sequences": optional position-aligned timestamp file
     # for dataset="table": role -> source column (a header name, or a 0-based position); user and item are required
     columns: dict[ColumnRole, str | int] = field(default_factory=dict)
@@ -56,6 +58,9 @@ class DataConfig:
         _check_fields(self, "data")
         _check(self.dataset != "", "data.dataset", self.dataset, "must name a dataset")
         _at_least(self, "data", max_len=2, min_seq_len=3)
+        if self.dataset == "preprocessed":
+            _check(bool(self.path), "data.path", self.path, "must name the directory written by python -m "
+                   "genrec.data.preprocess for data.dataset=preprocessed")
         if self.dataset == "table":
             missing = [role for role in ("user", "item") if role not in self.columns]
             _check(not missing, "data.columns", self.columns, f"must name the {' and '.join(map(repr, missing))} "

@@ -19,6 +19,8 @@ class PreparedData:
 
 def prepare_data(config: DataConfig) -> PreparedData:
     """Load the configured interactions and turn them into chronological per-user sequences."""
+    if config.dataset == "preprocessed":
+        return _preprocessed(config)
     if config.dataset == "table":
         if not config.path:
             raise ValueError("data.dataset=table needs data.path (and data.columns: user, item[, timestamp, ...])")
@@ -44,3 +46,24 @@ def prepare_data(config: DataConfig) -> PreparedData:
     seqs = build_sequences(frame, min_seq_len=config.min_seq_len, notes=notes, duplicates=duplicates,
                            ties=config.ties, ties_seed=config.ties_seed)
     return PreparedData(seqs, titles, files)
+
+
+def _preprocessed(config: DataConfig) -> PreparedData:
+    """A directory written by ``python -m genrec.data.preprocess`` (``genrec.data.preprocess``): its sequences are
+    read as they are, without the raw log. The choices made when it was written (``min_seq_len``, ``duplicates``,
+    ties in file order) must be the config's, or the run would silently train on other sequences."""
+    from genrec.data.shards import ShardedSequences
+
+    if not config.path:
+        raise ValueError("data.dataset=preprocessed needs data.path: the directory python -m genrec.data.preprocess "
+                         "wrote")
+    data = ShardedSequences(config.path)
+    made = data.manifest.get("config", {})
+    wanted = {"min_seq_len": config.min_seq_len, "duplicates": config.duplicates, "ties": config.ties}
+    differ = [f"data.{k}={v!r} but {config.path} was written with {k}={made.get(k)!r}"
+              for k, v in wanted.items() if made.get(k) != v]
+    if differ:
+        raise ValueError("data.dataset=preprocessed: " + "; ".join(differ) + " (preprocess again with the same "
+                         "settings, or set them in the config)")
+    seqs = data.read(0, 1).sequences
+    return PreparedData(seqs, None, [str(config.path)])
