@@ -19,6 +19,10 @@ same model as a run on one process with the same ``train.batch_size``:
   checks' outcome, and a resumed checkpoint, reach the other processes by broadcast (``run_on_main``). A checkpoint
   holds no trace of the process count, so a run can resume on any number of processes.
 
+The ranking loop (``genrec.train.ranking``, ``genrec train-ranker --nproc N``) uses the same pieces: global batches cut
+by rows (``RowShard`` for its dropout masks; rankers draw no negatives), each process's per-task losses scaled by its
+share of the batch's labels, evaluation batches dealt round-robin and the predictions gathered in order.
+
 The backend follows the device: NCCL for CUDA (process ``LOCAL_RANK`` takes ``cuda:LOCAL_RANK``), gloo otherwise.
 Nothing here is global state: ``init_from_env`` returns a ``DistInfo`` that is passed to whatever needs it.
 """

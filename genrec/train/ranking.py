@@ -48,6 +48,18 @@ schema, item ids, the dense features' training statistics), so ``genrec.ranking_
 
 Rankers without trainable parameters that are fitted by counting (the popularity floor, ``fit(batches)``) are fitted
 once on the training part; that is their single "epoch".
+
+Data-parallel training (``dist``, see :mod:`genrec.train.distributed`; ``torchrun ... -m genrec train-ranker`` or
+``genrec train-ranker --nproc N``): N processes train the model one process trains with the same ``train.batch_size``
+(the global batch; B / N rows per process), within float rounding. Every process builds each global batch and keeps
+its rows; the rankers' only random draws are dropout masks, drawn for the global batch (``global_batch_dropout``).
+A ranker's loss is a per-task mean over labelled candidates (weighted by ``label_weights``, plus the history events of
+the interleaved HSTU ranker), so each process rescales its per-task losses by its share of the global batch's labels
+(:class:`RankingObjective`) and DistributedDataParallel's average of the gradients is the one-process gradient.
+Validation and test batches are dealt round-robin and the predictions gathered in order, so the metrics equal the
+one-process ones exactly. Process 0 alone writes the run directory; its checkpoint resumes on any number of
+processes. Only ``train.task_balancing=fixed`` is supported (the other balancers combine per-task losses or gradients
+of the whole batch), and DIN's Dice activation normalises with each process's own batch statistics.
 """
 
 from __future__ import annotations
@@ -82,11 +94,11 @@ from genrec.config import (
 )
 from genrec.data.ranking import RANKING_DATASETS, RankingDataset, load_ranking_dataset
 from genrec.data.ranking.events import DenseFeatureState
-from genrec.data.ranking_batch import RankingSchema
+from genrec.data.ranking_batch import RankingBatch, RankingSchema
 from genrec.data.sequences import IdMap
 from genrec.eval.ranking_metrics import PROB_EPS, flatten_candidates, multitask_ranking_metrics
 from genrec.io import atomic_write, write_json
-from genrec.models.din import DIN, DINConfig
+from genrec.models.din import DIN, DINConfig, Dice
 from genrec.models.dlrm import DLRMRanker, DLRMRankerConfig
 from genrec.models.hstu_ranker import HSTURanker, HSTURankerConfig
 from genrec.models.ranking_floors import ItemPopularityRanker, LogisticRegressionRanker
@@ -103,6 +115,19 @@ from genrec.train.checkpoint import (
     save_weights,
     with_absolute_paths,
     write_log,
+)
+from genrec.train.distributed import (
+    DistInfo,
+    RowShard,
+    all_reduce_means,
+    broadcast_module,
+    check_batch_size,
+    gather_objects,
+    global_batch_dropout,
+    run_on_main,
+    shard_bounds,
+    training_device,
+    wrap_ddp,
 )
 from genrec.train.distill import (
     ServingHeads,
@@ -444,12 +469,21 @@ def predict(
     max_history: int,
     max_candidates: int,
     device: torch.device | str = "cpu",
+    dist: DistInfo | None = None,
 ) -> Predictions:
-    """Score every row of ``part`` (in the dataset's fixed row order) in eval mode."""
+    """Score every row of ``part`` (in the dataset's fixed row order) in eval mode.
+
+    ``dist``: a data-parallel run; every process calls ``predict`` alike, scores batches ``rank, rank + N, ...`` of
+    the one-process batches (same rows, same ``batch_size``) and gets all predictions, gathered in the one-process
+    order: the arrays, and so the metrics, equal the one-process ones."""
     model.eval()
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("probs", "labels", "users", "items", "times")}
-    for batch in dataset.batches(part, batch_size, shuffle=False, max_history=max_history,
-                                 max_candidates=max_candidates):  # fmt: skip
+    if dist is None:
+        batches = dataset.batches(part, batch_size, shuffle=False, max_history=max_history,
+                                  max_candidates=max_candidates)  # fmt: skip
+    else:
+        batches = _batches_of_process(dataset, part, batch_size, max_history, max_candidates, dist)
+    for batch in batches:
         logits = model(batch.to(device)).float().cpu()  # [B, C, T]
         if not bool(torch.isfinite(logits[batch.cand_mask]).all()):
             raise FloatingPointError(f"the model gave NaN or infinite logits on the {part} part")
@@ -459,12 +493,34 @@ def predict(
         chunks["users"].append(users)
         chunks["items"].append(batch.cand_items[batch.cand_mask].numpy())
         chunks["times"].append(batch.cand_times[batch.cand_mask].numpy())
+    if dist is not None:
+        chunks = _gather_in_batch_order(chunks, dist)
     T = dataset.schema.num_tasks
     empty = {"probs": (0, T), "labels": (0, T)}
     cat = {k: np.concatenate(v) if v else np.zeros(empty.get(k, 0)) for k, v in chunks.items()}
     return Predictions(dataset.schema.tasks, cat["users"].astype(np.int64), cat["items"].astype(np.int64),
                        cat["times"].astype(np.int64), cat["probs"].astype(np.float32),
                        cat["labels"].astype(np.float32))  # fmt: skip
+
+
+def _batches_of_process(dataset: RankingDataset, part: str, batch_size: int, max_history: int,
+                        max_candidates: int, dist: DistInfo):  # fmt: skip
+    """The evaluation batches process ``dist.rank`` scores: batches ``rank, rank + N, ...`` of
+    ``dataset.batches(part, batch_size, shuffle=False, ...)``, the others not built at all."""
+    rows = dataset.rows(part, max_candidates)
+    which_all = dataset.batch_rows(part, batch_size, shuffle=False, max_candidates=max_candidates)
+    for index, which in enumerate(which_all):
+        if index % dist.world_size == dist.rank:
+            yield dataset.make_batch(rows, which, max_history, False)
+
+
+def _gather_in_batch_order(chunks: dict[str, list[np.ndarray]], dist: DistInfo) -> dict[str, list[np.ndarray]]:
+    """Every process's per-batch arrays ({name: [this process's batches]}), on every process, in batch order:
+    batch i is the (i // N)-th batch of process i % N."""
+    parts = gather_objects(chunks, dist)
+    total = sum(len(p["probs"]) for p in parts)
+    N = dist.world_size
+    return {k: [parts[i % N][k][i // N] for i in range(total)] for k in chunks}
 
 
 def protocol(dataset: RankingDataset, part: str, config: RankingRunConfig) -> dict[str, Any]:
@@ -528,6 +584,7 @@ def train_ranker(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
+    dist: DistInfo | None = None,
 ) -> dict:
     """Train ``config`` into ``config.output_dir``; return the results dict (also written to ``results.json``).
 
@@ -544,8 +601,20 @@ def train_ranker(
         resume: continue the run in ``output_dir`` from its ``checkpoint.pt``; the stored model and data sections,
             ``train.seed``, ``train.task_weights`` and ``train.select_metric`` must equal ``config``'s.
         progress: a tqdm bar per epoch while stderr is a terminal (per-epoch log lines either way).
+        dist: this process's place in a data-parallel run (``genrec.train.distributed.init_from_env``), or None
+            for a one-process run. Every process calls ``train_ranker`` with the same arguments; ``train.batch_size``
+            is the global batch and must divide by the number of processes, and ``train.task_balancing`` must be
+            fixed. Process 0 checks and writes the run directory; every process needs the data. All return the
+            results dict.
     """
     config = with_absolute_paths(config)
+    if dist is not None:
+        check_batch_size(config.train.batch_size, dist.world_size)
+        if config.train.task_balancing != "fixed":
+            raise ConfigError(f"train.task_balancing: {config.train.task_balancing!r} combines the per-task losses or "
+                              "gradients of the whole batch, which data-parallel training does not support; use "
+                              "fixed, or train on one process")  # fmt: skip
+    is_main = dist is None or dist.is_main
     if config.train.distill_teacher is not None:  # the saved config must find the teacher from anywhere
         teacher_dir = os.path.abspath(os.path.expanduser(config.train.distill_teacher))
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, distill_teacher=teacher_dir))
@@ -555,14 +624,20 @@ def train_ranker(
     if dataset is None and canonical not in RANKING_DATASETS:
         known = ", ".join(repr(n) for n in [*RANKING_DATASETS, *DATASET_ALIASES])
         raise ConfigError(f"data.dataset: {dc.dataset!r} is not a ranking dataset; known: {known}")
-    existing = check_run_directory(out, RANKING_RUN_FILES, resume=resume, overwrite=overwrite)
     resumed_fields = ("seed", "task_weights", "select_metric", "task_balancing", "balancer_lr", "distill_teacher",
                       "distill_weight", "distill_head", "distill_temperature")
-    saved = resume_state(out, lambda stored: config_differences(
-        with_absolute_paths(load_ranking_config(stored)), config, ("model", "data"), resumed_fields)) if resume else None
+
+    def check_directory() -> tuple[list[str], dict | None]:
+        existing = check_run_directory(out, RANKING_RUN_FILES, resume=resume, overwrite=overwrite)
+        if not resume:
+            return existing, None
+        return existing, resume_state(out, lambda stored: config_differences(
+            with_absolute_paths(load_ranking_config(stored)), config, ("model", "data"), resumed_fields))
+
+    existing, saved = run_on_main(dist, check_directory)  # process 0 reads; the others get its answer
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
-    device = torch.device(tc.device)
+    device = training_device(tc.device, dist)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={tc.device!r}, but this PyTorch build sees no CUDA device "
                          "(use train.device=cpu)")  # fmt: skip
@@ -663,19 +738,32 @@ def train_ranker(
     # The selection metric's definedness depends on the validation labels only: check it before writing anything.
     _check_selection_defined(dataset, config, select_tasks)
 
-    # Everything is checked: from here on the run directory is written.
-    out.mkdir(parents=True, exist_ok=True)
-    for name in remove_stale_temporaries(out, RANKING_RUN_FILES):
-        log.info("removed %s, a temporary file left by an interrupted write", name)
-    if overwrite and existing:
-        for name in RANKING_RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        log.info("overwrite: removed the previous run's files from %s", out)
-    save_config(config, out / "config.yaml")
-    RankingState.from_dataset(dataset).save(out)  # what ranking with the trained model needs (genrec.ranking_api)
-    if saved is not None:
-        write_log(out / "log.jsonl", state.history)  # exactly the epochs the checkpoint covers
-        log.info("resumed from %s after epoch %d", ckpt_path, state.epoch)
+    if dist is not None:
+        log.info("data-parallel: process %d of %d (%s), %d rows per process of each global batch of %d", dist.rank,
+                 dist.world_size, dist.backend, tc.batch_size // dist.world_size, tc.batch_size)  # fmt: skip
+        if any(isinstance(m, Dice) for m in model.modules()):
+            log.warning("data-parallel: DIN's Dice activation normalises with each process's batch statistics, so "
+                        "this run matches a one-process run in distribution, not exactly (use activation=prelu)")
+
+    # Everything is checked: from here on the run directory is written (by process 0 alone).
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in remove_stale_temporaries(out, RANKING_RUN_FILES):
+            log.info("removed %s, a temporary file left by an interrupted write", name)
+        if overwrite and existing:
+            for name in RANKING_RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            log.info("overwrite: removed the previous run's files from %s", out)
+        save_config(config, out / "config.yaml")
+        RankingState.from_dataset(dataset).save(out)  # what ranking with the trained model needs (genrec.ranking_api)
+        if saved is not None:
+            write_log(out / "log.jsonl", state.history)  # exactly the epochs the checkpoint covers
+            log.info("resumed from %s after epoch %d", ckpt_path, state.epoch)
+    # Data-parallel: the step's module is DistributedDataParallel around the loss (built after the resumed weights
+    # are loaded, so every process starts from the same ones; DDP broadcasts process 0's anyway).
+    step_module = None
+    if dist is not None and not fitted_by_counting:
+        step_module = wrap_ddp(RankingObjective(model), dist, device)
 
     epochs = 1 if fitted_by_counting else tc.epochs
     higher_better = RANKING_SELECT_METRICS[tc.select_metric][1]
@@ -697,48 +785,58 @@ def train_ranker(
         if fitted_by_counting:
             model.fit(b.to(device) for b in batches)
             row_loss: dict[str, Any] = {"loss": None, "task_losses": None, "fitted_by_counting": True}
-        else:
+        elif dist is None:
             row_loss = _train_epoch(model, optimizer, balancer, batches, device, epoch, out, progress, schema.tasks)
+        else:
+            row_loss = _train_epoch_data_parallel(model, step_module, optimizer, balancer, batches, device, epoch,
+                                                  out, progress and is_main, schema.tasks, dist)  # fmt: skip
         train_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         valid = predict(model, dataset, "valid", batch_size=tc.eval_batch_size, max_history=dc.max_history,
-                        max_candidates=dc.max_candidates, device=device).metrics()  # fmt: skip
+                        max_candidates=dc.max_candidates, device=device, dist=dist).metrics()  # fmt: skip
         value = selection_value(valid, tc.select_metric, select_tasks)
         eval_seconds = time.perf_counter() - t1
         best = state.best_value
         improved = best is None or (value > best if higher_better else value < best)
         if improved:
             state.best_value, state.best_epoch, state.bad_epochs = value, epoch, 0
-            save_weights(out / "best.safetensors", model)
-            write_json(out / "best.json", _json_safe({"epoch": epoch, "select_metric": tc.select_metric,
-                                                      "select_value": value, "protocol": valid_protocol,
-                                                      "metrics": valid}))  # fmt: skip
+            if is_main:
+                save_weights(out / "best.safetensors", model)
+                write_json(out / "best.json", _json_safe({"epoch": epoch, "select_metric": tc.select_metric,
+                                                          "select_value": value, "protocol": valid_protocol,
+                                                          "metrics": valid}))  # fmt: skip
         else:
             state.bad_epochs += 1
         row = {"epoch": epoch, **row_loss, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                "select_value": value, "valid": _json_safe(valid)}  # fmt: skip
         state.history.append(row)
         state.epoch = epoch
-        with open(out / "log.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        if is_main:
+            with open(out / "log.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
         log.info("epoch %d loss %s valid %s %.4f (best %.4f @ %d) %.1fs train %.1fs eval", epoch,
                  "-" if row["loss"] is None else f"{row['loss']:.4f}", tc.select_metric, value, state.best_value,
                  state.best_epoch, train_seconds, eval_seconds)  # fmt: skip
-        save_state(ckpt_path, {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else {},
-            "torch_rng": torch.get_rng_state(),
-            "balancer": balancer.state_dict(),
-            "train_state": dataclasses.asdict(state),
-            "genrec_version": __version__,
-        })  # fmt: skip
+        if is_main:
+            save_state(ckpt_path, {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer is not None else {},
+                "torch_rng": torch.get_rng_state(),
+                "balancer": balancer.state_dict(),
+                "train_state": dataclasses.asdict(state),
+                "genrec_version": __version__,
+            })  # fmt: skip
 
-    # Test once, with the best validation epoch's weights.
-    load_weights(out / "best.safetensors", model)
+    # Test once, with the best validation epoch's weights (process 0 reads the weights it wrote and hands them on).
+    if is_main:
+        load_weights(out / "best.safetensors", model)
+    if dist is not None:
+        broadcast_module(model, dist)
     test_pred = predict(model, dataset, "test", batch_size=tc.eval_batch_size, max_history=dc.max_history,
-                        max_candidates=dc.max_candidates, device=device)  # fmt: skip
+                        max_candidates=dc.max_candidates, device=device, dist=dist)  # fmt: skip
     test = test_pred.metrics()
-    test_pred.save(out / "test_predictions.npz")
+    if is_main:
+        test_pred.save(out / "test_predictions.npz")
     log.info("test @ best epoch %d: %s", state.best_epoch, _fmt(test))
     best_row = state.history[state.best_epoch - 1]
     done = [h["train_seconds"] for h in state.history]
@@ -774,8 +872,11 @@ def train_ranker(
         "config": config.to_dict(),
         "genrec_version": __version__,
     }
+    if dist is not None:
+        results["distributed"] = {"processes": dist.world_size, "backend": dist.backend}
     results = _json_safe(results)
-    write_json(out / "results.json", results)
+    if is_main:
+        write_json(out / "results.json", results)
     return results
 
 
@@ -825,6 +926,135 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, balancer: T
                                "weights": dict(zip(tasks, (weight_sum / steps).tolist()))}  # fmt: skip
     if hasattr(balancer, "log_variances"):
         balance["log_variances"] = dict(zip(tasks, balancer.log_variances.detach().cpu().double().tolist()))
+    return {"loss": total / count, "task_losses": task_losses, "task_balance": balance}
+
+
+class RankingObjective(nn.Module):
+    """A ranker's training loss as a module, so that DistributedDataParallel can wrap it (DDP reduces the gradients
+    of what its ``forward`` computes; ``model.loss`` called directly would bypass it).
+
+    ``forward(batch, scale) -> (objective, {task: scale_t · loss_t} or None)``: the ranker's ``loss(batch)`` with
+    each task's loss multiplied by its ``scale``. A float scales every task alike (the total is scaled; any ranker);
+    a [T] tensor, one per task of the ranker's loss, needs a ranker that reports its per-task losses and exposes
+    ``schema`` and ``task_weights`` (the built-in rankers do), and gives Σ_t w_t · scale_t · loss_t.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: RankingBatch, scale: float | torch.Tensor):
+        output = self.model.loss(batch)
+        total, per_task = output if isinstance(output, tuple) else (output, None)
+        if not torch.is_tensor(scale):
+            scaled = None if per_task is None else {t: torch.as_tensor(v) * scale for t, v in per_task.items()}
+            return total * scale, scaled
+        names, weights = _loss_tasks(self.model, per_task)
+        stacked = torch.stack([torch.as_tensor(per_task[t]).reshape(()) for t in names])  # [T]
+        terms = stacked * scale.to(device=stacked.device, dtype=stacked.dtype)  # [T]
+        objective = (terms * torch.as_tensor(weights).to(device=stacked.device, dtype=stacked.dtype)).sum()
+        return objective, {t: terms[i] for i, t in enumerate(names)}
+
+
+def _loss_tasks(model: nn.Module, per_task: dict[str, torch.Tensor] | None) -> tuple[tuple[str, ...], Any]:
+    """(the task names of ``model.loss``'s per-task losses, in its schema's order, their loss weights w_t)."""
+    inner = model.inner if isinstance(model, ServingHeads) else model
+    schema, weights = getattr(inner, "schema", None), getattr(inner, "task_weights", None)
+    if per_task is None or schema is None or weights is None or any(t not in per_task for t in schema.tasks):
+        raise ValueError(f"data-parallel training on data with label weights needs a ranker whose loss reports "
+                         f"every task's loss ((total, {{task: loss}})) and that has schema and task_weights "
+                         f"attributes, as the built-in rankers do; {type(inner).__name__} does not")  # fmt: skip
+    return tuple(schema.tasks), weights
+
+
+def _label_mass(model: nn.Module, batch: RankingBatch) -> torch.Tensor:
+    """What the per-task means of ``model.loss(batch)`` divide by: [1] float64, the same for every task (real
+    candidates), or [T] float64 with ``label_weights`` (their sum over real candidates); plus, for the interleaved
+    HSTU ranker learning from ``hist_labels``, the real history events it keeps (``keep_most_recent``)."""
+    real = batch.cand_mask.to(torch.float64)  # [B, C]
+    if batch.label_weights is None:
+        mass = real.sum().reshape(1)  # [1]
+    else:
+        mass = (real.unsqueeze(-1) * batch.label_weights.to(torch.float64)).sum(dim=(0, 1))  # [T]
+    inner = model.inner if isinstance(model, ServingHeads) else model
+    if isinstance(inner, HSTURanker) and inner.config.variant == "interleaved" and batch.hist_labels is not None:
+        mass = mass + batch.hist_lengths.clamp(max=inner.config.max_history).sum().to(torch.float64)
+    return mass
+
+
+def _shard_scale(model: nn.Module, batch: RankingBatch, part: RankingBatch | None, world_size: int
+                 ) -> float | torch.Tensor:  # fmt: skip
+    """The scale of each task's loss on this process's rows ``part`` of the global ``batch`` (None: no rows): its
+    share of the batch's label mass times ``world_size``, so that the mean over the processes of
+    scale_t · loss_t(part) is loss_t(batch), and DDP's average of the gradients the global batch's gradient. A float
+    when every task's mass is the same (no label weights), else a [T] tensor; 0 for a task the batch has no label
+    of."""
+    whole = _label_mass(model, batch)
+    mine = torch.zeros_like(whole) if part is None else _label_mass(model, part)
+    scale = torch.where(whole > 0, world_size * mine / whole.clamp(min=1e-300), torch.zeros_like(whole))
+    return float(scale[0]) if batch.label_weights is None else scale
+
+
+def _ranking_rows(batch: RankingBatch, lo: int, hi: int) -> RankingBatch:
+    """Rows ``[lo, hi)`` of ``batch`` (every tensor of a RankingBatch has the batch on dim 0), at its full width."""
+    return RankingBatch(**{f.name: None if getattr(batch, f.name) is None else getattr(batch, f.name)[lo:hi]
+                           for f in dataclasses.fields(batch)})  # fmt: skip
+
+
+def _train_epoch_data_parallel(model: nn.Module, step_module: nn.Module, optimizer: torch.optim.Optimizer,
+                               balancer: TaskBalancer, batches, device: torch.device, epoch: int, out: Path,
+                               progress: bool, tasks: tuple[str, ...], dist: DistInfo) -> dict[str, Any]:  # fmt: skip
+    """``_train_epoch`` for one process of a data-parallel run, returning what the one-process run returns.
+
+    ``batches`` are the global batches (every process builds each); this process trains on its rows of each
+    (``shard_bounds``) through ``step_module`` (DDP around :class:`RankingObjective`), with its dropout masks cut
+    from the global batch's (``global_batch_dropout``) and its losses scaled by its share of the batch's labels
+    (``_shard_scale``). A process with no row of a short last batch takes part with the first row and scale 0.
+    The logged losses are the all-reduced ones, so every process sees (and checks) the global batch's loss; the
+    check comes before the backward pass, so a non-finite loss stops every process at the same step."""
+    step_module.train()
+    total, count = 0.0, 0
+    objective_sum, weight_sum, steps = 0.0, torch.zeros(len(tasks), dtype=torch.float64), 0
+    task_sums: dict[str, float] | None = None
+    bar = tqdm(batches, desc=f"epoch {epoch}", disable=not (progress and is_terminal(sys.stderr)), leave=False)
+    for step, batch in enumerate(bar, start=1):
+        rows = batch.cand_mask.shape[0]
+        lo, hi = shard_bounds(rows, dist.rank, dist.world_size)
+        part = _ranking_rows(batch, lo, hi) if hi > lo else None
+        scale = _shard_scale(model, batch, part, dist.world_size)
+        if part is None:
+            part, lo = _ranking_rows(batch, 0, 1), 0
+        with global_batch_dropout(model, RowShard(row_offset=lo, global_rows=rows)):
+            objective, per_task = step_module(part.to(device), scale)
+        logged = [] if per_task is None else [t for t in tasks if t in per_task]
+        means = all_reduce_means([float(objective.detach()), *(float(per_task[t].detach()) for t in logged)],
+                                 dist, device)  # fmt: skip
+        value = means[0]
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"epoch {epoch}, step {step}: the training loss is {value}; stopped before updating the weights or "
+                f"writing this epoch's checkpoint ({out} keeps the last finished epoch, if any). Lower train.lr, "
+                "or check the data and the model settings"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        balanced = balancer.backward(objective, None)  # fixed balancing (train_ranker refuses the others)
+        optimizer.step()
+        n = int(batch.cand_mask.sum())
+        total += value * n
+        count += n
+        objective_sum += value * n
+        weight_sum += balanced.weights
+        steps += 1
+        if per_task is not None:
+            task_sums = task_sums or {t: 0.0 for t in tasks}
+            for t, mean in zip(logged, means[1:]):
+                task_sums[t] += mean * n
+        bar.set_postfix(loss=f"{value:.4f}")
+    if count == 0:
+        raise ValueError(f"epoch {epoch}: no training candidate was seen (empty training part?)")
+    task_losses = None if task_sums is None else {t: s / count for t, s in task_sums.items()}
+    balance: dict[str, Any] = {"method": balancer.method, "objective": objective_sum / count,
+                               "weights": dict(zip(tasks, (weight_sum / steps).tolist()))}  # fmt: skip
     return {"loss": total / count, "task_losses": task_losses, "task_balance": balance}
 
 
