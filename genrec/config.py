@@ -53,6 +53,9 @@ class DataConfig:
     # random order drawn with ties_seed, as an unstable sort gives; measures how much a result owes to the order)
     ties: Literal["file", "shuffle"] = "file"
     ties_seed: int = 0
+    # data-parallel runs on a preprocessed directory: each process reads only its own partitions' users and draws
+    # its batches from them (genrec.train.rank_local), instead of every process reading the whole data
+    shard_by_rank: bool = False
 
     def __post_init__(self) -> None:
         _check_fields(self, "data")
@@ -61,6 +64,9 @@ class DataConfig:
         if self.dataset == "preprocessed":
             _check(bool(self.path), "data.path", self.path, "must name the directory written by python -m "
                    "genrec.data.preprocess for data.dataset=preprocessed")
+        _check(not self.shard_by_rank or self.dataset == "preprocessed", "data.shard_by_rank", self.shard_by_rank,
+               f"needs data.dataset=preprocessed (a directory partitioned by user), not {self.dataset!r}: only its "
+               "partitions let a process read its own users alone")
         if self.dataset == "table":
             missing = [role for role in ("user", "item") if role not in self.columns]
             _check(not missing, "data.columns", self.columns, f"must name the {' and '.join(map(repr, missing))} "
@@ -191,6 +197,10 @@ class RunConfig:
         metrics = [f"HR@{k}" for k in self.eval.hr_ks] + [f"NDCG@{k}" for k in self.eval.ndcg_ks] + ["MRR"]
         _check(self.train.select_metric in metrics, "train.select_metric", self.train.select_metric,
                f"is not one of {', '.join(map(repr, metrics))} (the cut-offs come from eval.hr_ks / eval.ndcg_ks)")  # fmt: skip
+        _check(not (self.data.shard_by_rank and self.eval.candidates == "sampled"), "data.shard_by_rank",
+               self.data.shard_by_rank, "cannot be used with eval.candidates=sampled: sampled candidates are drawn "
+               "from one generator in the order of all users, which no process holding only its own users can "
+               "reproduce (use eval.candidates=full)")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

@@ -138,3 +138,22 @@ def split_histories(data: SequenceData, split: Split, rows: np.ndarray, max_len:
         qtimes.append(int(data.timestamps[split.target_pos[r]]))
     targets = data.items[split.target_pos[rows]]
     return hist, htimes, np.asarray(qtimes), data.has_time[split.users[rows]], targets
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, bucket_batches: int) -> list[np.ndarray]:
+    """Row indices of every batch of one epoch, in training order.
+
+    ``bucket_batches == 0``: a plain shuffle. ``bucket_batches = m > 0``: shuffle, cut into chunks of
+    ``m * batch_size`` rows, sort each chunk by length, cut batches, shuffle the batch order. Rows of similar length
+    then share a batch, so a padded batch of width N wastes little of its B·N² attention work (on ML-1M, sorted
+    batches do ~0.42x the attention work of random ones). Every row is still seen exactly once per epoch.
+    """
+    order = rng.permutation(len(lengths))
+    if bucket_batches > 0:
+        chunk = bucket_batches * batch_size
+        parts = [order[i : i + chunk] for i in range(0, len(order), chunk)]
+        order = np.concatenate([p[np.argsort(lengths[p], kind="stable")] for p in parts])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if bucket_batches > 0:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from genrec.config import DataConfig
 from genrec.data.readers import read_sequences, read_table
 from genrec.data.registry import load_dataset
@@ -15,12 +17,21 @@ class PreparedData:
     sequences: SequenceData
     titles: dict[str, str] | None
     files: list[str]
+    # Global user index of each of ``sequences``' users when they are one process's share of a preprocessed
+    # directory (``prepare_data(..., shard=...)``); None when ``sequences`` holds every user (index = position).
+    user_index: np.ndarray | None = None
 
 
-def prepare_data(config: DataConfig) -> PreparedData:
-    """Load the configured interactions and turn them into chronological per-user sequences."""
+def prepare_data(config: DataConfig, shard: tuple[int, int] | None = None) -> PreparedData:
+    """Load the configured interactions and turn them into chronological per-user sequences.
+
+    ``shard=(rank, world_size)``: only that rank's users of a preprocessed directory (``data.dataset=preprocessed``;
+    ``genrec.data.shards``), with their global user indices in ``user_index``; the other partitions are not read.
+    """
+    if shard is not None and config.dataset != "preprocessed":
+        raise ValueError(f"prepare_data: shard={shard} needs data.dataset=preprocessed, not {config.dataset!r}")
     if config.dataset == "preprocessed":
-        return _preprocessed(config)
+        return _preprocessed(config, *(shard or (0, 1)))
     if config.dataset == "table":
         if not config.path:
             raise ValueError("data.dataset=table needs data.path (and data.columns: user, item[, timestamp, ...])")
@@ -48,7 +59,7 @@ def prepare_data(config: DataConfig) -> PreparedData:
     return PreparedData(seqs, titles, files)
 
 
-def _preprocessed(config: DataConfig) -> PreparedData:
+def _preprocessed(config: DataConfig, rank: int = 0, world_size: int = 1) -> PreparedData:
     """A directory written by ``python -m genrec.data.preprocess`` (``genrec.data.preprocess``): its sequences are
     read as they are, without the raw log. The choices made when it was written (``min_seq_len``, ``duplicates``,
     ties in file order) must be the config's, or the run would silently train on other sequences."""
@@ -65,5 +76,7 @@ def _preprocessed(config: DataConfig) -> PreparedData:
     if differ:
         raise ValueError("data.dataset=preprocessed: " + "; ".join(differ) + " (preprocess again with the same "
                          "settings, or set them in the config)")
-    seqs = data.read(0, 1).sequences
-    return PreparedData(seqs, None, [str(config.path)])
+    if world_size == 1:
+        return PreparedData(data.read(0, 1).sequences, None, [str(config.path)])
+    shard = data.read(rank, world_size)
+    return PreparedData(shard.sequences, None, [str(config.path)], user_index=shard.user_index)

@@ -180,7 +180,8 @@ def _jagged(column) -> tuple[np.ndarray, np.ndarray]:
     lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    # a writable copy: arrow's buffers are read-only, and torch.as_tensor on read-only memory is undefined to write
+    values = np.array(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.int64, copy=True)
     return offsets, values
 
 

@@ -25,6 +25,9 @@ share of the batch's labels, evaluation batches dealt round-robin and the predic
 
 The backend follows the device: NCCL for CUDA (process ``LOCAL_RANK`` takes ``cuda:LOCAL_RANK``), gloo otherwise.
 Nothing here is global state: ``init_from_env`` returns a ``DistInfo`` that is passed to whatever needs it.
+
+With ``data.shard_by_rank`` on a preprocessed directory, each process reads only its own users instead and the run
+is no longer the one-process run step by step; ``genrec.train.rank_local`` describes that mode.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ dropout masks and Stochastic Length are drawn for the global batch on every proc
 randomness it gets in a one-process run, with two exceptions that only change which masks are drawn (same
 distribution): SASRec's attention dropout and the jagged attention engine's dropout. Process 0 alone writes the run
 directory; its checkpoint resumes on any number of processes.
+
+Rank-local data (``data.shard_by_rank=true``, ``data.dataset=preprocessed``, see ``genrec.train.rank_local``): each
+process reads only its own users and draws its batches of ``train.batch_size / N`` rows from them; evaluation covers
+all users. Such a run does not reproduce the one-process run step by step (the global batches hold other rows).
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ from tqdm import tqdm
 
 from genrec import __version__
 from genrec.config import ConfigError, RunConfig, load_config, save_config
-from genrec.data.batches import training_batch
+from genrec.data.batches import epoch_batches, training_batch
 from genrec.data.dataset import PreparedData, prepare_data
-from genrec.data.popularity import write_popularity
+from genrec.data.popularity import POPULARITY_FILE, popularity_json, write_popularity
 from genrec.data.registry import DATASETS
 from genrec.data.sequences import leave_one_out, load_item_map, save_id_maps
 from genrec.data.stochastic_length import expected_kept, expected_sparsity
@@ -85,6 +89,17 @@ from genrec.train.distributed import (
     wrap_ddp,
 )
 from genrec.train.loss import GlobalBatchShard, sampled_softmax_loss
+from genrec.train.rank_local import (
+    epoch_batches_local,
+    evaluate_rank_local,
+    global_item_counts,
+    global_mean_positions,
+    global_sums,
+    global_summary,
+    length_rng,
+    plan_steps,
+    torch_seed,
+)
 from genrec.train.schedule import LRSchedule, check_schedule_config
 
 log = logging.getLogger("genrec.train")
@@ -97,25 +112,6 @@ class TrainState:
     best_metric: float = float("-inf")
     bad_epochs: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, bucket_batches: int) -> list[np.ndarray]:
-    """Row indices of every batch of one epoch, in training order.
-
-    ``bucket_batches == 0``: a plain shuffle. ``bucket_batches = m > 0``: shuffle, cut into chunks of
-    ``m * batch_size`` rows, sort each chunk by length, cut batches, shuffle the batch order. Rows of similar length
-    then share a batch, so a padded batch of width N wastes little of its B·N² attention work (on ML-1M, sorted
-    batches do ~0.42x the attention work of random ones). Every row is still seen exactly once per epoch.
-    """
-    order = rng.permutation(len(lengths))
-    if bucket_batches > 0:
-        chunk = bucket_batches * batch_size
-        parts = [order[i : i + chunk] for i in range(0, len(order), chunk)]
-        order = np.concatenate([p[np.argsort(lengths[p], kind="stable")] for p in parts])
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if bucket_batches > 0:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
 
 
 class RetrievalObjective(torch.nn.Module):
@@ -173,6 +169,8 @@ def train(
             for a one-process run. Every process calls ``train`` with the same arguments; ``train.batch_size`` is
             the global batch and must divide by the number of processes. Process 0 checks and writes the run
             directory (the others need not see it); every process needs the data. All return the results dict.
+            With ``config.data.shard_by_rank`` each process reads only its own users of the preprocessed directory
+            (``genrec.train.rank_local``); ``data``, if given, must then be this process's share (``user_index``).
     """
     config = with_absolute_paths(config)
     tc = config.train
@@ -180,6 +178,7 @@ def train(
     if dist is not None:
         check_batch_size(tc.batch_size, dist.world_size)
     is_main = dist is None or dist.is_main
+    rank_local = dist is not None and config.data.shard_by_rank  # each process reads and trains on its own users
     out = Path(config.output_dir)
     if data is None:
         check_dataset_name(config.data.dataset)
@@ -197,9 +196,14 @@ def train(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={tc.device!r}, but this PyTorch build sees no CUDA device (use train.device=cpu)")
 
-    data = data or prepare_data(config.data)
+    if data is None:
+        data = prepare_data(config.data, shard=(dist.rank, dist.world_size) if rank_local else None)
+    elif rank_local and data.user_index is None and dist.world_size > 1:
+        raise ValueError("data.shard_by_rank: the data passed to train must be this process's share of the users, "
+                         "with their global indices in user_index (prepare_data(config.data, shard=(rank, world_size)))")
     seqs = data.sequences
-    log.info("data: %s", seqs.summary())
+    user_index = data.user_index if data.user_index is not None else np.arange(seqs.num_users)
+    log.info("data%s: %s", f" (process {dist.rank}'s users)" if rank_local else "", seqs.summary())
     for note in seqs.notes:
         log.info("data note: %s", note)
     if saved is not None:
@@ -223,28 +227,45 @@ def train(
     if valid_protocol is not None:
         log.info("selection protocol: %s — %s", valid_protocol.name, valid_protocol.describe())
     train_lengths = np.minimum(train_split.ends - train_split.starts - 1, config.data.max_len)
-    _check_training_positions(train_lengths, seqs, config)
+    if not rank_local or global_sums([float(train_lengths.sum())], dist, device)[0] == 0:
+        _check_training_positions(train_lengths, seqs, config)  # rank-local: raises on every process, or on none
     sl_alpha = tc.stochastic_length_alpha
     if sl_alpha:
         window = train_lengths + 1  # items per training row before SL
         kept = np.array([expected_kept(int(n), config.data.max_len, sl_alpha) for n in window])
-        mean_positions = float((kept - 1).mean())
-        sl_info = {"alpha": sl_alpha, "expected_sparsity": expected_sparsity(window, config.data.max_len, sl_alpha)}
+        if rank_local:  # over every process's rows
+            mean_positions = global_mean_positions(kept - 1, dist, device)
+            kept_all, window_all = global_sums([float(kept.sum()), float(window.sum())], dist, device)
+            sparsity = 1.0 - kept_all / window_all if window_all else 0.0
+        else:
+            mean_positions = float((kept - 1).mean())
+            sparsity = expected_sparsity(window, config.data.max_len, sl_alpha)
+        sl_info = {"alpha": sl_alpha, "expected_sparsity": sparsity}
         log.info("Stochastic Length alpha=%.2f: expected %.1f%% of training items dropped", sl_alpha,
                  100 * sl_info["expected_sparsity"])  # fmt: skip
     else:
-        mean_positions, sl_info = float(train_lengths.mean()), None
+        mean_positions = global_mean_positions(train_lengths, dist, device) if rank_local else float(train_lengths.mean())
+        sl_info = None
     # Every position weighs the same in every batch (see sampled_softmax_loss): sum / (B × mean positions per row).
     loss_normalizer = float(tc.batch_size * mean_positions)
-    steps_per_epoch = math.ceil(len(train_lengths) / tc.batch_size)  # as many batches as epoch_batches cuts
-    if tc.max_steps_per_epoch > 0:
-        steps_per_epoch = min(steps_per_epoch, tc.max_steps_per_epoch)
+    if rank_local:  # the processes agree on the fewest local batches
+        plan = plan_steps(len(train_lengths), tc.batch_size, tc.max_steps_per_epoch, dist)
+        steps_per_epoch = plan.steps_per_epoch
+    else:
+        steps_per_epoch = math.ceil(len(train_lengths) / tc.batch_size)  # as many batches as epoch_batches cuts
+        if tc.max_steps_per_epoch > 0:
+            steps_per_epoch = min(steps_per_epoch, tc.max_steps_per_epoch)
     schedule = LRSchedule.from_config(tc, steps_per_epoch)
     if not schedule.is_constant:
         log.info("learning rate: %s, %d warm-up step(s), %d steps in all (%d per epoch)", tc.lr_schedule,
                  schedule.warmup_steps, schedule.total_steps, steps_per_epoch)  # fmt: skip
     time_notes = _time_notes(config, seqs)
-    if dist is not None:
+    if rank_local:
+        log.info("data-parallel with rank-local data (data.shard_by_rank): process %d of %d (%s) reads and trains "
+                 "on its own %d users only, %d rows per process of each global batch of %d; %s. This run does not "
+                 "reproduce a one-process run step by step (its global batches hold other rows)", dist.rank,
+                 dist.world_size, dist.backend, seqs.num_users, plan.batch_size, tc.batch_size, plan.describe())  # fmt: skip
+    elif dist is not None:
         log.info("data-parallel: process %d of %d (%s), %d rows per process of each global batch of %d", dist.rank,
                  dist.world_size, dist.backend, tc.batch_size // dist.world_size, tc.batch_size)  # fmt: skip
         note = _world_size_dependent_randomness(config)
@@ -268,8 +289,11 @@ def train(
             raise CheckpointError(f"{ckpt_path}: cannot resume from it ({str(exc).strip().splitlines()[0]})") from None
 
     # Everything is checked: from here on the run directory is written (by process 0 alone).
+    popularity = global_item_counts(seqs, dist, device) if rank_local else None  # a collective: every process
+    summary = global_summary(seqs, dist) if rank_local else seqs.summary()
     if is_main:
-        _start_run_directory(out, config, seqs, data, state, existing, overwrite=overwrite, resumed=saved is not None)
+        _start_run_directory(out, config, seqs, data, state, existing, overwrite=overwrite, resumed=saved is not None,
+                             popularity=popularity)  # fmt: skip
     # The step's module: the objective itself, or DDP around it (built after the resumed weights are loaded, so
     # every process starts from the same ones; DDP broadcasts process 0's anyway).
     step_module = objective if dist is None else wrap_ddp(objective, dist, device)
@@ -279,23 +303,36 @@ def train(
     out_of_time = False
     while state.epoch < tc.epochs and state.bad_epochs < tc.patience and not out_of_time:
         epoch = state.epoch + 1
-        torch.manual_seed(_epoch_seed(tc.seed, epoch))
-        batches = epoch_batches(train_lengths, tc.batch_size, np.random.default_rng([tc.seed, epoch]), tc.length_buckets)
-        if tc.max_steps_per_epoch > 0:
-            batches = batches[: tc.max_steps_per_epoch]
+        if rank_local:  # this process's own rows, order and draws
+            torch.manual_seed(torch_seed(tc.seed, epoch, dist.rank))
+            batches = epoch_batches_local(train_lengths, plan, tc.seed, epoch, dist.rank, tc.length_buckets)
+            sl_rng = length_rng(tc.seed, epoch, dist.rank) if sl_alpha else None
+        else:
+            torch.manual_seed(_epoch_seed(tc.seed, epoch))
+            batches = epoch_batches(train_lengths, tc.batch_size, np.random.default_rng([tc.seed, epoch]),
+                                    tc.length_buckets)  # fmt: skip
+            if tc.max_steps_per_epoch > 0:
+                batches = batches[: tc.max_steps_per_epoch]
+            sl_rng = np.random.default_rng([tc.seed, epoch, 1]) if sl_alpha else None
         model.train()
         t0 = time.perf_counter()
-        total, tokens, positions = 0.0, 0, 0
+        total, tokens, positions, epoch_rows = 0.0, 0, 0, 0
         lr = tc.lr
-        sl_rng = np.random.default_rng([tc.seed, epoch, 1]) if sl_alpha else None
         show = progress and is_main and is_terminal(sys.stderr)
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not show, leave=False)
         for step, rows in enumerate(bar, start=1):
             # The whole global batch on every process (so Stochastic Length draws alike everywhere), then its slice.
             batch = training_batch(seqs, train_split, rows, config.data.max_len, sl_alpha, sl_rng)
+            step_rows, step_tokens = len(rows), int(batch.lengths.sum())
+            step_positions = int(train_lengths[rows].sum())  # without Stochastic Length
             if dist is None:
                 loss = step_module(batch.to(device), normalizer)
                 loss_value = loss.item()
+            elif rank_local:  # the local batch is this process's part of the global one, as it is
+                loss = step_module(batch.to(device), normalizer)
+                sums = global_sums([loss.item(), step_rows, step_tokens, step_positions], dist, device)
+                loss_value = sums[0] / dist.world_size  # the global batch's loss, as all_reduce_mean gives it
+                step_rows, step_tokens, step_positions = (int(v) for v in sums[1:])
             else:
                 local, shard, weight = shard_batch(batch, dist)
                 with global_batch_dropout(model, shard):
@@ -315,9 +352,10 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
-            total += loss_value * len(rows)
-            tokens += int(batch.lengths.sum())
-            positions += int(train_lengths[rows].sum())  # without Stochastic Length
+            total += loss_value * step_rows
+            tokens += step_tokens
+            positions += step_positions
+            epoch_rows += step_rows
             bar.set_postfix(loss=f"{loss_value:.4f}")
         train_seconds = time.perf_counter() - t0
 
@@ -326,8 +364,10 @@ def train(
         if valid_protocol is None:  # refit: no evaluation, every epoch replaces the last
             valid, metric = {}, float(epoch)
         else:
-            valid = metrics_from_user_ranks(_evaluate_ranks(model, seqs, valid_protocol, config, device, dist),
-                                            valid_protocol)  # fmt: skip
+            valid = metrics_from_user_ranks(
+                _evaluate_ranks(model, seqs, valid_protocol, config, device, dist, user_index if rank_local else None),
+                valid_protocol,
+            )
             metric = valid[tc.select_metric]
         eval_seconds = time.perf_counter() - t1
         improved = metric > state.best_metric
@@ -341,7 +381,7 @@ def train(
             state.bad_epochs += 1
         row = {
             "epoch": epoch,
-            "loss": total / max(1, sum(len(b) for b in batches)),
+            "loss": total / max(1, epoch_rows),
             "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,
             "tokens_per_second": tokens / max(train_seconds, 1e-9),
@@ -387,7 +427,7 @@ def train(
         broadcast_module(model, dist)
     model.eval()
     test_protocol = protocol_from_config(config, "test")
-    test_ranks = _evaluate_ranks(model, seqs, test_protocol, config, device, dist)
+    test_ranks = _evaluate_ranks(model, seqs, test_protocol, config, device, dist, user_index if rank_local else None)
     test = metrics_from_user_ranks(test_ranks, test_protocol)
     # Every evaluated user's test rank (users ascending), for paired comparisons between runs (bench/quality.py).
     if is_main:
@@ -413,22 +453,29 @@ def train(
         if epochs_done and valid_protocol is not None
         else None,
         "test": {"protocol": test_protocol.to_dict(), "metrics": test},
-        "data": {"summary": seqs.summary(), "notes": seqs.notes + time_notes, "files": data.files},
+        "data": {"summary": summary, "notes": seqs.notes + time_notes, "files": data.files},
         "config": config.to_dict(),
         "genrec_version": __version__,
     }
     if dist is not None:
         results["distributed"] = {"processes": dist.world_size, "backend": dist.backend}
+        if rank_local:
+            results["distributed"]["rank_local_data"] = {
+                "rows_per_process": plan.rows, "steps_per_epoch": plan.steps_per_epoch,
+                "rows_per_process_and_step": plan.batch_size, "rows_left_out_per_epoch_at_least": plan.left_out,
+            }  # fmt: skip
     if is_main:
         write_json(out / "results.json", results)
     return results
 
 
 def _start_run_directory(out: Path, config: RunConfig, seqs, data: PreparedData, state: TrainState,
-                         existing: list[str], *, overwrite: bool, resumed: bool) -> None:
+                         existing: list[str], *, overwrite: bool, resumed: bool,
+                         popularity: np.ndarray | None = None) -> None:
     """Create or refresh the run directory before the first epoch: stale temporaries and (``overwrite``) the previous
     run's files removed, config, id maps, popularity and titles written, and on resume ``log.jsonl`` cut back to the
-    epochs the checkpoint covers."""
+    epochs the checkpoint covers. ``popularity``: the item counts to write (all processes' users, for rank-local
+    data) instead of those of ``seqs``."""
     out.mkdir(parents=True, exist_ok=True)
     stale = remove_stale_temporaries(out)
     if stale:
@@ -439,7 +486,10 @@ def _start_run_directory(out: Path, config: RunConfig, seqs, data: PreparedData,
         log.info("--overwrite: removed the previous run's files from %s", out)
     save_config(config, out / "config.yaml")
     save_id_maps(seqs, out)
-    write_popularity(seqs, out)  # the serving fallback for histories without a known item
+    if popularity is None:
+        write_popularity(seqs, out)  # the serving fallback for histories without a known item
+    else:
+        write_json(out / POPULARITY_FILE, popularity_json(popularity, seqs.item_map))
     if data.titles:
         write_json(out / "titles.json", data.titles)
     if resumed:
@@ -449,11 +499,16 @@ def _start_run_directory(out: Path, config: RunConfig, seqs, data: PreparedData,
         log.info("resumed from %s after epoch %d", out / "checkpoint.pt", state.epoch)
 
 
-def _evaluate_ranks(model, seqs, protocol, config: RunConfig, device: torch.device, dist: DistInfo | None):
+def _evaluate_ranks(model, seqs, protocol, config: RunConfig, device: torch.device, dist: DistInfo | None,
+                    user_index: np.ndarray | None = None):
     """Per-user ranks of ``protocol`` for ``model``: evaluated whole, or (data-parallel) each process scoring its
-    share of the batches and the parts gathered on every process; both give the same result."""
+    share of the batches and the parts gathered on every process; both give the same result. ``user_index``
+    (rank-local data): ``seqs`` is this process's share of the users, with these global indices; each process
+    evaluates its own users and the parts are gathered under the global indices (``evaluate_rank_local``)."""
     score_fn = model_score_fn(model, config.data.max_len, device)
     batch_size = config.train.eval_batch_size
+    if user_index is not None and dist is not None:
+        return evaluate_rank_local(score_fn, seqs, user_index, protocol, batch_size, dist)
     if dist is None:
         return evaluate_ranks(score_fn, seqs, protocol, batch_size)
     part = evaluate_ranks(score_fn, seqs, protocol, batch_size, shard=(dist.rank, dist.world_size))
