@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 import re
@@ -143,6 +144,17 @@ def write_log(path: str | Path, history: list[dict[str, Any]]) -> None:
             fh.writelines(json.dumps(row) + "\n" for row in history)
 
     atomic_write(path, _w)
+
+
+def check_loss_finite(value: float, epoch: int, step: int, out: Path) -> None:
+    """``FloatingPointError`` when a step's training loss is not finite: the loops call it before they update the
+    weights, so the run directory keeps its last finished epoch."""
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"epoch {epoch}, step {step}: the training loss is {value}; stopped before updating the weights or "
+            f"writing this epoch's checkpoint ({out} keeps the last finished epoch, if any). Lower train.lr, or check "
+            "the data and the model settings"
+        )
 
 
 def is_terminal(stream: Any) -> bool:

@@ -104,6 +104,7 @@ from genrec.models.hstu_ranker import HSTURanker, HSTURankerConfig
 from genrec.models.ranking_floors import ItemPopularityRanker, LogisticRegressionRanker
 from genrec.train.checkpoint import (
     CheckpointError,
+    check_loss_finite,
     check_run_directory,
     check_shapes,
     config_differences,
@@ -897,12 +898,7 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, balancer: T
         output = model.loss(batch)
         loss, per_task = output if isinstance(output, tuple) else (output, None)
         value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"epoch {epoch}, step {step}: the training loss is {value}; stopped before updating the weights or "
-                f"writing this epoch's checkpoint ({out} keeps the last finished epoch, if any). Lower train.lr, "
-                "or check the data and the model settings"
-            )
+        check_loss_finite(value, epoch, step, out)
         optimizer.zero_grad(set_to_none=True)
         stacked = None if per_task is None or balancer.method == "fixed" else _stack_tasks(per_task, tasks)  # [T]
         balanced = balancer.backward(loss, stacked)
@@ -1030,12 +1026,7 @@ def _train_epoch_data_parallel(model: nn.Module, step_module: nn.Module, optimiz
         means = all_reduce_means([float(objective.detach()), *(float(per_task[t].detach()) for t in logged)],
                                  dist, device)  # fmt: skip
         value = means[0]
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"epoch {epoch}, step {step}: the training loss is {value}; stopped before updating the weights or "
-                f"writing this epoch's checkpoint ({out} keeps the last finished epoch, if any). Lower train.lr, "
-                "or check the data and the model settings"
-            )
+        check_loss_finite(value, epoch, step, out)
         optimizer.zero_grad(set_to_none=True)
         balanced = balancer.backward(objective, None)  # fixed balancing (train_ranker refuses the others)
         optimizer.step()
