@@ -138,12 +138,19 @@ class TrainConfig:
     # run computes in fp32 with a warning (genrec.runtime.resolve_autocast)
     autocast: Literal["none", "bfloat16"] = "none"
     stochastic_length_alpha: float = 0.0  # >0: Stochastic Length (HSTU paper §3.3) on training rows, alpha in (1, 2]
+    # Data-parallel runs only (torchrun, genrec train --nproc N; TorchRec installed): "row_wise" or "table_wise" splits
+    # the item table over the processes with TorchRec (genrec.train.sharded), updated in the backward pass by FBGEMM's
+    # fused optimizer item_table_optimizer at item_table_lr (0 = train.lr; follows train.lr_schedule); the rest of the
+    # model stays replicated under AdamW. "none": every process holds the whole table, trained by AdamW with the rest.
+    item_table_sharding: Literal["none", "row_wise", "table_wise"] = "none"
+    item_table_optimizer: Literal["sgd", "rowwise_adagrad", "adagrad"] = "sgd"
+    item_table_lr: float = 0.0
 
     def __post_init__(self) -> None:
         _check_fields(self, "train")
         _at_least(self, "train", epochs=1, batch_size=1, num_negatives=1, patience=1, num_threads=0, eval_batch_size=1,
                   max_steps_per_epoch=0, length_buckets=0, weight_decay=0.0, time_budget_minutes=0.0, in_batch_negatives=0,
-                  warmup_epochs=0.0, min_lr_ratio=0.0)  # fmt: skip
+                  warmup_epochs=0.0, min_lr_ratio=0.0, item_table_lr=0.0)  # fmt: skip
         _check(self.warmup_epochs <= self.epochs, "train.warmup_epochs", self.warmup_epochs,
                f"must be <= train.epochs ({self.epochs})")
         _check(self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
@@ -154,6 +161,12 @@ class TrainConfig:
         _check(all(0.0 <= b < 1.0 for b in self.betas), "train.betas", list(self.betas), "must both be in [0, 1)")
         alpha = self.stochastic_length_alpha
         _check(alpha == 0 or 1.0 < alpha <= 2.0, "train.stochastic_length_alpha", alpha, "must be 0 (off) or in (1, 2]")
+        _check(self.item_table_sharding == "none" or self.item_table_optimizer == "sgd", "train.item_table_optimizer",
+               self.item_table_optimizer, "must be sgd with a sharded item table: a training step looks the table up "
+               "several times (the history in the encoder, the targets and negatives in the loss) and FBGEMM's fused "
+               "optimizer applies one update per lookup; for SGD these updates add up to the update of the summed "
+               "gradient, for (row-wise) Adagrad they do not (its accumulator must see a row's whole gradient of the "
+               "step)")  # fmt: skip
         _check(_DEVICE.fullmatch(self.device) is not None, "train.device", self.device,
                "is not a device name; expected cpu, cuda, cuda:N, mps, xpu or xpu:N")  # fmt: skip
         _check(_METRIC.fullmatch(self.select_metric) is not None, "train.select_metric", self.select_metric,

@@ -90,6 +90,15 @@ class HSTUConfig:
     attention_impl: str = "padded"  # "padded" (this file, the reference) | "jagged" (genrec.ops.jagged, parity-tested)
 
 
+def whole_item_table(item_emb: nn.Module, device: torch.device) -> torch.Tensor:
+    """The whole item table [num_embeddings, d] of ``item_emb``: an ``nn.Embedding``'s weight itself, or, for a table
+    module that only looks ids up (``genrec.train.sharded.ItemTable``, whose rows may be spread over processes), the
+    lookup of every id on ``device`` (one differentiable lookup)."""
+    if isinstance(item_emb, nn.Embedding):
+        return item_emb.weight
+    return item_emb(torch.arange(item_emb.num_embeddings, device=device))
+
+
 class HSTURelativeBias(nn.Module):
     """rab(i, j) = w_pos[i - j] + w_time[bucket_ij], one scalar per query/key pair shared by the heads
     (``genrec.ops.hstu_math.relative_bias``)."""
@@ -186,7 +195,7 @@ class HSTUInputs(nn.Module):
 
     def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised item embeddings for ``ids`` (any shape) or, if None, the whole table [num_items + 1, d]."""
-        w = self.item_emb.weight if ids is None else self.item_emb(ids)
+        w = whole_item_table(self.item_emb, self.pos_emb.weight.device) if ids is None else self.item_emb(ids)
         return output_normalize(w)
 
 

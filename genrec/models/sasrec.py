@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genrec.data.batches import Batch
+from genrec.models.hstu import whole_item_table
 
 
 @dataclass
@@ -112,5 +113,5 @@ class SASRec(nn.Module):
         return self.encode(batch)[rows, (batch.lengths - 1).clamp(min=0)]
 
     def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
-        w = self.item_emb.weight if ids is None else self.item_emb(ids)
+        w = whole_item_table(self.item_emb, self.pos_emb.weight.device) if ids is None else self.item_emb(ids)
         return F.normalize(w, dim=-1, eps=1e-6)

@@ -21,6 +21,14 @@ randomness it gets in a one-process run, with two exceptions that only change wh
 distribution): SASRec's attention dropout and the jagged attention engine's dropout. Process 0 alone writes the run
 directory; its checkpoint resumes on any number of processes.
 
+Sharded item table (``train.item_table_sharding=row_wise|table_wise``, data-parallel runs with TorchRec): each process
+holds only its rows of the item table (``genrec.train.sharded.ShardedItemTraining``), updated in the backward pass by
+FBGEMM's fused SGD at ``train.item_table_lr`` (× the schedule's factor); the rest of the model is replicated and
+stepped by AdamW, so the run trains what one process trains with ``torch.optim.SGD`` on the table and AdamW on the
+rest. Only SGD: a step looks the table up several times, and the fused optimizer updates once per lookup, which adds
+up to the summed gradient's update for SGD only. Evaluation, ``best.safetensors`` and ``checkpoint.pt`` use the
+unsharded model (the table gathered whole on every process), so the run's files are those of any run.
+
 Rank-local data (``data.shard_by_rank=true``, ``data.dataset=preprocessed``, see ``genrec.train.rank_local``): each
 process reads only its own users and draws its batches of ``train.batch_size / N`` rows from them; evaluation covers
 all users. Such a run does not reproduce the one-process run step by step (the global batches hold other rows).
@@ -101,6 +109,7 @@ from genrec.train.rank_local import (
     torch_seed,
 )
 from genrec.train.schedule import LRSchedule, check_schedule_config
+from genrec.train.sharded import ShardedItemTraining, parameters_but_item_table, require_torchrec
 
 log = logging.getLogger("genrec.train")
 
@@ -177,6 +186,8 @@ def train(
     check_schedule_config(tc)
     if dist is not None:
         check_batch_size(tc.batch_size, dist.world_size)
+    if tc.item_table_sharding != "none":
+        _check_item_table_sharding(config, dist)
     is_main = dist is None or dist.is_main
     rank_local = dist is not None and config.data.shard_by_rank  # each process reads and trains on its own users
     out = Path(config.output_dir)
@@ -274,7 +285,13 @@ def train(
 
     torch.manual_seed(tc.seed)
     model = build_model(config.model, seqs.num_items, config.data.max_len).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    params = model.parameters()
+    if tc.item_table_sharding != "none":  # the table gets FBGEMM's fused optimizer instead (ShardedItemTraining)
+        try:
+            params = parameters_but_item_table(model)
+        except ValueError as exc:
+            raise ConfigError(f"train.item_table_sharding={tc.item_table_sharding}: {exc}") from None
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     objective = RetrievalObjective(model, seqs.num_items, tc, use_bf16)
     state = TrainState()
     ckpt_path = out / "checkpoint.pt"
@@ -288,6 +305,28 @@ def train(
         except (RuntimeError, ValueError, TypeError, KeyError) as exc:
             raise CheckpointError(f"{ckpt_path}: cannot resume from it ({str(exc).strip().splitlines()[0]})") from None
 
+    # The item table sharded over the processes (built after the resumed weights are loaded: its rows start as
+    # the unsharded table's). A collective, like DDP below.
+    sharded = None
+    if tc.item_table_sharding != "none":
+        table_lr = tc.item_table_lr or tc.lr
+        sharded = ShardedItemTraining(objective, model, dist, tc.item_table_sharding, tc.item_table_optimizer,
+                                      table_lr, batch_size=tc.batch_size // dist.world_size * config.data.max_len)
+        sharded.check_optimizer(optimizer)
+        log.info("item table sharded %s over %d processes (this one holds rows %s), updated in the backward pass by "
+                 "fused %s at lr %g", tc.item_table_sharding, dist.world_size,
+                 [(s.row_offset, s.row_offset + s.num_rows) for s in sharded.local_shards()],
+                 tc.item_table_optimizer, table_lr)  # fmt: skip
+
+    def unsharded(weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+        """The model as one process holds it (sharded item table runs), with ``weights``; built without drawing from
+        the torch generator."""
+        with torch.random.fork_rng(devices=[]):
+            plain = build_model(config.model, seqs.num_items, config.data.max_len)
+        if weights is not None:
+            plain.load_state_dict(weights)
+        return plain.to(device)
+
     # Everything is checked: from here on the run directory is written (by process 0 alone).
     popularity = global_item_counts(seqs, dist, device) if rank_local else None  # a collective: every process
     summary = global_summary(seqs, dist) if rank_local else seqs.summary()
@@ -296,7 +335,10 @@ def train(
                              popularity=popularity)  # fmt: skip
     # The step's module: the objective itself, or DDP around it (built after the resumed weights are loaded, so
     # every process starts from the same ones; DDP broadcasts process 0's anyway).
-    step_module = objective if dist is None else wrap_ddp(objective, dist, device)
+    if sharded is not None:
+        step_module = sharded.module  # DistributedModelParallel: the table sharded, the rest under DDP
+    else:
+        step_module = objective if dist is None else wrap_ddp(objective, dist, device)
     normalizer = loss_normalizer if dist is None else loss_normalizer / dist.world_size  # DDP averages the N gradients
 
     started = time.monotonic()
@@ -325,6 +367,8 @@ def train(
             batch = training_batch(seqs, train_split, rows, config.data.max_len, sl_alpha, sl_rng)
             step_rows, step_tokens = len(rows), int(batch.lengths.sum())
             step_positions = int(train_lengths[rows].sum())  # without Stochastic Length
+            if sharded is not None:  # the table's rows are updated during backward, at the schedule's rate
+                sharded.set_lr(schedule.for_step((epoch - 1) * steps_per_epoch + step - 1) / tc.lr)
             if dist is None:
                 loss = step_module(batch.to(device), normalizer)
                 loss_value = loss.item()
@@ -360,12 +404,16 @@ def train(
         train_seconds = time.perf_counter() - t0
 
         model.eval()
+        # Sharded item table: evaluation, best.safetensors and the checkpoint use the unsharded model, the table
+        # gathered whole on every process (evaluation then needs no collective per batch).
+        saved_model = model if sharded is None else unsharded(sharded.full_state_dict()).eval()
         t1 = time.perf_counter()
         if valid_protocol is None:  # refit: no evaluation, every epoch replaces the last
             valid, metric = {}, float(epoch)
         else:
             valid = metrics_from_user_ranks(
-                _evaluate_ranks(model, seqs, valid_protocol, config, device, dist, user_index if rank_local else None),
+                _evaluate_ranks(saved_model, seqs, valid_protocol, config, device, dist,
+                                user_index if rank_local else None),
                 valid_protocol,
             )
             metric = valid[tc.select_metric]
@@ -374,7 +422,7 @@ def train(
         if improved:
             state.best_metric, state.best_epoch, state.bad_epochs = metric, epoch, 0
             if is_main:
-                save_weights(out / "best.safetensors", model)
+                save_weights(out / "best.safetensors", saved_model)
                 proto = None if valid_protocol is None else valid_protocol.to_dict()
                 write_json(out / "best.json", {"epoch": epoch, "protocol": proto, "metrics": valid})
         else:
@@ -412,7 +460,7 @@ def train(
             save_state(
                 ckpt_path,
                 {
-                    "model": model.state_dict(),
+                    "model": saved_model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "torch_rng": torch.get_rng_state(),
                     "train_state": state.__dict__,
@@ -421,6 +469,8 @@ def train(
             )
 
     # Test once, at the best validation epoch (process 0 reads the weights it wrote and hands them on).
+    if sharded is not None:
+        model = unsharded(None)
     if is_main:
         load_weights(out / "best.safetensors", model)
     if dist is not None:
@@ -459,6 +509,12 @@ def train(
     }
     if dist is not None:
         results["distributed"] = {"processes": dist.world_size, "backend": dist.backend}
+        if sharded is not None:
+            results["distributed"]["item_table"] = {
+                "sharding": tc.item_table_sharding, "optimizer": tc.item_table_optimizer, "lr": tc.item_table_lr or tc.lr,
+                # the rows [lo, hi) this process held (process 0's in results.json)
+                "rows_held": [[s.row_offset, s.row_offset + s.num_rows] for s in sharded.local_shards()],
+            }  # fmt: skip
         if rank_local:
             results["distributed"]["rank_local_data"] = {
                 "rows_per_process": plan.rows, "steps_per_epoch": plan.steps_per_epoch,
@@ -515,6 +571,19 @@ def _evaluate_ranks(model, seqs, protocol, config: RunConfig, device: torch.devi
     return UserRanks.merge(gather_objects(part, dist))
 
 
+def _check_item_table_sharding(config: RunConfig, dist: DistInfo | None) -> None:
+    """``ConfigError`` unless ``train.item_table_sharding`` can run here: a data-parallel run (the table is split over
+    its processes) with TorchRec and FBGEMM installed. The model's table is checked when it is built."""
+    what = f"train.item_table_sharding={config.train.item_table_sharding}"
+    if dist is None:
+        raise ConfigError(f"{what} splits the item table over the processes of a data-parallel run: start the run "
+                          "with genrec train --nproc N (or torchrun), or set train.item_table_sharding=none")  # fmt: skip
+    try:
+        require_torchrec()
+    except ImportError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
 def _world_size_dependent_randomness(config: RunConfig) -> str | None:
     """What in ``config`` draws random numbers that depend on how the global batch is split, or None."""
     m = config.model
@@ -538,6 +607,10 @@ def _differences(stored: RunConfig, config: RunConfig) -> list[str]:
     found = config_differences(with_absolute_paths(stored), config, ("model", "data"))
     if stored.eval.selection != config.eval.selection:  # it decides the training split
         found.append(f"eval.selection: {stored.eval.selection!r} -> {config.eval.selection!r}")
+    if (stored.train.item_table_sharding == "none") != (config.train.item_table_sharding == "none"):
+        # the optimizer state differs: AdamW over the whole model, or over all but the (fused-SGD) item table
+        found.append(f"train.item_table_sharding: {stored.train.item_table_sharding!r} -> "
+                     f"{config.train.item_table_sharding!r}")
     return found
 
 

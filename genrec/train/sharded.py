@@ -288,3 +288,107 @@ def gather_full_table(dmp: nn.Module, name: str) -> torch.Tensor:
         full[r0 : r0 + nr, c0 : c0 + nc] = shard.tensor.float()
     dist.all_reduce(full, op=dist.ReduceOp.SUM)
     return full
+
+
+# ------------------------------------------------------------------------------------ the item table of a training run
+
+# The attribute under which genrec's retrieval models (HSTU, SASRec, FuXi-α) keep their item table, an nn.Embedding
+# of num_items + 1 rows (row 0 the padding id).
+ITEM_TABLE_ATTRIBUTE = "item_emb"
+ITEM_TABLE_NAME = "item"
+
+
+def swappable_item_table(model: nn.Module) -> nn.Embedding:
+    """The ``nn.Embedding`` item table of ``model`` that ``ShardedItemTraining`` replaces; ``ValueError`` for a model
+    that keeps none under ``ITEM_TABLE_ATTRIBUTE``, or uses it other than through lookups and ``item_vectors``."""
+    table = getattr(model, ITEM_TABLE_ATTRIBUTE, None)
+    if not isinstance(table, nn.Embedding):
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Embedding item table `{ITEM_TABLE_ATTRIBUTE}`, so it cannot be replaced "
+            "by a sharded one"
+        )
+    if table.max_norm is not None or table.sparse or table.scale_grad_by_freq:
+        raise ValueError(f"{type(model).__name__}.{ITEM_TABLE_ATTRIBUTE}: max_norm, sparse and scale_grad_by_freq "
+                         "have no sharded equivalent")  # fmt: skip
+    return table
+
+
+def parameters_but_item_table(model: nn.Module) -> list[nn.Parameter]:
+    """``model``'s parameters but its ``nn.Embedding`` item table's, in ``model.parameters()`` order: what the
+    loop's optimizer steps when ``ShardedItemTraining`` takes the table over (the same objects before and after
+    sharding: DistributedModelParallel keeps them)."""
+    table = swappable_item_table(model)
+    return [p for p in model.parameters() if p is not table.weight]
+
+
+class ShardedItemTraining:
+    """A data-parallel training step whose model's item table is sharded by TorchRec.
+
+    ``model``'s ``nn.Embedding`` item table (``swappable_item_table``) is replaced by an ``ItemTable`` of the same
+    shape, marked for FBGEMM's fused ``optimizer`` and sharded ``sharding``; ``objective`` (the module whose forward
+    computes the step's loss, ``model`` inside it) goes under DistributedModelParallel, ``self.module``, which the
+    loop calls instead of a DistributedDataParallel wrapper. The table's rows start as the replaced table's (so a
+    run starts from the unsharded model's initialisation, or from a resumed checkpoint's weights loaded before).
+
+    Every other parameter stays replicated (DistributedDataParallel) and is stepped by the loop's own optimizer, over
+    ``parameters_but_item_table(model)``; DDP finds unused parameters, as ``genrec.train.distributed.wrap_ddp`` does
+    (a model may leave some out of a step).
+
+    Files stay those of an unsharded run: ``full_state_dict`` assembles the unsharded model's state dict (the table
+    gathered from every process), which checkpoints and ``best.safetensors`` hold, so serving and one-process
+    evaluation read them as ever. Every process must make the same calls in the same order (they are collectives).
+    """
+
+    def __init__(
+        self,
+        objective: nn.Module,
+        model: nn.Module,
+        info: DistInfo,
+        sharding: str,
+        optimizer: str,
+        lr: float,
+        batch_size: int = 512,
+    ) -> None:
+        require_torchrec()
+        old = swappable_item_table(model)
+        self.model = model
+        self.lr = lr
+        weight = old.weight.detach().to("cpu", torch.float32, copy=True)  # [num_items + 1, d]
+        table = ItemTable(old.num_embeddings, old.embedding_dim, name=ITEM_TABLE_NAME)
+        setattr(model, ITEM_TABLE_ATTRIBUTE, table)
+        fuse_optimizer(table, optimizer, lr=lr)
+        self.module = shard_item_table(objective, info, sharding=sharding, batch_size=batch_size,
+                                       find_unused_parameters=True)  # fmt: skip
+        load_full_table(self.module, ITEM_TABLE_NAME, weight)
+        self._prefix = f"{ITEM_TABLE_ATTRIBUTE}."
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """``RuntimeError`` unless ``optimizer`` steps exactly the parameters DistributedModelParallel replicates."""
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        replicated = {id(p) for p in dense_parameters(self.module)}
+        if stepped != replicated:
+            raise RuntimeError(
+                f"sharded item table: the optimizer steps {len(stepped)} parameter(s), DistributedModelParallel "
+                f"replicates {len(replicated)}; they must be the same"
+            )
+
+    def set_lr(self, factor: float) -> None:
+        """The table's learning rate for the coming step: ``lr`` × ``factor`` (the schedule's factor of the step).
+
+        Set before the step's forward: the rows are updated in its backward pass, with the rate the kernels hold
+        then (``zero_grad`` hands it to them; it clears nothing, a fused table keeps no gradient)."""
+        fused = self.module.fused_optimizer
+        for group in fused.param_groups:
+            group["lr"] = self.lr * factor
+        fused.zero_grad()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The unsharded model's state dict: the replicated tensors as they are, the item table gathered whole
+        (``gather_full_table``, a collective) under the ``nn.Embedding``'s key."""
+        out = {k: v for k, v in self.model.state_dict().items() if not k.startswith(self._prefix)}
+        out[f"{self._prefix}weight"] = gather_full_table(self.module, ITEM_TABLE_NAME)
+        return out
+
+    def local_shards(self) -> list[LocalShard]:
+        """The rows of the item table this process holds."""
+        return local_shards(self.module)
