@@ -70,6 +70,7 @@ from genrec.runtime import machine_info, resolve_autocast
 from genrec.train.checkpoint import (
     RUN_FILES,
     CheckpointError,
+    check_loss_finite,
     check_run_directory,
     check_shapes,
     config_differences,
@@ -382,12 +383,7 @@ def train(
                 with global_batch_dropout(model, shard):
                     loss = step_module(local.to(device), normalizer, shard, weight)
                 loss_value = all_reduce_mean(loss.item(), dist, device)  # the global batch's loss, on every process
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"epoch {epoch}, step {step}: the training loss is {loss_value}; stopped before updating the "
-                    f"weights or writing this epoch's checkpoint ({out} keeps the last finished epoch, if any). "
-                    "Lower train.lr, or check the data and the model settings"
-                )
+            check_loss_finite(loss_value, epoch, step, out)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # The step's learning rate from the global step number, so a resumed run follows the same schedule (and
