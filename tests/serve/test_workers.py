@@ -137,6 +137,8 @@ def test_genrec_serve_stops_cleanly_on_a_signal(model_dir, tmp_path, workers, si
     pids = _workers(proc.pid) if workers > 1 else []
     assert httpx.post(f"{url}/v1/recommend", json={"history": ["i1"]}, timeout=30).status_code == 200
     assert len(_metrics_dirs(tmp_path)) == (1 if workers > 1 else 0)
+    if workers > 1:  # every worker has finished starting (a signal during a worker's startup is another case)
+        _wait_for_workers(url, tmp_path, workers)
     assert _stop(proc, sig, group) == 0
     err = stderr.read_text()
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
