@@ -71,16 +71,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, root: str) -> None:
-    """One process of the two-process run: train every RUNS config for one epoch, then evaluate the one-process
-    run's best weights sharded (process 0 writes the gathered ranks for the parent to compare)."""
-    from pathlib import Path
-
+def join_process_group(rank: int, world_size: int, port: int) -> DistInfo:
+    """In a spawned test process: one thread, the environment torchrun sets, and the gloo group joined."""
     torch.set_num_threads(1)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # what torchrun sets; fmt: skip
     info = init_from_env("cpu")
     assert info == DistInfo(rank=rank, world_size=world_size, local_rank=rank, backend="gloo")
+    return info
+
+
+def _worker(rank: int, world_size: int, port: int, root: str) -> None:
+    """One process of the two-process run: train every RUNS config for one epoch, then evaluate the one-process
+    run's best weights sharded (process 0 writes the gathered ranks for the parent to compare)."""
+    from pathlib import Path
+
+    info = join_process_group(rank, world_size, port)
     try:
         root = Path(root)
         for name, extra in RUNS.items():

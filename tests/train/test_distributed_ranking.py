@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 
 import numpy as np
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 
 from genrec.config import ConfigError, RankingModelConfig
 from genrec.train.checkpoint import load_state, load_weights
-from genrec.train.distributed import DistInfo, init_from_env, shutdown
+from genrec.train.distributed import DistInfo, shutdown
 from genrec.train.ranking import (
     RankingObjective,
     _ranking_rows,
@@ -32,7 +31,7 @@ from genrec.train.ranking import (
 )
 
 from .test_ranking import make_config, synthetic_dataset
-from .test_distributed import _free_port, _max_difference
+from .test_distributed import _free_port, _max_difference, join_process_group
 
 HSTU = {"embedding_dim": 16, "num_blocks": 1, "num_heads": 1, "attention_dim": 8, "linear_dim": 8,
         "dropout": 0.2, "linear_dropout": 0.2}  # fmt: skip
@@ -62,11 +61,7 @@ def _worker(rank: int, world_size: int, port: int, root: str) -> None:
     parts with the one-process "summed" run's best weights, sharded (process 0 writes them for the parent)."""
     from pathlib import Path
 
-    torch.set_num_threads(1)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # what torchrun sets; fmt: skip
-    info = init_from_env("cpu")
-    assert info == DistInfo(rank=rank, world_size=world_size, local_rank=rank, backend="gloo")
+    info = join_process_group(rank, world_size, port)
     try:
         root = Path(root)
         dataset = _dataset()

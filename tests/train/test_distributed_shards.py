@@ -9,7 +9,6 @@ whole data, rank for rank.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -26,12 +25,12 @@ from genrec.eval.evaluate import UserRanks, evaluate_ranks, metrics_from_user_ra
 from genrec.eval.protocol import protocol_from_config  # noqa: E402
 from genrec.models import build_model  # noqa: E402
 from genrec.train.checkpoint import load_state, load_weights  # noqa: E402
-from genrec.train.distributed import gather_objects, init_from_env, shutdown  # noqa: E402
+from genrec.train.distributed import gather_objects, shutdown  # noqa: E402
 from genrec.train.loop import RetrievalObjective, _evaluate_ranks, train  # noqa: E402
 from genrec.train.rank_local import StepPlan, epoch_batches_local  # noqa: E402
 
 from ..conftest import synthetic_interactions  # noqa: E402
-from .test_distributed import _free_port  # noqa: E402
+from .test_distributed import _free_port, join_process_group  # noqa: E402
 
 NUM_USERS = 45  # users 0, 2, 4, ... on process 0 (23), the odd ones on process 1 (22)
 PARTITIONS = 4  # process r of 2 owns partitions r and r + 2
@@ -68,10 +67,7 @@ def _worker(rank: int, world_size: int, port: int, root: str) -> None:
     """One process: check its share of the data, train, then evaluate the run's best weights rank-locally."""
     from pathlib import Path
 
-    torch.set_num_threads(1)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # what torchrun sets; fmt: skip
-    info = init_from_env("cpu")
+    info = join_process_group(rank, world_size, port)
     try:
         root = Path(root)
         config = _config(root, "run")

@@ -11,15 +11,16 @@ Skipped, with the install lines, when TorchRec or FBGEMM is missing.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
 import torch
 from torch import nn
 
-from genrec.train.distributed import DistInfo, init_from_env, shutdown
+from genrec.train.distributed import DistInfo, shutdown
 from genrec.train.sharded import INSTALL_HINT, require_torchrec
+
+from .test_distributed import _free_port, join_process_group
 
 try:
     require_torchrec()
@@ -159,17 +160,9 @@ def _sharded(info: DistInfo, sharding: str, optimizer: str) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # what torchrun sets; fmt: skip
-    info = init_from_env("cpu")
+    info = join_process_group(rank, world_size, port)
     try:
         results = {case: _sharded(info, *case) for case in CASES}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

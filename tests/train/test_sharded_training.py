@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -25,12 +24,12 @@ from genrec.data.dataset import prepare_data
 from genrec.data.sequences import leave_one_out
 from genrec.models import build_model
 from genrec.train.checkpoint import load_state, load_weights
-from genrec.train.distributed import DistInfo, init_from_env, shutdown
+from genrec.train.distributed import shutdown
 from genrec.train.loop import RetrievalObjective, _epoch_seed, train
 from genrec.train.schedule import LRSchedule
 from genrec.train.sharded import parameters_but_item_table
 
-from .test_distributed import _config, _free_port
+from .test_distributed import _config, _free_port, join_process_group
 from .test_sharded import needs_torchrec
 
 WORLD_SIZE = 2
@@ -45,10 +44,7 @@ RUNS = {
 def _worker(rank: int, world_size: int, port: int, root: str) -> None:
     from pathlib import Path
 
-    torch.set_num_threads(1)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # what torchrun sets; fmt: skip
-    info = init_from_env("cpu")
+    info = join_process_group(rank, world_size, port)
     try:
         root = Path(root)
         for name, extra in RUNS.items():
