@@ -12,6 +12,7 @@ regenerated from it.
     python bench/quality.py baselines --ties-seed 0                        # the same, same-timestamp ties shuffled
     python bench/quality.py compare --dataset ml-1m --a A1 A2 --b B1 B2      # paired bootstrap of A - B (test)
     python bench/quality.py table                                          # rewrite the docs table
+    python bench/quality.py levers                                         # the lever study's comparisons + table
     python bench/quality.py all                                            # everything, sequentially (hours)
 
 Run directories go under ``runs/quality/<dataset>/<name>``; the data is found through --data-dir, else
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "quality.json"
 DOC = ROOT / "docs" / "reproducing-hstu.md"
 DATASETS = {"ml-1m": "ml-1m", "amazon-beauty": "amazon-beauty"}
-MODELS = ("sasrec", "hstu", "hstu-large", "fuxi-alpha", "fuxi-alpha-large")
+MODELS = ("sasrec", "hstu", "hstu-large", "fuxi-alpha")  # configs/<dataset>/<model>.yaml where it exists
 COMPARE = ROOT / "results" / "quality_compare.json"
 
 # Published numbers under the same kind of protocol (full catalogue, history items excluded, leave-one-out).
@@ -108,6 +109,7 @@ def run_model(
         "epoch": res["best_epoch"],
         "epochs_run": res["epochs_run"],
         "seconds_per_epoch": res["seconds_per_epoch"],
+        "seconds_to_best": seconds_to_best(Path(cfg.output_dir), res["best_epoch"]),
         "threads": threads or torch.get_num_threads(),
         "negatives": f"{cfg.train.negatives}-{cfg.train.num_negatives}",
         "notes": res["data"]["notes"],
@@ -116,6 +118,19 @@ def run_model(
         {**common, "split": "valid", "protocol": res["valid"]["protocol"], "metrics": res["valid"]["metrics"]},
         {**common, "split": "test", "protocol": res["test"]["protocol"], "metrics": res["test"]["metrics"]},
     ]
+
+
+def seconds_to_best(run_dir: Path, best_epoch: int) -> float | None:
+    """Training plus validation seconds of epochs 1..best_epoch, from the run's ``log.jsonl`` (a resumed run's log
+    holds every epoch); None when the log does not cover them."""
+    log_path = run_dir / "log.jsonl"
+    if not log_path.exists():
+        return None
+    epochs = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    kept = [e for e in epochs if e["epoch"] <= best_epoch]
+    if len(kept) != best_epoch:
+        return None
+    return float(sum(e["train_seconds"] + e.get("eval_seconds", 0.0) for e in kept))
 
 
 def refit_model(dataset: str, data_dir: str, threads: int, extra: list[str], name: str) -> list[dict]:
@@ -224,6 +239,7 @@ def seed_summary(dataset: str, names: list[str], row_name: str) -> list[dict]:
         "selection": members[0].get("selection", "valid"), "members": names,
         "epoch": "/".join(str(m["epoch"]) for m in members),
         "seconds_per_epoch": float(np.median([m["seconds_per_epoch"] for m in members])),
+        "seconds_to_best": [m.get("seconds_to_best") for m in members],
         "metrics": {k: float(v.mean()) for k, v in values.items()},
         "metrics_sd": {k: float(v.std(ddof=1)) for k, v in values.items()},
         "notes": [f"mean and sample sd over {len(names)} runs that differ only in train.seed"],
@@ -307,6 +323,136 @@ def _save_compare(new_rows: list[dict]) -> None:
         tmp = COMPARE.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(list(rows.values()), indent=2) + "\n")
         tmp.replace(COMPARE)
+
+
+# The lever study: each entry changes one thing of a base recipe and names the finished runs of both sides (one per
+# seed, the same seeds). `python bench/quality.py levers` compares every entry whose runs are here (paired user
+# bootstrap of the test item, seed means) and rewrites the lever table of docs/reproducing-hstu.md from
+# results/quality_compare.json and results/quality.json; an entry whose base runs' per-user ranks are gone shows the
+# difference of the seed means, marked unpaired, without an interval.
+def _seeds(stem: str) -> list[str]:
+    return [f"{stem}-seed42", f"{stem}-seed1"]
+
+
+def _lever(dataset: str, lever: str, change: str, recipe: str, base: list[str], variant: list[str]) -> dict:
+    return {"dataset": dataset, "lever": lever, "change": change, "recipe": recipe, "base": base, "variant": variant}
+
+
+_ML, _BEAUTY = "ml-1m", "amazon-beauty"
+_R40 = "HSTU, 40 cosine epochs (`configs/ml-1m/hstu-cosine.yaml`)"
+_R60 = "HSTU, 60 cosine epochs (`configs/amazon-beauty/hstu-cosine.yaml`)"
+_RHSTU = "HSTU, constant rate, patience 20 (`configs/ml-1m/hstu.yaml`)"
+_FUXI = "encoder: FuXi-α (semantic / temporal / positional channels, SwiGLU FFN)"
+LEVERS = [
+    # ML-1M: HSTU, 40 epochs with a cosine schedule (configs/ml-1m/hstu-cosine.yaml), seeds 42 and 1
+    _lever(_ML, "negatives: + 128 in-batch negatives (logQ-corrected)", "train.in_batch_negatives=128",
+           _R40, _seeds("hstu-cos40"), _seeds("hstu-cos40-inbatch128")),
+    _lever(_ML, "negatives: 512 instead of 128 uniform per position", "train.num_negatives=512",
+           _R40, _seeds("hstu-cos40"), _seeds("hstu-cos40-neg512")),
+    _lever(_ML, _FUXI, "--model fuxi-alpha", _R40, _seeds("hstu-cos40"), _seeds("fuxi-alpha-cos40")),
+    _lever(_ML, "length: constant rate to early stopping (patience 20) instead of 40 cosine epochs",
+           "train.lr_schedule=constant train.epochs=200 train.patience=20", _R40, _seeds("hstu-cos40"),
+           _seeds("hstu")),
+    _lever(_ML, "size: HSTU-large (8 blocks, 2 heads) instead of HSTU (2 blocks)", "--model hstu-large",
+           _RHSTU, _seeds("hstu"), _seeds("hstu-large")),
+    _lever(_ML, "schedule: cosine to epoch 120 instead of a constant rate (HSTU-large)",
+           "train.epochs=120 train.lr_schedule=cosine train.warmup_epochs=2 train.patience=120",
+           "HSTU-large, constant rate, patience 20 (`configs/ml-1m/hstu-large.yaml`)", _seeds("hstu-large"), _seeds("hstu-large-cosine120")),
+    _lever(_ML, "time: without the relative time bias (one seed)", "model.use_time_bias=false",
+           _RHSTU, ["hstu-seed42"], ["hstu-no-time-bias-seed42"]),
+    # Amazon Beauty: HSTU, 60 epochs with a cosine schedule (configs/amazon-beauty/hstu-cosine.yaml), seeds 42 and 1
+    _lever(_BEAUTY, "negatives: + 256 in-batch negatives (logQ-corrected)", "train.in_batch_negatives=256",
+           _R60, _seeds("hstu-cos60"), _seeds("hstu-cos60-inbatch256")),
+    _lever(_BEAUTY, _FUXI, "--model fuxi-alpha", _R60, _seeds("hstu-cos60"), _seeds("fuxi-alpha-cos60")),
+    _lever(_BEAUTY, "length: constant rate to early stopping (patience 20, 60 min budget) instead of 60 cosine epochs",
+           "train.lr_schedule=constant train.epochs=200 train.patience=20", _R60, _seeds("hstu-cos60"),
+           ["hstu-refinit-seed42", "hstu-seed1"]),
+]
+LEVER_START, LEVER_END = "<!-- lever-table:start -->", "<!-- lever-table:end -->"
+LEVER_METRICS = ("HR@10", "NDCG@10")
+
+
+def _have_ranks(dataset: str, name: str) -> bool:
+    run_dir = ROOT / "runs" / "quality" / dataset / name
+    return (run_dir / "results.json").exists() and (run_dir / "best.safetensors").exists()
+
+
+def backfill_seconds_to_best() -> None:
+    """Add ``seconds_to_best`` to the stored rows of runs that are here but were recorded without it."""
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = _load_rows()
+        changed = []
+        for r in rows:
+            run_dir = ROOT / "runs" / "quality" / r["dataset"] / r["model"]
+            if r.get("seconds_to_best") is None and isinstance(r.get("epoch"), int) and (run_dir / "log.jsonl").exists():
+                r["seconds_to_best"] = seconds_to_best(run_dir, r["epoch"])
+                changed.append(r)
+        if changed:
+            _merge_rows(changed)
+
+
+def compare_levers(data_dir: str | None) -> list[dict]:
+    """Paired comparisons (variant - base) of every lever whose runs are all on this machine."""
+    rows = []
+    for lev in LEVERS:
+        names = lev["base"] + lev["variant"]
+        if all(_have_ranks(lev["dataset"], n) for n in names):
+            rows += compare_runs(lev["dataset"], lev["variant"], lev["base"], list(LEVER_METRICS), data_dir)
+        else:
+            log.info("%s / %s: runs missing here (%s); kept as stored", lev["dataset"], lev["lever"],
+                     [n for n in names if not _have_ranks(lev["dataset"], n)])
+    return rows
+
+
+def _fmt_minutes(seconds: list) -> str:
+    vals = [s for s in seconds if s is not None]
+    return "–" if len(vals) != len(seconds) or not vals else "/".join(f"{s / 60:.0f}" for s in vals)
+
+
+def render_levers(rows: list[dict], compares: list[dict]) -> str:
+    """The lever table: per lever the base and variant seed means, the paired difference with its 95% interval
+    (or the unpaired difference of means), a verdict on NDCG@10 and the minutes to the best epoch per seed."""
+    test = {(r["dataset"], r["model"]): r for r in rows if r["split"] == "test"}
+    paired = {(c["dataset"], tuple(c["a"]), tuple(c["b"]), c["metric"]): c for c in compares}
+    lines = ["| dataset | lever (one change) | base recipe | base HR@10 / NDCG@10 | with the lever | "
+             "Δ HR@10 [95% CI] | Δ NDCG@10 [95% CI] | verdict (NDCG@10) | minutes to best epoch, base → lever |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for lev in LEVERS:
+        ds = lev["dataset"]
+        sides = [[test.get((ds, n)) for n in lev[k]] for k in ("base", "variant")]
+        if any(r is None for side in sides for r in side):
+            continue  # not run yet
+        means = [{m: float(np.mean([r["metrics"][m] for r in side])) for m in LEVER_METRICS} for side in sides]
+        cells, verdict = [], "unpaired: no interval"
+        for m in LEVER_METRICS:
+            c = paired.get((ds, tuple(lev["variant"]), tuple(lev["base"]), m))
+            flipped = paired.get((ds, tuple(lev["base"]), tuple(lev["variant"]), m))
+            if c is None and flipped is not None:  # stored as base - variant: the same comparison, negated
+                c = {**flipped, "diff": -flipped["diff"], "ci": [-flipped["ci"][1], -flipped["ci"][0]]}
+            if c is None:
+                cells.append(f"{means[1][m] - means[0][m]:+.4f} (unpaired)")
+                continue
+            cells.append(f"{c['diff']:+.4f} [{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}]")
+            if m == "NDCG@10":
+                verdict = "better" if c["ci"][0] > 0 else "worse" if c["ci"][1] < 0 else "tie (CI holds 0)"
+                if not c.get("seeds_agree", True):
+                    verdict += "; seeds disagree"
+        minutes = [_fmt_minutes([r.get("seconds_to_best") for r in side]) for side in sides]
+        seeds = f" ({len(lev['base'])} seed{'s' if len(lev['base']) > 1 else ''})"
+        lines.append(
+            f"| {ds} | {lev['lever']} | {lev['recipe']}{seeds} | {means[0]['HR@10']:.4f} / {means[0]['NDCG@10']:.4f} | "
+            f"{means[1]['HR@10']:.4f} / {means[1]['NDCG@10']:.4f} | {cells[0]} | {cells[1]} | {verdict} | "
+            f"{minutes[0]} → {minutes[1]} |"
+        )
+    return "\n".join(lines)
+
+
+def write_levers() -> None:
+    compares = json.loads(COMPARE.read_text()) if COMPARE.exists() else []
+    table = render_levers(_load_rows(), compares)
+    write_between_markers(DOC, LEVER_START, LEVER_END, table)
+    print(table)
 
 
 MAX_LEN = {"ml-1m": 200, "amazon-beauty": 50}
@@ -400,6 +546,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the dataset files are (else $GENREC_DATA_DIR, then the cache directory)")
     cp.add_argument("--threads", type=int, default=1)
     sub.add_parser("table")
+    lv = sub.add_parser("levers", help="paired comparisons of the lever study's runs; rewrite its docs table")
+    lv.add_argument("--data-dir", default=None,
+                    help="where the dataset files are (else $GENREC_DATA_DIR, then the cache directory)")
+    lv.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
@@ -416,6 +566,13 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         _save_compare(compare_runs(args.dataset, args.a, args.b, args.metrics, args.data_dir, args.resamples))
+    elif args.cmd == "levers":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        backfill_seconds_to_best()
+        _save_compare(compare_levers(args.data_dir))
+        write_levers()
     elif args.cmd == "baselines":
         for d in DATASETS:
             _save_rows(run_baselines(d, args.data_dir, MAX_LEN[d], args.ties_seed))
@@ -423,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
         for d in DATASETS:
             _save_rows(run_baselines(d, args.data_dir, MAX_LEN[d]))
             for m in MODELS:
-                _save_rows(run_model(d, m, args.data_dir, args.threads, []))
+                if (ROOT / "configs" / d / f"{m}.yaml").exists():
+                    _save_rows(run_model(d, m, args.data_dir, args.threads, []))
     if args.cmd in ("run", "refit", "finalize", "seeds", "baselines", "all", "table") and DOC.exists():
         write_table()
     return 0

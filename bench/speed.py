@@ -334,7 +334,7 @@ def bench_jagged(ml_rows: int, tail_rows: int, tail_cap: int, reps: int) -> None
         ratio_rows(f"jagged/{name}", t_, [("jagged_vs_padded", "jagged", "padded_plain")],
                    f"encoder fwd+bwd, {len(lens)} rows (mean {lens.mean():.0f}, max {lens.max()}), {what}; "
                    f"d={d}, {blocks} layers, {heads}x{dim}; B·max²/Σn² = {waste:.1f}")
-    # FuXi-α-large (configs/ml-1m/fuxi-alpha-large.yaml) on the same ML-1M rows
+    # FuXi-α at HSTU-large's size (the FuXi-α paper's ML-1M large model) on the same ML-1M rows
     lens = cases[0][1]
     torch.manual_seed(0)
     fuxi = FuXiAlpha(FuXiAlphaConfig(num_items=1000, max_len=200, embedding_dim=50, num_blocks=8, num_heads=2,

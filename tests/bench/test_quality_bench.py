@@ -76,3 +76,38 @@ def test_compare_pairs_users_and_checks_the_stored_metrics(bench, tmp_path):
     results.write_text(json.dumps(raw))
     with pytest.raises(SystemExit, match="do not give the test metrics of results.json"):
         bench.compare_runs("ml-1m", ["a"], ["b"], ["NDCG@10"], None, num_resamples=10)
+
+
+def test_lever_table_pairs_seeds_and_marks_levers_without_ranks_unpaired(bench, tmp_path, monkeypatch):
+    for name, seed, epochs in (("base-s1", 1, 1), ("base-s2", 2, 1), ("lever-s1", 1, 6), ("lever-s2", 2, 6)):
+        _run(tmp_path, name, seed=seed, epochs=epochs)
+    rows = []
+    for name in ("base-s1", "base-s2", "lever-s1", "lever-s2"):
+        res = json.loads((tmp_path / "runs/quality/ml-1m" / name / "results.json").read_text())
+        secs = bench.seconds_to_best(tmp_path / "runs/quality/ml-1m" / name, res["best_epoch"])
+        log_rows = [json.loads(x) for x in (tmp_path / "runs/quality/ml-1m" / name / "log.jsonl").read_text().splitlines()]
+        assert secs == pytest.approx(sum(r["train_seconds"] + r["eval_seconds"] for r in log_rows[: res["best_epoch"]]))
+        rows.append({"dataset": "ml-1m", "model": name, "split": "test", "protocol": res["test"]["protocol"],
+                     "metrics": res["test"]["metrics"], "seconds_to_best": secs})
+    # one lever whose runs are here (paired), one whose base runs are gone (rows only), one never run
+    rows.append({**rows[0], "model": "old-base", "seconds_to_best": None})
+    monkeypatch.setattr(bench, "LEVERS", [
+        {"dataset": "ml-1m", "lever": "paired lever", "change": "x", "recipe": "r",
+         "base": ["base-s1", "base-s2"], "variant": ["lever-s1", "lever-s2"]},
+        {"dataset": "ml-1m", "lever": "unpaired lever", "change": "y", "recipe": "r",
+         "base": ["old-base"], "variant": ["lever-s1"]},
+        {"dataset": "ml-1m", "lever": "not run", "change": "z", "recipe": "r", "base": ["nope"], "variant": ["nope2"]},
+    ])  # fmt: skip
+    compares = bench.compare_levers(None)
+    assert {tuple(c["a"]) for c in compares} == {("lever-s1", "lever-s2")}  # the unpaired lever has no runs here
+    table = bench.render_levers(rows, compares)
+    paired = next(line for line in table.splitlines() if "| paired lever |" in line)
+    unpaired = next(line for line in table.splitlines() if "| unpaired lever |" in line)
+    c = next(c for c in compares if c["metric"] == "NDCG@10")
+    assert f"{c['diff']:+.4f} [{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}]" in paired
+    expected = "better" if c["ci"][0] > 0 else "worse" if c["ci"][1] < 0 else "tie"
+    assert expected in paired
+    base_mean = np.mean([r["metrics"]["NDCG@10"] for r in rows[:2]])
+    assert f"{base_mean:.4f}" in paired
+    assert "(unpaired)" in unpaired and "unpaired: no interval" in unpaired and "– →" in unpaired
+    assert "not run" not in table
