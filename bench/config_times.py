@@ -1,9 +1,11 @@
 """Time to the best epoch of every shipped retrieval config (a benchmark, not a test).
 
-For each config under ``configs/ml-1m/`` and ``configs/amazon-beauty/`` (ranking configs aside), trains it for two
-epochs in this process with ``--threads`` threads and records the second epoch's training and validation seconds
-(the first warms up). The best-validation epochs come from the config's recorded runs in ``results/quality.json``
-(``CONFIG_RUNS`` names them; the runs of one config differ only in their seed), so
+For each config under ``configs/ml-1m/`` and ``configs/amazon-beauty/`` (ranking configs aside), trains it for
+``--epochs`` epochs (default 2) in this process with ``--threads`` threads and records the last epoch's training and
+validation seconds (with 2, the first warms up; 1 gives an upper bound). Configs that differ only in their schedule
+(epochs, learning-rate schedule, warm-up, patience) train at the same speed and are timed once. The best-validation
+epochs come from the config's recorded runs in ``results/quality.json`` (``CONFIG_RUNS`` names them; the runs of one
+config differ only in their seed), so
 
     time to the best epoch = (training + validation seconds of one epoch) x the latest best epoch of its runs
 
@@ -63,15 +65,30 @@ def best_epochs(config: str, rows: list[dict]) -> list[int] | None:
     return [int(test[n]["epoch"]) for n in names]
 
 
-def time_epoch(config: Path, data_dir: str | None, threads: int, data_cache: dict) -> tuple[float, float]:
-    """(training, validation) seconds of the second of two epochs of ``config``."""
+SCHEDULE_FIELDS = ("epochs", "lr_schedule", "warmup_epochs", "min_lr_ratio", "patience")
+
+
+def speed_key(config: Path) -> str:
+    """What decides a config's epoch time: everything but its output directory and its schedule."""
+    from genrec.config import load_config
+
+    d = load_config(config).to_dict()
+    d.pop("output_dir", None)
+    for field in SCHEDULE_FIELDS:
+        d["train"].pop(field, None)
+    return json.dumps(d, sort_keys=True)
+
+
+def time_epoch(config: Path, data_dir: str | None, threads: int, data_cache: dict, epochs: int = 2) -> tuple[float, float]:
+    """(training, validation) seconds of the last of ``epochs`` epochs of ``config``."""
     from genrec.config import load_config
     from genrec.data.dataset import prepare_data
     from genrec.train.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(config, [*([f"data.data_dir={data_dir}"] if data_dir else []), f"output_dir={tmp}",
-                                   "train.epochs=2", "train.patience=2", f"train.num_threads={threads}"])  # fmt: skip
+                                   f"train.epochs={epochs}", f"train.patience={epochs}", "train.lr_schedule=constant",
+                                   "train.warmup_epochs=0", f"train.num_threads={threads}"])  # fmt: skip
         key = cfg.data.dataset, cfg.data.max_len
         if key not in data_cache:
             data_cache[key] = prepare_data(cfg.data)
@@ -89,9 +106,10 @@ def render(rows: list[dict]) -> str:
         ok = "–" if r["minutes_to_best"] is None else "yes" if r["minutes_to_best"] <= LIMIT_MINUTES else "**no**"
         lines.append(f"| `{r['config']}` | {r['train_seconds']:.1f} + {r['eval_seconds']:.1f} | {best} | {minutes} | {ok} |")
     m = rows[0]["machine"] if rows else {}
-    lines.append(f"\n{rows[0]['threads'] if rows else '?'} threads, nothing else running; {m.get('cpu', '?')} "
-                 f"({m.get('isa', '?')}); {rows[0]['date'] if rows else ''}. Command: "
-                 "`python bench/config_times.py --data-dir DIR --threads 2`.")
+    timed = rows[0].get("epochs_timed", 2) if rows else 2
+    lines.append(f"\n{rows[0]['threads'] if rows else '?'} threads, nothing else running, epoch {timed} of {timed} timed; "
+                 f"{m.get('cpu', '?')} ({m.get('isa', '?')}); {rows[0]['date'] if rows else ''}. Command: "
+                 f"`python bench/config_times.py --data-dir DIR --threads 2 --epochs {timed}`.")
     return "\n".join(lines)
 
 
@@ -99,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2, help="epochs per config; the last one is timed")
     p.add_argument("--configs", nargs="*", default=None, help="default: every shipped retrieval config")
     p.add_argument("--out", default=str(ROOT / "results" / "config_times.json"))
     args = p.parse_args(argv)
@@ -113,14 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     machine = {"cpu": info["cpu"], "isa": "PyTorch " + str(info["torch_cpu_capability"]) + ", " + "/".join(info["isa"])}
     cache: dict = {}
+    timed: dict[str, tuple[float, float]] = {}
     rows = []
     for config in configs:
         name = str(config.relative_to(ROOT))
-        train_s, eval_s = time_epoch(config, args.data_dir, args.threads, cache)
+        key = speed_key(config)
+        if key not in timed:
+            timed[key] = time_epoch(config, args.data_dir, args.threads, cache, args.epochs)
+        train_s, eval_s = timed[key]
         best = best_epochs(name, quality)
         minutes = None if best is None else max(best) * (train_s + eval_s) / 60
-        rows.append({"config": name, "threads": args.threads, "train_seconds": round(train_s, 2),
-                     "eval_seconds": round(eval_s, 2), "best_epochs": best,
+        rows.append({"config": name, "threads": args.threads, "epochs_timed": args.epochs,
+                     "train_seconds": round(train_s, 2), "eval_seconds": round(eval_s, 2), "best_epochs": best,
                      "minutes_to_best": None if minutes is None else round(minutes, 1), "machine": machine,
                      "date": dt.date.today().isoformat()})  # fmt: skip
         print(f"{name}: {train_s:.1f} + {eval_s:.1f} s per epoch, best epochs {best}, "

@@ -49,3 +49,10 @@ def test_table_flags_configs_over_the_limit(bench):
     assert "| `a.yaml` | 30.0 + 10.0 | 150/200 | 133 min | **no** |" in lines
     assert "| `b.yaml` | 10.0 + 2.0 | 30/36 | 7 min | yes |" in lines
     assert "| `c.yaml` | 1.0 + 1.0 | not recorded | – | – |" in lines
+
+
+def test_configs_that_differ_only_in_their_schedule_are_timed_once(bench):
+    key = lambda name: bench.speed_key(ROOT / "configs" / "ml-1m" / name)  # noqa: E731
+    assert key("hstu.yaml") == key("hstu-cosine.yaml")
+    assert key("hstu-large.yaml") == key("hstu-large-cosine.yaml")
+    assert key("hstu.yaml") != key("hstu-large.yaml") != key("fuxi-alpha.yaml")
