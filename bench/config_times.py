@@ -45,6 +45,7 @@ CONFIG_RUNS = {
     "configs/amazon-beauty/sasrec.yaml": ["sasrec", "sasrec-seed1"],
     "configs/amazon-beauty/hstu.yaml": ["hstu-refinit-seed42", "hstu-seed1"],
     "configs/amazon-beauty/hstu-cosine.yaml": ["hstu-cos60-seed42", "hstu-cos60-seed1"],
+    "configs/amazon-beauty/hstu-inbatch.yaml": ["hstu-cos60-inbatch256-seed42", "hstu-cos60-inbatch256-seed1"],
     "configs/amazon-beauty/fuxi-alpha.yaml": ["fuxi-alpha-cos60-seed42", "fuxi-alpha-cos60-seed1"],
 }
 

@@ -347,8 +347,6 @@ LEVERS = [
     # ML-1M: HSTU, 40 epochs with a cosine schedule (configs/ml-1m/hstu-cosine.yaml), seeds 42 and 1
     _lever(_ML, "negatives: + 128 in-batch negatives (logQ-corrected)", "train.in_batch_negatives=128",
            _R40, _seeds("hstu-cos40"), _seeds("hstu-cos40-inbatch128")),
-    _lever(_ML, "negatives: 512 instead of 128 uniform per position", "train.num_negatives=512",
-           _R40, _seeds("hstu-cos40"), _seeds("hstu-cos40-neg512")),
     _lever(_ML, _FUXI, "--model fuxi-alpha", _R40, _seeds("hstu-cos40"), _seeds("fuxi-alpha-cos40")),
     _lever(_ML, "length: constant rate to early stopping (patience 20) instead of 40 cosine epochs",
            "train.lr_schedule=constant train.epochs=200 train.patience=20", _R40, _seeds("hstu-cos40"),
