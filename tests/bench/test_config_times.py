@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from . import ROOT, load_bench
 
 
 @pytest.fixture()
 def bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("config_times_bench", ROOT / "bench" / "config_times.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("config_times")
 
 
 def test_every_shipped_retrieval_config_names_its_recorded_runs(bench):

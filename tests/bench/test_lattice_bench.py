@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from . import ROOT, load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("lattice_bench", ROOT / "bench" / "lattice.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("lattice")
 
 
 def _row(study: str, **over) -> dict:
@@ -50,10 +44,7 @@ def test_committed_results_gather():
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(name)
 
 
 def test_distill_calibration_error_resamples_match_the_full_data():

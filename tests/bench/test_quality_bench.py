@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +12,12 @@ from genrec.config import RunConfig
 from genrec.train.loop import train
 
 from ..conftest import synthetic_interactions
-
-ROOT = Path(__file__).resolve().parents[2]
+from . import load_bench
 
 
 @pytest.fixture()
 def bench(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "bench" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("quality")
     monkeypatch.setattr(module, "ROOT", tmp_path)
     monkeypatch.setattr(module, "RESULTS", tmp_path / "results" / "quality.json")
     monkeypatch.setattr(module, "COMPARE", tmp_path / "results" / "quality_compare.json")
