@@ -355,7 +355,8 @@ LEVERS = [
            _RHSTU, _seeds("hstu"), _seeds("hstu-large")),
     _lever(_ML, "schedule: cosine to epoch 120 instead of a constant rate (HSTU-large)",
            "train.epochs=120 train.lr_schedule=cosine train.warmup_epochs=2 train.patience=120",
-           "HSTU-large, constant rate, patience 20 (`configs/ml-1m/hstu-large.yaml`)", _seeds("hstu-large"), _seeds("hstu-large-cosine120")),
+           "HSTU-large, constant rate, patience 20 (`configs/ml-1m/hstu-large.yaml`)", _seeds("hstu-large"),
+           _seeds("hstu-large-cosine120")),
     _lever(_ML, "time: without the relative time bias (one seed)", "model.use_time_bias=false",
            _RHSTU, ["hstu-seed42"], ["hstu-no-time-bias-seed42"]),
     # Amazon Beauty: HSTU, 60 epochs with a cosine schedule (configs/amazon-beauty/hstu-cosine.yaml), seeds 42 and 1
@@ -439,7 +440,7 @@ def render_levers(rows: list[dict], compares: list[dict]) -> str:
         minutes = [_fmt_minutes([r.get("seconds_to_best") for r in side]) for side in sides]
         seeds = f" ({len(lev['base'])} seed{'s' if len(lev['base']) > 1 else ''})"
         lines.append(
-            f"| {ds} | {lev['lever']} | {lev['recipe']}{seeds} | {means[0]['HR@10']:.4f} / {means[0]['NDCG@10']:.4f} | "
+            f"| {ds} | {lev['lever']} (`{lev['change']}`) | {lev['recipe']}{seeds} | {means[0]['HR@10']:.4f} / {means[0]['NDCG@10']:.4f} | "
             f"{means[1]['HR@10']:.4f} / {means[1]['NDCG@10']:.4f} | {cells[0]} | {cells[1]} | {verdict} | "
             f"{minutes[0]} → {minutes[1]} |"
         )

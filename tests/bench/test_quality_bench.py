@@ -95,8 +95,8 @@ def test_lever_table_pairs_seeds_and_marks_levers_without_ranks_unpaired(bench, 
     compares = bench.compare_levers(None)
     assert {tuple(c["a"]) for c in compares} == {("lever-s1", "lever-s2")}  # the unpaired lever has no runs here
     table = bench.render_levers(rows, compares)
-    paired = next(line for line in table.splitlines() if "| paired lever |" in line)
-    unpaired = next(line for line in table.splitlines() if "| unpaired lever |" in line)
+    paired = next(line for line in table.splitlines() if "| paired lever (`x`) |" in line)
+    unpaired = next(line for line in table.splitlines() if "| unpaired lever (`y`) |" in line)
     c = next(c for c in compares if c["metric"] == "NDCG@10")
     assert f"{c['diff']:+.4f} [{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}]" in paired
     expected = "better" if c["ci"][0] > 0 else "worse" if c["ci"][1] < 0 else "tie"
